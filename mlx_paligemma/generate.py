@@ -1,0 +1,177 @@
+"""Generation: the whole prefix in one pass, then one token at a time over a KV cache; and the command line.
+
+    python -m mlx_paligemma.generate --model google/paligemma2-3b-mix-224 --image cat.jpg --prompt "caption en"
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, List, Optional
+
+import mlx.core as mx
+
+from .model import PaliGemma
+from .processor import InputError, PaliGemmaProcessor
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new piece of text
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" (eos) or "length" on the last response
+
+
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Callable[[mx.array], mx.array]:
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+    return mlx_lm_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0, top_k=top_k)
+
+
+def generate_step(
+    model: PaliGemma,
+    input_ids: mx.array,
+    pixel_values: Optional[mx.array] = None,
+    attention_mask: Optional[mx.array] = None,
+    image_features: Optional[mx.array] = None,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    max_tokens: int = 256,
+) -> Generator[mx.array, None, None]:
+    """Yields (B,) token arrays. The prefix goes through the decoder whole, so its bidirectional attention is exact;
+    each next step is scheduled with mx.async_eval before the current token is handed out."""
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    cache = model.make_cache()
+    batch = input_ids.shape[0]
+    # A mask is only needed for padded rows; without padding the fused attention runs unmasked.
+    key_valid = attention_mask if attention_mask is not None and not bool(mx.all(attention_mask)) else None
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits[:, -1, :]
+        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def step(tokens: mx.array) -> mx.array:
+        nonlocal key_valid
+        if key_valid is not None:
+            key_valid = mx.concatenate([key_valid, mx.ones((batch, 1), key_valid.dtype)], axis=1)
+        return sample(model(tokens[:, None], attention_mask=key_valid, cache=cache))
+
+    tokens = sample(model(input_ids, pixel_values, key_valid, cache=cache, image_features=image_features))
+    mx.async_eval(tokens)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_tokens = step(tokens)
+            mx.async_eval(next_tokens)
+        yield tokens
+        if n + 1 < max_tokens:
+            tokens = next_tokens
+
+
+def stream_generate(
+    model: PaliGemma,
+    processor: PaliGemmaProcessor,
+    images=None,
+    prompt: str = "",
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> Generator[GenerationResponse, None, None]:
+    """Text pieces for one prompt about one or more images, as they are generated. Stops at eos."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    inputs = processor(images=[images], text=prompt)
+    prompt_tokens = inputs["input_ids"].shape[1]
+    sampler = make_sampler(temperature, top_p, top_k)
+    eos = processor.tokenizer.eos_id
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    tokens: List[int] = []
+    text = ""
+    prompt_tps = 0.0
+    for n, token in enumerate(generate_step(model, inputs["input_ids"], inputs["pixel_values"],
+                                            sampler=sampler, max_tokens=max_tokens)):
+        token = token.item()
+        if n == 0:
+            prompt_time = time.perf_counter() - tic
+            prompt_tps = prompt_tokens / prompt_time
+            tic = time.perf_counter()
+        finish = "stop" if token == eos else ("length" if n + 1 == max_tokens else None)
+        piece = ""
+        if token != eos:
+            tokens.append(token)
+            decoded = processor.decode(tokens)
+            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
+            if not decoded.endswith("\ufffd") or finish:
+                piece, text = decoded[len(text):], decoded
+        elapsed = time.perf_counter() - tic
+        yield GenerationResponse(
+            text=piece, token=token, prompt_tokens=prompt_tokens, prompt_tps=prompt_tps,
+            generation_tokens=n + 1, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
+        )
+        if finish:
+            break
+
+
+def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, verbose: bool = False) -> str:
+    """The answer to one prompt about one or more images, as a string."""
+    text, last = "", None
+    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print_stats(last)
+    return text
+
+
+def print_stats(r: GenerationResponse) -> None:
+    print("=" * 10)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec")
+    print(f"Peak memory: {r.peak_memory:.3f} GB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Answer a prompt about one or more images with PaliGemma.")
+    p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--image", action="append", required=True, help="path or URL; repeat for several images")
+    p.add_argument("--prompt", default="caption en", help='e.g. "caption en", "answer en what is this?", "detect cat"')
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .loading import load
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    try:
+        model, processor = load(args.model)
+        last = None
+        for last in stream_generate(model, processor, args.image, args.prompt, args.max_tokens,
+                                    args.temperature, args.top_p, args.top_k):
+            print(last.text, end="", flush=True)
+        print()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.verbose and last is not None:
+        print_stats(last)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Gemma 1 and Gemma 2 decoders with PaliGemma's prefix-LM attention mask.
+
+Gemma 2 differs from Gemma 1 by four norms per block instead of two, tanh soft-capping of the attention
+scores and of the final logits, a query scale from `query_pre_attn_scalar`, and a sliding window on
+some layers. A Gemma 1 config leaves those fields at None.
+"""
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class TextConfig:
+    # Defaults are transformers' GemmaConfig / Gemma2Config defaults, which old hub configs rely on.
+    model_type: str = "gemma"
+    hidden_size: int = 3072
+    intermediate_size: int = 24576
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    head_dim: int = 256
+    vocab_size: int = 256000
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    sliding_window: Optional[int] = None
+    layer_types: Optional[List[str]] = None
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+
+def prefix_lm_mask(
+    prefix: Optional[mx.array],
+    key_valid: Optional[mx.array],
+    offset: int,
+    length: int,
+    window: Optional[int] = None,
+) -> Optional[mx.array]:
+    """The one place the attention rule lives. Returns a (B, 1, L, N) boolean mask, or None for "attend to all".
+
+    Queries are the `length` tokens at cache positions offset..offset+L-1; keys are positions 0..N-1.
+    A query attends to a key when the key is not padding and either
+    - both are in the prefix (image tokens, bos, prompt, "\\n"): bidirectional, and this overrides the window, or
+    - the key is not after the query (causal) and, on sliding-window layers, fewer than `window` positions back.
+    `prefix` (B, L) marks the current tokens that belong to the prefix; None means all of them do. Earlier
+    (cached) keys count as prefix, since a prefix split across calls always comes first.
+    `key_valid` (B, N) is False on padding; None means no padding.
+    """
+    n_keys = offset + length
+    if key_valid is None:
+        if prefix is None:
+            return None
+        if length == 1 and (window is None or n_keys <= window):
+            return None
+    if prefix is None:
+        allowed = mx.array(True)[None, None]
+    else:
+        q_idx = mx.arange(offset, n_keys)[:, None]
+        k_idx = mx.arange(n_keys)[None]
+        causal = k_idx <= q_idx
+        if window is not None:
+            causal = causal & (k_idx > q_idx - window)
+        k_prefix = mx.concatenate([mx.ones((prefix.shape[0], offset), mx.bool_), prefix], axis=1)
+        allowed = causal[None] | (prefix[:, :, None] & k_prefix[:, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    return allowed[:, None]
+
+
+class RMSNorm(nn.Module):
+    # Gemma stores w and scales by (1 + w).
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, sliding: bool):
+        super().__init__()
+        dim, head_dim = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim
+        self.scale = (config.query_pre_attn_scalar or head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        self.window = config.sliding_window if sliding else None
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array, positions: mx.array, mask: Optional[mx.array], cache: Any) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        rope = dict(traditional=False, base=self.rope_theta, scale=1.0, offset=positions)
+        q = mx.fast.rope(q, self.head_dim, **rope)
+        k = mx.fast.rope(k, self.head_dim, **rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if self.softcap is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _softcapped_attention(self, q, k, v, mask):
+        # The fused kernel has no tanh soft-cap, so Gemma 2 spells attention out.
+        B, _, L, D = q.shape
+        groups = self.n_heads // self.n_kv_heads
+        q = q.reshape(B, self.n_kv_heads, groups, L, D) * self.scale
+        k, v = k[:, :, None], v[:, :, None]
+        scores = q @ k.swapaxes(-1, -2)
+        scores = mx.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = mx.where(mask[:, :, None], scores, mx.finfo(scores.dtype).min)
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        return (weights @ v).reshape(B, self.n_heads, L, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, sliding: bool):
+        super().__init__()
+        dim, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, sliding)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(dim, eps)
+        # Gemma 1 calls its pre-MLP norm post_attention_layernorm; Gemma 2 uses that name for a post-norm.
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.is_gemma2 = config.is_gemma2
+        if self.is_gemma2:
+            self.pre_feedforward_layernorm = RMSNorm(dim, eps)
+            self.post_feedforward_layernorm = RMSNorm(dim, eps)
+
+    def __call__(self, x, positions, mask, cache):
+        r = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+        if self.is_gemma2:
+            h = x + self.post_attention_layernorm(r)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, self.is_sliding(config, i)) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @staticmethod
+    def is_sliding(config: TextConfig, i: int) -> bool:
+        if config.sliding_window is None:
+            return False
+        if config.layer_types is not None:
+            return config.layer_types[i] == "sliding_attention"
+        return i % 2 == 0  # Gemma 2: layers 0, 2, 4, ... are local
+
+
+class LanguageModel(nn.Module):
+    """Gemma decoder with the embedding tied to the output head (`language_model.model.*`)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        h = self.model.embed_tokens(input_ids)
+        # The normaliser is rounded to the activation dtype, as in the reference.
+        return h * mx.array(self.config.hidden_size**0.5, dtype=h.dtype)
+
+    def __call__(
+        self,
+        inputs_embeds: mx.array,
+        cache: Optional[List[Any]] = None,
+        attention_mask: Optional[mx.array] = None,
+        prefix: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits for `inputs_embeds` (B, L, D) appended after what `cache` holds.
+
+        attention_mask: (B, N) over the cached and the new tokens, 1 for real tokens, 0 for (left) padding.
+        prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do.
+        """
+        B, L, _ = inputs_embeds.shape
+        offset = cache[0].offset if cache is not None else 0
+        key_valid = None
+        if attention_mask is None:
+            positions = mx.array(offset + 1)  # PaliGemma numbers positions from 1
+        else:
+            key_valid = attention_mask.astype(mx.bool_)
+            # Positions count real tokens only, so a left-padded row matches its unpadded run.
+            positions = attention_mask.astype(mx.int32).sum(axis=-1) - L + 1
+        masks = {}
+        h = inputs_embeds
+        for i, layer in enumerate(self.model.layers):
+            window = layer.self_attn.window
+            if window not in masks:
+                masks[window] = prefix_lm_mask(prefix, key_valid, offset, L, window)
+            h = layer(h, positions, masks[window], cache[i] if cache is not None else None)
+        logits = self.model.embed_tokens.as_linear(self.model.norm(h))
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
