@@ -86,14 +86,14 @@ def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
     `multi_modal_projector.linear.*`, `language_model.model.*`)."""
     out = {}
     for name, w in weights.items():
-        if name.endswith("position_ids") or name.endswith("lm_head.weight"):
-            continue  # a buffer, and the head, which is tied to the embedding
         if name.startswith("model."):
             name = name[len("model."):]
         if name.startswith("language_model.") and not name.startswith("language_model.model."):
             name = "language_model.model." + name[len("language_model."):]
         if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
             name = "vision_tower.vision_model." + name[len("vision_tower."):]
+        if name.endswith("position_ids") or name.endswith("lm_head.weight") or ".vision_model.head." in name:
+            continue  # a buffer, the head tied to the embedding, SigLIP's pooling head PaliGemma does not use
         if name.endswith("patch_embedding.weight") and w.shape[1] == 3 and w.shape[-1] != 3:
             w = w.transpose(0, 2, 3, 1)  # PyTorch OIHW -> MLX OHWI
         out[name] = w
@@ -136,7 +136,7 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], path: Path) -
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise InputError(f"weights in {path} do not match its config.json: {str(e).splitlines()[0]}") from None
+        raise InputError(f"weights in {path} do not match its config.json: {' '.join(str(e).split())[:300]}") from None
     return model
 
 

@@ -103,3 +103,13 @@ class PaliGemma(nn.Module):
     def layers(self):
         # mlx-lm's LoRA and cache helpers look for `model.layers`.
         return self.language_model.model.layers
+
+
+def suffix_loss(logits: mx.array, labels: mx.array) -> mx.array:
+    """Next-token cross-entropy averaged over the suffix tokens of the batch (labels -100 elsewhere),
+    computed in float32 as transformers does."""
+    logits = logits[:, :-1].astype(mx.float32)
+    targets = labels[:, 1:]
+    valid = targets != -100
+    losses = nn.losses.cross_entropy(logits, mx.where(valid, targets, 0))
+    return (losses * valid).sum() / valid.sum()
