@@ -1,0 +1,48 @@
+"""The command line, end to end in a subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import FIXTURES
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_streams_the_greedy_answer(model_name, loaded, reference):
+    _, processor = loaded
+    image = FIXTURES / "images" / "chelsea.jpg"
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image", str(image),
+            "--prompt", "caption en", "--max-tokens", "12", "--verbose")
+    assert r.returncode == 0, r.stderr
+    eos = processor.tokenizer.eos_id
+    tokens = [int(t) for t in reference["single/generated"][0]]
+    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    assert r.stdout.startswith(processor.decode(tokens) + "\n")
+    assert "tokens-per-sec" in r.stdout and "Peak memory" in r.stdout
+
+
+def test_cli_two_images(model_name):
+    images = [str(FIXTURES / "images" / f) for f in ("chelsea.jpg", "coffee.jpg")]
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image", images[0],
+            "--image", images[1], "--prompt", "answer en which one shows a cat, first or second?", "--max-tokens", "3")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_bad_image_is_one_line(tmp_path, model_name):
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image",
+            str(tmp_path / "missing.jpg"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.jpg'}"]
+
+
+def test_convert_script(tmp_path, model_name):
+    r = run("convert.py", "--hf-path", str(FIXTURES / model_name), "--mlx-path", str(tmp_path / "q"), "-q",
+            "--q-bits", "8")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+    assert "[convert]" in r.stdout

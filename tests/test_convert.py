@@ -1,0 +1,58 @@
+"""convert.py round trips: the written folders load and generate, and say how they were made."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import mlx_paligemma as mp
+from conftest import FIXTURES, images_of
+from mlx_paligemma.convert import convert
+
+
+def logits_of(model, processor, case):
+    batch = processor(images=images_of(case)[0], text=case["text"][0])
+    return np.array(model(batch["input_ids"], batch["pixel_values"]).astype(mx.float32))
+
+
+@pytest.mark.parametrize("dtype,bits,atol", [("float32", None, 0.0), ("bfloat16", None, 0.5), ("float32", 4, None)])
+def test_convert_round_trip(tmp_path, model_name, loaded, reference, cases, dtype, bits, atol):
+    out = tmp_path / "converted"
+    convert(str(FIXTURES / model_name), str(out), dtype=dtype, quantize_bits=bits, group_size=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"], "no temporary folder left behind"
+    model, processor = mp.load(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert (out / "tokenizer.json").is_file()
+    weight = model.language_model.model.layers[0].self_attn.q_proj
+    if bits:
+        assert config["quantization"] == {"group_size": 64, "bits": bits}
+        assert isinstance(weight, nn.QuantizedLinear) and weight.bits == bits
+        assert isinstance(model.language_model.model.embed_tokens, nn.QuantizedEmbedding)
+        # The vision tower stays in float; its width (32) is not a multiple of the group size anyway.
+        assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1, nn.Linear)
+    else:
+        assert "quantization" not in config and weight.weight.dtype == getattr(mx, dtype)
+    case = cases["single"]
+    ours = logits_of(model, processor, case)
+    assert np.isfinite(ours).all()
+    if atol is not None:
+        np.testing.assert_allclose(ours, logits_of(*loaded, case), atol=atol, rtol=0)
+    text = mp.generate(model, processor, images=images_of(case)[0][0], prompt=case["text"][0], max_tokens=5)
+    assert isinstance(text, str)
+    if dtype == "float32" and not bits:
+        ref = [int(t) for t in reference["single/generated"][0][:5] if int(t) != processor.tokenizer.eos_id]
+        assert text == processor.decode(ref)
+
+
+def test_convert_refuses_existing_output(tmp_path, model_name):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(mp.InputError, match="already exists"):
+        convert(str(FIXTURES / model_name), str(tmp_path / "out"))
+
+
+def test_failed_convert_leaves_nothing(tmp_path, model_name):
+    with pytest.raises(mp.InputError, match="unknown dtype"):
+        convert(str(FIXTURES / model_name), str(tmp_path / "out"), dtype="int3")
+    assert list(tmp_path.iterdir()) == []
