@@ -12,6 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+ATTENTION_CHUNK = 1024  # queries per attention block during prefill
+
+
 @dataclass
 class TextConfig:
     # Defaults are transformers' GemmaConfig / Gemma2Config defaults, which old hub configs rely on.
@@ -112,11 +115,19 @@ class Attention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, **rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.softcap is None:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        else:
-            out = self._softcapped_attention(q, k, v, mask)
+        # Long prefixes (4096+ image tokens at 896 px) are attended in query chunks: every chunk still sees all
+        # keys, so the bidirectional prefix is exact, and the score matrix stays chunk x keys in memory.
+        chunks = []
+        for start in range(0, L, ATTENTION_CHUNK):
+            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., start : start + ATTENTION_CHUNK, :]
+            chunks.append(self._attend(q[:, :, start : start + ATTENTION_CHUNK], k, v, m))
+        out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q, k, v, mask):
+        if self.softcap is None:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self._softcapped_attention(q, k, v, mask)
 
     def _softcapped_attention(self, q, k, v, mask):
         # The fused kernel has no tanh soft-cap, so Gemma 2 spells attention out.

@@ -141,9 +141,13 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], path: Path) -
 
 
 def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[PaliGemma, PaliGemmaProcessor]:
-    """Model and processor from a folder or hub id. Weights keep their stored dtype unless `dtype` is given."""
+    """Model and processor from a folder or hub id. Weights keep their stored dtype unless `dtype` is given,
+    except on MLX's CPU backend, whose half-precision kernels are many times slower than its float32 BLAS:
+    there float16/bfloat16 weights are upcast to float32 (exactly) unless `dtype` says otherwise."""
     path = get_model_path(path_or_repo)
     config = load_config(path)
+    if dtype is None and mx.default_device() == mx.cpu:
+        dtype = mx.float32
     weights = sanitize(load_weights(path))
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
