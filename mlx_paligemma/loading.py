@@ -127,6 +127,16 @@ def load_weights(path: Path) -> Dict[str, mx.array]:
     return weights
 
 
+def dequantize(weights: Dict[str, mx.array], quantization: dict) -> Dict[str, mx.array]:
+    out = dict(weights)
+    for name in [k[: -len(".scales")] for k in weights if k.endswith(".scales")]:
+        out[f"{name}.weight"] = mx.dequantize(
+            out.pop(f"{name}.weight"), out.pop(f"{name}.scales"), out.pop(f"{name}.biases", None),
+            group_size=quantization["group_size"], bits=quantization["bits"],
+        )
+    return out
+
+
 def build_model(config: ModelConfig, weights: Dict[str, mx.array], path: Path) -> PaliGemma:
     model = PaliGemma(config)
     if config.quantization:
@@ -141,14 +151,19 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], path: Path) -
 
 
 def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[PaliGemma, PaliGemmaProcessor]:
-    """Model and processor from a folder or hub id. Weights keep their stored dtype unless `dtype` is given,
-    except on MLX's CPU backend, whose half-precision kernels are many times slower than its float32 BLAS:
-    there float16/bfloat16 weights are upcast to float32 (exactly) unless `dtype` says otherwise."""
+    """Model and processor from a folder or hub id. Weights keep their stored dtype and quantization unless
+    `dtype` is given, except on MLX's CPU backend, whose half-precision and quantized kernels are many times
+    slower than its float32 BLAS: there, by default, weights are upcast or dequantized to float32, which
+    computes the same model (dequantized values are exactly what the quantized kernels use) at twice or more
+    the memory. Pass a dtype to keep them as stored."""
     path = get_model_path(path_or_repo)
     config = load_config(path)
+    weights = sanitize(load_weights(path))
     if dtype is None and mx.default_device() == mx.cpu:
         dtype = mx.float32
-    weights = sanitize(load_weights(path))
+        if config.quantization:
+            weights = dequantize(weights, config.quantization)
+            config.quantization = None
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model = build_model(config, weights, path)

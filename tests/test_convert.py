@@ -22,7 +22,7 @@ def test_convert_round_trip(tmp_path, model_name, loaded, reference, cases, dtyp
     out = tmp_path / "converted"
     convert(str(FIXTURES / model_name), str(out), dtype=dtype, quantize_bits=bits, group_size=64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"], "no temporary folder left behind"
-    model, processor = mp.load(str(out))
+    model, processor = mp.load(str(out), dtype=mx.float32)  # a dtype keeps the quantization as stored
     config = json.loads((out / "config.json").read_text())
     assert (out / "tokenizer.json").is_file()
     weight = model.language_model.model.layers[0].self_attn.q_proj
@@ -32,8 +32,16 @@ def test_convert_round_trip(tmp_path, model_name, loaded, reference, cases, dtyp
         assert isinstance(model.language_model.model.embed_tokens, nn.QuantizedEmbedding)
         # The vision tower stays in float; its width (32) is not a multiple of the group size anyway.
         assert isinstance(model.vision_tower.vision_model.encoder.layers[0].mlp.fc1, nn.Linear)
+        if mx.default_device() == mx.cpu:
+            # The CPU default dequantizes to float32: the same model, computed with the float32 BLAS.
+            dequantized, _ = mp.load(str(out))
+            assert isinstance(dequantized.language_model.model.layers[0].self_attn.q_proj, nn.Linear)
+            np.testing.assert_allclose(logits_of(dequantized, processor, cases["single"]),
+                                       logits_of(model, processor, cases["single"]), atol=1e-4, rtol=0)
     else:
-        assert "quantization" not in config and weight.weight.dtype == getattr(mx, dtype)
+        stored = mx.load(str(out / "model.safetensors"))
+        assert "quantization" not in config
+        assert stored["language_model.model.layers.0.self_attn.q_proj.weight"].dtype == getattr(mx, dtype)
     case = cases["single"]
     ours = logits_of(model, processor, case)
     assert np.isfinite(ours).all()
