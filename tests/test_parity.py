@@ -100,3 +100,22 @@ def test_decode_skips_special_and_padded_vocabulary_ids(loaded):
     assert rows > tok.vocab_size, "the fixture pads the embedding like the real 257216-row one"
     ids = [tok.bos_id] + text_ids + [tok.image_id, rows - 1, tok.eos_id]
     assert processor.decode(ids) == "a cat"
+
+
+def test_prefill_in_query_chunks_is_exact(loaded, reference, monkeypatch):
+    import mlx_paligemma.language as language
+
+    model, _ = loaded
+    inputs = [mx.array(reference[f"batch/{k}"]) for k in ("input_ids", "pixel_values", "attention_mask")]
+    whole = np.array(model(*inputs))
+    monkeypatch.setattr(language, "ATTENTION_CHUNK", 7)  # several chunks, none aligned with the prefix
+    assert inputs[0].shape[1] > 3 * 7
+    np.testing.assert_array_equal(np.array(model(*inputs)), whole)
+
+
+def test_image_features_computed_once_give_the_same_tokens(loaded, reference):
+    model, _ = loaded
+    ids, pixels = mx.array(reference["two_images/input_ids"]), mx.array(reference["two_images/pixel_values"])
+    features = model.encode_images(pixels)
+    cached = [t.item() for t in generate_step(model, ids, image_features=features, max_tokens=8)]
+    assert cached == greedy(model, ids, pixels, max_tokens=8)[0].tolist()
