@@ -14,9 +14,18 @@ if sys.platform == "linux" and "mlx.core" not in sys.modules:
         except OSError:
             pass
 
-from .generate import generate, generate_step, stream_generate
-from .loading import load
-from .processor import InputError, PaliGemmaProcessor, load_image
-
-__all__ = ["load", "generate", "generate_step", "stream_generate", "PaliGemmaProcessor", "InputError", "load_image"]
+# Loaded on first use, so `python -m mlx_paligemma.generate` does not import its own module twice.
+_EXPORTS = {
+    "load": "loading", "generate": "generate", "generate_step": "generate", "stream_generate": "generate",
+    "PaliGemmaProcessor": "processor", "InputError": "processor", "load_image": "processor",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_paligemma' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
