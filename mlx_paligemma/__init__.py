@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import sys
+import warnings
 
 if sys.platform == "linux" and "mlx.core" not in sys.modules:
     # MLX's Linux CPU wheel calls a bundled reference BLAS (float32 GEMM at a few GFLOP/s). A system OpenBLAS
@@ -14,18 +15,13 @@ if sys.platform == "linux" and "mlx.core" not in sys.modules:
         except OSError:
             pass
 
-# Loaded on first use, so `python -m mlx_paligemma.generate` does not import its own module twice.
-_EXPORTS = {
-    "load": "loading", "generate": "generate", "generate_step": "generate", "stream_generate": "generate",
-    "PaliGemmaProcessor": "processor", "InputError": "processor", "load_image": "processor",
-}
-__all__ = list(_EXPORTS)
+# `python -m mlx_paligemma.generate` runs a module this package has already imported for its API; runpy's
+# warning about that is harmless here and would clutter every command line run.
+warnings.filterwarnings("ignore", message="'mlx_paligemma.*found in sys.modules", category=RuntimeWarning)
+
+from .generate import generate, generate_step, stream_generate  # noqa: E402
+from .loading import load  # noqa: E402
+from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
+
+__all__ = ["load", "generate", "generate_step", "stream_generate", "PaliGemmaProcessor", "InputError", "load_image"]
 __version__ = "0.1.0"
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_paligemma' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
