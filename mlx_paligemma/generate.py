@@ -4,6 +4,7 @@
 """
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Callable, Generator, List, Optional
 import mlx.core as mx
 
 from .model import PaliGemma
-from .processor import InputError, PaliGemmaProcessor
+from .processor import InputError, PaliGemmaProcessor, load_image
 
 
 @dataclass
@@ -131,11 +132,11 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     return text
 
 
-def print_stats(r: GenerationResponse) -> None:
-    print("=" * 10)
-    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec")
-    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec")
-    print(f"Peak memory: {r.peak_memory:.3f} GB")
+def print_stats(r: GenerationResponse, file=None) -> None:
+    print("=" * 10, file=file)
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,7 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
+    p.add_argument("--json", action="store_true", help="print the objects of a detect/segment answer as JSON")
+    p.add_argument("--draw", metavar="OUT.png", help="save the (first) image with the answer's boxes and masks")
+    p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
+                   "answers (default: big_vision's, downloaded once)")
     return p
+
+
+def report_objects(text: str, image, args) -> None:
+    """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image."""
+    from .detection import add_masks, draw_detections, objects_to_json, parse_detections
+    from .mask_decoder import fetch_vae_oid, load_mask_decoder
+
+    objects = parse_detections(text, image.size)
+    if any(o.codes is not None for o in objects):
+        try:
+            add_masks(objects, load_mask_decoder(args.mask_decoder or fetch_vae_oid()), image.size)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load the mask decoder: {str(e).splitlines()[0]}") from None
+    if args.json:
+        print(json.dumps(objects_to_json(objects)))
+    if args.draw:
+        draw_detections(image.convert("RGB"), objects).save(args.draw)
+        print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -159,17 +182,23 @@ def main(argv=None) -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     try:
+        images = [load_image(source) for source in args.image]
         model, processor = load(args.model)
-        last = None
-        for last in stream_generate(model, processor, args.image, args.prompt, args.max_tokens,
+        last, text = None, ""
+        for last in stream_generate(model, processor, images, args.prompt, args.max_tokens,
                                     args.temperature, args.top_p, args.top_k):
-            print(last.text, end="", flush=True)
-        print()
+            text += last.text
+            if not args.json:  # with --json, stdout is the JSON alone
+                print(last.text, end="", flush=True)
+        if not args.json:
+            print()
+        if args.json or args.draw:
+            report_objects(text, images[0], args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.verbose and last is not None:
-        print_stats(last)
+        print_stats(last, file=sys.stderr if args.json else None)
     return 0
 
 

@@ -46,3 +46,19 @@ def test_convert_script(tmp_path, model_name):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "model.safetensors").is_file()
     assert "[convert]" in r.stdout
+
+
+def test_cli_json_and_draw(tmp_path, model_name):
+    import json
+
+    from PIL import Image
+
+    image = FIXTURES / "images" / "chelsea.jpg"
+    out = tmp_path / "drawn.png"
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image", str(image),
+            "--prompt", "detect cat", "--max-tokens", "8", "--json", "--draw", str(out), "--verbose")
+    assert r.returncode == 0, r.stderr
+    # A random model finds nothing, but stdout must be exactly one JSON list, and the picture the photo's size.
+    assert isinstance(json.loads(r.stdout), list)
+    assert Image.open(out).size == Image.open(image).size
+    assert "Peak memory" in r.stderr

@@ -1,0 +1,40 @@
+"""Detect objects in a photo with PaliGemma, print them as JSON and draw them.
+
+    python examples/detect.py --model google/paligemma2-3b-mix-224
+    python examples/detect.py --model M --image examples/images/coffee.jpg --objects "cup ; saucer" --out coffee.png
+
+The model answers `detect cat ; dog` with `<locY0><locX0><locY1><locX1> label` per object, separated by " ; ";
+`parse_detections` turns that into boxes in pixels of the photo.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx_paligemma as mp  # noqa: E402
+from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="hub id or folder of a mix (or detection fine-tuned) checkpoint")
+    p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"))
+    p.add_argument("--objects", default="cat", help='what to find; several separated by " ; "')
+    p.add_argument("--out", default="detections.png")
+    args = p.parse_args()
+
+    image = mp.load_image(args.image).convert("RGB")
+    model, processor = mp.load(args.model)
+    text = mp.generate(model, processor, images=image, prompt=f"detect {args.objects}", max_tokens=64)
+    print(f"answer: {text!r}", file=sys.stderr)
+    objects = parse_detections(text, image.size)
+    print(json.dumps(objects_to_json(objects), indent=2))
+    draw_detections(image, objects).save(args.out)
+    print(f"{len(objects)} object(s) drawn on {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

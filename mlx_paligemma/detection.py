@@ -1,0 +1,121 @@
+"""Boxes and masks out of PaliGemma's answers to `detect ...` and `segment ...`: as objects, as JSON, as a picture.
+
+An answer lists objects separated by " ; ", each `<locA><locB><locC><locD>` (y_min, x_min, y_max, x_max as bins
+0..1023 of the image's height and width), for `segment` followed by 16 `<segNNN>` mask codes, then the label.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .mask_decoder import MaskDecoder, paste_mask, pixel_box
+
+# Seg tokens are matched in any number so that a mask cut short is seen (and the object dropped), not taken for a label.
+_OBJECT = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*((?:<seg\d{3}>\s*)*)([^;<]*)")
+_SEG = re.compile(r"<seg(\d{3})>")
+# Sasha Trubetskoy's "distinct colours", one per label in order of appearance.
+_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+@dataclass
+class DetectedObject:
+    label: str
+    box: Tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
+    mask: Optional[np.ndarray] = None  # bool, (height, width) of the original image
+    codes: Optional[Tuple[int, ...]] = None  # the 16 mask codes of a `segment` answer, to decode with add_masks
+
+
+def parse_detections(text: str, image_size: Tuple[int, int],
+                     mask_decoder: Optional[MaskDecoder] = None) -> List[DetectedObject]:
+    """The objects in a detect/segment answer about an image of `image_size` = (width, height).
+
+    Boxes are clamped to the image. Pieces that do not make an object are skipped: a box cut short, a mask with other
+    than 16 codes or a code above 127, a box of no area, a missing label. With a mask decoder, masks are decoded;
+    without one, each segmented object keeps its codes for add_masks.
+    """
+    width, height = image_size
+    objects = []
+    for m in _OBJECT.finditer(text):
+        y0, x0, y1, x1 = (int(v) / 1024 for v in m.group(1, 2, 3, 4))
+        box = (min(x0 * width, width), min(y0 * height, height), min(x1 * width, width), min(y1 * height, height))
+        codes = tuple(int(c) for c in _SEG.findall(m.group(5)))
+        label = m.group(6).strip()
+        if (codes and (len(codes) != 16 or max(codes) > 127)) or box[2] <= box[0] or box[3] <= box[1] or not label:
+            continue
+        objects.append(DetectedObject(label, box, codes=codes or None))
+    if mask_decoder is not None:
+        add_masks(objects, mask_decoder, image_size)
+    return objects
+
+
+def add_masks(objects: Sequence[DetectedObject], mask_decoder: MaskDecoder,
+              image_size: Tuple[int, int]) -> Sequence[DetectedObject]:
+    """Sets the mask of each object that has codes, decoding all of them in one batch; returns `objects`."""
+    todo = [o for o in objects if o.codes is not None]
+    if todo:
+        masks64 = np.array(mask_decoder(mx.array([o.codes for o in todo], dtype=mx.int32)))
+        for o, m64 in zip(todo, masks64):
+            o.mask = paste_mask(m64, o.box, image_size)
+    return objects
+
+
+def _rle(mask: np.ndarray) -> dict:
+    flat = mask.ravel(order="F")  # COCO runs go down the columns
+    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], starts, [flat.size]])).tolist()
+    return {"size": list(mask.shape), "counts": [0] + counts if flat[0] else counts}
+
+
+def objects_to_json(objects: Sequence[DetectedObject]) -> List[dict]:
+    """JSON-ready dicts: `label`, `box` [x0, y0, x1, y1] in pixels, `codes` (the 16 mask codes) for segmented objects,
+    and `mask` for decoded masks, as COCO's uncompressed RLE: {"size": [height, width], "counts": run lengths over
+    the pixels in column-major order, starting with a run of background} (pycocotools reads it with frPyObjects)."""
+    out = []
+    for o in objects:
+        d = {"label": o.label, "box": [round(float(v), 2) for v in o.box]}
+        if o.codes is not None:
+            d["codes"] = list(o.codes)
+        if o.mask is not None:
+            d["mask"] = _rle(o.mask)
+        out.append(d)
+    return out
+
+
+def _label_patch(text: str, colour, font) -> Image.Image:
+    _, _, right, bottom = font.getbbox(text)
+    patch = Image.new("RGB", (right + 4, bottom + 4), colour)
+    luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    ImageDraw.Draw(patch).text((2, 2), text, fill=(0, 0, 0) if luma > 140 else (255, 255, 255), font=font)
+    return patch
+
+
+def draw_detections(image: Image.Image, objects: Sequence[DetectedObject], mask_alpha: float = 0.45) -> Image.Image:
+    """A copy of `image` with masks tinted and boxes outlined and labelled, one colour per label.
+
+    Everything is drawn inside the boxes (the label in the top-left corner, cropped to the box), so pixels outside
+    every box keep their values.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    colours = {}
+    for o in objects:
+        colours.setdefault(o.label, _PALETTE[len(colours) % len(_PALETTE)])
+    for o in objects:
+        if o.mask is not None:
+            pixels[o.mask] = pixels[o.mask] * (1 - mask_alpha) + np.array(colours[o.label]) * mask_alpha
+    canvas = Image.fromarray(pixels.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(min(canvas.size) / 200))
+    font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 30)))
+    for o in objects:
+        x0, y0, x1, y1 = pixel_box(o.box)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colours[o.label], width=line)
+        patch = _label_patch(o.label, colours[o.label], font)
+        canvas.paste(patch.crop((0, 0, min(patch.width, x1 - x0), min(patch.height, y1 - y0))), (x0, y0))
+    return canvas
