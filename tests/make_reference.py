@@ -1,17 +1,19 @@
 """Writes the test fixtures: tiny random PaliGemma 1 and 2 checkpoints and transformers' outputs on them.
 
-    python tests/make_reference.py [--out DIR]        # default: tests/fixtures
+    /work/venv/bin/python tests/make_reference.py [--out DIR]     # default: tests/fixtures
 
-Needs torch, transformers 5.x and sentencepiece (the tests themselves need neither torch nor transformers).
-The checkpoints have the real architecture at toy sizes and are written by transformers itself, in the
-hub layout; the reference outputs come from transformers in float32 with eager attention. Deterministic:
-running it again writes the same weights and outputs.
+Needs torch, transformers 5.x, sentencepiece, numpy, pillow and safetensors; the tests themselves need neither
+torch nor transformers. The checkpoints have the real architecture at toy sizes; the reference outputs come from
+transformers in float32 with eager attention. Deterministic: a second run writes byte-identical files.
 """
 
 import argparse
 import io
 import json
 import shutil
+import tempfile
+import zipfile
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +21,21 @@ import sentencepiece as spm
 import torch
 import transformers
 from PIL import Image
-from transformers import (GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
-                          SiglipImageProcessorPil)
+from safetensors.torch import save_file
+from transformers import (AutoProcessor, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                          PaliGemmaProcessor, SiglipImageProcessorPil)
 
-HERE = Path(__file__).parent
+transformers.logging.set_verbosity_error()  # PaliGemmaProcessor warns on every prompt without <image>
+transformers.logging.disable_progress_bar()
+HERE = Path(__file__).resolve().parent
 PHOTOS = HERE.parent.parent / "shared" / "images"
 IMAGE_SIZE, PATCH = 56, 14
+SEQ = (IMAGE_SIZE // PATCH) ** 2  # 16 image tokens
+SP_VOCAB = 1536  # sentencepiece pieces; <image> comes next, the embedding is padded to 1600 rows
 VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
 TEXT = {
-    # PaliGemma 1: Gemma 1 decoder, multi-query attention.
+    # PaliGemma 1: Gemma 1 decoder with multi-query attention.
     "paligemma-tiny": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=1, head_dim=16),
     # PaliGemma 2: Gemma 2 with a window shorter than every prompt and soft-caps small enough to bite.
@@ -36,6 +43,7 @@ TEXT = {
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
                             query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
 }
+MAX_NEW_TOKENS = 12
 CASES = [
     dict(name="single", images=[["chelsea.jpg"]], text=["caption en"]),
     dict(name="gray", images=[["gray.png"]], text=["answer en what is this?"]),
@@ -48,138 +56,239 @@ CASES = [
     dict(name="suffix", images=[["chelsea.jpg"], ["coffee.jpg"]], text=["caption en", "caption en"],
          suffix=["a cat", "a cup of coffee on a saucer"]),
 ]
-MAX_NEW_TOKENS = 12
-CORPUS = """a cat sitting on a sofa
-a cat lying on a red blanket
-a cup of coffee on a saucer on a wooden table
-an astronaut in a white suit holding a helmet
-a rocket launching into a blue sky with smoke
-caption en
-describe en
-answer en what is this?
-answer en which one shows a cat, first or second?
-question en what is in the cup on the table?
-detect cat ; dog
-segment cat
-ocr
-the cat is orange and white, the coffee is black, the sky is blue""".splitlines()
+
+
+def corpus() -> list[str]:
+    """A few hundred lines of PaliGemma-style prompts and answers, from templates so the script stays short."""
+    things = ["a cat", "a small kitten", "two cats", "a dog", "a cup of coffee", "a mug of tea", "a person",
+              "an astronaut", "a rocket"]
+    places = ["on a sofa", "on a wooden table", "next to a window", "in the garden", "on a saucer",
+              "under a red blanket", "in the sky", "on the floor"]
+    lines = [f"{t} {p}" for t, p in product(things, places)]
+    lines += [f"caption en\n{t} sitting {p}" for t, p in product(things[:4], places)]
+    lines += [f"answer en what is {p}?\n{t}" for t, p in product(things[::2], places)]
+    lines += [f"answer en which one shows {t}, first or second?\n{a}" for t, a in product(things, ["first", "second"])]
+    lines += [f"detect {a} ; {b}\n<loc{17 * i:04d}><loc{31 * i % 1024:04d}><loc0512><loc1000> {a}"
+              for i, (a, b) in enumerate(product(["cat", "dog", "cup", "person", "table"], repeat=2))]
+    lines += [f"segment {a}\n<seg{i:03d}><seg{(7 * i) % 128:03d}>" for i, a in enumerate(["cat", "dog", "cup"] * 4)]
+    lines += [f"ocr\nthe price is {n} dollars and {n * 7 % 100} cents" for n in range(3, 300, 13)]
+    lines += ["describe en", "question en what is in the cup on the table?", "the cat is orange and white",
+              "the coffee is black, the saucer is white, the sky is blue", "answer en what is this?",
+              "a cat lying on a blanket  with two  spaces", "Caption EN: A Cat, A Cup. (2024)"]
+    return lines
 
 
 def make_images(out: Path) -> None:
+    """Two photos plus small synthetic images covering gray, alpha and odd aspect ratios."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("chelsea.jpg", "coffee.jpg"):
         shutil.copyfile(PHOTOS / name, out / name)
     y, x = np.mgrid[0:23, 0:37]
     Image.fromarray(((x * 7 + y * 11) % 256).astype(np.uint8), "L").save(out / "gray.png")
     y, x = np.mgrid[0:31, 0:50]
-    rgba = np.stack([x * 5 % 256, y * 8 % 256, (x + y) * 3 % 256, np.where(x < 10, 0, (y * 9) % 256)], -1)
+    alpha = np.where(x < 10, 0, (y * 9 + x * 2) % 256)  # a fully transparent band, then varying alpha
+    rgba = np.stack([x * 5 % 256, y * 8 % 256, (x + y) * 3 % 256, alpha], -1)
     Image.fromarray(rgba.astype(np.uint8), "RGBA").save(out / "rgba.png")
     y, x = np.mgrid[0:17, 0:61]
     Image.fromarray(np.stack([x * 4, y * 15, (x * y) % 256], -1).astype(np.uint8), "RGB").save(out / "odd.png")
 
 
-def make_tokenizer(folder: Path) -> None:
-    """A sentencepiece BPE model of Gemma's kind: byte fallback, no dummy prefix, the loc and seg pieces."""
-    specials = ["<mask>", "\n"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+def train_tokenizer() -> bytes:
+    """A sentencepiece BPE model of Gemma's kind: byte fallback, no dummy prefix, digits split, loc/seg pieces."""
+    # <mask> sits at id 4 as in Gemma: GemmaTokenizer would otherwise append a <mask> that tokenizer.model lacks,
+    # and <image> would get a different id from tokenizer.json than from tokenizer.model.
+    specials = ["<mask>"] + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    spm.set_random_generator_seed(0)  # with one thread and no input shuffling, training is repeatable
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 10), model_writer=model, model_type="bpe", vocab_size=1600,
-        hard_vocab_limit=False, byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-        split_digits=True, normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=specials, num_threads=1, minloglevel=2,
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(model.getvalue())
+        sentence_iterator=iter(corpus()), model_writer=model, model_type="bpe", vocab_size=SP_VOCAB,
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
+        normalization_rule_name="identity", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=specials,
+        num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    return model.getvalue()
 
 
-def make_model(name: str, tokenizer_src: Path, out: Path):
-    torch.manual_seed(0)
-    processor = PaliGemmaProcessor(
-        image_processor=SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3,
-                                                image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                                                image_seq_length=(IMAGE_SIZE // PATCH) ** 2),
-        tokenizer=GemmaTokenizer.from_pretrained(str(tokenizer_src)),
-    )
+def make_processor(sp_model: bytes) -> PaliGemmaProcessor:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.model").write_bytes(sp_model)
+        tokenizer = GemmaTokenizer.from_pretrained(tmp)  # converted to a tokenizers BPE here
+    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=3,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3, image_seq_length=SEQ)
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <image>
+
+
+def make_model(name: str, processor: PaliGemmaProcessor) -> PaliGemmaForConditionalGeneration:
     tok = processor.tokenizer
-    # Like the real 257216-row embedding for 257153 pieces: rows no piece maps to.
-    vocab = -(-len(tok) // 64) * 64
+    vocab = -(-len(tok) // 64) * 64  # padded like the real 257216 rows for 257153 pieces
+    hidden = TEXT[name]["hidden_size"]
     config = PaliGemmaConfig(
-        text_config=dict(TEXT[name], vocab_size=vocab, initializer_range=0.2),
-        vision_config=dict(VISION, projection_dim=TEXT[name]["hidden_size"]),
-        projection_dim=TEXT[name]["hidden_size"], image_token_index=processor.image_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
+        text_config=dict(TEXT[name], vocab_size=vocab, initializer_range=0.2),  # 0.2: logits far from uniform
+        vision_config=dict(VISION, projection_dim=hidden), projection_dim=hidden, hidden_size=hidden,
+        vocab_size=vocab, image_token_index=processor.image_token_id,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
     model = PaliGemmaForConditionalGeneration(config).eval()
-    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:  # norms and biases start constant; random ones catch a port that drops them
+                param.add_(0.1 * torch.randn_like(param))
+        # With the head tied, a large token embedding in the residual makes greedy decoding repeat one token:
+        # embeddings at Gemma's usual std 0.02, and a final norm scale of about 10 so logits still span several
+        # units and the final soft-cap bites.
+        text_model = model.model.language_model
+        text_model.embed_tokens.weight.mul_(0.1)
+        text_model.norm.weight.add_(9.0)
+        # Rows no piece maps to are zero, so greedy decoding never picks an id without a piece.
+        text_model.embed_tokens.weight[len(tok):] = 0
     model.generation_config.pad_token_id = tok.pad_token_id
-    folder = out / name
+    return model
+
+
+def hub_name(key: str) -> str | None:
+    """The published PaliGemma 1 names for 5.24's in-memory names; the head is tied, so not stored."""
+    for new, old in (("model.vision_tower.", "vision_tower.vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.language_model.", "language_model.model.")):
+        if key.startswith(new):
+            return old + key[len(new):]
+    assert key == "lm_head.weight", key
+    return None
+
+
+def save_folder(name: str, model, processor, sp_model: bytes, folder: Path) -> None:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings.pop("vocab_file", None)  # the temporary path it was built from
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
-    if name == "paligemma-tiny":
-        # The older hub generation: tokenizer.model beside tokenizer.json, flat preprocessor_config.json.
-        shutil.copy(tokenizer_src / "tokenizer.model", folder / "tokenizer.model")
-        image_settings = json.loads((folder / "processor_config.json").read_text())["image_processor"]
-        (folder / "preprocessor_config.json").write_text(json.dumps(
-            dict(image_settings, image_processor_type="SiglipImageProcessor", processor_class="PaliGemmaProcessor"),
-            indent=2))
-        (folder / "processor_config.json").unlink()
-    else:
-        (folder / "tokenizer.model").unlink(missing_ok=True)  # newer converters write tokenizer.json only
-    return model, processor
+    settings.pop("vocab_file", None)  # a temporary path
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if name == "paligemma2-tiny":  # as transformers writes it, except: newer hub repos have tokenizer.json only
+        (folder / "tokenizer.model").unlink(missing_ok=True)
+        return
+    # PaliGemma 1 as on the hub (written by transformers 4.42): hub weight names, sparse config.json,
+    # tokenizer.model beside tokenizer.json, the flat preprocessor_config.json.
+    tensors = {hub_name(k): v.contiguous() for k, v in model.state_dict().items() if hub_name(k)}
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    c = model.config
+    text = {k: getattr(c.text_config, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                   "num_hidden_layers", "num_key_value_heads", "head_dim",
+                                                   "model_type", "num_image_tokens", "vocab_size")}
+    vision = {k: getattr(c.vision_config, k) for k in ("hidden_size", "image_size", "intermediate_size",
+                                                       "model_type", "num_attention_heads", "num_hidden_layers",
+                                                       "patch_size", "projection_dim", "vision_use_head")}
+    vision.update(num_image_tokens=SEQ, projector_hidden_act="gelu_fast")  # on the hub too; unused
+    text.update(hidden_activation="gelu_pytorch_tanh", torch_dtype="float32")  # the old key names, as on the hub
+    hub = dict(architectures=["PaliGemmaForConditionalGeneration"], bos_token_id=c.bos_token_id,
+               eos_token_id=c.eos_token_id, hidden_size=c.hidden_size, ignore_index=-100,
+               image_token_index=c.image_token_index, model_type="paligemma", pad_token_id=c.pad_token_id,
+               projection_dim=c.projection_dim, text_config=text, torch_dtype="float32",
+               transformers_version="4.42.0.dev0", vision_config=vision, vocab_size=c.text_config.vocab_size)
+    (folder / "config.json").write_text(json.dumps(hub, indent=2, sort_keys=True) + "\n")
+    (folder / "tokenizer.model").write_bytes(sp_model)
+    (folder / "processor_config.json").unlink()
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(
+        do_normalize=True, do_rescale=True, do_resize=True, image_mean=[0.5] * 3,
+        image_processor_type="SiglipImageProcessor", image_seq_length=SEQ, image_std=[0.5] * 3,
+        processor_class="PaliGemmaProcessor", resample=3, rescale_factor=1 / 255,
+        size=dict(height=IMAGE_SIZE, width=IMAGE_SIZE)), indent=2, sort_keys=True) + "\n")
 
 
+def prepare(processor, case: dict, images: Path):
+    imgs = [[Image.open(images / f) for f in row] for row in case["images"]]
+    return processor(images=imgs, text=case["text"], suffix=case.get("suffix"), padding="longest",
+                     return_tensors="pt")
+
+
+@torch.no_grad()
 def reference_outputs(model, processor, images: Path) -> dict:
     arrays = {}
     for case in CASES:
-        name = case["name"]
-        imgs = [[Image.open(images / f) for f in row] for row in case["images"]]
-        text = case["text"] if len(case["text"]) > 1 else case["text"][0]
-        inputs = processor(images=imgs, text=text, suffix=case.get("suffix"), padding="longest", return_tensors="pt")
+        name, inputs = case["name"], prepare(processor, case, images)
         mask = inputs["attention_mask"]
-        # Positions as generate() builds them: counting real tokens, from 1.
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1) + 1
-        with torch.no_grad():
-            out = model(**inputs, position_ids=positions)
-        for key in ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if "suffix" in case else ()):
+        # Positions exactly as generate() (5.24) builds them: count real tokens, pads 0 (generation/utils.py
+        # _prepare_position_ids_for_generation), then +1 as PaliGemma numbers them from 1.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + 1
+        out = model(**inputs, position_ids=positions)
+        keys = ["input_ids", "attention_mask", "token_type_ids"] + (["labels"] if "suffix" in case else [])
+        for key in keys:
             arrays[f"{name}/{key}"] = inputs[key].numpy().astype(np.int32)
-        arrays[f"{name}/pixel_values"] = inputs["pixel_values"].permute(0, 2, 3, 1).numpy()
+        arrays[f"{name}/pixel_values"] = inputs["pixel_values"].permute(0, 2, 3, 1).contiguous().numpy()
         arrays[f"{name}/logits"] = out.logits.numpy()
         if "suffix" in case:
-            arrays[f"{name}/loss"] = np.float32(out.loss)
+            arrays[f"{name}/loss"] = out.loss.numpy()
         else:
-            with torch.no_grad():
-                generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-            arrays[f"{name}/generated"] = generated[:, inputs["input_ids"].shape[1]:].numpy().astype(np.int32)
+            gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+            # generate's prefill saw the same positions and masks as our forward pass:
+            torch.testing.assert_close(gen.logits[0], out.logits[:, -1], rtol=1e-5, atol=1e-5)
+            arrays[f"{name}/generated"] = gen.sequences[:, mask.shape[1]:].numpy().astype(np.int32)
         if name == "single":
-            with torch.no_grad():
-                features = model.get_image_features(inputs["pixel_values"]).pooler_output
-            arrays[f"{name}/image_features"] = features.numpy()
-        print(f"[reference] {name}: {tuple(inputs['input_ids'].shape)}", flush=True)
+            arrays[f"{name}/image_features"] = model.get_image_features(inputs["pixel_values"]).pooler_output.numpy()
+        generated = arrays[f"{name}/generated"].tolist() if "suffix" not in case else "-"
+        print(f"[reference]   {name}: input_ids {tuple(mask.shape)}, generated {generated}", flush=True)
     return arrays
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    """np.savez_compressed stamps each member with the current time; fixed timestamps keep the bytes stable."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arrays[key]), allow_pickle=False)
+            zf.writestr(info, buf.getvalue())
+
+
+@torch.no_grad()
+def check_reload(folder: Path, processor, arrays: dict, images: Path) -> None:
+    """The saved folder, read back by transformers, must be the model and processor the references came from."""
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    reloaded = AutoProcessor.from_pretrained(folder)
+    for case in CASES:
+        ours, theirs = prepare(processor, case, images), prepare(reloaded, case, images)
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (folder.name, case["name"], key)
+    inputs = prepare(reloaded, CASES[0], images)
+    logits = model(**inputs).logits.numpy()
+    assert np.array_equal(logits, arrays["single/logits"]), np.abs(logits - arrays["single/logits"]).max()
+    print(f"[reload] {folder.name}: {type(reloaded.image_processor).__name__}, same inputs, same 'single' logits")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(HERE / "fixtures"))
+    p.add_argument("--out", default=str(HERE / "fixtures"), help="output folder (default: tests/fixtures)")
     out = Path(p.parse_args().out)
+    print(f"[images] {out / 'images'}", flush=True)
     make_images(out / "images")
-    tokenizer_src = out / "tokenizer-src"
-    make_tokenizer(tokenizer_src)
+    sp_model = train_tokenizer()
     (out / "reference").mkdir(parents=True, exist_ok=True)
     for name in TEXT:
-        model, processor = make_model(name, tokenizer_src, out)
+        # A fresh processor each time: a padded call leaves its padding settings in the saved tokenizer.json.
+        processor = make_processor(sp_model)
+        print(f"[model] {name}: {SP_VOCAB} pieces + <image> = {len(processor.tokenizer)} tokens, "
+              f"<image> id {processor.image_token_id}", flush=True)
+        model = make_model(name, processor)
+        save_folder(name, model, processor, sp_model, out / name)
         arrays = reference_outputs(model, processor, out / "images")
-        np.savez_compressed(out / "reference" / f"{name}.npz", **arrays)
-    shutil.rmtree(tokenizer_src)
+        save_npz(out / "reference" / f"{name}.npz", arrays)
+        check_reload(out / name, processor, arrays, out / "images")
+    cases = [dict(case, suffix=case.get("suffix"), max_new_tokens=None if "suffix" in case else MAX_NEW_TOKENS,
+                  arrays=sorted(k.split("/")[1] for k in arrays if k.startswith(case["name"] + "/")))
+             for case in CASES]
+    notes = {
+        "pixel_values": "N,H,W,3 float32 (channels last), N = all images of the batch in order",
+        "positions": "forward passes used position_ids = (cumsum(attention_mask)-1).masked_fill(mask==0, 0) + 1, "
+                     "as generate() builds them; logits at pad positions are meaningless",
+        "generated": "greedy new tokens only (B, T), T <= max_new_tokens: generate stops once every row has "
+                     "produced eos, and a row that ended earlier gets pad_token_id (0) after its eos",
+        "image_features": "single/image_features: get_image_features(pixel_values).pooler_output, after the projector",
+    }
     (out / "reference" / "cases.json").write_text(json.dumps(dict(
-        transformers=transformers.__version__, torch=torch.__version__, max_new_tokens=MAX_NEW_TOKENS,
-        note="generated: greedy new tokens; a row that ends early is padded with pad_token_id (0)",
-        cases=CASES), indent=2))
-    print(f"[reference] wrote {out}")
+        transformers=transformers.__version__, torch=torch.__version__, notes=notes, cases=cases), indent=2) + "\n")
+    print(f"[done] wrote {out}")
 
 
 if __name__ == "__main__":
