@@ -42,11 +42,13 @@ def generate_step(
     image_features: Optional[mx.array] = None,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     max_tokens: int = 256,
+    kv_bits: Optional[int] = None,
 ) -> Generator[mx.array, None, None]:
     """Yields (B,) token arrays. The prefix goes through the decoder whole, so its bidirectional attention is exact;
-    each next step is scheduled with mx.async_eval before the current token is handed out."""
+    each next step is scheduled with mx.async_eval before the current token is handed out.
+    kv_bits (4 or 8) keeps the KV cache quantized, for long prompts."""
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    cache = model.make_cache()
+    cache = model.make_cache(kv_bits)
     batch = input_ids.shape[0]
     # A mask is only needed for padded rows; without padding the fused attention runs unmasked.
     key_valid = attention_mask if attention_mask is not None and not bool(mx.all(attention_mask)) else None
@@ -81,6 +83,7 @@ def stream_generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    kv_bits: Optional[int] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos."""
     images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -94,7 +97,7 @@ def stream_generate(
     text = ""
     prompt_tps = 0.0
     for n, token in enumerate(generate_step(model, inputs["input_ids"], inputs["pixel_values"],
-                                            sampler=sampler, max_tokens=max_tokens)):
+                                            sampler=sampler, max_tokens=max_tokens, kv_bits=kv_bits)):
         token = token.item()
         if n == 0:
             prompt_time = time.perf_counter() - tic
@@ -119,10 +122,10 @@ def stream_generate(
 
 
 def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, verbose: bool = False) -> str:
+             top_p: float = 1.0, top_k: int = 0, kv_bits: Optional[int] = None, verbose: bool = False) -> str:
     """The answer to one prompt about one or more images, as a string."""
     text, last = "", None
-    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k):
+    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits):
         text += last.text
         if verbose:
             print(last.text, end="", flush=True)
@@ -149,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache (long prompts)")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
     p.add_argument("--json", action="store_true", help="print the objects of a detect/segment answer as JSON")
     p.add_argument("--draw", metavar="OUT.png", help="save the (first) image with the answer's boxes and masks")
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
         model, processor = load(args.model)
         last, text = None, ""
         for last in stream_generate(model, processor, images, args.prompt, args.max_tokens,
-                                    args.temperature, args.top_p, args.top_k):
+                                    args.temperature, args.top_p, args.top_k, args.kv_bits):
             text += last.text
             if not args.json:  # with --json, stdout is the JSON alone
                 print(last.text, end="", flush=True)

@@ -150,12 +150,14 @@ def build_model(config: ModelConfig, weights: Dict[str, mx.array], path: Path) -
     return model
 
 
-def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Tuple[PaliGemma, PaliGemmaProcessor]:
+def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False,
+         adapter_path: Optional[str] = None) -> Tuple[PaliGemma, PaliGemmaProcessor]:
     """Model and processor from a folder or hub id. Weights keep their stored dtype and quantization unless
     `dtype` is given, except on MLX's CPU backend, whose half-precision and quantized kernels are many times
     slower than its float32 BLAS: there, by default, weights are upcast or dequantized to float32, which
     computes the same model (dequantized values are exactly what the quantized kernels use) at twice or more
-    the memory. Pass a dtype to keep them as stored."""
+    the memory. Pass a dtype to keep them as stored. `adapter_path`: a folder of LoRA adapters written by
+    mlx_paligemma.lora, applied to the model."""
     path = get_model_path(path_or_repo)
     config = load_config(path)
     weights = sanitize(load_weights(path))
@@ -167,6 +169,10 @@ def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model = build_model(config, weights, path)
+    if adapter_path is not None:
+        from .lora import apply_adapters
+
+        apply_adapters(model, adapter_path)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())

@@ -92,12 +92,16 @@ class PaliGemma(nn.Module):
             prefix = None
         return self.language_model(embeds, cache, attention_mask, prefix)
 
-    def make_cache(self) -> List[Any]:
-        # mlx-lm's growing cache. Sliding-window layers keep every key too: the prefix is attended to
-        # in full even when longer than the window, and the mask applies the window to later tokens.
-        from mlx_lm.models.cache import KVCache
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:
+        """mlx-lm's growing KV cache, or its quantized one (kv_bits 4 or 8) to hold long prompts in less memory.
+        Sliding-window layers keep every key too: the prefix is attended to in full even when longer than the
+        window, and the mask applies the window to later tokens."""
+        from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-        return [KVCache() for _ in self.language_model.model.layers]
+        layers = self.language_model.model.layers
+        if kv_bits:
+            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in layers]
+        return [KVCache() for _ in layers]
 
     @property
     def layers(self):
