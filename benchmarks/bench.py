@@ -99,13 +99,13 @@ def write_checkpoint(name: str, folder: Path) -> None:
 
 
 def bandwidth_gbs() -> float:
-    """Memory bandwidth as decoding sees it: a 1 GiB float32 matrix-vector product, which only streams the matrix."""
-    w, v = mx.random.normal((16384, 16384)), mx.random.normal((16384,))
-    mx.eval(w, v)
+    """Memory bandwidth as decoding sees it: one token through a 1 GiB float32 linear layer, which streams the matrix."""
+    w, x = mx.random.normal((65536, 4096)), mx.random.normal((1, 4096))
+    mx.eval(w, x)
     times = []
     for _ in range(5):
         tic = time.perf_counter()
-        mx.eval(w @ v)
+        mx.eval(x @ w.T)
         times.append(time.perf_counter() - tic)
     return w.nbytes / min(times) / 1e9
 
