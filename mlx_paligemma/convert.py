@@ -61,10 +61,26 @@ def save_weights(folder: Path, weights: dict) -> None:
         )
 
 
+def write_model_folder(out: Path, weights: dict, config: dict, source: Path) -> None:
+    """Weights, config.json and the source's tokenizer and processor files, written to a temporary folder beside
+    `out` and renamed at the end, so a failed run leaves nothing behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_weights(tmp, weights)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, tmp / name)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
             group_size: int = 64, quantize_vision: bool = False, upload_repo: Optional[str] = None) -> Path:
-    """Writes the MLX folder at mlx_path. Works in a temporary folder beside it and renames it at the end,
-    so a failed run leaves nothing behind."""
+    """Writes the MLX folder at mlx_path (atomically, see write_model_folder)."""
     out = Path(mlx_path)
     if out.exists():
         raise InputError(f"output folder {out} already exists")
@@ -85,18 +101,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
         raw_config["quantization"] = {"group_size": group_size, "bits": quantize_bits}
     raw_config["torch_dtype"] = dtype
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_weights(tmp, dict(tree_flatten(model.parameters())))
-        (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
-        for name in SIDE_FILES:
-            if (path / name).is_file():
-                shutil.copy(path / name, tmp / name)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_model_folder(out, dict(tree_flatten(model.parameters())), raw_config, path)
     print(f"[convert] wrote {out}", flush=True)
     if upload_repo:
         from huggingface_hub import HfApi

@@ -13,9 +13,7 @@ with `image` a path relative to the file, or an http(s) URL. Only the decoder's 
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,7 +190,7 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
     """Fuse (in place) and write an MLX model folder (weights, config.json, tokenizer files) that load, generate
     and convert accept: quantized as the base model was, or all floats with `dequantize` (or a float base), in
     the base's stored float dtype. Written to a temporary folder and renamed at the end."""
-    from .convert import SIDE_FILES, quantize, save_weights
+    from .convert import quantize, write_model_folder
     from .loading import get_model_path
 
     out, base = Path(out), get_model_path(base_model)
@@ -206,20 +204,10 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
         config.pop("quantization_config", None)
     elif not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
         quantize(model, quantization["group_size"], quantization["bits"])  # the base was loaded dequantized (CPU)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        dtype = stored_dtype(base)  # the CPU backend computes in float32; write what the base stores
-        save_weights(tmp, {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                           for k, v in tree_flatten(model.parameters())})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in SIDE_FILES:
-            if (base / name).is_file():
-                shutil.copy(base / name, tmp / name)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    dtype = stored_dtype(base)  # the CPU backend computes in float32; write what the base stores
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in tree_flatten(model.parameters())}
+    write_model_folder(out, weights, config, base)
     return out
 
 
