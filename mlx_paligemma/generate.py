@@ -107,10 +107,10 @@ def stream_generate(
         piece = ""
         if token != eos:
             tokens.append(token)
-            decoded = processor.decode(tokens)
-            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
-            if not decoded.endswith("\ufffd") or finish:
-                piece, text = decoded[len(text):], decoded
+        decoded = processor.decode(tokens)
+        # Hold back a trailing partial UTF-8 character until its remaining bytes arrive (or the answer ends).
+        if finish or not decoded.endswith("\ufffd"):
+            piece, text = decoded[len(text):], decoded
         elapsed = time.perf_counter() - tic
         yield GenerationResponse(
             text=piece, token=token, prompt_tokens=prompt_tokens, prompt_tps=prompt_tps,
