@@ -169,24 +169,33 @@ def measure_transformers(folder: str, tokens: int, runs: int) -> dict:
     from PIL import Image
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     tic = time.perf_counter()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     processor = AutoProcessor.from_pretrained(folder)
+    sync()
     load_s = time.perf_counter() - tic
-    inputs = processor(images=Image.open(IMAGE), text="caption en", return_tensors="pt")
+    inputs = processor(images=Image.open(IMAGE), text="caption en", return_tensors="pt").to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     results = []
     with torch.no_grad():
         for _ in range(runs + 1):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             tic = time.perf_counter()
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            sync()
             first = time.perf_counter() - tic
             tic = time.perf_counter()
             model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            sync()
             total = time.perf_counter() - tic
-            results.append(dict(first=first, decode=(tokens - 1) / max(total - first, 1e-9)))
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+            results.append(dict(first=first, decode=(tokens - 1) / max(total - first, 1e-9), peak=peak))
     results = results[1:]
-    return dict(load=load_s, **{k: statistics.median(r[k] for r in results) for k in results[0]})
+    med = {k: statistics.median(r[k] for r in results) for k in ("first", "decode")}
+    return dict(load=load_s, peak=results[-1]["peak"], **med)
 
 
 MEASURE = {"ours": measure_ours, "mlx-vlm": measure_mlx_vlm, "transformers": measure_transformers}
@@ -261,7 +270,7 @@ def main():
             ref = run_isolated("transformers", hub, args.tokens, args.runs)
             if ref:
                 rows.append(f"| {name} | transformers | bf16 | bfloat16 | {fmt(ref['load'], '{:.1f}')} | | "
-                            f"| {fmt(ref['first'])} | {fmt(ref['decode'], '{:.2f}')} | | |")
+                            f"| {fmt(ref['first'])} | {fmt(ref['decode'], '{:.2f}')} | | {fmt(ref['peak'], '{:.2f}')} |")
                 print(rows[-1], flush=True)
     table = header + "\n\n" + "\n".join(rows) + "\n"
     out = Path(args.out or ROOT / "benchmarks" / f"results-{backend().split()[0].lower()}.md")

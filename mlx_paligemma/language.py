@@ -220,11 +220,14 @@ class LanguageModel(nn.Module):
         cache: Optional[List[Any]] = None,
         attention_mask: Optional[mx.array] = None,
         prefix: Optional[mx.array] = None,
+        logits_to_keep: int = 0,
     ) -> mx.array:
         """Logits for `inputs_embeds` (B, L, D) appended after what `cache` holds.
 
         attention_mask: (B, N) over the cached and the new tokens, 1 for real tokens, 0 for (left) padding.
         prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do.
+        logits_to_keep: logits for only the last this many positions (0: all). Generation needs just the last,
+        and the 257k-wide output head over a 1000-token prefix costs more than a decoder layer.
         """
         B, L, _ = inputs_embeds.shape
         offset = cache[0].offset if cache is not None else 0
@@ -242,6 +245,8 @@ class LanguageModel(nn.Module):
             if window not in masks:
                 masks[window] = prefix_lm_mask(prefix, key_valid, offset, L, window)
             h = layer(h, positions, masks[window], cache[i] if cache is not None else None)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         logits = self.model.embed_tokens.as_linear(self.model.norm(h))
         cap = self.config.final_logit_softcapping
         if cap is not None:

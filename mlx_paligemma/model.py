@@ -74,8 +74,9 @@ class PaliGemma(nn.Module):
         token_type_ids: Optional[mx.array] = None,
         cache: Optional[List[Any]] = None,
         image_features: Optional[mx.array] = None,
+        logits_to_keep: int = 0,
     ) -> mx.array:
-        """Logits (B, L, vocab) for `input_ids` (B, L).
+        """Logits (B, L, vocab) for `input_ids` (B, L), or (B, logits_to_keep, vocab) for the last positions.
 
         Without token_type_ids, a call on an empty cache treats every token as prefix (what the processor
         gives for a prompt without suffix) and a call on a filled cache treats every token as suffix (decoding).
@@ -90,7 +91,7 @@ class PaliGemma(nn.Module):
             prefix = mx.zeros(input_ids.shape, mx.bool_)
         else:
             prefix = None
-        return self.language_model(embeds, cache, attention_mask, prefix)
+        return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)
 
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:
         """mlx-lm's growing KV cache, or its quantized one (kv_bits 4 or 8) to hold long prompts in less memory.

@@ -37,6 +37,12 @@ def test_logits_match_transformers(loaded, reference, name):
     real = np.array(mask).astype(bool)  # padded positions are not compared
     expected = reference[f"{name}/logits"]
     np.testing.assert_allclose(np.array(logits)[real], expected[real], atol=1e-4, rtol=0)
+    # Generation asks for the last position only (rows are left-padded, so it is always a real token).
+    last = model(
+        mx.array(reference[f"{name}/input_ids"]), mx.array(reference[f"{name}/pixel_values"]),
+        attention_mask=mask, token_type_ids=mx.array(reference[f"{name}/token_type_ids"]), logits_to_keep=1,
+    )
+    np.testing.assert_allclose(np.array(last)[:, 0], expected[:, -1], atol=1e-4, rtol=0)
 
 
 def test_image_features_match_transformers(loaded, reference):
