@@ -199,7 +199,7 @@ def measure_transformers(folder: str, tokens: int, runs: int) -> dict:
             model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=clock)
             first, last = clock.times[1], clock.times[-1]
             peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
-            results.append(dict(first=first - tic, decode=(tokens - 1) / (last - first), peak=peak))
+            results.append(dict(first=first - tic, decode=(tokens - 1) / max(last - first, 1e-9), peak=peak))
     results = results[1:]
     med = {k: statistics.median(r[k] for r in results) for k in ("first", "decode")}
     return dict(load=load_s, peak=results[-1]["peak"], **med)

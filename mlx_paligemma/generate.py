@@ -63,7 +63,8 @@ def generate_step(
             key_valid = mx.concatenate([key_valid, mx.ones((batch, 1), key_valid.dtype)], axis=1)
         return sample(model(tokens[:, None], attention_mask=key_valid, cache=cache))
 
-    tokens = sample(model(input_ids, pixel_values, key_valid, cache=cache, image_features=image_features, logits_to_keep=1))
+    logits = model(input_ids, pixel_values, key_valid, cache=cache, image_features=image_features, logits_to_keep=1)
+    tokens = sample(logits)
     mx.async_eval(tokens)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
