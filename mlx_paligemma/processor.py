@@ -6,15 +6,19 @@ Matches transformers' PaliGemmaProcessor with its PIL image backend id for id an
 import io
 import json
 import re
+import reprlib
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_TOKEN = "<image>"
+# Files and URLs with more pixels are refused (PIL's own default: 1 GiB / 4 / 3, about 9459 x 9459).
+MAX_IMAGE_PIXELS = 89_478_485
 
 ImageInput = Union[Image.Image, str, Path]
 
@@ -23,34 +27,97 @@ class InputError(ValueError):
     """Bad user input (image, prompt, folder): the message is one line that names the problem."""
 
 
+def cause(e: Exception) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    message = str(e).strip()
+    return message.splitlines()[0] if message else type(e).__name__
+
+
 def load_image(source: ImageInput) -> Image.Image:
-    """A PIL image from a PIL image, a file path or an http(s) URL, fully decoded so a damaged file fails here."""
+    """A PIL image from a PIL image, a file path or an http(s) URL.
+
+    A file or URL is decoded in full here, so a damaged one fails at once, and turned upright by its EXIF
+    orientation tag, as transformers' `load_image` does; one with more than `MAX_IMAGE_PIXELS` pixels is refused.
+    A PIL image is used as given, as transformers' processor does: no EXIF rotation (apply
+    `PIL.ImageOps.exif_transpose` first if it needs one) and no size limit.
+    """
     if isinstance(source, Image.Image):
         return source
+    if not isinstance(source, (str, Path)):
+        raise InputError(f"an image must be a PIL image, a file path or an http(s) URL, not {type(source).__name__}")
     source = str(source)
     try:
-        if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=30) as response:
-                image = Image.open(io.BytesIO(response.read()))
-        else:
-            if not Path(source).is_file():
+        with warnings.catch_warnings():
+            # The size check below replaces PIL's two-line warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if source.startswith(("http://", "https://")):
+                with urllib.request.urlopen(source, timeout=30) as response:
+                    image = Image.open(io.BytesIO(response.read()))
+            elif Path(source).is_dir():
+                raise InputError(f"{source} is a folder, not an image")
+            elif not Path(source).is_file():
                 raise InputError(f"image not found: {source}")
-            image = Image.open(source)
+            else:
+                image = Image.open(source)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            image.close()
+            raise InputError(f"image {source} is {image.width}x{image.height} pixels, more than the limit of "
+                             f"{MAX_IMAGE_PIXELS} (mlx_paligemma.processor.MAX_IMAGE_PIXELS)")
         image.load()
+        return ImageOps.exif_transpose(image)
     except InputError:
         raise
+    except Image.DecompressionBombError:  # PIL refuses twice its own limit before reading the size out to us
+        raise InputError(f"image {source} is too large: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
     except Exception as e:  # PIL and urllib raise many types; the user needs only the cause
-        raise InputError(f"cannot read image {source}: {str(e) or type(e).__name__}") from None
-    return image
+        raise InputError(f"cannot read image {source}: {cause(e)}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    # Transparency is composited onto white, as transformers does.
+    """8-bit RGB, as transformers' processor converts a PIL image: transparency composited onto white.
+
+    Where transformers gives nonsense we differ: PIL's conversion clips wider values to 0..255, so 16-bit images
+    turn almost white and 0..1 float images black. Integer images (I;16, I;16B, I;16L, I;16N and 32-bit I) are
+    read as 16-bit, 0..65535, and divided by 257 (65535 -> 255), as an image viewer shows them; float images (F)
+    are read as 0..1 and multiplied by 255; values outside are clipped, NaN is 0. La (premultiplied alpha), which
+    PIL cannot convert to RGB and transformers refuses, goes through LA.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, np.float64)
+        if image.mode == "F":
+            values = np.clip(np.nan_to_num(values), 0, 1) * 255
+        else:
+            values = np.clip(values, 0, 65535) / 257
+        image = Image.fromarray(np.round(values).astype(np.uint8))
+    elif image.mode == "La":
+        image = image.convert("LA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def check_text(text: str, what: str) -> None:
+    # The tokenizers library fails on lone surrogates (a str that is not Unicode) with a TypeError.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not valid text: lone surrogate {text[e.start]!r} at character {e.start}") from None
+
+
+def read_json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise InputError(f"cannot read {file}: {e.strerror}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{file} is not a JSON object")
+    return value
 
 
 class Tokenizer:
@@ -60,7 +127,11 @@ class Tokenizer:
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
-            tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            file = folder / "tokenizer.json"
+            try:
+                tok = HFTokenizer.from_file(str(file))
+            except Exception as e:  # the tokenizers library raises a bare Exception
+                raise InputError(f"cannot read {file}: {cause(e)}") from None
             self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
             self.piece_to_id = tok.token_to_id
@@ -68,7 +139,11 @@ class Tokenizer:
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece as spm
 
-            sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            file = folder / "tokenizer.model"
+            try:
+                sp = spm.SentencePieceProcessor(model_file=str(file))
+            except Exception as e:
+                raise InputError(f"cannot read {file}: {cause(e)}") from None
             self._encode = sp.encode
             self._decode = sp.decode
 
@@ -81,6 +156,9 @@ class Tokenizer:
         else:
             raise InputError(f"no tokenizer.json or tokenizer.model in {folder}")
         self.pad_id, self.eos_id, self.bos_id = (self.piece_to_id(p) for p in ("<pad>", "<eos>", "<bos>"))
+        for piece, i in (("<pad>", self.pad_id), ("<eos>", self.eos_id), ("<bos>", self.bos_id)):
+            if i is None:
+                raise InputError(f"{file} has no {piece} token: not a PaliGemma tokenizer")
         # <image> follows the sentencepiece vocabulary when a tokenizer file does not list it.
         self.image_id = self.piece_to_id(IMAGE_TOKEN)
         if self.image_id is None:
@@ -122,19 +200,45 @@ class PaliGemmaProcessor:
         """Reads `processor_config.json` (nested, newer) or `preprocessor_config.json` (flat, older);
         with neither, uses the model config's image size and PaliGemma's normalisation."""
         folder = Path(folder)
-        settings = {}
+        settings, file = {}, None
         if (folder / "processor_config.json").is_file():
-            settings = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
+            file = folder / "processor_config.json"
+            settings = read_json_object(file).get("image_processor", {})
+            if not isinstance(settings, dict):
+                raise InputError(f"{file}: 'image_processor' must be an object, got {reprlib.repr(settings)}")
         if not settings and (folder / "preprocessor_config.json").is_file():
-            settings = json.loads((folder / "preprocessor_config.json").read_text())
+            file = folder / "preprocessor_config.json"
+            settings = read_json_object(file)
+
+        def setting(key, valid, what):
+            value = settings.get(key)
+            if value is not None and not valid(value):
+                raise InputError(f"{file}: {key!r} must be {what}, got {reprlib.repr(value)}")
+            return value
+
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        def positive_int(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+        def per_channel(x):
+            return number(x) or (isinstance(x, list) and len(x) == 3 and all(map(number, x)))
+
         vision = config.vision_config if config is not None else None
-        size = settings.get("size", {}).get("height") or (vision.image_size if vision else 224)
-        seq = settings.get("image_seq_length") or (vision.num_patches if vision else (size // 14) ** 2)
+        size = setting("size", lambda x: isinstance(x, dict) and positive_int(x.get("height"))
+                       and x.get("width", x["height"]) == x["height"], "a square size {\"height\": N, \"width\": N}")
+        size = size["height"] if size else (vision.image_size if vision else 224)
+        seq = setting("image_seq_length", positive_int, "a positive integer")
+        seq = seq or (vision.num_patches if vision else (size // 14) ** 2)
+        mean = setting("image_mean", per_channel, "a number or a list of 3 numbers")
+        std = setting("image_std", per_channel, "a number or a list of 3 numbers")
+        rescale = setting("rescale_factor", number, "a number")
         return cls(
             Tokenizer(folder), size, seq,
-            image_mean=settings.get("image_mean", (0.5, 0.5, 0.5)),
-            image_std=settings.get("image_std", (0.5, 0.5, 0.5)),
-            rescale_factor=settings.get("rescale_factor", 1 / 255),
+            image_mean=(0.5, 0.5, 0.5) if mean is None else mean,
+            image_std=(0.5, 0.5, 0.5) if std is None else std,
+            rescale_factor=1 / 255 if rescale is None else rescale,
             max_length=config.text_config.max_position_embeddings if config is not None else None,
         )
 
@@ -152,34 +256,76 @@ class PaliGemmaProcessor:
         end = prompt.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
         return prompt[:end] + "<bos>" + prompt[end:] + "\n"
 
-    def _images_per_prompt(self, images, n_prompts: int) -> List[list]:
-        # The nesting rules of transformers: one image for every prompt, one image per prompt, or a list per prompt.
+    def _images_per_prompt(self, images, texts: List[str]) -> List[list]:
         if images is None:
-            raise InputError("PaliGemma needs at least one image per prompt")
+            raise InputError("PaliGemma needs images: got none")
         if not isinstance(images, (list, tuple)):
-            return [[images]] * n_prompts
-        if all(isinstance(i, (list, tuple)) for i in images):
-            nested = [list(i) for i in images]
-        elif n_prompts == 1 and len(images) > 1:
-            nested = [list(images)]
+            return [[images] for _ in texts]
+        nested = [isinstance(i, (list, tuple)) for i in images]
+        markers = [t.count(IMAGE_TOKEN) for t in texts]
+        if all(nested):
+            per_prompt = [list(i) for i in images]
+        elif any(nested):
+            raise InputError("images must be an image, a list of images or a list of lists of images, not a mix")
+        elif any(markers):
+            # transformers' reading of a flat list: the images fill the markers of all prompts in order.
+            if sum(markers) != len(images):
+                raise InputError(f"the prompts have {sum(markers)} <image> markers but {len(images)} images were given")
+            ends = np.cumsum(markers).tolist()
+            per_prompt = [list(images[end - m:end]) for m, end in zip(markers, ends)]
+        elif len(texts) == 1:
+            per_prompt = [list(images)]
+        elif len(images) == len(texts):
+            per_prompt = [[i] for i in images]
         else:
-            nested = [[i] for i in images]
-        if len(nested) != n_prompts:
-            raise InputError(f"got images for {len(nested)} prompts but {n_prompts} prompts")
-        return nested
+            raise InputError(f"got {len(images)} images for {len(texts)} prompts without <image> markers: "
+                             "give one image per prompt or a list of images per prompt")
+        if not any(per_prompt):
+            raise InputError("PaliGemma needs images: got an empty list")
+        if len(per_prompt) != len(texts):
+            raise InputError(f"got images for {len(per_prompt)} prompts but {len(texts)} prompts")
+        return per_prompt
 
     def __call__(self, images=None, text: Union[str, List[str], None] = None,
                  suffix: Union[str, List[str], None] = None) -> dict:
         """Model inputs as mx arrays: input_ids, attention_mask, token_type_ids (B, L) int32, left padded;
-        pixel_values (N, H, W, 3) float32 for all images in order; with a suffix, labels (-100 on the prefix)."""
-        texts = [text] if isinstance(text, str) or text is None else list(text)
-        texts = ["" if t is None else t for t in texts]
-        per_prompt = self._images_per_prompt(images, len(texts))
+        pixel_values (N, H, W, 3) float32 for all images in order; with a suffix, labels (-100 on the prefix).
+
+        The forms of transformers' PaliGemmaProcessor, with the same outputs: an image for one prompt, a list with
+        one image per prompt, a list of lists (one per prompt), or with `<image>` markers written in the prompts a
+        flat list that fills the markers in order. Also accepted, with the outputs transformers gives for the
+        explicit form: one image for every prompt; a flat list of images all for a single prompt; a prompt without
+        markers beside prompts with them (its images go first, as if its markers were written); an empty list in a
+        list of lists (a prompt without image); text None (the empty prompt). Markers in a prompt must match the
+        number of its images; a suffix must not contain `<image>`.
+        """
+        if text is None:
+            texts = [""]
+        elif isinstance(text, str):
+            texts = [text]
+        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+            texts = list(text)
+        else:
+            raise InputError("text must be a string or a list of strings")
+        if not texts:
+            raise InputError("no prompts: text is an empty list")
+        for i, prompt in enumerate(texts):
+            check_text(prompt, f"prompt {i}")
         suffixes = None
         if suffix is not None:
-            suffixes = [suffix] if isinstance(suffix, str) else list(suffix)
+            if isinstance(suffix, str):
+                suffixes = [suffix]
+            elif isinstance(suffix, (list, tuple)) and all(isinstance(s, str) for s in suffix):
+                suffixes = list(suffix)
+            else:
+                raise InputError("suffix must be a string or a list of strings")
             if len(suffixes) != len(texts):
                 raise InputError(f"got {len(suffixes)} suffixes for {len(texts)} prompts")
+            for i, s in enumerate(suffixes):
+                check_text(s, f"suffix {i}")
+                if IMAGE_TOKEN in s:
+                    raise InputError(f"suffix {i} {reprlib.repr(s)} contains {IMAGE_TOKEN}: images belong in the prompt")
+        per_prompt = self._images_per_prompt(images, texts)
 
         rows, types = [], []
         for i, (prompt, imgs) in enumerate(zip(texts, per_prompt)):
