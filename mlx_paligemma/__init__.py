@@ -19,9 +19,10 @@ if sys.platform == "linux" and "mlx.core" not in sys.modules:
 # warning about that is harmless here and would clutter every command line run.
 warnings.filterwarnings("ignore", message="'mlx_paligemma.*found in sys.modules", category=RuntimeWarning)
 
-from .generate import generate, generate_step, stream_generate  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .generate import batch_generate, generate, generate_step, stream_generate  # noqa: E402
 from .loading import load  # noqa: E402
 from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
 
-__all__ = ["load", "generate", "generate_step", "stream_generate", "PaliGemmaProcessor", "InputError", "load_image"]
+__all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor", "InputError", "load_image"]
 __version__ = "0.1.0"

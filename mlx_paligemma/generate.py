@@ -4,14 +4,17 @@
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Generator, List, Optional
+from typing import Callable, Dict, Generator, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
+from .engine import Engine, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
 
@@ -28,10 +31,12 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" (eos) or "length" on the last response
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> Callable[[mx.array], mx.array]:
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
+    """mlx-lm's sampler, for generate_step: one callable applied to the whole batch's log-probabilities."""
     from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
-    return mlx_lm_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0, top_k=top_k)
+    return mlx_lm_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
 
 
 def generate_step(
@@ -44,35 +49,26 @@ def generate_step(
     max_tokens: int = 256,
     kv_bits: Optional[int] = None,
 ) -> Generator[mx.array, None, None]:
-    """Yields (B,) token arrays. The prefix goes through the decoder whole, so its bidirectional attention is exact;
-    each next step is scheduled with mx.async_eval before the current token is handed out.
+    """Yields (B,) token arrays, max_tokens of them (eos does not stop a row), for a batch of left-padded
+    prompts as the processor makes them. The rows run on the engine, one row per prompt.
     kv_bits (4 or 8) keeps the KV cache quantized, for long prompts."""
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    cache = model.make_cache(kv_bits)
-    batch = input_ids.shape[0]
-    # A mask is only needed for padded rows; without padding the fused attention runs unmasked.
-    key_valid = attention_mask if attention_mask is not None and not bool(mx.all(attention_mask)) else None
-
-    def sample(logits: mx.array) -> mx.array:
-        logits = logits[:, -1, :]
-        return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-    def step(tokens: mx.array) -> mx.array:
-        nonlocal key_valid
-        if key_valid is not None:
-            key_valid = mx.concatenate([key_valid, mx.ones((batch, 1), key_valid.dtype)], axis=1)
-        return sample(model(tokens[:, None], attention_mask=key_valid, cache=cache))
-
-    logits = model(input_ids, pixel_values, key_valid, cache=cache, image_features=image_features, logits_to_keep=1)
-    tokens = sample(logits)
-    mx.async_eval(tokens)
-    for n in range(max_tokens):
-        if n + 1 < max_tokens:
-            next_tokens = step(tokens)
-            mx.async_eval(next_tokens)
-        yield tokens
-        if n + 1 < max_tokens:
-            tokens = next_tokens
+    ids = np.array(input_ids)
+    real = np.array(attention_mask).astype(bool) if attention_mask is not None else np.ones(ids.shape, bool)
+    if image_features is None and pixel_values is not None:
+        image_features = model.encode_images(pixel_values)
+    engine = Engine(model, batch_size=ids.shape[0], kv_bits=kv_bits)
+    n_image_tokens = (ids == model.config.image_token_index).sum(axis=1)
+    first = 0
+    for row, keep, n in zip(ids, real, n_image_tokens):
+        n_images = int(n) // model.config.image_seq_length
+        features = image_features[first : first + n_images] if n_images else None
+        first += n_images
+        engine.add(Request(row[keep].tolist(), image_features=features, max_tokens=max_tokens, sampler=sampler,
+                           stop_at_eos=False))
+    with engine.running():
+        while engine.has_work:
+            outputs = sorted(engine.step(), key=lambda o: o.uid)
+            yield mx.array([o.token for o in outputs])
 
 
 def stream_generate(
@@ -85,48 +81,39 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     kv_bits: Optional[int] = None,
+    **settings,
 ) -> Generator[GenerationResponse, None, None]:
-    """Text pieces for one prompt about one or more images, as they are generated. Stops at eos."""
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
-    inputs = processor(images=[images], text=prompt)
-    prompt_tokens = inputs["input_ids"].shape[1]
-    sampler = make_sampler(temperature, top_p, top_k)
-    eos = processor.tokenizer.eos_id
+    """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
+    More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop) as for
+    batch_generate."""
+    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits)
+    engine.submit(images, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  **settings)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    tokens: List[int] = []
-    text = ""
     prompt_tps = 0.0
-    for n, token in enumerate(generate_step(model, inputs["input_ids"], inputs["pixel_values"],
-                                            sampler=sampler, max_tokens=max_tokens, kv_bits=kv_bits)):
-        token = token.item()
-        if n == 0:
-            prompt_time = time.perf_counter() - tic
-            prompt_tps = prompt_tokens / prompt_time
-            tic = time.perf_counter()
-        finish = "stop" if token == eos else ("length" if n + 1 == max_tokens else None)
-        piece = ""
-        if token != eos:
-            tokens.append(token)
-        decoded = processor.decode(tokens)
-        # Hold back a trailing partial UTF-8 character until its remaining bytes arrive (or the answer ends).
-        if finish or not decoded.endswith("\ufffd"):
-            piece, text = decoded[len(text):], decoded
-        elapsed = time.perf_counter() - tic
-        yield GenerationResponse(
-            text=piece, token=token, prompt_tokens=prompt_tokens, prompt_tps=prompt_tps,
-            generation_tokens=n + 1, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish,
-        )
-        if finish:
-            break
+    with engine.running():
+        while engine.has_work:
+            for out in engine.step():
+                if out.generation_tokens == 1:
+                    prompt_tps = out.prompt_tokens / (time.perf_counter() - tic)
+                    tic = time.perf_counter()
+                elapsed = time.perf_counter() - tic
+                n = out.generation_tokens - 1
+                yield GenerationResponse(
+                    text=out.text, token=out.token, prompt_tokens=out.prompt_tokens, prompt_tps=prompt_tps,
+                    generation_tokens=out.generation_tokens, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
+                    peak_memory=mx.get_peak_memory() / 1e9, finish_reason=out.finish_reason,
+                )
 
 
 def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, kv_bits: Optional[int] = None, verbose: bool = False) -> str:
+             top_p: float = 1.0, top_k: int = 0, kv_bits: Optional[int] = None, verbose: bool = False,
+             **settings) -> str:
     """The answer to one prompt about one or more images, as a string."""
     text, last = "", None
-    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits):
+    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits,
+                                **settings):
         text += last.text
         if verbose:
             print(last.text, end="", flush=True)
@@ -134,6 +121,43 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
         print()
         print_stats(last)
     return text
+
+
+def batch_generate(model, processor, images: Sequence, prompts: Sequence[str], max_tokens: int = 100,
+                   temperature: float = 0.0, batch_size: int = 8, kv_bits: Optional[int] = None,
+                   verbose: bool = False, **settings) -> List[str]:
+    """Answers to many prompts, in input order. `images[i]` is what generate takes for prompts[i] (an image, a
+    path or URL, or a list of them). Up to `batch_size` rows share each decode step; finished rows make room for
+    waiting prompts at once. Every other keyword (top_p, top_k, min_p, repetition_penalty, logit_bias, seed,
+    stop) applies to each prompt. Images are read as their rows are about to join, so a long list streams
+    through in bounded memory; a bad image or prompt raises InputError naming its index."""
+    if len(images) != len(prompts):
+        raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
+    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
+    answers: Dict[int, List[str]] = {}
+    index: Dict[int, int] = {}
+    items = enumerate(zip(images, prompts))
+    tic, tokens = time.perf_counter(), 0
+    with engine.running():
+        while True:
+            # Keep one batch's worth waiting: enough to fill every row that frees up, without reading every image.
+            for i, (image, prompt) in itertools.islice(items, max(batch_size - len(engine.waiting), 0)):
+                try:
+                    index[engine.submit(image, prompt, max_tokens=max_tokens, temperature=temperature,
+                                        **settings)] = i
+                except InputError as e:
+                    raise InputError(f"prompt {i}: {e}") from None
+                answers[i] = []
+            if not engine.has_work:
+                break
+            for out in engine.step():
+                answers[index[out.uid]].append(out.text)
+                tokens += 1
+    if verbose:
+        elapsed = time.perf_counter() - tic
+        print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s, "
+              f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
+    return ["".join(answers[i]) for i in range(len(prompts))]
 
 
 def print_stats(r: GenerationResponse, file=None) -> None:
@@ -152,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop")
+    p.add_argument("--repetition-context-size", type=int, default=20)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache (long prompts)")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
@@ -184,14 +211,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .loading import load
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                    repetition_context_size=args.repetition_context_size, seed=args.seed)
     try:
+        check_generation_args(**settings)
         images = [load_image(source) for source in args.image]
         model, processor = load(args.model)
         last, text = None, ""
-        for last in stream_generate(model, processor, images, args.prompt, args.max_tokens,
-                                    args.temperature, args.top_p, args.top_k, args.kv_bits):
+        for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
             text += last.text
             if not args.json:  # with --json, stdout is the JSON alone
                 print(last.text, end="", flush=True)

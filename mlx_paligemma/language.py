@@ -78,6 +78,12 @@ def prefix_lm_mask(
     return allowed[:, None]
 
 
+def cached_length(cache: Any) -> int:
+    """How many positions a layer's cache holds. mlx-lm's batch cache keeps per-row offsets in `offset` (an
+    array) and the shared length in size(); its other caches keep it in an int `offset`."""
+    return cache.offset if isinstance(cache.offset, int) else cache.size()
+
+
 class RMSNorm(nn.Module):
     # Gemma stores w and scales by (1 + w).
     def __init__(self, dims: int, eps: float):
@@ -114,7 +120,7 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, **rope)
         k = mx.fast.rope(k, self.head_dim, **rope)
         if cache is not None:
-            fresh = cache.offset == 0
+            fresh = cached_length(cache) == 0
             cached_k, cached_v = cache.update_and_fetch(k, v)
             if not isinstance(cached_k, tuple):
                 k, v = cached_k, cached_v
@@ -230,7 +236,7 @@ class LanguageModel(nn.Module):
         and the 257k-wide output head over the prefix costs as much as 5-8 decoder layers (and up to 4 GB at 896 px).
         """
         B, L, _ = inputs_embeds.shape
-        offset = cache[0].offset if cache is not None else 0
+        offset = cached_length(cache[0]) if cache is not None else 0
         key_valid = None
         if attention_mask is None:
             positions = mx.array(offset + 1)  # PaliGemma numbers positions from 1

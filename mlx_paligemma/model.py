@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .language import LanguageModel, TextConfig
+from .language import LanguageModel, TextConfig, cached_length
 from .vision import VisionConfig, VisionTower
 
 
@@ -87,21 +87,25 @@ class PaliGemma(nn.Module):
         embeds = self.embed(input_ids, image_features)
         if token_type_ids is not None:
             prefix = token_type_ids == 0
-        elif cache is not None and cache[0].offset > 0:
+        elif cache is not None and cached_length(cache[0]) > 0:
             prefix = mx.zeros(input_ids.shape, mx.bool_)
         else:
             prefix = None
         return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)
 
-    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64) -> List[Any]:
-        """mlx-lm's growing KV cache, or its quantized one (kv_bits 4 or 8) to hold long prompts in less memory.
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                   left_padding: Optional[List[int]] = None) -> List[Any]:
+        """mlx-lm's KV caches: the growing one, its batch form for rows left-padded by `left_padding` (rows can
+        then leave and join), or the quantized one (kv_bits 4 or 8) to hold long prompts in less memory.
         Sliding-window layers keep every key too: the prefix is attended to in full even when longer than the
         window, and the mask applies the window to later tokens."""
-        from mlx_lm.models.cache import KVCache, QuantizedKVCache
+        from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
 
         layers = self.language_model.model.layers
         if kv_bits:
             return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in layers]
+        if left_padding is not None:
+            return [BatchKVCache(left_padding) for _ in layers]
         return [KVCache() for _ in layers]
 
     @property
