@@ -1,0 +1,208 @@
+"""Score a model on a JSONL set by each task's own metric (mlx_paligemma.metrics), generating through the engine.
+
+    python -m mlx_paligemma.evaluate --model M [--adapter-path A] --data test.jsonl [--task auto]
+        [--output metrics.json] [--predictions preds.jsonl] [--batch-size 8] [--max-tokens 100]
+
+The data is what training reads: {"image": ..., "prefix": ..., "suffix": ...} a line. Lines with the same image
+and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption set
+with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
+`--task auto` each question's task comes from the first word of its prefix: caption, answer (VQA), ocr, detect,
+segment; any other prompt is scored by exact match.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from . import metrics
+from .detection import parse_detections
+from .processor import InputError
+from .trainer import Example, read_jsonl
+
+TASKS = ("caption", "vqa", "ocr", "detect", "segment", "match")
+_BY_FIRST_WORD = {"caption": "caption", "answer": "vqa", "ocr": "ocr", "detect": "detect", "segment": "segment"}
+# The metric each task is judged by (the trainer keeps the best weights by it); all are higher-is-better.
+PRIMARY = {"caption": "cider", "vqa": "vqa_accuracy", "ocr": "anls", "detect": "map", "segment": "mask_iou",
+           "match": "exact_match"}
+
+
+def task_of(prefix: str) -> str:
+    words = prefix.split(maxsplit=1)
+    return _BY_FIRST_WORD.get(words[0] if words else "", "match")
+
+
+@dataclass
+class Question:
+    image: object
+    prefix: str
+    references: List[str]
+    task: str
+    source: str
+
+
+def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Question]:
+    """One question per (image, prefix), in order of first appearance, with every suffix given for it."""
+    questions: Dict[tuple, Question] = {}
+    for e in examples:
+        key = (e.image if isinstance(e.image, str) else id(e.image), e.prefix)
+        if key not in questions:
+            questions[key] = Question(e.image, e.prefix, [], task_of(e.prefix) if task == "auto" else task, e.source)
+        questions[key].references.append(e.suffix)
+    return list(questions.values())
+
+
+def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = 8, max_tokens: int = 100,
+                     progress: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Greedy answers through the batch engine, in slices so that a long run can report its progress."""
+    from . import batch_generate
+
+    answers, tic, chunk = [], time.perf_counter(), max(8 * batch_size, 64)
+    for start in range(0, len(questions), chunk):
+        part = questions[start:start + chunk]
+        answers += batch_generate(model, processor, images=[q.image for q in part], prompts=[q.prefix for q in part],
+                                  max_tokens=max_tokens, temperature=0.0, batch_size=batch_size)
+        if progress is not None:
+            progress(f"{len(answers)}/{len(questions)} answers, {len(answers) / (time.perf_counter() - tic):.2f}/s")
+    return answers
+
+
+def image_size(image) -> Tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as opened:  # reads the header only
+        return opened.size
+
+
+def score(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None) -> dict:
+    """The task's metrics for these answers. Segmentation without a mask decoder gets its box metrics and a note."""
+    refs = [q.references for q in questions]
+    if task == "caption":
+        return {"cider": metrics.cider(predictions, refs), "bleu4": metrics.bleu(predictions, refs)}
+    if task == "vqa":
+        return {"vqa_accuracy": metrics.vqa_accuracy(predictions, refs),
+                "exact_match": metrics.exact_match(predictions, refs)}
+    if task == "ocr":
+        return {"anls": metrics.anls(predictions, refs), "cer": metrics.character_error_rate(predictions, refs)}
+    if task in ("detect", "segment"):
+        decoder = mask_decoder if task == "segment" else None
+        sizes = [image_size(q.image) for q in questions]
+        predicted = [parse_detections(p, size, decoder) for p, size in zip(predictions, sizes)]
+        reference = [[o for r in q.references for o in parse_detections(r, size, decoder)]
+                     for q, size in zip(questions, sizes)]
+        out = metrics.detection_scores(predicted, reference)
+        if task == "segment":
+            if decoder is None:
+                out["note"] = "mask IoU not computed: no mask decoder (give --mask-decoder PATH to vae-oid.npz)"
+            else:
+                out.update(metrics.mask_scores(predicted, reference))
+        return out
+    return {"exact_match": metrics.exact_match(predictions, refs)}
+
+
+def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto", batch_size: int = 8,
+                      max_tokens: int = 100, mask_decoder=None,
+                      progress: Optional[Callable[[str], None]] = None) -> Tuple[dict, List[dict]]:
+    """Generate for every question and score each task. Returns ({"tasks": {task: {"questions": n, metric:
+    value, ...}}, "metric": what "score" is, "score": the primary metric, or the mean of the tasks' primary
+    metrics}, one record per question: image, prefix, task, prediction, references)."""
+    if task not in TASKS + ("auto",):
+        raise InputError(f"unknown task {task!r}: choose from auto, {', '.join(TASKS)}")
+    questions = group_questions(examples, task)
+    answers = generate_answers(model, processor, questions, batch_size, max_tokens, progress)
+    results, primary = {}, {}
+    for name in [t for t in TASKS if any(q.task == t for q in questions)]:
+        chosen = [i for i, q in enumerate(questions) if q.task == name]
+        results[name] = {"questions": len(chosen),
+                         **score(name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder)}
+        key = PRIMARY[name] if PRIMARY[name] in results[name] else "map"  # segmentation without masks: boxes
+        primary[f"{name} {key}"] = results[name][key]
+    metric = next(iter(primary)) if len(primary) == 1 else f"mean of {', '.join(primary)}"
+    records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
+               for q, a in zip(questions, answers)]
+    return {"tasks": results, "metric": metric, "score": sum(primary.values()) / len(primary)}, records
+
+
+def format_table(results: dict) -> str:
+    rows = [("task", "questions", "metric", "value")]
+    for task, values in results["tasks"].items():
+        first = True
+        for name, value in values.items():
+            if name in ("questions", "note"):
+                continue
+            if isinstance(value, dict):  # per-class mask IoU
+                rows += [("", "", f"{name} {k}", f"{v:.4f}") for k, v in value.items()]
+                continue
+            rows.append((task if first else "", str(values["questions"]) if first else "", name,
+                         f"{value:.4f}" if isinstance(value, float) else str(value)))
+            first = False
+        if "note" in values:
+            rows.append(("", "", "note", values["note"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score PaliGemma on a JSONL set (image, prefix, suffix) by its "
+                                            "task's metric.")
+    p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--adapter-path", help="adapters (or fine-tuned weights) written by mlx_paligemma.lora")
+    p.add_argument("--data", required=True, help="a JSONL file: image, prefix, suffix a line")
+    p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
+                   help="auto: from each prefix's first word (caption, answer, ocr, detect, segment; else match)")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--mask-decoder", metavar="PATH",
+                   help="vae-oid.npz or its safetensors copy, for mask IoU (default: the cached copy, if any)")
+    return p
+
+
+def run(args) -> dict:
+    from .loading import load
+    from .mask_decoder import CACHE_DIR, load_mask_decoder
+
+    for name in ("batch_size", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not Path(args.data).is_file():
+        raise InputError(f"--data: no such file {args.data}")
+    examples = read_jsonl(args.data)
+    decoder = None
+    path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
+    if args.mask_decoder or Path(path).is_file():
+        if not Path(path).is_file():
+            raise InputError(f"--mask-decoder: no such file {path}")
+        decoder = load_mask_decoder(path)
+    model, processor = load(args.model, adapter_path=args.adapter_path)
+    tic = time.perf_counter()
+    results, records = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
+                                         decoder, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    results.update(model=args.model, adapter_path=args.adapter_path, data=args.data,
+                   seconds=round(time.perf_counter() - tic, 2))
+    print(format_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    if args.predictions:
+        Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return results
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""evaluate: tasks from prefixes, questions from lines, and the metrics of a tiny model taught (here) to answer."""
+
+import json
+
+import mlx.core as mx
+import pytest
+
+import mlx_paligemma as mp
+from conftest import FIXTURES
+from mlx_paligemma import evaluate, trainer
+from mlx_paligemma.processor import InputError
+
+IMAGES = FIXTURES / "images"
+BOXES = {"chelsea.jpg": ("<loc0064><loc0400><loc0860><loc0900>", "cat"),
+         "coffee.jpg": ("<loc0100><loc0200><loc0700><loc0800>", "cup")}
+CAPTIONS = {"chelsea.jpg": "a tabby cat looking up", "coffee.jpg": "a cup of coffee on a saucer",
+            "odd.png": "a small picture of odd size"}
+
+
+def rows(captions=CAPTIONS, shift=0):
+    out = [{"image": image, "prefix": f"detect {label}",
+            "suffix": box.replace("<loc0400>", f"<loc{400 + shift:04d}>").replace("<loc0200>", f"<loc{200 + shift:04d}>")
+            + f" {label}"} for image, (box, label) in BOXES.items()]
+    return out + [{"image": image, "prefix": "caption en", "suffix": caption} for image, caption in captions.items()]
+
+
+def write(file, lines):
+    file.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return file
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    """The tiny PaliGemma 2 after full fine-tuning on two detection answers and three captions."""
+    folder = tmp_path_factory.mktemp("taught")
+    for image in {**BOXES, **CAPTIONS}:
+        (folder / image).write_bytes((IMAGES / image).read_bytes())
+    data = write(folder / "train.jsonl", rows())
+    model, processor = mp.load(str(FIXTURES / "paligemma2-tiny"), dtype=mx.float32)
+    config = trainer.set_trainable(model, "full")
+    args = trainer.TrainingArgs(iters=40, batch_size=5, learning_rate=3e-3, steps_per_report=40,
+                                adapter_path=str(folder / "adapters"))
+    trainer.train(model, processor, trainer.read_jsonl(data), args=args, adapter_config=config, report=lambda s: None)
+    return folder, model, processor
+
+
+def test_task_from_the_prefix_and_questions_from_lines():
+    assert [evaluate.task_of(p) for p in ("caption en", "answer en what?", "ocr", "detect cat ; dog", "segment cat",
+                                          "describe en", "")] == [
+        "caption", "vqa", "ocr", "detect", "segment", "match", "match"]
+    examples = [trainer.Example("a.jpg", "caption en", "one"), trainer.Example("b.jpg", "caption en", "two"),
+                trainer.Example("a.jpg", "caption en", "three"), trainer.Example("a.jpg", "answer en what?", "x")]
+    questions = evaluate.group_questions(examples)
+    assert [(q.image, q.prefix, q.references, q.task) for q in questions] == [
+        ("a.jpg", "caption en", ["one", "three"], "caption"), ("b.jpg", "caption en", ["two"], "caption"),
+        ("a.jpg", "answer en what?", ["x"], "vqa")]
+    assert [q.task for q in evaluate.group_questions(examples, "ocr")] == ["ocr"] * 3
+
+
+def test_a_list_of_suffixes_is_several_references(tmp_path):
+    (tmp_path / "c.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
+    data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "answer en how many?", "suffix": ["2", "two"]}])
+    examples = trainer.read_jsonl(data)
+    assert [e.suffix for e in examples] == ["2", "two"]
+    assert evaluate.group_questions(examples)[0].references == ["2", "two"]
+
+
+def test_scores_without_a_model():
+    questions = [evaluate.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [BOXES["chelsea.jpg"][0] + " cat"],
+                                   "segment", "")]
+    out = evaluate.score("segment", [BOXES["chelsea.jpg"][0] + " cat"], questions)
+    assert out["map"] == pytest.approx(1.0) and "no mask decoder" in out["note"]
+    assert evaluate.score("ocr", ["abc"], [evaluate.Question("", "ocr", ["abd"], "ocr", "")]) == {
+        "anls": pytest.approx(2 / 3), "cer": pytest.approx(1 / 3)}
+
+
+def test_segmentation_masks_through_the_mask_decoder(tmp_path):
+    from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
+
+    mx.random.seed(0)
+    save_mask_decoder(MaskDecoder(), tmp_path / "decoder.safetensors")  # random weights: some mask
+    decoder = load_mask_decoder(tmp_path / "decoder.safetensors")
+    answer = BOXES["chelsea.jpg"][0] + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"
+    other = BOXES["chelsea.jpg"][0] + "".join(f"<seg{100 + i:03d}>" for i in range(16)) + " cat"
+    question = evaluate.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [answer], "segment", "")
+    same = evaluate.score("segment", [answer], [question], decoder)
+    assert same["mask_iou"] == pytest.approx(1.0) and same["per_class"] == {"cat": pytest.approx(1.0)}
+    assert evaluate.score("segment", [other], [question], decoder)["mask_iou"] < 1.0
+
+
+def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(taught, tmp_path, capsys):
+    folder, _, _ = taught
+    model = str(FIXTURES / "paligemma2-tiny")
+    rc = evaluate.main(["--model", model, "--adapter-path", str(folder / "adapters"), "--data",
+                        str(folder / "train.jsonl"), "--output", str(tmp_path / "m.json"), "--predictions",
+                        str(tmp_path / "p.jsonl"), "--batch-size", "3", "--max-tokens", "16"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    results = json.loads((tmp_path / "m.json").read_text())
+    assert results["tasks"]["detect"]["map"] == pytest.approx(1.0)
+    assert results["tasks"]["detect"]["map_50"] == pytest.approx(1.0)
+    assert results["tasks"]["detect"]["mean_iou"] == pytest.approx(1.0)
+    assert results["tasks"]["caption"]["questions"] == 3 and results["metric"] == "mean of caption cider, detect map"
+    assert "detect" in captured.out and "cider" in captured.out and "answers" in captured.err
+    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert predictions[0] == {"image": "chelsea.jpg", "prefix": "detect cat", "task": "detect",
+                              "prediction": "<loc0064><loc0400><loc0860><loc0900> cat",
+                              "references": ["<loc0064><loc0400><loc0860><loc0900> cat"]}
+
+    write(folder / "shifted.jsonl", rows(shift=60))
+    rc = evaluate.main(["--model", model, "--adapter-path", str(folder / "adapters"), "--data",
+                        str(folder / "shifted.jsonl"), "--task", "detect", "--output", str(tmp_path / "s.json")])
+    assert rc == 0
+    shifted = json.loads((tmp_path / "s.json").read_text())["tasks"]["detect"]
+    assert shifted["questions"] == 5 and 0 < shifted["mean_iou"] < 1 and shifted["map"] < 0.9
+
+
+def test_captions_score_higher_on_their_own_references_than_on_shuffled_ones(taught):
+    folder, model, processor = taught
+    own, _ = evaluate.evaluate_examples(model, processor, trainer.read_jsonl(folder / "train.jsonl"), task="caption")
+    names = list(CAPTIONS)
+    shuffled = {image: CAPTIONS[names[(i + 1) % len(names)]] for i, image in enumerate(names)}
+    write(folder / "shuffled.jsonl", rows(shuffled)[len(BOXES):])
+    other, _ = evaluate.evaluate_examples(model, processor, trainer.read_jsonl(folder / "shuffled.jsonl"))
+    own, other = own["tasks"]["caption"], other["tasks"]["caption"]
+    assert own["cider"] > other["cider"] + 1 and own["bleu4"] > other["bleu4"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+    (["--max-tokens", "0"], "error: --max-tokens must be at least 1, got 0"),
+    (["--data", "missing.jsonl"], "error: --data: no such file missing.jsonl"),
+    (["--mask-decoder", "missing.npz"], "error: --mask-decoder: no such file missing.npz"),
+])
+def test_bad_arguments_end_with_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "c.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
+    data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "caption en", "suffix": "a cat"}])
+    args = ["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data)] + argv
+    assert evaluate.main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_unknown_task_is_refused(loaded):
+    model, processor = loaded
+    with pytest.raises(InputError, match="unknown task 'captions'"):
+        evaluate.evaluate_examples(model, processor, [trainer.Example(str(IMAGES / "chelsea.jpg"), "caption en", "a")],
+                                   task="captions")
