@@ -136,6 +136,7 @@ class Tokenizer:
             self._decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
             self.piece_to_id = tok.token_to_id
             self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+            control = {}  # the tokenizers library finds its added tokens in text itself
         elif (folder / "tokenizer.model").is_file():
             import sentencepiece as spm
 
@@ -153,6 +154,9 @@ class Tokenizer:
 
             self.piece_to_id = piece_to_id
             self.vocab_size = sp.get_piece_size()
+            # sentencepiece reads control pieces written in text (<unk>, ...) as characters; transformers' tokenizer
+            # converted from this file makes them special tokens.
+            control = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
         else:
             raise InputError(f"no tokenizer.json or tokenizer.model in {folder}")
         self.pad_id, self.eos_id, self.bos_id = (self.piece_to_id(p) for p in ("<pad>", "<eos>", "<bos>"))
@@ -165,14 +169,17 @@ class Tokenizer:
             self.image_id = self.vocab_size
             self.vocab_size += 1
         self.specials = {"<bos>": self.bos_id, "<eos>": self.eos_id, "<pad>": self.pad_id, IMAGE_TOKEN: self.image_id}
-        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.specials) + ")")
+        self._written = {**control, **self.specials}
+        # Longest first: at one position the longest special token wins, as in the tokenizers library.
+        pieces = sorted(self._written, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in pieces) + ")")
 
     def encode(self, text: str) -> List[int]:
         """Ids of `text`, where special tokens written out in it (<bos>, <image>, ...) become their ids."""
         ids = []
         for part in self._split.split(text):
-            if part in self.specials:
-                ids.append(self.specials[part])
+            if part in self._written:
+                ids.append(self._written[part])
             elif part:
                 ids.extend(self._encode(part))
         return ids
