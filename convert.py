@@ -1,4 +1,4 @@
-"""Convert a Hugging Face PaliGemma checkpoint to MLX: `python convert.py --hf-path ID_OR_DIR --mlx-path OUT [-q]`."""
+"""Convert a PaliGemma checkpoint to MLX: `python convert.py --hf-path ID_OR_DIR_OR_NPZ --mlx-path OUT [-q]`."""
 
 import sys
 

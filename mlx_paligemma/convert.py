@@ -1,107 +1,78 @@
-"""Hugging Face checkpoint (hub id or folder) -> MLX folder, optionally with a quantized decoder.
+"""A checkpoint (Hugging Face hub id or folder, or a big_vision .npz) -> MLX folder, optionally quantized.
 
     python convert.py --hf-path google/paligemma2-3b-pt-224 --mlx-path paligemma2-3b-4bit -q
+    python convert.py --hf-path pt_3b_224.bf16.npz --tokenizer google/paligemma-3b-pt-224 --mlx-path pg-3b-224
 """
 
 import argparse
 import json
-import shutil
+import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .loading import build_model, get_model_path, load_config, load_weights, sanitize
-from .processor import InputError
+from .formats import big_vision
+from .formats.mlx import (AFFINE_BITS, MODES, atomic_folder, build_model, check_quantization, get_model_path,
+                          load_weights, parse_config, quantize, read_config, read_json, write_folder)
+from .processor import InputError, Tokenizer
 
-# Tokenizer and processor files that travel with the weights.
-SIDE_FILES = [
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "preprocessor_config.json", "processor_config.json", "generation_config.json", "chat_template.json",
-]
-MAX_SHARD_BYTES = 5 << 30
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def quantize(model, group_size: int, bits: int, vision: bool = False) -> None:
-    """Quantize the decoder's linears and tied embedding (and, if asked, the vision tower and projector),
-    skipping layers whose input width the group size does not divide."""
-
-    def predicate(name, module):
-        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
-            return False
-        return vision or name.startswith("language_model.")
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-
-
-def save_weights(folder: Path, weights: dict) -> None:
-    shards, shard, size = [], {}, 0
-    for name, w in weights.items():
-        if shard and size + w.nbytes > MAX_SHARD_BYTES:
-            shards.append(shard)
-            shard, size = {}, 0
-        shard[name] = w
-        size += w.nbytes
-    shards.append(shard)
-    index = {}
-    for i, shard in enumerate(shards):
-        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        print(f"[convert] writing {file} ({sum(w.nbytes for w in shard.values()) / 1e9:.2f} GB)", flush=True)
-        mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
-        index.update({name: file for name in shard})
-    if len(shards) > 1:
-        total = sum(w.nbytes for w in weights.values())
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
-        )
-
-
-def write_model_folder(out: Path, weights: dict, config: dict, source: Path) -> None:
-    """Weights, config.json and the source's tokenizer and processor files, written to a temporary folder beside
-    `out` and renamed at the end, so a failed run leaves nothing behind."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_weights(tmp, weights)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in SIDE_FILES:
-            if (source / name).is_file():
-                shutil.copy(source / name, tmp / name)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits: Optional[int] = None,
-            group_size: int = 64, quantize_vision: bool = False, upload_repo: Optional[str] = None) -> Path:
-    """Writes the MLX folder at mlx_path (atomically, see write_model_folder)."""
-    out = Path(mlx_path)
-    if out.exists():
-        raise InputError(f"output folder {out} already exists")
+            group_size: Optional[int] = None, quantize_vision: bool = False, upload_repo: Optional[str] = None,
+            q_mode: str = "affine", quant_predicate: Optional[str] = None, revision: Optional[str] = None,
+            tokenizer: Optional[str] = None, config: Optional[str] = None) -> Path:
+    """Writes the MLX folder at mlx_path, atomically: to `.NAME.partial-PID` beside it, renamed at the end.
+
+    With `quantize_bits`, the decoder is quantized (the vision tower and projector too with `quantize_vision`):
+    affine with 2-6 or 8 bits and `group_size` 32/64/128 (64), or `q_mode` mxfp4, nvfp4, mxfp8 (their fixed bits
+    and group size), optionally with one of mlx-lm's `quant_predicate` recipes (mixed_2_6, mixed_3_4, mixed_3_6,
+    mixed_4_6; affine). A big_vision .npz needs `tokenizer` (a folder or hub id with the tokenizer and
+    processor files) and takes its config from the array shapes, or from `config` (a config.json)."""
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype}: choose from {', '.join(DTYPES)}")
-    print(f"[convert] loading {hf_path}", flush=True)
-    path = get_model_path(hf_path)
-    config = load_config(path)
-    if config.quantization:
-        raise InputError(f"{hf_path} is already quantized: convert from the float checkpoint")
-    weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
-               for k, v in sanitize(load_weights(path)).items()}
-    model = build_model(config, weights, path)
-    raw_config = json.loads((path / "config.json").read_text())
     if quantize_bits:
-        print(f"[convert] quantizing to {quantize_bits} bits, group size {group_size}", flush=True)
-        quantize(model, group_size, quantize_bits, quantize_vision)
-        raw_config["quantization"] = {"group_size": group_size, "bits": quantize_bits}
-    raw_config["torch_dtype"] = dtype
-
-    write_model_folder(out, dict(tree_flatten(model.parameters())), raw_config, path)
+        check_quantization(quantize_bits, group_size, q_mode, quant_predicate)
+    npz = str(hf_path).endswith(".npz")
+    if npz and tokenizer is None:
+        raise InputError(f"{hf_path} is a big_vision checkpoint: give --tokenizer (a folder or hub id with the "
+                         "tokenizer and processor files, e.g. google/paligemma-3b-pt-224)")
+    if not npz and (tokenizer or config):
+        raise InputError("--tokenizer and --config are for big_vision .npz checkpoints")
+    if npz and not Path(hf_path).is_file():
+        raise InputError(f"checkpoint not found: {hf_path}")
+    out = Path(mlx_path)
+    with atomic_folder(out) as tmp:  # made first: an output that cannot be written fails before loading
+        print(f"[convert] loading {hf_path}", flush=True)
+        if npz:
+            source = get_model_path(tokenizer, revision)
+            raw_config, weights = big_vision.load(hf_path, Tokenizer(source), config and read_json(Path(config)))
+        else:
+            source = get_model_path(hf_path, revision)
+            raw_config, weights = read_config(source), load_weights(source)
+        where = hf_path if npz else source / "config.json"
+        model_config = parse_config(raw_config, where)
+        if model_config.quantization:
+            raise InputError(f"{hf_path} is already quantized: convert from the float checkpoint")
+        weights = {k: v.astype(DTYPES[dtype]) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+        model = build_model(model_config, weights, hf_path)
+        if quantize_bits:
+            block = quantize(model, group_size, quantize_bits, quantize_vision, q_mode, quant_predicate)
+            print(f"[convert] quantized the {'model' if quantize_vision else 'decoder'}: {block['bits']} bits, "
+                  f"groups of {block['group_size']}, {q_mode} {quant_predicate or ''}", flush=True)
+            raw_config["quantization"] = block
+        raw_config["torch_dtype"] = dtype
+        write_folder(tmp, dict(tree_flatten(model.parameters())), raw_config, source)
+        if npz:  # the tokenizer folder's processor files, sized for this model
+            for name in ("processor_config.json", "preprocessor_config.json"):
+                if (tmp / name).is_file():
+                    settings = big_vision.processor_settings(read_json(tmp / name), model_config)
+                    (tmp / name).write_text(json.dumps(settings, indent=2))
     print(f"[convert] wrote {out}", flush=True)
     if upload_repo:
         from huggingface_hub import HfApi
@@ -114,19 +85,38 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Convert a PaliGemma checkpoint to MLX, optionally quantized.")
-    p.add_argument("--hf-path", required=True, help="hub id or local folder of the Hugging Face checkpoint")
+    from mlx_lm.convert import QUANT_RECIPES
+
+    p = argparse.ArgumentParser(description="Convert a PaliGemma checkpoint (Hugging Face or big_vision .npz) to "
+                                            "MLX, optionally quantized.")
+    p.add_argument("--hf-path", required=True, help="hub id or folder of a Hugging Face checkpoint, or a "
+                                                    "big_vision .npz")
     p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --hf-path (or --tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="for a .npz: folder or hub id with the tokenizer and "
+                                                     "processor files")
+    p.add_argument("--config", default=None, help="for a .npz: a config.json to use instead of the one inferred "
+                                                  "from the array shapes")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder")
-    p.add_argument("--q-bits", type=int, choices=[4, 8], default=4)
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64)
+    p.add_argument("--q-bits", type=int, choices=AFFINE_BITS, default=None, help="affine bits (default 4)")
+    p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], default=None,
+                   help="affine group size (default 64)")
+    p.add_argument("--q-mode", choices=list(MODES), default="affine",
+                   help="affine, or the float formats mxfp4 (4 bits, groups of 32), nvfp4 (4, 16), mxfp8 (8, 32)")
+    p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None,
+                   help="mlx-lm's mixed-precision recipe for the decoder (with -q)")
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
     args = p.parse_args(argv)
+    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine" or args.quant_predicate):
+        p.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q")
+    # A terminated run unwinds (and removes its partial output) instead of dying mid-write.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    bits = (args.q_bits or (MODES[args.q_mode] or (64, 4))[1]) if args.quantize else None
     try:
-        convert(args.hf_path, args.mlx_path, args.dtype, args.q_bits if args.quantize else None,
-                args.q_group_size, args.quantize_vision, args.upload_repo)
+        convert(args.hf_path, args.mlx_path, args.dtype, bits, args.q_group_size, args.quantize_vision,
+                args.upload_repo, args.q_mode, args.quant_predicate, args.revision, args.tokenizer, args.config)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

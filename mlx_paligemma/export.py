@@ -1,0 +1,80 @@
+"""Any model this project loads -> a folder that transformers loads as it loads the hub checkpoints
+(`PaliGemmaForConditionalGeneration.from_pretrained`, `AutoProcessor.from_pretrained`), for vLLM, TGI or
+transformers itself.
+
+    python -m mlx_paligemma.export --model fused_model --out paligemma-finetuned-hf [--dtype bfloat16]
+
+A quantized model is dequantized (with a warning): the values its quantized layers compute with, in the
+float dtype of its scales. Written atomically, like convert.
+"""
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .formats.hf import to_transformers
+from .formats.mlx import (atomic_folder, build_model, copy_side_files, dequantize, get_model_path, load_config,
+                          load_weights, save_weights)
+from .processor import InputError, Tokenizer
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def export(model: str, out: str, dtype: Optional[str] = None, revision: Optional[str] = None,
+           upload_repo: Optional[str] = None) -> Path:
+    """Writes the transformers folder `out` from the model folder or hub id `model`, in its stored float dtype
+    unless `dtype` is given."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype}: choose from {', '.join(DTYPES)}")
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        source = get_model_path(model, revision)
+        config = load_config(source)
+        net = build_model(config, load_weights(source), source)
+        if config.quantization:
+            print(f"[export] warning: {model} is quantized; writing its dequantized weights", file=sys.stderr,
+                  flush=True)
+            dequantize(net)
+        weights = dict(tree_flatten(net.parameters()))
+        if dtype is not None:
+            weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
+        weights, hf_config = to_transformers(weights, config, Tokenizer(source))
+        save_weights(tmp, weights, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        copy_side_files(source, tmp)
+    print(f"[export] wrote {out}", flush=True)
+    if upload_repo:
+        from huggingface_hub import HfApi
+
+        print(f"[export] uploading to {upload_repo}", flush=True)
+        api = HfApi()
+        api.create_repo(upload_repo, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=upload_repo)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Export a PaliGemma model to a transformers checkpoint folder.")
+    p.add_argument("--model", required=True, help="folder or hub id of any model mlx_paligemma loads")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the model's stored float dtype")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
+    p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: remove the partial folder
+    try:
+        export(args.model, args.out, args.dtype, args.revision, args.upload_repo)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Checkpoint formats, one module each, below everything that reads or writes checkpoints.
+
+- `mlx`: model folders (Hugging Face and MLX layouts in, MLX out): config, the weight-name map, quantization,
+  atomic writes.
+- `adapters`: LoRA adapter folders (mlx-lm's layout).
+- `big_vision`: Google's original `.npz` checkpoints in.
+- `hf`: transformers folders out.
+"""

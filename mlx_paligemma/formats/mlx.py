@@ -1,0 +1,431 @@
+"""Model folders: Hugging Face checkpoints (every published weight layout) and MLX folders (ours, mlx-vlm's).
+
+Reading: the folder or hub id, config.json, the weight-name map (`sanitize`), lazy weights, the quantization a
+folder records (one setting or per-layer entries, every MLX mode). Writing: the MLX folder, atomically.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..language import TextConfig
+from ..model import ModelConfig, PaliGemma
+from ..processor import InputError
+from ..vision import VisionConfig
+
+# Files a checkpoint needs; everything else in a hub repo (original .npz, gguf, ...) is skipped.
+CHECKPOINT_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.md"]
+# Tokenizer and processor files that travel with the weights.
+SIDE_FILES = [
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "preprocessor_config.json", "processor_config.json", "generation_config.json", "chat_template.json",
+]
+MAX_SHARD_BYTES = 5 << 30
+# MLX's quantization modes; the float modes allow exactly one (group size, bits) pair.
+MODES = {"affine": None, "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local folder, or a hub repo (at `revision`: a branch, tag or commit) downloaded to the hub cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise InputError(f"model folder not found: {path_or_repo}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    except Exception as e:
+        raise InputError(f"cannot get {path_or_repo} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from a file, or one line saying why not."""
+    try:
+        value = json.loads(Path(file).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{file} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.is_file():
+        raise InputError(f"no config.json in {path}: not a model folder")
+    return read_json(file)
+
+
+def _accepts(kind, value) -> bool:
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        return any(_accepts(k, value) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, list) and all(_accepts(typing.get_args(kind)[0], v) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return kind is type(None) and value is None or isinstance(value, kind)
+
+
+def _fields(cls, d: dict, where: str) -> dict:
+    """The dataclass's fields present in `d`, each checked against its declared type."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if d.get(f.name) is not None:
+            if not _accepts(f.type, d[f.name]):
+                raise InputError(f"{where}: {f.name} is {d[f.name]!r}, expected {getattr(f.type, '__name__', f.type)}")
+            out[f.name] = d[f.name]
+    return out
+
+
+def _section(config: dict, key: str, file) -> dict:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"{file}: {key} is {type(value).__name__}, expected an object")
+    return dict(value)
+
+
+# transformers' Gemma2Config defaults, for configs that leave them out.
+_GEMMA2_DEFAULTS = dict(
+    hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+)
+
+
+def parse_config(config: dict, file) -> ModelConfig:
+    """Our ModelConfig from a transformers- or MLX-style config.json, every field type-checked."""
+    if config.get("model_type") != "paligemma":
+        raise InputError(f"unknown model type {config.get('model_type')!r} in {file}: expected 'paligemma'")
+    text = _section(config, "text_config", file)
+    text.setdefault("model_type", "gemma")
+    if text["model_type"] not in ("gemma", "gemma2"):
+        raise InputError(f"unknown text model type {text['model_type']!r} in {file}: expected 'gemma' or 'gemma2'")
+    # Newer transformers nest rope_theta in rope_parameters.
+    rope = _section(text, "rope_parameters", f"{file}: text_config")
+    if "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+    if text["model_type"] == "gemma2":
+        text = {**_GEMMA2_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
+    text.setdefault("vocab_size", config.get("vocab_size", 257216))
+    top = _fields(_TopLevel, {**config, "image_token_index": config.get("image_token_index",
+                                                                         config.get("image_token_id"))}, file)
+    return ModelConfig(
+        text_config=TextConfig(**_fields(TextConfig, text, f"{file}: text_config")),
+        vision_config=VisionConfig(**_fields(VisionConfig, _section(config, "vision_config", file),
+                                             f"{file}: vision_config")),
+        image_token_index=top.get("image_token_index", 257152),
+        eos_token_id=top.get("eos_token_id", 1),
+        quantization=top.get("quantization"),
+    )
+
+
+@dataclasses.dataclass
+class _TopLevel:  # the top-level fields we read, with their types
+    image_token_index: int = 257152
+    eos_token_id: typing.Union[int, List[int]] = 1
+    quantization: Optional[dict] = None
+
+
+def load_config(path: Path) -> ModelConfig:
+    return parse_config(read_config(path), path / "config.json")
+
+
+def rename(name: str) -> Optional[str]:
+    """The one map from a published weight or module name to ours (`vision_tower.vision_model.*`,
+    `multi_modal_projector.linear.*`, `language_model.model.*`); None for what PaliGemma does not use."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if name.startswith("language_model.") and not name.startswith("language_model.model."):
+        name = "language_model.model." + name[len("language_model."):]
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name[len("vision_tower."):]
+    if name.endswith("position_ids") or "lm_head" in name.split(".") or ".vision_model.head." in name:
+        return None  # a buffer, the head tied to the embedding, SigLIP's pooling head PaliGemma does not use
+    return name
+
+
+def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """Every published weight layout -> our names and layouts."""
+    out = {}
+    for name, w in weights.items():
+        name = rename(name)
+        if name is None:
+            continue
+        if name.endswith("patch_embedding.weight") and w.shape[1] == 3 and w.shape[-1] != 3:
+            w = w.transpose(0, 2, 3, 1)  # PyTorch OIHW -> MLX OHWI
+        out[name] = w
+    return out
+
+
+def check_safetensors(file: Path) -> None:
+    """Fail with one line on a truncated or damaged file, before MLX reads it."""
+    size = Path(file).stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except Exception:
+        raise InputError(f"weights file {file} is damaged: unreadable safetensors header") from None
+    if 8 + header_len + end > size:
+        raise InputError(f"weights file {file} is truncated: {size} bytes, the header needs {8 + header_len + end}")
+
+
+def weight_files(path: Path) -> List[Path]:
+    """The checkpoint's own weight files: those its index names, else model*.safetensors (so adapters or other
+    safetensors in the folder are not taken for weights)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no weight_map object")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InputError(f"{index} names weight files that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise InputError(f"no model*.safetensors weights in {path}")
+    return files
+
+
+def load_weights(path: Path) -> Dict[str, mx.array]:
+    """Our names -> arrays, memory-mapped: nothing is read until used."""
+    weights = {}
+    for file in weight_files(path):
+        check_safetensors(file)
+        weights.update(mx.load(str(file)))
+    return sanitize(weights)
+
+
+def quantize_as_stored(model: nn.Module, quantization: dict, weights: Dict[str, mx.array], where) -> None:
+    """Quantize the layers the weights hold quantized, each with its own entry of the config's quantization
+    block (mlx-lm's rule: mixed recipes list layers, a plain block gives the defaults) or, where no entry names
+    the layer, the settings its packed shapes imply (mlx-lm's `infer_quant_config`)."""
+    from mlx_lm.utils import infer_quant_config
+
+    entries = {rename(k): v for k, v in quantization.items() if isinstance(v, (dict, bool))}
+    current = [None]
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
+            return False
+        current[0] = path
+        entry = entries.get(path)
+        if isinstance(entry, dict):
+            return dict(entry)  # nn.quantize may edit it
+        if entry is not None:
+            return entry
+        return infer_quant_config(path, module, weights)
+
+    try:
+        nn.quantize(model, group_size=quantization.get("group_size"), bits=quantization.get("bits"),
+                    mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{where}: cannot load layer {current[0]} as quantized: {' '.join(str(e).split())}") from None
+
+
+def build_model(config: ModelConfig, weights: Dict[str, mx.array], where) -> PaliGemma:
+    """The model with `weights` loaded (strictly), quantized as they are stored."""
+    model = PaliGemma(config)
+    if config.quantization:
+        quantize_as_stored(model, config.quantization, weights, where)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise InputError(f"weights in {where} do not match its config.json: {' '.join(str(e).split())[:300]}") from None
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Every quantized layer back to floats with its own bits, group size and mode (mlx-lm's dequantize_model)."""
+    from mlx_lm.utils import dequantize_model
+
+    return dequantize_model(model)
+
+
+def check_quantization(bits: Optional[int], group_size: Optional[int], mode: str = "affine",
+                       recipe: Optional[str] = None) -> tuple:
+    """(group_size, bits) to quantize with, the mode's defaults filled in, or one line saying what is wrong."""
+    from mlx_lm.convert import QUANT_RECIPES
+
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode {mode!r}: choose from {', '.join(MODES)}")
+    if recipe is not None and recipe not in QUANT_RECIPES:
+        raise InputError(f"unknown quantization recipe {recipe!r}: choose from {', '.join(QUANT_RECIPES)}")
+    if recipe is not None and mode != "affine":
+        raise InputError(f"the {recipe} recipe mixes affine bit widths: it does not combine with mode {mode}")
+    if MODES[mode] is not None:
+        fixed = MODES[mode]
+        if (group_size or fixed[0], bits or fixed[1]) != fixed:
+            raise InputError(f"mode {mode} quantizes {fixed[1]} bits in groups of {fixed[0]}, "
+                             f"not {bits} bits in groups of {group_size}")
+        return fixed
+    if (bits or 4) not in AFFINE_BITS:
+        raise InputError(f"{bits}-bit quantization is not supported: choose from {AFFINE_BITS}")
+    if (group_size or 64) not in (32, 64, 128):
+        raise InputError(f"group size {group_size} is not supported: choose from 32, 64, 128")
+    return group_size or 64, bits or 4
+
+
+def quantize(model: PaliGemma, group_size: Optional[int] = 64, bits: Optional[int] = 4, vision: bool = False,
+             mode: str = "affine", recipe: Optional[str] = None) -> dict:
+    """Quantize the decoder's linears and tied embedding (and, if asked, the vision tower and projector),
+    skipping layers whose input width the group size does not divide. `recipe` is one of mlx-lm's mixed_*
+    predicates for the decoder (more bits for some v_proj/down_proj layers). Returns the quantization block
+    for config.json: the defaults, plus the layer's own entry wherever the recipe chose."""
+    group_size, bits = check_quantization(bits, group_size, mode, recipe)
+    block = {"group_size": group_size, "bits": bits, "mode": mode}
+    mixed = None
+    if recipe is not None:
+        from mlx_lm.convert import mixed_quant_predicate_builder
+
+        mixed = mixed_quant_predicate_builder(recipe, model, group_size)
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        if not path.startswith("language_model."):
+            return vision
+        if mixed is None:
+            return True
+        block[path] = mixed(path, module)
+        return dict(block[path])
+
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+    return block
+
+
+def save_weights(folder: Path, weights: dict, metadata: Optional[dict] = None) -> None:
+    """Weights in shards of at most 5 GB (`model.safetensors`, or `model-0000N-of-0000M.safetensors` and the
+    index)."""
+    shards, shard, size = [], {}, 0
+    for name, w in weights.items():
+        if shard and size + w.nbytes > MAX_SHARD_BYTES:
+            shards.append(shard)
+            shard, size = {}, 0
+        shard[name] = w
+        size += w.nbytes
+    shards.append(shard)
+    index = {}
+    for i, shard in enumerate(shards):
+        file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        print(f"[write] {file} ({sum(w.nbytes for w in shard.values()) / 1e9:.2f} GB)", flush=True)
+        mx.save_safetensors(str(folder / file), shard, metadata=metadata or {"format": "mlx"})
+        index.update({name: file for name in shard})
+    if len(shards) > 1:
+        total = sum(w.nbytes for w in weights.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2)
+        )
+
+
+def _partial_parts(path: Path) -> tuple:
+    stem, ext = (path.stem, path.suffix) if path.suffix else (path.name, "")
+    return f".{stem}.partial-", ext
+
+
+def partial_path(path: Path, pid: Optional[int] = None) -> Path:
+    """Where `path` is written before it is renamed into place: `.NAME.partial-PID[.ext]` beside it."""
+    path = Path(path)
+    prefix, ext = _partial_parts(path)
+    return path.parent / f"{prefix}{os.getpid() if pid is None else pid}{ext}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what a killed run left while writing `path` (its process is gone); refuse while another live
+    process is writing it."""
+    path = Path(path)
+    prefix, ext = _partial_parts(path)
+    for stale in path.parent.glob(f"{prefix}*{ext}"):
+        pid = stale.name[len(prefix):len(stale.name) - len(ext)]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if _alive(int(pid)):
+            raise InputError(f"{path} is being written by another process (pid {pid}): {stale} exists")
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder to write into, renamed to `out` when the block succeeds and removed when it fails; made
+    first, so an output that cannot be written fails before any work. Normal permissions (the umask's)."""
+    out = Path(out)
+    if out.exists():
+        raise InputError(f"output folder {out} already exists")
+    tmp = partial_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary file name beside `path` (same extension), moved over `path` when the block succeeds."""
+    path = Path(path)
+    clean_stale(path)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def copy_side_files(source: Path, folder: Path) -> None:
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
+def write_folder(folder: Path, weights: dict, config: dict, source: Optional[Path] = None) -> None:
+    """Weights, config.json and, from `source`, the tokenizer and processor files."""
+    save_weights(folder, weights)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if source is not None:
+        copy_side_files(source, folder)
+
+
+def write_model_folder(out: Path, weights: dict, config: dict, source: Path) -> None:
+    """`write_folder` into `out`, atomically (see atomic_folder)."""
+    with atomic_folder(out) as tmp:
+        write_folder(tmp, weights, config, source)
