@@ -24,13 +24,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .formats.adapters import save_adapters
+from .formats.mlx import get_model_path, load_weights, quantize, write_model_folder
 from .model import PaliGemma, suffix_loss
 from .processor import InputError, PaliGemmaProcessor, load_image
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 LAYER_GROUPS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
-ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 
 
 @dataclass
@@ -145,27 +146,6 @@ def add_lora(model: PaliGemma, rank: int = 8, scale: float = 20.0, dropout: floa
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
 
 
-def save_adapters(model: PaliGemma, folder, config: dict) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / ADAPTER_FILE), dict(tree_flatten(model.trainable_parameters())))
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-
-def apply_adapters(model: PaliGemma, folder) -> PaliGemma:
-    """Wrap the model's linears as the adapter config says and load the trained LoRA weights."""
-    from mlx_lm.tuner.utils import load_adapters
-
-    folder = Path(folder)
-    for name in (CONFIG_FILE, ADAPTER_FILE):
-        if not (folder / name).is_file():
-            raise InputError(f"no {name} in adapter folder {folder}")
-    try:
-        return load_adapters(model, str(folder))
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"adapters in {folder} do not fit this model: {' '.join(str(e).split())[:300]}") from None
-
-
 def fuse(model: PaliGemma, dequantize: bool = False) -> PaliGemma:
     """Merge every LoRA layer into its base linear. A quantized base is re-quantized with its own settings,
     or, with `dequantize`, the whole model (the embedding too) is turned back to floats."""
@@ -181,8 +161,6 @@ def fuse(model: PaliGemma, dequantize: bool = False) -> PaliGemma:
 
 
 def stored_dtype(folder: Path) -> mx.Dtype:
-    from .loading import load_weights
-
     return next((w.dtype for w in load_weights(folder).values() if mx.issubdtype(w.dtype, mx.floating)), mx.float32)
 
 
@@ -190,9 +168,6 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
     """Fuse (in place) and write an MLX model folder (weights, config.json, tokenizer files) that load, generate
     and convert accept: quantized as the base model was, or all floats with `dequantize` (or a float base), in
     the base's stored float dtype. Written to a temporary folder and renamed at the end."""
-    from .convert import quantize, write_model_folder
-    from .loading import get_model_path
-
     out, base = Path(out), get_model_path(base_model)
     if out.exists():
         raise InputError(f"output folder {out} already exists")
@@ -338,8 +313,6 @@ def run(args) -> None:
     if args.fuse and Path(args.save_path).exists():
         raise InputError(f"output folder {args.save_path} already exists")
     if not args.data:  # fuse saved adapters
-        from .loading import get_model_path
-
         model, _ = load(args.model, stored_dtype(get_model_path(args.model)), adapter_path=args.adapter_path)
         print(f"Wrote {save_fused(model, args.model, args.save_path, args.dequantize)}")
         return
