@@ -38,6 +38,8 @@ def load_image(source: ImageInput) -> Image.Image:
 
     A file or URL is decoded in full here, so a damaged one fails at once, and turned upright by its EXIF
     orientation tag, as transformers' `load_image` does; one with more than `MAX_IMAGE_PIXELS` pixels is refused.
+    Its mode is kept, so that a file gives the pixels of the same picture opened with PIL (transformers' own
+    `load_image` converts to RGB and so drops the transparency that its processor composites onto white).
     A PIL image is used as given, as transformers' processor does: no EXIF rotation (apply
     `PIL.ImageOps.exif_transpose` first if it needs one) and no size limit.
     """
@@ -232,9 +234,11 @@ class PaliGemmaProcessor:
         def per_channel(x):
             return number(x) or (isinstance(x, list) and len(x) == 3 and all(map(number, x)))
 
+        def square(x):  # PaliGemma's images are square
+            return isinstance(x, dict) and positive_int(x.get("height")) and x.get("width", x["height"]) == x["height"]
+
         vision = config.vision_config if config is not None else None
-        size = setting("size", lambda x: isinstance(x, dict) and positive_int(x.get("height"))
-                       and x.get("width", x["height"]) == x["height"], "a square size {\"height\": N, \"width\": N}")
+        size = setting("size", square, 'a square size {"height": N, "width": N}')
         size = size["height"] if size else (vision.image_size if vision else 224)
         seq = setting("image_seq_length", positive_int, "a positive integer")
         seq = seq or (vision.num_patches if vision else (size // 14) ** 2)
@@ -290,7 +294,7 @@ class PaliGemmaProcessor:
         if not any(per_prompt):
             raise InputError("PaliGemma needs images: got an empty list")
         if len(per_prompt) != len(texts):
-            raise InputError(f"got images for {len(per_prompt)} prompts but {len(texts)} prompts")
+            raise InputError(f"got {len(per_prompt)} lists of images for {len(texts)} prompts")
         return per_prompt
 
     def __call__(self, images=None, text: Union[str, List[str], None] = None,
@@ -298,13 +302,12 @@ class PaliGemmaProcessor:
         """Model inputs as mx arrays: input_ids, attention_mask, token_type_ids (B, L) int32, left padded;
         pixel_values (N, H, W, 3) float32 for all images in order; with a suffix, labels (-100 on the prefix).
 
-        The forms of transformers' PaliGemmaProcessor, with the same outputs: an image for one prompt, a list with
-        one image per prompt, a list of lists (one per prompt), or with `<image>` markers written in the prompts a
-        flat list that fills the markers in order. Also accepted, with the outputs transformers gives for the
-        explicit form: one image for every prompt; a flat list of images all for a single prompt; a prompt without
-        markers beside prompts with them (its images go first, as if its markers were written); an empty list in a
-        list of lists (a prompt without image); text None (the empty prompt). Markers in a prompt must match the
-        number of its images; a suffix must not contain `<image>`.
+        transformers' forms, with its outputs: an image for one prompt; a list with one image per prompt; a list of
+        lists, one per prompt (an empty one: a prompt without image); with `<image>` markers written in the prompts,
+        a flat list that fills them in order. Beyond them, with the outputs transformers gives for the explicit
+        list of lists: one image for every prompt; a flat list all for a single prompt without markers; in a list of
+        lists, prompts without markers beside prompts with them (their images go first, as if written); text None,
+        the empty prompt. The markers of a prompt must match its list of images; a suffix holds no `<image>`.
         """
         if text is None:
             texts = [""]

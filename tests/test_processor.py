@@ -189,6 +189,12 @@ def test_premultiplied_and_transparent_images_are_composited_on_white(processor)
     np.testing.assert_array_equal(pixels(processor, half.convert("La")), pixels(processor, half.convert("La").convert("LA")))
 
 
+def test_a_file_gives_the_pixels_of_the_image_opened_from_it(processor, tmp_path):
+    rgba = Image.fromarray(np.random.default_rng(4).integers(0, 256, (9, 13, 4), dtype=np.uint8))
+    rgba.save(tmp_path / "a.png")
+    np.testing.assert_array_equal(pixels(processor, str(tmp_path / "a.png")), pixels(processor, rgba))
+
+
 def test_pixel_limit(monkeypatch, tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
     monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 399)
