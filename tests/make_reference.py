@@ -1,17 +1,25 @@
 """Writes the test fixtures: tiny random PaliGemma 1 and 2 checkpoints and transformers' outputs on them.
 
-    /work/venv/bin/python tests/make_reference.py [--out DIR]     # default: tests/fixtures
+    /work/venv/bin/python tests/make_reference.py [--out DIR] [--hf-converters DIR]    # default: tests/fixtures
 
 Needs torch, transformers 5.x, sentencepiece, numpy, pillow and safetensors; the tests themselves need neither
 torch nor transformers. The checkpoints have the real architecture at toy sizes; the reference outputs come from
 transformers in float32 with eager attention. Deterministic: a second run writes byte-identical files.
+
+It also writes both checkpoints in Google's big_vision layout (`big_vision/NAME.npz`, PaliGemma 1 in float32,
+PaliGemma 2 in bfloat16 as numpy stores it), made by running transformers' converter backwards. With
+`--hf-converters DIR` (a folder holding transformers' convert_paligemma_weights_to_hf.py and
+convert_paligemma2_weights_to_hf.py from its GitHub repository, src/transformers/models/paligemma/; they are not
+in the wheel) their own `slice_state_dict` is run on the .npz arrays and must give back the original weights.
 """
 
 import argparse
+import ast
 import io
 import json
 import shutil
 import tempfile
+import types
 import zipfile
 from itertools import product
 from pathlib import Path
@@ -195,6 +203,99 @@ def save_folder(name: str, model, processor, sp_model: bytes, folder: Path) -> N
         size=dict(height=IMAGE_SIZE, width=IMAGE_SIZE)), indent=2, sort_keys=True) + "\n")
 
 
+def hub_weights(model) -> dict:
+    return {hub_name(k): v.detach().clone() for k, v in model.state_dict().items() if hub_name(k)}
+
+
+def big_vision_arrays(model, bfloat16: bool) -> dict:
+    """The checkpoint as big_vision saves it: flat `params/img/...` and `params/llm/...` names, layers stacked on
+    axis 0, flax kernels (in, out), Gemma's einsum weights, the vocabulary without <image> and padding rows.
+    Each array is the inverse of what transformers' slice_state_dict does with it."""
+    w = hub_weights(model)
+    c = model.config
+    heads, kv_heads, head_dim = (c.text_config.num_attention_heads, c.text_config.num_key_value_heads,
+                                 c.text_config.head_dim)
+    hidden, width, vision_heads = c.text_config.hidden_size, c.vision_config.hidden_size, c.vision_config.num_attention_heads
+    v, t = "vision_tower.vision_model.", "language_model.model."
+    vision_layers, text_layers = range(c.vision_config.num_hidden_layers), range(c.text_config.num_hidden_layers)
+
+    def stack(key, f=lambda x: x, layers=text_layers, prefix=t):
+        return torch.stack([f(w[f"{prefix}layers.{i}.{key}"]) for i in layers])
+
+    def vstack(key, f=lambda x: x):
+        return stack(key, f, vision_layers, v + "encoder.")
+
+    img = "img/Transformer/encoderblock/"
+    mha = img + "MultiHeadDotProductAttention_0/"
+    arrays = {
+        "img/embedding/kernel": w[v + "embeddings.patch_embedding.weight"].permute(2, 3, 1, 0),  # OIHW -> HWIO
+        "img/embedding/bias": w[v + "embeddings.patch_embedding.bias"],
+        "img/pos_embedding": w[v + "embeddings.position_embedding.weight"][None],
+        img + "LayerNorm_0/scale": vstack("layer_norm1.weight"), img + "LayerNorm_0/bias": vstack("layer_norm1.bias"),
+        img + "LayerNorm_1/scale": vstack("layer_norm2.weight"), img + "LayerNorm_1/bias": vstack("layer_norm2.bias"),
+        img + "MlpBlock_0/Dense_0/kernel": vstack("mlp.fc1.weight", lambda x: x.T),
+        img + "MlpBlock_0/Dense_0/bias": vstack("mlp.fc1.bias"),
+        img + "MlpBlock_0/Dense_1/kernel": vstack("mlp.fc2.weight", lambda x: x.T),
+        img + "MlpBlock_0/Dense_1/bias": vstack("mlp.fc2.bias"),
+        mha + "out/kernel": vstack("self_attn.out_proj.weight", lambda x: x.T.reshape(vision_heads, -1, width)),
+        mha + "out/bias": vstack("self_attn.out_proj.bias"),
+        "img/Transformer/encoder_norm/scale": w[v + "post_layernorm.weight"],
+        "img/Transformer/encoder_norm/bias": w[v + "post_layernorm.bias"],
+        "img/head/kernel": w["multi_modal_projector.linear.weight"].T,
+        "img/head/bias": w["multi_modal_projector.linear.bias"],
+        "llm/embedder/input_embedding": w[t + "embed_tokens.weight"][:SP_VOCAB],
+        "llm/layers/attn/q_einsum/w": stack("self_attn.q_proj.weight",
+                                            lambda x: x.reshape(heads, head_dim, hidden).permute(0, 2, 1)),
+        "llm/layers/attn/kv_einsum/w": torch.stack(
+            [stack(f"self_attn.{p}_proj.weight", lambda x: x.reshape(kv_heads, head_dim, hidden).permute(0, 2, 1))
+             for p in "kv"], 1),
+        "llm/layers/attn/attn_vec_einsum/w": stack("self_attn.o_proj.weight",
+                                                   lambda x: x.reshape(hidden, heads, head_dim).permute(1, 2, 0)),
+        "llm/layers/mlp/gating_einsum": torch.stack([stack(f"mlp.{p}_proj.weight", lambda x: x.T)
+                                                     for p in ("gate", "up")], 1),
+        "llm/layers/mlp/linear": stack("mlp.down_proj.weight", lambda x: x.T),
+        "llm/layers/pre_attention_norm/scale": stack("input_layernorm.weight"),
+        "llm/final_norm/scale": w[t + "norm.weight"],
+    }
+    for p in ("query", "key", "value"):
+        proj = f"self_attn.{p[0]}_proj"
+        arrays[f"{mha}{p}/kernel"] = vstack(proj + ".weight", lambda x: x.T.reshape(width, vision_heads, -1))
+        arrays[f"{mha}{p}/bias"] = vstack(proj + ".bias", lambda x: x.reshape(vision_heads, -1))
+    if c.text_config.model_type == "gemma2":
+        arrays.update({"llm/layers/post_attention_norm/scale": stack("post_attention_layernorm.weight"),
+                       "llm/layers/pre_ffw_norm/scale": stack("pre_feedforward_layernorm.weight"),
+                       "llm/layers/post_ffw_norm/scale": stack("post_feedforward_layernorm.weight")})
+    else:  # Gemma 1 names its one pre-MLP norm pre_ffw_norm
+        arrays["llm/layers/pre_ffw_norm/scale"] = stack("post_attention_layernorm.weight")
+    if bfloat16:  # numpy has no bfloat16: big_vision's files hold the 2-byte patterns as void
+        return {"params/" + k: a.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2") for k, a in arrays.items()}
+    return {"params/" + k: a.contiguous().numpy() for k, a in arrays.items()}
+
+
+def check_big_vision(arrays: dict, model, converters: Path) -> None:
+    """transformers' own slice_state_dict (taken from its converter script, without the script's JAX and CUDA
+    set-up) turns the .npz arrays back into the model's weights, bit for bit."""
+    script = "convert_paligemma2_weights_to_hf.py" if model.config.text_config.model_type == "gemma2" else \
+        "convert_paligemma_weights_to_hf.py"
+    tree = ast.parse((converters / script).read_text())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "slice_state_dict")
+    scope = {"torch": torch, "np": np, "jnp": types.SimpleNamespace(bfloat16="bfloat16 (never a numpy dtype)")}
+    exec(compile(ast.Module([function], []), script, "exec"), scope)
+
+    def widen(a):  # bfloat16 patterns -> the same values in float32, which the converter takes as they are
+        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if a.dtype.kind == "V" else a
+
+    state = scope["slice_state_dict"]({k[len("params/"):]: widen(a) for k, a in arrays.items()}, model.config)
+    bf16 = next(iter(arrays.values())).dtype.kind == "V"
+    expected = {k: v.to(torch.bfloat16).float() if bf16 else v for k, v in hub_weights(model).items()}
+    expected["language_model.model.embed_tokens.weight"] = expected["language_model.model.embed_tokens.weight"][:SP_VOCAB]
+    assert torch.equal(state.pop("language_model.lm_head.weight"), state["language_model.model.embed_tokens.weight"])
+    assert sorted(state) == sorted(expected), set(state) ^ set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key].float(), value), key
+    print(f"[big_vision] transformers' {script} gives back every weight ({len(state)})", flush=True)
+
+
 def prepare(processor, case: dict, images: Path):
     imgs = [[Image.open(images / f) for f in row] for row in case["images"]]
     return processor(images=imgs, text=case["text"], suffix=case.get("suffix"), padding="longest",
@@ -231,12 +332,13 @@ def reference_outputs(model, processor, images: Path) -> dict:
     return arrays
 
 
-def save_npz(path: Path, arrays: dict) -> None:
+def save_npz(path: Path, arrays: dict, compression: int = zipfile.ZIP_DEFLATED) -> None:
     """np.savez_compressed stamps each member with the current time; fixed timestamps keep the bytes stable."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression) as zf:
         for key in sorted(arrays):
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = compression
             buf = io.BytesIO()
             np.lib.format.write_array(buf, np.asarray(arrays[key]), allow_pickle=False)
             zf.writestr(info, buf.getvalue())
@@ -260,7 +362,10 @@ def check_reload(folder: Path, processor, arrays: dict, images: Path) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(HERE / "fixtures"), help="output folder (default: tests/fixtures)")
-    out = Path(p.parse_args().out)
+    p.add_argument("--hf-converters", type=Path, default=None,
+                   help="folder with transformers' two PaliGemma converter scripts, to check the .npz files with")
+    args = p.parse_args()
+    out = Path(args.out)
     print(f"[images] {out / 'images'}", flush=True)
     make_images(out / "images")
     sp_model = train_tokenizer()
@@ -272,6 +377,12 @@ def main():
               f"<image> id {processor.image_token_id}", flush=True)
         model = make_model(name, processor)
         save_folder(name, model, processor, sp_model, out / name)
+        arrays = big_vision_arrays(model, bfloat16=name == "paligemma2-tiny")
+        if args.hf_converters:
+            check_big_vision(arrays, model, args.hf_converters)
+        else:
+            print("[big_vision] not checked: give --hf-converters DIR to run transformers' converter on it", flush=True)
+        save_npz(out / "big_vision" / f"{name}.npz", arrays, zipfile.ZIP_STORED)  # big_vision saves uncompressed
         arrays = reference_outputs(model, processor, out / "images")
         save_npz(out / "reference" / f"{name}.npz", arrays)
         check_reload(out / name, processor, arrays, out / "images")

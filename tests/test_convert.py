@@ -27,7 +27,7 @@ def test_convert_round_trip(tmp_path, model_name, loaded, reference, cases, dtyp
     assert (out / "tokenizer.json").is_file()
     weight = model.language_model.model.layers[0].self_attn.q_proj
     if bits:
-        assert config["quantization"] == {"group_size": 64, "bits": bits}
+        assert config["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
         assert isinstance(weight, nn.QuantizedLinear) and weight.bits == bits
         assert isinstance(model.language_model.model.embed_tokens, nn.QuantizedEmbedding)
         # The vision tower stays in float; its width (32) is not a multiple of the group size anyway.
