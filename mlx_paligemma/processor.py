@@ -187,7 +187,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        # Special and padded-vocabulary ids (the embedding has more rows than the tokenizer has pieces) print as nothing.
+        # Special and padded-vocabulary ids (the embedding has more rows than the tokenizer has pieces) print as
+        # nothing.
         skip = set(self.specials.values())
         return self._decode([int(i) for i in ids if int(i) not in skip and 0 <= int(i) < self.vocab_size])
 
@@ -334,7 +335,7 @@ class PaliGemmaProcessor:
             for i, s in enumerate(suffixes):
                 check_text(s, f"suffix {i}")
                 if IMAGE_TOKEN in s:
-                    raise InputError(f"suffix {i} {reprlib.repr(s)} contains {IMAGE_TOKEN}: images belong in the prompt")
+                    raise InputError(f"suffix {i} {reprlib.repr(s)} contains {IMAGE_TOKEN}: images go in the prompt")
         per_prompt = self._images_per_prompt(images, texts)
 
         rows, types = [], []
