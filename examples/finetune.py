@@ -1,12 +1,14 @@
-"""Fine-tune PaliGemma with LoRA on a small dataset built from the sample images, and compare its answers.
+"""Fine-tune PaliGemma (LoRA, attention-only or full) on a small dataset built from the sample images, and compare
+its answers.
 
     python examples/finetune.py --model google/paligemma2-3b-pt-224
     python examples/finetune.py --model paligemma2-3b-pt-224-4bit --dtype bfloat16   # QLoRA: 4-bit base
     python examples/finetune.py --model tests/fixtures/paligemma-tiny --learning-rate 1e-2   # a random tiny model, seconds
+    python examples/finetune.py --model tests/fixtures/paligemma-tiny --fine-tune-type full --learning-rate 1e-3
 
 The example writes a dataset to <out>/data: each image in examples/images/ three times for training (whole, and
 two crops) and once mirrored for validation, each with a caption and a one-word answer to teach. It prints the
-greedy answers before training, trains adapters into <out>/adapters with the code behind
+greedy answers before training, trains adapters (or the weights) into <out>/adapters with the trainer behind
 `python -m mlx_paligemma.lora`, prints the answers again, and with --fuse writes a merged model to <out>/fused.
 The same run from the command line:
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_paligemma as mp  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from mlx_paligemma import lora  # noqa: E402
+from mlx_paligemma import lora, trainer  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "images"
 # What to teach, per image: a house-style caption and a one-word answer.
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--fine-tune-type", choices=trainer.FINE_TUNE_TYPES, default="lora")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype; given, a quantized model stays quantized (by default MLX's CPU backend "
@@ -80,7 +83,7 @@ def main() -> None:
 
     out = Path(args.out)
     build_dataset(out / "data")
-    data = lora.load_datasets(out / "data")
+    data = trainer.load_datasets(out / "data")
     print(f"dataset in {out / 'data'}: {len(data['train'])} training, {len(data['valid'])} validation examples")
 
     tic = time.perf_counter()
@@ -89,13 +92,14 @@ def main() -> None:
     before = answers(model, processor, data["valid"], args.max_tokens)
 
     mx.random.seed(0)
-    config = lora.add_lora(model, rank=args.lora_rank)
+    config = (trainer.add_lora(model, rank=args.lora_rank) if args.fine_tune_type == "lora"
+              else trainer.set_trainable(model, args.fine_tune_type))
     config.update(base_model=args.model, model_type="paligemma")
-    train_args = lora.TrainingArgs(iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                   steps_per_report=10, steps_per_eval=20, adapter_path=str(out / "adapters"),
-                                   grad_checkpoint=args.grad_checkpoint)
+    train_args = trainer.TrainingArgs(iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                      steps_per_report=10, steps_per_eval=20, adapter_path=str(out / "adapters"),
+                                      grad_checkpoint=args.grad_checkpoint)
     tic = time.perf_counter()
-    history = lora.train(model, processor, data["train"], data["valid"], train_args, adapter_config=config)
+    history = trainer.train(model, processor, data["train"], data["valid"], train_args, adapter_config=config)
     seconds = time.perf_counter() - tic
     after = answers(model, processor, data["valid"], args.max_tokens)
 

@@ -19,6 +19,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .formats.adapters import ADAPTER_FILE, save_adapters
+from .formats.mlx import atomic_file
 from .model import PaliGemma, suffix_loss
 from .processor import InputError, PaliGemmaProcessor, load_image
 
@@ -26,7 +28,6 @@ ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 LAYER_GROUPS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
 FINE_TUNE_TYPES = ("lora", "attention", "full")
-ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 # Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
 # (the data order and each step's random draws follow from the seed and the step).
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
@@ -158,7 +159,8 @@ def set_trainable(model: PaliGemma, fine_tune_type: str = "full", num_layers: in
     """Unfreeze what attention-only or full fine-tuning trains: the attention projections of the last `num_layers`
     decoder blocks (-1: all), or the whole decoder (those blocks only, when num_layers is given; else the tied
     embedding and the final norm too); `train_vision` adds the vision tower and the projector. Returns the
-    checkpoint config: the trained weights themselves are saved, so apply_trained loads them over the base."""
+    checkpoint config: fine_tune_type "full" in mlx-lm's sense (the saved weights replace the base's, which is
+    how load(..., adapter_path=...) applies them), `trained` saying which were chosen."""
     if fine_tune_type not in ("attention", "full"):
         raise InputError(f"unknown fine-tune type {fine_tune_type!r}: choose from {', '.join(FINE_TUNE_TYPES)}")
     if any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
@@ -173,35 +175,7 @@ def set_trainable(model: PaliGemma, fine_tune_type: str = "full", num_layers: in
     if train_vision:
         model.vision_tower.unfreeze()
         model.multi_modal_projector.unfreeze()
-    return {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "train_vision": train_vision}
-
-
-def save_trained(model: PaliGemma, folder, config: dict) -> None:
-    """The trainable weights (LoRA's A and B, or the fine-tuned weights) and their config."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / ADAPTER_FILE), dict(tree_flatten(model.trainable_parameters())))
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-
-def apply_trained(model: PaliGemma, folder) -> PaliGemma:
-    """Load what save_trained wrote: LoRA layers wrapped as the config says (mlx-lm's load_adapters), or the
-    fine-tuned weights put in place of the base's."""
-    from mlx_lm.tuner.utils import load_adapters
-
-    folder = Path(folder)
-    for name in (CONFIG_FILE, ADAPTER_FILE):
-        if not (folder / name).is_file():
-            raise InputError(f"no {name} in adapter folder {folder}")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    try:
-        if config.get("fine_tune_type", "lora") == "lora":
-            return load_adapters(model, str(folder))
-        model.load_weights(str(folder / ADAPTER_FILE), strict=False)
-        mx.eval(model.parameters())
-        return model
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"adapters in {folder} do not fit this model: {' '.join(str(e).split())[:300]}") from None
+    return {"fine_tune_type": "full", "trained": fine_tune_type, "num_layers": num_layers, "train_vision": train_vision}
 
 
 @dataclass
@@ -255,9 +229,13 @@ def average_gradients(grads, n_tokens: mx.array, world):
 
 
 def save_checkpoint(model, optimizer, folder: Path, config: dict, step: int, best: Optional[float]) -> None:
-    save_trained(model, folder, config)
-    mx.save_safetensors(str(folder / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-    (folder / STATE_FILE).write_text(json.dumps({"step": step, "best_score": best}))
+    """Trained weights, optimizer state, then the step: each file renamed into place whole, the step last, so a run
+    killed mid-save resumes from the previous checkpoint's step at worst with this one's weights."""
+    save_adapters(model, folder, config)
+    with atomic_file(folder / OPTIMIZER_FILE) as tmp:
+        mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)))
+    with atomic_file(folder / STATE_FILE) as tmp:
+        tmp.write_text(json.dumps({"step": step, "best_score": best}))
 
 
 def load_checkpoint(model, optimizer, folder: Path) -> dict:
@@ -322,7 +300,7 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             if args.keep_best and (best is None or results["score"] > best):
                 best = results["score"]
                 if writes:
-                    save_trained(model, folder / "best", {**adapter_config, "best": {"iteration": it, **results}})
+                    save_adapters(model, folder / "best", {**adapter_config, "best": {"iteration": it, **results}})
                     report(f"Iter {it}: best so far, saved to {folder / 'best'}")
         model.train()
 

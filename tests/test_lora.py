@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, MODELS, images_of
-from mlx_paligemma import lora
+from mlx_paligemma import lora, trainer
 from mlx_paligemma.convert import convert, quantize
 from mlx_paligemma.processor import InputError
 
@@ -43,16 +43,16 @@ def logits_of(model, batch):
 
 def test_training_loss_matches_transformers(model_name, reference, cases):
     model, processor = fresh(model_name)
-    lora.add_lora(model)  # LoRA B starts at zero: the adapted model is the base model
+    trainer.add_lora(model)  # LoRA B starts at zero: the adapted model is the base model
     case = cases["suffix"]
     texts = case["text"] * len(case["images"]) if len(case["text"]) == 1 else case["text"]
-    examples = [lora.Example(row[0], text, suffix) for row, text, suffix in zip(images_of(case), texts, case["suffix"])]
-    batch = lora.make_batch(processor, examples)
+    examples = [trainer.Example(row[0], text, suffix) for row, text, suffix in zip(images_of(case), texts, case["suffix"])]
+    batch = trainer.make_batch(processor, examples)
     for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         np.testing.assert_array_equal(np.array(batch[key]), reference[f"suffix/{key}"], err_msg=key)
     labels = np.array(batch["labels"])
     assert len(set((labels != -100).sum(axis=1))) > 1 and not np.array(batch["attention_mask"]).all()
-    loss, n_tokens = lora.loss_fn(model, batch)
+    loss, n_tokens = trainer.loss_fn(model, batch)
     assert abs(loss.item() - float(reference["suffix/loss"])) < 1e-4
     assert n_tokens.item() == (labels[:, 1:] != -100).sum()
 
@@ -61,12 +61,12 @@ def test_training_loss_matches_transformers(model_name, reference, cases):
 def test_lora_gradients_match_finite_differences(model_name, quantized):
     model, processor = fresh(model_name, quantized)
     mx.random.seed(1)
-    lora.add_lora(model, rank=4)
-    batch = lora.make_batch(processor, [lora.Example(str(IMAGES / i), p, s) for i, p, s in TEACH])
+    trainer.add_lora(model, rank=4)
+    batch = trainer.make_batch(processor, [trainer.Example(str(IMAGES / i), p, s) for i, p, s in TEACH])
     layers = [model.layers[0].mlp.down_proj, model.layers[-1].self_attn.q_proj]
     for layer in layers:
         layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape)  # B = 0 would zero A's gradient
-    (_, _), grads = nn.value_and_grad(model, lora.loss_fn)(model, batch)
+    (_, _), grads = nn.value_and_grad(model, trainer.loss_fn)(model, batch)
     grads = dict(tree_flatten(grads))
     assert all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in grads)
     names = ["language_model.model.layers.0.mlp.down_proj",
@@ -78,7 +78,7 @@ def test_lora_gradients_match_finite_differences(model_name, quantized):
 
             def loss_at(t):
                 setattr(layer, leaf, p0 + t * direction)
-                return lora.loss_fn(model, batch)[0].item()
+                return trainer.loss_fn(model, batch)[0].item()
 
             eps = 1e-2
             numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
@@ -91,16 +91,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_name):
     from mlx_paligemma.language import DecoderLayer
 
     model, processor = fresh(model_name)
-    lora.add_lora(model)
+    trainer.add_lora(model)
     model.layers[0].self_attn.v_proj.lora_b = mx.ones_like(model.layers[0].self_attn.v_proj.lora_b) * 0.01
-    batch = lora.make_batch(processor, [lora.Example(str(IMAGES / i), p, s) for i, p, s in TEACH])
-    plain = nn.value_and_grad(model, lora.loss_fn)(model, batch)
+    batch = trainer.make_batch(processor, [trainer.Example(str(IMAGES / i), p, s) for i, p, s in TEACH])
+    plain = nn.value_and_grad(model, trainer.loss_fn)(model, batch)
     call = DecoderLayer.__call__
     try:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])  # what --grad-checkpoint does; it patches the class
-        checked = nn.value_and_grad(model, lora.loss_fn)(model, batch)
+        checked = nn.value_and_grad(model, trainer.loss_fn)(model, batch)
     finally:
         DecoderLayer.__call__ = call
     assert plain[0][0].item() == pytest.approx(checked[0][0].item(), abs=1e-6)
@@ -110,11 +110,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_name):
 
 def test_choosing_the_adapted_layers(model_name):
     model, _ = fresh(model_name)
-    assert lora.lora_keys(["attention", "q_proj", "down_proj"]) == [
+    assert trainer.lora_keys(["attention", "q_proj", "down_proj"]) == [
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
     with pytest.raises(InputError, match="unknown LoRA layer 'qproj'"):
-        lora.lora_keys(["qproj"])
-    config = lora.add_lora(model, rank=2, layers=["q_proj", "v_proj"], num_layers=1)
+        trainer.lora_keys(["qproj"])
+    config = trainer.add_lora(model, rank=2, layers=["q_proj", "v_proj"], num_layers=1)
     assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     last = len(model.layers) - 1
     trainable = sorted(k for k, _ in tree_flatten(model.trainable_parameters()))
@@ -129,12 +129,12 @@ def trained(request, tmp_path_factory):
     name, quantized = request.param
     model, processor = fresh(name, quantized)
     mx.random.seed(0)
-    config = lora.add_lora(model, rank=8)
+    config = trainer.add_lora(model, rank=8)
     folder = tmp_path_factory.mktemp("trained")
-    data = lora.load_datasets(write_data(folder / "data"))
-    args = lora.TrainingArgs(iters=40, batch_size=2, learning_rate=1e-3, steps_per_report=10, steps_per_eval=20,
+    data = trainer.load_datasets(write_data(folder / "data"))
+    args = trainer.TrainingArgs(iters=40, batch_size=2, learning_rate=1e-3, steps_per_report=10, steps_per_eval=20,
                              adapter_path=str(folder / "adapters"))
-    history = lora.train(model, processor, data["train"], data["valid"], args, adapter_config=config,
+    history = trainer.train(model, processor, data["train"], data["valid"], args, adapter_config=config,
                          report=lambda s: None)
     base = folder / "base"  # the base model as a folder, for load(..., adapter_path) and fusing
     convert(str(FIXTURES / name), str(base), "float32", quantize_bits=8 if quantized else None, group_size=32)
@@ -155,7 +155,7 @@ def test_training_lowers_the_loss_and_teaches_the_suffix(trained):
 
 def test_adapters_reload_and_fuse_to_the_same_logits(trained, tmp_path):
     model, processor, folder = trained["model"], trained["processor"], trained["folder"]
-    batch = lora.make_batch(processor, trained["data"]["valid"])
+    batch = trainer.make_batch(processor, trained["data"]["valid"])
     expected = logits_of(model, batch)
     config = json.loads((folder / "adapters" / "adapter_config.json").read_text())
     assert config["lora_parameters"]["rank"] == 8 and config["fine_tune_type"] == "lora"
@@ -214,3 +214,37 @@ def test_a_bad_line_stops_before_training(tmp_path, capsys, line, message):
     assert rc == 1 and "Iter" not in captured.out
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'train.jsonl'}, {message}")
+
+
+def test_cli_full_fine_tuning_with_the_vision_tower_resumes_and_fuses(tmp_path, capsys):
+    data = write_data(tmp_path / "data")
+    args = ["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data), "--fine-tune-type", "full",
+            "--train-vision", "--batch-size", "2", "--learning-rate", "1e-3", "--steps-per-report", "2",
+            "--save-every", "2", "--adapter-path", str(tmp_path / "weights")]
+    assert lora.main(args + ["--iters", "2"]) == 0
+    assert lora.main(args + ["--iters", "4", "--resume", "--fuse", "--save-path", str(tmp_path / "fused")]) == 0
+    out = capsys.readouterr().out
+    assert "Trainable parameters: 100.000%" in out and "Resumed from" in out and "Iter 4: train loss" in out
+    assert "Iter 2: train loss" not in out.split("Resumed from")[1]
+    saved = mx.load(str(tmp_path / "weights" / "adapters.safetensors"))
+    assert "vision_tower.vision_model.post_layernorm.weight" in saved
+    fused, processor = mp.load(str(tmp_path / "fused"), dtype=mx.float32)
+    reloaded, _ = mp.load(str(FIXTURES / "paligemma2-tiny"), dtype=mx.float32, adapter_path=str(tmp_path / "weights"))
+    batch = trainer.make_batch(processor, trainer.load_datasets(data)["valid"])
+    np.testing.assert_allclose(np.array(logits_of(fused, batch)), np.array(logits_of(reloaded, batch)), atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iters", "0"], "--iters must be at least 1, got 0"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--num-layers", "0"], "--num-layers must be at least 1, or -1 for all, got 0"),
+    (["--train-vision"], "--train-vision trains weights, not adapters"),
+    (["--keep-best"], "--keep-best needs --eval-task"),
+    (["--resume"], "nothing to resume in"),
+])
+def test_bad_options_end_with_one_line(tmp_path, capsys, argv, message):
+    data = write_data(tmp_path / "data")
+    rc = lora.main(["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data), "--batch-size", "2",
+                    "--adapter-path", str(tmp_path / "adapters")] + argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
