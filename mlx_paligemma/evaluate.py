@@ -52,7 +52,8 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
     for e in examples:
         key = (e.image if isinstance(e.image, str) else id(e.image), e.prefix)
         if key not in questions:
-            questions[key] = Question(e.image, e.prefix, [], task_of(e.prefix) if task == "auto" else task, e.source)
+            source = e.source or (e.image if isinstance(e.image, str) else "")
+            questions[key] = Question(e.image, e.prefix, [], task_of(e.prefix) if task == "auto" else task, source)
         questions[key].references.append(e.suffix)
     return list(questions.values())
 
@@ -176,7 +177,8 @@ def run(args) -> dict:
     examples = read_jsonl(args.data)
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
-    if args.mask_decoder or Path(path).is_file():
+    segments = any((task_of(e.prefix) if args.task == "auto" else args.task) == "segment" for e in examples)
+    if args.mask_decoder or (segments and Path(path).is_file()):
         if not Path(path).is_file():
             raise InputError(f"--mask-decoder: no such file {path}")
         decoder = load_mask_decoder(path)

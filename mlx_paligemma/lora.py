@@ -4,7 +4,7 @@ or several under mlx.launch, with the training loop of mlx_paligemma.trainer; fu
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --data my_data --iters 200
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224 --data my_data --fine-tune-type full --train-vision
     python -m mlx_paligemma.lora --model M --data my_data --resume      # on from the last checkpoint in --adapter-path
-    mlx.launch -n 2 --backend ring $(which python) -m mlx_paligemma.lora --model M --data my_data --batch-size 2
+    mlx.launch -n 2 --backend ring --python $(which python) -- -m mlx_paligemma.lora --model M --data D --batch-size 2
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --save-path fused
     model, processor = mlx_paligemma.load("paligemma2-3b-pt-224-4bit", adapter_path="adapters")
 

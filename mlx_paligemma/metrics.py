@@ -150,7 +150,7 @@ def normalize_vqa_answer(answer: str) -> str:
 def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean over questions of min(#references equal to the prediction / 3, 1), after normalize_vqa_answer: VQAv2's
     accuracy over the human answers given (with one reference it is exact match after normalisation). The official
-    script also averages this over the 10 leave-one-out subsets of its 10 answers, which changes it by under 1%."""
+    script averages it over the 10 leave-one-out subsets of its 10 answers instead, which differs slightly."""
     scores = []
     for prediction, refs in zip(predictions, references):
         answer = normalize_vqa_answer(prediction)

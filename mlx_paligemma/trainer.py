@@ -170,8 +170,9 @@ def set_trainable(model: PaliGemma, fine_tune_type: str = "full", num_layers: in
     blocks = model.layers if num_layers < 0 else model.layers[len(model.layers) - num_layers:]
     if fine_tune_type == "full" and num_layers < 0:
         model.language_model.unfreeze()
-    for block in blocks:
-        (block.self_attn if fine_tune_type == "attention" else block).unfreeze()
+    else:
+        for block in blocks:
+            (block.self_attn if fine_tune_type == "attention" else block).unfreeze()
     if train_vision:
         model.vision_tower.unfreeze()
         model.multi_modal_projector.unfreeze()
@@ -256,6 +257,8 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     import mlx.optimizers as optim
 
     check_args(args)
+    if args.eval_task and not valid_set:
+        raise InputError("--eval-task scores the validation set: give one (valid.jsonl)")
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
     if len(train_set) < args.batch_size * size:
@@ -279,7 +282,7 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
         start, best = state["step"], state.get("best_score")
         report(f"Resumed from {folder} at step {start}")
     score_task = None
-    if args.eval_task and valid_set:
+    if args.eval_task:
         from .evaluate import evaluate_examples
 
         score_task = partial(evaluate_examples, task=args.eval_task, batch_size=args.batch_size,

@@ -173,6 +173,7 @@ def test_the_metric_hook_keeps_the_best(tmp_path):
     (dict(val_batches=0), "--val-batches must be at least 1, or -1"),
     (dict(keep_best=True), "--keep-best needs --eval-task"),
     (dict(batch_size=5), "4 training examples, fewer than the batch size 5"),
+    (dict(eval_task="auto"), "--eval-task scores the validation set"),
 ])
 def test_bad_training_arguments(change, message):
     model, processor = fresh()
