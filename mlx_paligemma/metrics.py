@@ -24,6 +24,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .detection import DetectedObject
+from .processor import InputError
 
 # The tokens pycocoevalcap's PTBTokenizer drops after tokenizing (brackets and double quotes become -LRB-, ``, ''...).
 _DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}", '"'}
@@ -226,8 +227,11 @@ def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
     """COCO box mAP by pycocotools (every predicted box scored 1: PaliGemma gives no scores, so boxes rank in
     the order of the answer) over the labels that have reference boxes, and the mean IoU of matched boxes.
     {"map_50": mAP@0.5, "map": mAP@[.5:.95], "mean_iou": ..., "matched": pairs, "reference_boxes": ...}."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise InputError("detection metrics need pycocotools: pip install 'mlx-paligemma[eval]'") from None
 
     labels = sorted({o.label for objects in (*predictions, *references) for o in objects})
     category = {label: i + 1 for i, label in enumerate(labels)}
