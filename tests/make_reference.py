@@ -215,7 +215,8 @@ def big_vision_arrays(model, bfloat16: bool) -> dict:
     c = model.config
     heads, kv_heads, head_dim = (c.text_config.num_attention_heads, c.text_config.num_key_value_heads,
                                  c.text_config.head_dim)
-    hidden, width, vision_heads = c.text_config.hidden_size, c.vision_config.hidden_size, c.vision_config.num_attention_heads
+    hidden, width = c.text_config.hidden_size, c.vision_config.hidden_size
+    vision_heads = c.vision_config.num_attention_heads
     v, t = "vision_tower.vision_model.", "language_model.model."
     vision_layers, text_layers = range(c.vision_config.num_hidden_layers), range(c.text_config.num_hidden_layers)
 
@@ -268,7 +269,8 @@ def big_vision_arrays(model, bfloat16: bool) -> dict:
     else:  # Gemma 1 names its one pre-MLP norm pre_ffw_norm
         arrays["llm/layers/pre_ffw_norm/scale"] = stack("post_attention_layernorm.weight")
     if bfloat16:  # numpy has no bfloat16: big_vision's files hold the 2-byte patterns as void
-        return {"params/" + k: a.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2") for k, a in arrays.items()}
+        return {"params/" + k: a.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("V2")
+                for k, a in arrays.items()}
     return {"params/" + k: a.contiguous().numpy() for k, a in arrays.items()}
 
 
@@ -288,7 +290,8 @@ def check_big_vision(arrays: dict, model, converters: Path) -> None:
     state = scope["slice_state_dict"]({k[len("params/"):]: widen(a) for k, a in arrays.items()}, model.config)
     bf16 = next(iter(arrays.values())).dtype.kind == "V"
     expected = {k: v.to(torch.bfloat16).float() if bf16 else v for k, v in hub_weights(model).items()}
-    expected["language_model.model.embed_tokens.weight"] = expected["language_model.model.embed_tokens.weight"][:SP_VOCAB]
+    embedding = "language_model.model.embed_tokens.weight"
+    expected[embedding] = expected[embedding][:SP_VOCAB]
     assert torch.equal(state.pop("language_model.lm_head.weight"), state["language_model.model.embed_tokens.weight"])
     assert sorted(state) == sorted(expected), set(state) ^ set(expected)
     for key, value in expected.items():

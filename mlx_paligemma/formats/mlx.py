@@ -289,7 +289,7 @@ def check_quantization(bits: Optional[int], group_size: Optional[int], mode: str
 
 def quantize(model: PaliGemma, group_size: Optional[int] = 64, bits: Optional[int] = 4, vision: bool = False,
              mode: str = "affine", recipe: Optional[str] = None) -> dict:
-    """Quantize the decoder's linears and tied embedding (and, if asked, the vision tower and projector),
+    """Quantize the decoder's linears and tied embedding (and, if asked, the vision tower's and projector's linears),
     skipping layers whose input width the group size does not divide. `recipe` is one of mlx-lm's mixed_*
     predicates for the decoder (more bits for some v_proj/down_proj layers). Returns the quantization block
     for config.json: the defaults, plus the layer's own entry wherever the recipe chose."""
@@ -305,7 +305,7 @@ def quantize(model: PaliGemma, group_size: Optional[int] = 64, bits: Optional[in
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             return False
         if not path.startswith("language_model."):
-            return vision
+            return vision and isinstance(module, nn.Linear)  # the position embedding is added, not looked up
         if mixed is None:
             return True
         block[path] = mixed(path, module)
