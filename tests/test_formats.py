@@ -193,3 +193,47 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2, 3]", "holds a JSON list, not an object"),
+    (b'{"model_type": "paligemma", "text_config": "gemma"}', "text_config is str, expected an object"),
+    ('{"model_type": "paligemma", "caf\xe9": 1}'.encode("latin-1"), "is not UTF-8 text"),
+    (b'{"model_type": "paligemma", "text_config": {"hidden_size": "64"}}', "text_config: hidden_size is '64'"),
+    (b'{"model_type": "paligemma", "vision_config": {"image_size": 5.5}}', "vision_config: image_size is 5.5"),
+    (b'{"model_type": "paligemma", "text_config": {"rope_parameters": [1]}}', "rope_parameters is list"),
+    (b'{"model_type": "paligemma", "image_token_index": true}', "image_token_index is True"),
+    (b'{"model_type": "paligemma", "quantization": 4}', "quantization is 4"),
+])
+def test_bad_config_is_one_line(tmp_path, content, message):
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "paligemma-tiny", folder)
+    (folder / "config.json").write_bytes(content)
+    for attempt in (lambda: mp.load(str(folder)), lambda: convert(str(folder), str(tmp_path / "out"))):
+        with pytest.raises(mp.InputError) as e:
+            attempt()
+        assert "\n" not in str(e.value) and message in str(e.value) and "config.json" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_unwritable_output_fails_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--hf-path", str(FIXTURES / "paligemma-tiny"), "--mlx-path", str(tmp_path / "file" / "out")]) == 1
+    captured = capsys.readouterr()
+    assert "[convert] loading" not in captured.out
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"error: cannot write {tmp_path / 'file' / 'out'}")
+
+
+def test_adapters_are_written_atomically(tmp_path):
+    from mlx_paligemma import lora
+    from mlx_paligemma.formats.adapters import save_adapters
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".adapters.partial-{int(dead.stdout)}.safetensors"  # left by a killed run
+    stale.write_bytes(b"half a file")
+    model, _ = mp.load(str(FIXTURES / "paligemma-tiny"), dtype=mx.float32)
+    config = lora.add_lora(model, rank=2)
+    save_adapters(model, tmp_path, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    assert (tmp_path / "adapters.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    mp.load(str(FIXTURES / "paligemma-tiny"), adapter_path=str(tmp_path))
