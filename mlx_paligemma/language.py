@@ -6,7 +6,7 @@ some layers. A Gemma 1 config leaves those fields at None.
 """
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,9 +41,9 @@ class TextConfig:
 
 
 def prefix_lm_mask(
-    prefix: Optional[mx.array],
+    prefix,
     key_valid: Optional[mx.array],
-    offset: int,
+    offset,
     length: int,
     window: Optional[int] = None,
 ) -> Optional[mx.array]:
@@ -53,11 +53,13 @@ def prefix_lm_mask(
     A query attends to a key when the key is not padding and either
     - both are in the prefix (image tokens, bos, prompt, "\\n"): bidirectional, and this overrides the window, or
     - the key is not after the query (causal) and, on sliding-window layers, fewer than `window` positions back.
-    `prefix` (B, L) marks the current tokens that belong to the prefix; None means all of them do. Earlier
-    (cached) keys count as prefix, since a prefix split across calls always comes first.
-    `key_valid` (B, N) is False on padding; None means no padding.
+    `prefix` (B, L) marks the current tokens that belong to the prefix; None means all of them do, False that
+    none do (decoding). Earlier (cached) keys count as prefix, since a prefix split across calls always comes first.
+    `key_valid` (B, N) is False on padding; None means no padding and N = offset + L. When decoding into
+    fixed-size buffers (a compiled step), `offset` is an array and key_valid spans the whole buffer: the keys
+    after the query, not written yet, are excluded by the causal rule.
     """
-    n_keys = offset + length
+    n_keys = key_valid.shape[1] if key_valid is not None else offset + length
     if key_valid is None:
         if prefix is None:
             return None
@@ -66,13 +68,15 @@ def prefix_lm_mask(
     if prefix is None:
         allowed = mx.array(True)[None, None]
     else:
-        q_idx = mx.arange(offset, n_keys)[:, None]
+        q_idx = mx.arange(length)[:, None] + offset
         k_idx = mx.arange(n_keys)[None]
-        causal = k_idx <= q_idx
+        allowed = k_idx <= q_idx
         if window is not None:
-            causal = causal & (k_idx > q_idx - window)
-        k_prefix = mx.concatenate([mx.ones((prefix.shape[0], offset), mx.bool_), prefix], axis=1)
-        allowed = causal[None] | (prefix[:, :, None] & k_prefix[:, None, :])
+            allowed = allowed & (k_idx > q_idx - window)
+        allowed = allowed[None]
+        if prefix is not False:
+            k_prefix = mx.concatenate([mx.ones((prefix.shape[0], offset), mx.bool_), prefix], axis=1)
+            allowed = allowed | (prefix[:, :, None] & k_prefix[:, None, :])
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
     return allowed[:, None]
@@ -120,11 +124,10 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, **rope)
         k = mx.fast.rope(k, self.head_dim, **rope)
         if cache is not None:
-            fresh = cached_length(cache) == 0
             cached_k, cached_v = cache.update_and_fetch(k, v)
             if not isinstance(cached_k, tuple):
                 k, v = cached_k, cached_v
-            elif not fresh:
+            elif cache.offset > L:
                 # mlx-lm's quantized cache returns (packed, scales, biases); the prefix, when it is the whole
                 # input, still attends to itself in full precision above.
                 k, v = (mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (cached_k, cached_v))
@@ -231,7 +234,7 @@ class LanguageModel(nn.Module):
         """Logits for `inputs_embeds` (B, L, D) appended after what `cache` holds.
 
         attention_mask: (B, N) over the cached and the new tokens, 1 for real tokens, 0 for (left) padding.
-        prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do.
+        prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do, False none.
         logits_to_keep: logits for only the last this many positions (0: all). Generation needs just the last,
         and the 257k-wide output head over the prefix costs as much as 5-8 decoder layers (and up to 4 GB at 896 px).
         """
@@ -244,12 +247,17 @@ class LanguageModel(nn.Module):
             key_valid = attention_mask.astype(mx.bool_)
             # Positions count real tokens only, so a left-padded row matches its unpadded run.
             positions = attention_mask.astype(mx.int32).sum(axis=-1) - L + 1
+        return self.forward(inputs_embeds, cache, positions,
+                            lambda window: prefix_lm_mask(prefix, key_valid, offset, L, window), logits_to_keep)
+
+    def forward(self, h: mx.array, cache: Optional[List[Any]], positions: mx.array,
+                mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0) -> mx.array:
+        """The decoder stack and the head, given the positions and the mask of each attention window."""
         masks = {}
-        h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             window = layer.self_attn.window
             if window not in masks:
-                masks[window] = prefix_lm_mask(prefix, key_valid, offset, L, window)
+                masks[window] = mask_for(window)
             h = layer(h, positions, masks[window], cache[i] if cache is not None else None)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

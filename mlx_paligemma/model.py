@@ -88,7 +88,7 @@ class PaliGemma(nn.Module):
         if token_type_ids is not None:
             prefix = token_type_ids == 0
         elif cache is not None and cached_length(cache[0]) > 0:
-            prefix = mx.zeros(input_ids.shape, mx.bool_)
+            prefix = False
         else:
             prefix = None
         return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)

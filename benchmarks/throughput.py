@@ -1,0 +1,245 @@
+"""Throughput of the generation engine: per-token overhead of one stream, and tokens/s and images/s of batches.
+
+    python benchmarks/throughput.py overhead --rounds 5              # tiny model: ours vs mlx-vlm, one stream
+    python benchmarks/throughput.py batch --model tests/fixtures/paligemma2-tiny --sizes 1 4 8 16
+    python benchmarks/throughput.py batch --model pg1-3b-224 --sizes 1 8 --images 8   # full-size random weights
+
+Every measurement runs in its own process, and the implementations alternate round by round, since a shared
+machine drifts by tens of percent within minutes; the tables give medians. A warm-up run comes first in each
+process (MLX compiles kernels on first use). `overhead` decodes the test fixtures' tiny PaliGemma 2 (3 layers,
+width 64), where per-token Python and graph-building cost is all there is. `batch` captions distinct photos
+with about 20 tokens each (eos ignored, so every row makes the same number of tokens), beside sequential
+`generate` and, where it runs, mlx-vlm's batch_generate; full-size names are bench.py's random checkpoints.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mlx_paligemma as mp  # noqa: E402  (before mlx: it may load a faster BLAS on Linux)
+import mlx.core as mx  # noqa: E402
+
+TINY = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
+PHOTOS = sorted((ROOT / "examples" / "images").glob("*.jpg"))
+
+
+def photos(n: int):
+    """n distinct images: the sample photos, then flipped and rotated copies of them."""
+    from PIL import Image, ImageOps
+
+    base = [Image.open(p).convert("RGB") for p in PHOTOS]
+    out = []
+    for i in range(n):
+        im = base[i % len(base)]
+        k = i // len(base)
+        out.append(im if k == 0 else ImageOps.mirror(im).rotate(90 * k, expand=True))
+    return out
+
+
+def no_eos(processor):
+    # Every row makes exactly max_tokens tokens, so the implementations do the same work.
+    return {processor.tokenizer.eos_id: -1e9}
+
+
+# Measurements, each run in a fresh process by `measure`.
+
+def ours_stream(model_path: str, tokens: int) -> dict:
+    model, processor = mp.load(model_path)
+    image = photos(1)[0]
+    rates = []
+    for _ in range(2):
+        n, tic = 0, None
+        for r in mp.stream_generate(model, processor, image, "caption en", max_tokens=tokens,
+                                    logit_bias=no_eos(processor)):
+            n += 1
+            if tic is None:
+                tic = time.perf_counter()
+        rates.append((n - 1) / (time.perf_counter() - tic))
+    return dict(tps=rates[-1], tokens=n)
+
+
+def mlx_vlm_stream(model_path: str, tokens: int) -> dict:
+    from mlx_vlm import load, stream_generate
+
+    model, processor = load(model_path)
+    image = photos(1)[0]
+    rates = []
+    for _ in range(2):
+        n, tic = 0, None
+        # mlx-vlm takes no logit bias: the random model's greedy answer runs the full length without eos.
+        for r in stream_generate(model, processor, "caption en", image=[image], max_tokens=tokens):
+            n += 1
+            if tic is None:
+                tic = time.perf_counter()
+        rates.append((n - 1) / (time.perf_counter() - tic))
+    return dict(tps=rates[-1], tokens=n)
+
+
+def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
+    model, processor = mp.load(model_path)
+    images = photos(n_images)
+    prompts = ["caption en"] * n_images
+    mp.batch_generate(model, processor, images[:1], prompts[:1], max_tokens=2)  # warm-up
+    mp.engine.feature_cache(model).entries.clear()
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    if size == 0:  # sequential generate, one prompt after another
+        for im, p in zip(images, prompts):
+            mp.generate(model, processor, im, p, max_tokens=tokens, logit_bias=no_eos(processor))
+    else:
+        mp.batch_generate(model, processor, images, prompts, max_tokens=tokens, batch_size=size,
+                          logit_bias=no_eos(processor))
+    elapsed = time.perf_counter() - tic
+    weights = sum(v.nbytes for _, v in mp_tree_flatten(model.parameters()))
+    cfg = model.config.text_config
+    prompt_len = processor(images=images[:1], text="caption en")["input_ids"].shape[1]
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt_len + tokens) * 4 * max(size, 1)
+    return dict(seconds=elapsed, tps=n_images * tokens / elapsed, ips=n_images / elapsed,
+                peak=mx.get_peak_memory() / 1e9, weights=weights / 1e9, kv=kv / 1e9)
+
+
+def mlx_vlm_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
+    from mlx_vlm import batch_generate, load
+
+    model, processor = load(model_path)
+    images = photos(n_images)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    for start in range(0, n_images, size):
+        chunk = images[start : start + size]
+        batch_generate(model, processor, images=chunk, prompts=["caption en"] * len(chunk), max_tokens=tokens)
+    elapsed = time.perf_counter() - tic
+    return dict(seconds=elapsed, tps=n_images * tokens / elapsed, ips=n_images / elapsed,
+                peak=mx.get_peak_memory() / 1e9)
+
+
+def mp_tree_flatten(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+MEASURE = {"ours-stream": ours_stream, "mlx-vlm-stream": mlx_vlm_stream, "ours-batch": ours_batch,
+           "mlx-vlm-batch": mlx_vlm_batch}
+
+
+def measure(kind: str, *args):
+    cmd = [sys.executable, __file__, "--measure", kind, *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        print(f"[throughput] {kind} {args}: {tail}", file=sys.stderr, flush=True)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def model_folder(name: str, work: Path) -> str:
+    if Path(name).is_dir():
+        return name
+    import bench
+
+    folder = work / f"{name}-bf16"
+    if not (folder / "config.json").is_file():
+        bench.write_checkpoint(name, folder)
+    return str(folder)
+
+
+def mlx_vlm_copy(folder: Path, work: Path) -> Path:
+    """The fixture with its vision weights under `vision_tower.vision_model.*`: mlx-vlm 0.7 does not read the
+    layout transformers 5.24 writes (`vision_tower.*`)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = work / f"{folder.name}-mlx-vlm"
+    if not (out / "model.safetensors").is_file():
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+        weights = load_file(folder / "model.safetensors")
+        renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") and
+                    not k.startswith("vision_tower.vision_model.") else k): v for k, v in weights.items()}
+        save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def overhead(args) -> None:
+    ours, theirs, ratios = [], [], []
+    theirs_folder = mlx_vlm_copy(TINY, Path(args.work))
+    for n in range(args.rounds):
+        a = measure("ours-stream", TINY, args.tokens)
+        b = measure("mlx-vlm-stream", theirs_folder, args.tokens)
+        if a and b:
+            ours.append(a["tps"])
+            theirs.append(b["tps"])
+            ratios.append(a["tps"] / b["tps"])
+            print(f"round {n + 1}: ours {a['tps']:.0f} tok/s ({a['tokens']} tokens), "
+                  f"mlx-vlm {b['tps']:.0f} tok/s ({b['tokens']} tokens)", flush=True)
+    print(f"\nsingle stream, tiny PaliGemma 2, {args.tokens} tokens, {len(ratios)} alternated rounds, "
+          f"{mx.default_device()}:")
+    print(f"ours median {statistics.median(ours):.0f} tok/s, mlx-vlm median {statistics.median(theirs):.0f} tok/s, "
+          f"median ratio {statistics.median(ratios):.2f}x")
+
+
+def batch(args) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    folder = model_folder(args.model, Path(args.work))
+    kinds = [("sequential generate", "ours-batch", 0)] + [(f"batch {s}", "ours-batch", s) for s in args.sizes]
+    if args.mlx_vlm:
+        kinds += [(f"mlx-vlm batch {s}", "mlx-vlm-batch", s) for s in args.sizes]
+    results = {name: [] for name, _, _ in kinds}
+    for n in range(args.rounds):
+        for name, kind, size in kinds:
+            r = measure(kind, folder, args.tokens, size, args.images)
+            if r:
+                results[name].append(r)
+                print(f"round {n + 1} {name}: {r['tps']:.2f} tok/s, {r['ips']:.3f} images/s, peak {r['peak']:.3f} GB",
+                      flush=True)
+    print(f"\n{Path(folder).name}: {args.images} captions of {args.tokens} tokens, medians of {args.rounds} "
+          f"alternated rounds, {mx.default_device()}\n")
+    print("| run | tokens/s | images/s | vs sequential | peak GB | weights + KV GB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    base = statistics.median(r["tps"] for r in results["sequential generate"]) if results["sequential generate"] else None
+    for name, rs in results.items():
+        if not rs:
+            print(f"| {name} | failed | | | | |")
+            continue
+        tps = statistics.median(r["tps"] for r in rs)
+        ips = statistics.median(r["ips"] for r in rs)
+        peak = statistics.median(r["peak"] for r in rs)
+        need = f"{rs[0]['weights'] + rs[0]['kv']:.3f}" if "weights" in rs[0] else "-"
+        ratio = f"{tps / base:.2f}x" if base else "-"
+        print(f"| {name} | {tps:.2f} | {ips:.3f} | {ratio} | {peak:.3f} | {need} |")
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+        kind, *rest = sys.argv[2:]
+        args = [rest[0]] + [int(x) for x in rest[1:]]
+        print(json.dumps(MEASURE[kind](*args)))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    o = sub.add_parser("overhead")
+    o.add_argument("--tokens", type=int, default=200)
+    o.add_argument("--rounds", type=int, default=5)
+    o.add_argument("--work", default=str(ROOT / "benchmarks" / "checkpoints"))
+    b = sub.add_parser("batch")
+    b.add_argument("--model", default=str(TINY), help="a model folder, or pg1-3b-224 / pg2-3b-448 (random weights)")
+    b.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    b.add_argument("--images", type=int, default=16)
+    b.add_argument("--tokens", type=int, default=20)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--mlx-vlm", action="store_true", help="also mlx-vlm's batch_generate")
+    b.add_argument("--work", default=str(ROOT / "benchmarks" / "checkpoints"))
+    args = p.parse_args()
+    overhead(args) if args.mode == "overhead" else batch(args)
+
+
+if __name__ == "__main__":
+    main()
