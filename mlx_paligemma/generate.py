@@ -170,6 +170,7 @@ def print_stats(r: GenerationResponse, file=None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Answer a prompt about one or more images with PaliGemma.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--image", action="append", required=True, help="path or URL; repeat for several images")
     p.add_argument("--prompt", default="caption en", help='e.g. "caption en", "answer en what is this?", "detect cat"')
     p.add_argument("--max-tokens", type=int, default=100)
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
     try:
         check_generation_args(**settings)
         images = [load_image(source) for source in args.image]
-        model, processor = load(args.model)
+        model, processor = load(args.model, revision=args.revision)
         last, text = None, ""
         for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
             text += last.text

@@ -242,3 +242,27 @@ def test_batch_generate_names_the_bad_prompt(loaded, tmp_path):
     image = str(FIXTURES / "images" / "chelsea.jpg")
     with pytest.raises(InputError, match=r"prompt 1: image not found"):
         mp.batch_generate(model, processor, [image, str(tmp_path / "missing.jpg")], ["caption en", "ocr"])
+
+
+def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
+    """Memory is wired (on Apple silicon) while generating, by mlx-lm's own function, entered and left once per
+    run; on this backend it is a no-op."""
+    import contextlib
+    import importlib
+
+    generate_module = importlib.import_module("mlx_lm.generate")  # `mlx_lm.generate` is also a function
+    model, processor = loaded
+    calls = []
+    original = generate_module.wired_limit
+
+    @contextlib.contextmanager
+    def recording(m, streams=None):
+        calls.append("enter")
+        with original(m, streams):
+            yield
+        calls.append("exit")
+
+    monkeypatch.setattr(generate_module, "wired_limit", recording)
+    _, _, images, text = prompts_of(cases)[0]
+    mp.generate(model, processor, images, text, max_tokens=3)
+    assert calls == ["enter", "exit"]
