@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .formats.mlx import get_model_path, load_weights, quantize, write_model_folder
+from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
 from .trainer import FINE_TUNE_TYPES, TrainingArgs, add_lora, evaluate_loss, load_datasets, set_trainable, train
@@ -62,7 +62,8 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     elif not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
-        quantize(model, quantization["group_size"], quantization["bits"])  # the base was loaded dequantized (CPU)
+        # The base was loaded dequantized (CPU): each layer goes back to its stored bits, group size and mode.
+        quantize_as_stored(model, quantization, load_weights(base), base)
     dtype = stored_dtype(base)  # the CPU backend computes in float32; write what the base stores
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                for k, v in tree_flatten(model.parameters())}

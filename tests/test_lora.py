@@ -248,3 +248,23 @@ def test_bad_options_end_with_one_line(tmp_path, capsys, argv, message):
                     "--adapter-path", str(tmp_path / "adapters")] + argv)
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
+
+
+@pytest.mark.parametrize("options", [dict(quantize_bits=4, group_size=32, quant_predicate="mixed_4_6"),
+                                     dict(quantize_bits=4, group_size=32, q_mode="mxfp4")])
+def test_fuse_requantizes_each_layer_as_the_base_stores_it(tmp_path, options):
+    """A mixed-recipe or mxfp4 base, loaded dequantized on the CPU, is fused back to its own per-layer settings."""
+    base = tmp_path / "base"
+    convert(str(FIXTURES / "paligemma2-tiny"), str(base), "float32", **options)
+    model, _ = mp.load(str(base))
+    lora.save_fused(model, str(base), tmp_path / "fused")
+    stored = json.loads((base / "config.json").read_text())["quantization"]
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["quantization"] == stored
+    fused, _ = mp.load(str(tmp_path / "fused"), dtype=mx.float32)
+    reference, _ = mp.load(str(base), dtype=mx.float32)
+
+    def settings(m):
+        return {name: (q.bits, q.group_size, q.mode) for name, q in m.named_modules() if hasattr(q, "bits")}
+
+    assert settings(fused) == settings(reference)
+    assert len({bits for bits, _, _ in settings(reference).values()}) == (2 if "quant_predicate" in options else 1)
