@@ -6,9 +6,11 @@
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Generator, List, Optional, Sequence
 
 import mlx.core as mx
@@ -195,17 +197,33 @@ def report_objects(text: str, image, args) -> None:
     from .detection import add_masks, draw_detections, objects_to_json, parse_detections
     from .mask_decoder import fetch_vae_oid, load_mask_decoder
 
+    from .formats.mlx import atomic_file
+    from .processor import to_rgb
+
     objects = parse_detections(text, image.size)
     if any(o.codes is not None for o in objects):
-        try:
-            add_masks(objects, load_mask_decoder(args.mask_decoder or fetch_vae_oid()), image.size)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot load the mask decoder: {str(e).splitlines()[0]}") from None
+        add_masks(objects, load_mask_decoder(args.mask_decoder or fetch_vae_oid()), image.size)
     if args.json:
         print(json.dumps(objects_to_json(objects)))
     if args.draw:
-        draw_detections(image.convert("RGB"), objects).save(args.draw)
+        with atomic_file(args.draw) as tmp:
+            draw_detections(to_rgb(image), objects).save(tmp)
         print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
+
+
+def check_output_image(path: str) -> None:
+    """--draw's file: an image extension PIL writes, in a folder that exists, checked before the model loads."""
+    from PIL import Image
+
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"--draw {path}: give an image file name, such as out.png or out.jpg")
+    if not out.parent.is_dir():
+        raise InputError(f"--draw {path}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise InputError(f"--draw {path} is a folder")
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"--draw {path}: folder {out.parent} is not writable")
 
 
 def main(argv=None) -> int:
@@ -217,6 +235,10 @@ def main(argv=None) -> int:
                     repetition_context_size=args.repetition_context_size, seed=args.seed)
     try:
         check_generation_args(**settings)
+        if args.draw:
+            check_output_image(args.draw)
+        if args.mask_decoder and not Path(args.mask_decoder).is_file():
+            raise InputError(f"--mask-decoder {args.mask_decoder}: no such file")
         images = [load_image(source) for source in args.image]
         model, processor = load(args.model, revision=args.revision)
         last, text = None, ""

@@ -17,6 +17,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .processor import InputError
+
 VAE_OID_URL = "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz"
 CACHE_DIR = Path.home() / ".cache" / "mlx_paligemma"
 NUM_CODES, CODE_DIM = 128, 512
@@ -96,14 +98,18 @@ def _from_torch(weights: dict, model: MaskDecoder) -> list:
 def load_mask_decoder(path: Union[str, Path]) -> MaskDecoder:
     """Google's `vae-oid.npz`, or a `.safetensors` copy (ours from `save_mask_decoder`, or one with PyTorch names)."""
     path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            weights = {k: mx.array(f[k].astype(np.float32)) for k in f.files}
-    else:
-        weights = mx.load(str(path))
-    model = MaskDecoder()
-    pairs = _from_torch(weights, model) if "_vq_vae._embedding" in weights else list(weights.items())
-    model.load_weights([(k, v.astype(mx.float32)) for k, v in pairs], strict=True)
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                weights = {k: mx.array(f[k].astype(np.float32)) for k in f.files}
+        else:
+            weights = mx.load(str(path))
+        model = MaskDecoder()
+        pairs = _from_torch(weights, model) if "_vq_vae._embedding" in weights else list(weights.items())
+        model.load_weights([(k, v.astype(mx.float32)) for k, v in pairs], strict=True)
+    except Exception as e:  # numpy, zipfile and MLX raise many types for a missing or damaged file
+        cause = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"cannot load the mask decoder {path}: {cause}") from None
     model.eval()
     return model
 
@@ -126,7 +132,13 @@ def fetch_vae_oid(cache_dir: Union[str, Path] = CACHE_DIR) -> Path:
         line = f"{min(mb, total / 1e6):.1f} / {total / 1e6:.1f} MB" if total > 0 else f"{mb:.1f} MB"
         print(f"\rdownloading {VAE_OID_URL}: {line}", end="", file=sys.stderr, flush=True)
 
-    urllib.request.urlretrieve(VAE_OID_URL, part, progress)
-    print(file=sys.stderr)
+    try:
+        urllib.request.urlretrieve(VAE_OID_URL, part, progress)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise InputError(f"cannot download the mask decoder from {VAE_OID_URL} ({e}); "
+                         "give a local copy with --mask-decoder PATH") from None
+    finally:
+        print(file=sys.stderr)
     part.replace(path)  # only a complete download takes the cached name
     return path

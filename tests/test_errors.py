@@ -105,3 +105,37 @@ def test_unknown_model_type(model_copy):
     with pytest.raises(mp.InputError) as e:
         mp.load(str(model_copy))
     assert "unknown model type 'llava'" in one_line(e)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+    (["--max-tokens", "-5"], "max_tokens must be an integer >= 1"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-k", "-2"], "top_k must be an integer >= 0"),
+    (["--draw", "out"], "--draw out: give an image file name"),
+    (["--draw", "missing/out.png"], "folder missing does not exist"),
+    (["--mask-decoder", "nowhere.npz"], "--mask-decoder nowhere.npz: no such file"),
+    (["--kv-bits", "8"], "kv_bits needs a head size divisible by 32; this model's is 16"),
+])
+def test_cli_arguments_are_checked_with_one_line(args, message, capsys, monkeypatch, tmp_path):
+    from mlx_paligemma.generate import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--model", str(MODEL), "--image", str(FIXTURES / "images" / "chelsea.jpg"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04broken"])
+def test_damaged_mask_decoder_is_one_line(tmp_path, content):
+    from mlx_paligemma.mask_decoder import load_mask_decoder
+
+    for name in ("vae.npz", "vae.safetensors"):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(mp.InputError) as e:
+            load_mask_decoder(tmp_path / name)
+        assert "cannot load the mask decoder" in one_line(e)
