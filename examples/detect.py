@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
+from mlx_paligemma.cli import run  # noqa: E402
+from mlx_paligemma.processor import to_rgb  # noqa: E402
 from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
 
 
@@ -26,7 +28,7 @@ def main() -> None:
     p.add_argument("--out", default="detections.png")
     args = p.parse_args()
 
-    image = mp.load_image(args.image).convert("RGB")
+    image = to_rgb(mp.load_image(args.image))
     model, processor = mp.load(args.model)
     text = mp.generate(model, processor, images=image, prompt=f"detect {args.objects}", max_tokens=64)
     print(f"answer: {text!r}", file=sys.stderr)
@@ -37,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

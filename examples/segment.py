@@ -16,6 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
+from mlx_paligemma.cli import run  # noqa: E402
+from mlx_paligemma.processor import to_rgb  # noqa: E402
 from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
 from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder  # noqa: E402
 
@@ -29,7 +31,7 @@ def main() -> None:
     p.add_argument("--out", default="segmentation.png")
     args = p.parse_args()
 
-    image = mp.load_image(args.image).convert("RGB")
+    image = to_rgb(mp.load_image(args.image))
     decoder = load_mask_decoder(args.vae or fetch_vae_oid())
     model, processor = mp.load(args.model)
     # 4 box tokens + 16 mask codes + a label and separator per object.
@@ -42,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
