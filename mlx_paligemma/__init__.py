@@ -5,19 +5,28 @@ import ctypes.util
 import sys
 import warnings
 
-if sys.platform == "linux" and "mlx.core" not in sys.modules:
+_blas_note = None
+_openblas = ctypes.util.find_library("openblas") if sys.platform == "linux" else None
+if _openblas and "mlx.core" in sys.modules:
+    # MLX binds its BLAS when it is imported, so the fast path cannot be switched on afterwards.
+    _blas_note = ("mlx was imported before mlx_paligemma, too late to give it OpenBLAS: the CPU backend runs on its "
+                  "reference BLAS, many times slower; import mlx_paligemma first")
+elif _openblas:
     # MLX's Linux CPU wheel calls a bundled reference BLAS (float32 GEMM at a few GFLOP/s). A system OpenBLAS
     # (Debian/Ubuntu: libopenblas0) loaded globally before MLX provides the same cblas symbols 30-50x faster.
-    _openblas = ctypes.util.find_library("openblas")
-    if _openblas:
-        try:
-            ctypes.CDLL(_openblas, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            pass
+    try:
+        ctypes.CDLL(_openblas, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        _blas_note = f"cannot load OpenBLAS ({e}): the CPU backend runs on MLX's reference BLAS, many times slower"
 
 # `python -m mlx_paligemma.generate` runs a module this package has already imported for its API; runpy's
 # warning about that is harmless here and would clutter every command line run.
 warnings.filterwarnings("ignore", message="'mlx_paligemma.*found in sys.modules", category=RuntimeWarning)
+
+import mlx.core as _mx  # noqa: E402
+
+if _blas_note and _mx.default_device() == _mx.cpu:
+    print(f"mlx_paligemma: {_blas_note}", file=sys.stderr)
 
 from .engine import Engine  # noqa: E402
 from .generate import batch_generate, generate, generate_step, stream_generate  # noqa: E402

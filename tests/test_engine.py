@@ -266,3 +266,20 @@ def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
     _, _, images, text = prompts_of(cases)[0]
     mp.generate(model, processor, images, text, max_tokens=3)
     assert calls == ["enter", "exit"]
+
+
+@pytest.mark.parametrize("order", ["mlx_paligemma first", "mlx first"])
+def test_cpu_fast_path_lost_to_import_order_is_said_once(order):
+    """MLX binds its BLAS when imported: if mlx comes first, OpenBLAS cannot be given to it, and a line says so."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    imports = "import mlx_paligemma; import mlx.core" if order == "mlx_paligemma first" else \
+        "import mlx.core; import mlx_paligemma; import mlx_paligemma.generate"
+    r = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    late = order == "mlx first" and sys.platform == "linux" and ctypes.util.find_library("openblas") is not None
+    notes = [line for line in r.stderr.splitlines() if "OpenBLAS" in line]
+    assert notes == (["mlx_paligemma: mlx was imported before mlx_paligemma, too late to give it OpenBLAS: the CPU "
+                      "backend runs on its reference BLAS, many times slower; import mlx_paligemma first"] if late else [])
