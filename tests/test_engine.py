@@ -283,3 +283,29 @@ def test_cpu_fast_path_lost_to_import_order_is_said_once(order):
     notes = [line for line in r.stderr.splitlines() if "OpenBLAS" in line]
     assert notes == (["mlx_paligemma: mlx was imported before mlx_paligemma, too late to give it OpenBLAS: the CPU "
                       "backend runs on its reference BLAS, many times slower; import mlx_paligemma first"] if late else [])
+
+
+def test_compiled_decode_sees_new_layers_and_weights():
+    """The compiled step is kept on the model: LoRA layers added and weights changed after a first run are used,
+    as a full forward pass without cache (the suffix causal, token_type_ids 1) computes them."""
+    from mlx.utils import tree_map_with_path
+
+    from mlx_paligemma import trainer
+
+    model, processor = mp.load(str(FIXTURES / "paligemma2-tiny"))
+    inputs = processor(images=str(FIXTURES / "images" / "chelsea.jpg"), text="caption en")
+
+    def engine_tokens():
+        return [int(t[0]) for t in mp.generate_step(model, inputs["input_ids"], inputs["pixel_values"], max_tokens=6)]
+
+    base = engine_tokens()
+    trainer.add_lora(model, rank=4)
+    model.update(tree_map_with_path(lambda p, w: mx.random.normal(w.shape, key=mx.random.key(0)) * 0.5
+                                    if p.endswith("lora_b") else w, model.parameters()))
+    ids, expected = inputs["input_ids"], []
+    for _ in range(6):
+        types = mx.array([[0] * inputs["input_ids"].shape[1] + [1] * len(expected)])
+        expected.append(int(mx.argmax(model(ids, inputs["pixel_values"], token_type_ids=types)[0, -1])))
+        ids = mx.concatenate([ids, mx.array([[expected[-1]]])], axis=1)
+    assert expected != base
+    assert engine_tokens() == expected
