@@ -47,32 +47,37 @@ def load_image(source: ImageInput) -> Image.Image:
         return source
     if not isinstance(source, (str, Path)):
         raise InputError(f"an image must be a PIL image, a file path or an http(s) URL, not {type(source).__name__}")
-    source = str(source)
+    path = str(source)
+    source = path if path.isprintable() else repr(path)[1:-1]  # the message stays one line whatever the name
     try:
-        with warnings.catch_warnings():
-            # The size check below replaces PIL's two-line warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if source.startswith(("http://", "https://")):
-                with urllib.request.urlopen(source, timeout=30) as response:
-                    image = Image.open(io.BytesIO(response.read()))
-            elif Path(source).is_dir():
-                raise InputError(f"{source} is a folder, not an image")
-            elif not Path(source).is_file():
-                raise InputError(f"image not found: {source}")
-            else:
-                image = Image.open(source)
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            image.close()
-            raise InputError(f"image {source} is {image.width}x{image.height} pixels, more than the limit of "
-                             f"{MAX_IMAGE_PIXELS} (mlx_paligemma.processor.MAX_IMAGE_PIXELS)")
-        image.load()
-        return ImageOps.exif_transpose(image)
+        if path.startswith(("http://", "https://")):
+            with urllib.request.urlopen(path, timeout=30) as response:
+                return _decode(io.BytesIO(response.read()), source)
+        if Path(path).is_dir():
+            raise InputError(f"{source} is a folder, not an image")
+        if not Path(path).is_file():
+            raise InputError(f"image not found: {source}")
+        with open(path, "rb") as file:  # closed here, decoded or not (PIL keeps a GIF's file open otherwise)
+            return _decode(file, source)
     except InputError:
         raise
     except Image.DecompressionBombError:  # PIL refuses twice its own limit before reading the size out to us
         raise InputError(f"image {source} is too large: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
     except Exception as e:  # PIL and urllib raise many types; the user needs only the cause
         raise InputError(f"cannot read image {source}: {cause(e)}") from None
+
+
+def _decode(file, source: str) -> Image.Image:
+    """The first picture in `file`, decoded in full and turned upright, within the pixel limit."""
+    with warnings.catch_warnings():
+        # The size check below replaces PIL's two-line warning.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(file)
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise InputError(f"image {source} is {image.width}x{image.height} pixels, more than the limit of "
+                         f"{MAX_IMAGE_PIXELS} (mlx_paligemma.processor.MAX_IMAGE_PIXELS)")
+    image.load()
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -113,6 +118,8 @@ def read_json_object(file: Path) -> dict:
         value = json.loads(file.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"{file} is not UTF-8 text") from None
+    except RecursionError:
+        raise InputError(f"{file} is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{file} is not valid JSON: {e}") from None
     except OSError as e:
@@ -246,8 +253,16 @@ class PaliGemmaProcessor:
         mean = setting("image_mean", per_channel, "a number or a list of 3 numbers")
         std = setting("image_std", per_channel, "a number or a list of 3 numbers")
         rescale = setting("rescale_factor", number, "a number")
+        tokenizer = Tokenizer(folder)
+        if vision is not None:  # the processor's files must describe the model they sit beside
+            if (size, seq) != (vision.image_size, vision.num_patches):
+                raise InputError(f"{file or folder}: images of {size} px in {seq} tokens, but config.json's vision "
+                                 f"model takes {vision.image_size} px in {vision.num_patches} tokens")
+            if tokenizer.image_id != config.image_token_index:
+                raise InputError(f"{folder}: the tokenizer's <image> token is {tokenizer.image_id}, config.json's "
+                                 f"image_token_index is {config.image_token_index}")
         return cls(
-            Tokenizer(folder), size, seq,
+            tokenizer, size, seq,
             image_mean=(0.5, 0.5, 0.5) if mean is None else mean,
             image_std=(0.5, 0.5, 0.5) if std is None else std,
             rescale_factor=1 / 255 if rescale is None else rescale,

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .formats.adapters import ADAPTER_FILE, save_adapters
 from .formats.mlx import atomic_file
 from .model import PaliGemma, suffix_loss
-from .processor import InputError, PaliGemmaProcessor, load_image
+from .processor import InputError, PaliGemmaProcessor, check_text, load_image
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -45,7 +45,12 @@ def read_jsonl(file) -> List[Example]:
     """Every line parsed and its image opened now, so a bad line stops the run before training, naming the line.
     A URL is downloaded once however many lines name it."""
     examples, downloaded = [], {}
-    for n, line in enumerate(Path(file).read_text().splitlines(), 1):
+    try:
+        text = Path(file).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+        raise InputError(f"{file}, line {line}: not UTF-8 text") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{file}, line {n}"
@@ -53,6 +58,8 @@ def read_jsonl(file) -> List[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise InputError(f"{where}: not valid JSON: nested too deeply") from None
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected an object with image, prefix and suffix")
         for key in ("image", "prefix"):
@@ -64,9 +71,17 @@ def read_jsonl(file) -> List[Example]:
             raise InputError(f"{where}: 'suffix' is missing or not a string (or a list of strings)")
         if not all(suffixes):
             raise InputError(f"{where}: empty suffix, nothing to learn")
+        try:
+            for key, value in [("prefix", row["prefix"])] + [("suffix", s) for s in suffixes]:
+                check_text(value, key)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         source = row["image"]
         url = source.startswith(("http://", "https://"))
-        image = source if url else str((Path(file).parent / source).resolve())
+        try:
+            image = source if url else str((Path(file).parent / source).resolve())
+        except (ValueError, OSError) as e:  # a NUL or a lone surrogate in the name, a symlink loop
+            raise InputError(f"{where}: image {source!r} is not a usable path: {e}") from None
         try:
             loaded = downloaded[image] if image in downloaded else load_image(image)
         except InputError as e:

@@ -1,6 +1,7 @@
 """Bad input gets one clear line that names the problem."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -139,3 +140,81 @@ def test_damaged_mask_decoder_is_one_line(tmp_path, content):
         with pytest.raises(mp.InputError) as e:
             load_mask_decoder(tmp_path / name)
         assert "cannot load the mask decoder" in one_line(e)
+
+
+# Found by tests/test_fuzz.py.
+
+@pytest.mark.parametrize("name", ["config.json", "preprocessor_config.json"])
+def test_json_nested_too_deeply_is_one_line(model_copy, name):
+    (model_copy / name).write_bytes(b"[" * 100000 + b"]" * 100000)
+    with pytest.raises(mp.InputError) as e:
+        mp.load(str(model_copy))
+    assert name in one_line(e) and "nested too deeply" in one_line(e)
+
+
+def test_config_without_the_tokenizers_image_token(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["image_token_index"]  # the default, 257152, is not this tokenizer's <image>: generate raised ValueError
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mp.InputError) as e:
+        mp.load(str(model_copy))
+    assert "the tokenizer's <image> token is 1536, config.json's image_token_index is 257152" in one_line(e)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("image_seq_length", 10 ** 9, "images of 56 px in 1000000000 tokens"),  # was a MemoryError after minutes
+    ("size", {"height": 28, "width": 28}, "images of 28 px in 16 tokens"),  # was a ValueError inside the model
+])
+def test_processor_settings_that_do_not_match_the_model(model_copy, key, value, message):
+    settings = json.loads((model_copy / "preprocessor_config.json").read_text())
+    settings[key] = value
+    (model_copy / "preprocessor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(mp.InputError) as e:
+        mp.load(str(model_copy))
+    assert f"preprocessor_config.json: {message}, but config.json's vision model takes 56 px in 16 tokens" \
+        in one_line(e)
+
+
+def test_image_name_with_a_newline_is_one_line(tmp_path):
+    with pytest.raises(mp.InputError) as e:
+        mp.load_image(tmp_path / "a\nb.png")
+    assert "a\\nb.png" in one_line(e)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_image_files_are_closed(tmp_path):
+    def open_files():
+        names = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # listdir's own descriptor, closed by now
+                pass
+        return names
+
+    full, cut = tmp_path / "full.gif", tmp_path / "cut.gif"
+    Image.new("RGB", (64, 64), "red").save(full)
+    cut.write_bytes(full.read_bytes()[:-20])
+    image = mp.load_image(full)  # PIL keeps a GIF's file open for its other frames: ours is read and closed
+    with pytest.raises(mp.InputError):
+        mp.load_image(cut)
+    assert image.size == (64, 64) and not {str(full), str(cut)} & open_files()
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"image": "a.png", "prefix": "caption en", "suffix": "caf\xe9"}', "train.jsonl, line 2: not UTF-8 text"),
+    (b"[" * 100000, "train.jsonl, line 2: not valid JSON: nested too deeply"),
+    (b'{"image": "a.png", "prefix": "\\ud800", "suffix": "x"}', "line 2: prefix is not valid text: lone surrogate"),
+    (b'{"image": "a.png", "prefix": "x", "suffix": ["y", "\\udfff"]}', "line 2: suffix is not valid text"),
+    (b'{"image": "a\\u0000.png", "prefix": "x", "suffix": "y"}', "line 2: image 'a\\x00.png' is not a usable path"),
+    (b'{"image": "\\udc00.png", "prefix": "x", "suffix": "y"}', "line 2: image '\\udc00.png' is not a usable path"),
+])
+def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
+    from mlx_paligemma.trainer import read_jsonl
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    file = tmp_path / "train.jsonl"
+    file.write_bytes(b'{"image": "a.png", "prefix": "caption en", "suffix": "a cat"}\n' + line + b"\n")
+    with pytest.raises(mp.InputError) as e:
+        read_jsonl(file)
+    assert message in one_line(e)

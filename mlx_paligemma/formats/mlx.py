@@ -58,6 +58,8 @@ def read_json(file: Path) -> dict:
         raise InputError(f"{file} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InputError(f"{file} is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise InputError(f"{file} holds a JSON {type(value).__name__}, not an object")
     return value
