@@ -3,11 +3,19 @@
 Set MLX_PALIGEMMA_DEBUG=1 to see the traceback instead.
 """
 
+import argparse
 import os
 import sys
 from typing import Callable, Optional
 
 from .processor import InputError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one InputError line instead of usage lines and exit code 2."""
+
+    def error(self, message: str):
+        raise InputError(f"{message} (see --help)")
 
 
 def run(main: Callable[[], Optional[int]]) -> None:

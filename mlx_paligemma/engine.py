@@ -74,8 +74,9 @@ def check_generation_args(max_tokens=100, temperature=0.0, top_p=1.0, top_k=0, m
 
     integer("max_tokens", max_tokens, 1)
     number("temperature", temperature)
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if temperature < 0 or 0 < temperature < 1e-4:
+        # Dividing log-probabilities by less overflows float32 and would sample at random, not nearly greedily.
+        raise InputError(f"temperature must be 0 (greedy) or at least 1e-4, got {temperature}")
     number("top_p", top_p)
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
@@ -90,6 +91,8 @@ def check_generation_args(max_tokens=100, temperature=0.0, top_p=1.0, top_k=0, m
     integer("repetition_context_size", repetition_context_size, 1)
     if seed is not None:
         integer("seed", seed, 0)
+        if seed >= 2**64:
+            raise InputError(f"seed must be below 2**64, got {seed}")
 
 
 @dataclass
@@ -321,6 +324,7 @@ class Engine:
         self.model, self.processor, self.batch_size = model, processor, batch_size
         self.kv_bits, self.kv_group_size = kv_bits, self._kv_group_size(model, kv_bits)
         self.eos_id = processor.tokenizer.eos_id if processor is not None else model.config.eos_token_id
+        self.context = model.config.text_config.max_position_embeddings  # a row ends ("length") when it is full
         self.pad_id = processor.tokenizer.pad_id if processor is not None else 0
         self.features = feature_cache(model)
         self.byte_ids = byte_ids(processor) if processor is not None else frozenset()
@@ -418,7 +422,8 @@ class Engine:
             batch = self.batch
             pending, rows = batch.tokens, batch.rows
             # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
-            batch.keep([i for i, r in enumerate(rows) if r.generated + 1 < r.request.max_tokens])
+            batch.keep([i for i, r in enumerate(rows) if r.generated + 1 < min(r.request.max_tokens,
+                                                                               self.context - len(r.request.prompt_ids))])
             if batch.rows:
                 batch.tokens = self._decode(batch)
                 mx.async_eval(batch.tokens)  # computed while this step's tokens are handed out
@@ -533,7 +538,7 @@ class Engine:
         finish = None
         if token == self.eos_id and request.stop_at_eos:
             finish = "stop"
-        elif row.generated >= request.max_tokens:
+        elif row.generated >= request.max_tokens or len(request.prompt_ids) + row.generated >= self.context:
             finish = "length"
         piece = ""
         if row.detokenizer is not None:

@@ -3,7 +3,6 @@
     python -m mlx_paligemma.generate --model google/paligemma2-3b-mix-224 --image cat.jpg --prompt "caption en"
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -16,6 +15,7 @@ from typing import Callable, Dict, Generator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .cli import ArgumentParser
 from .engine import Engine, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
@@ -169,8 +169,8 @@ def print_stats(r: GenerationResponse, file=None) -> None:
     print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Answer a prompt about one or more images with PaliGemma.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Answer a prompt about one or more images with PaliGemma.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--image", action="append", required=True, help="path or URL; repeat for several images")
@@ -211,48 +211,57 @@ def report_objects(text: str, image, args) -> None:
         print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
 
 
-def check_output_image(path: str) -> None:
-    """--draw's file: an image extension PIL writes, in a folder that exists, checked before the model loads."""
+def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
+    """--draw's file: an image extension PIL writes, in a folder that exists, not one of the input images;
+    checked before the model loads."""
     from PIL import Image
 
     out = Path(path)
     if out.suffix.lower() not in Image.registered_extensions():
         raise InputError(f"--draw {path}: give an image file name, such as out.png or out.jpg")
-    if not out.parent.is_dir():
-        raise InputError(f"--draw {path}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise InputError(f"--draw {path} is a folder")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"--draw {path}: folder {out.parent} is not writable")
+    try:
+        if not out.parent.is_dir():
+            raise InputError(f"--draw {path}: folder {out.parent} does not exist")
+        if out.is_dir():
+            raise InputError(f"--draw {path} is a folder")
+        if not os.access(out.parent, os.W_OK):
+            raise InputError(f"--draw {path}: folder {out.parent} is not writable")
+        if any(Path(i).exists() and out.exists() and out.samefile(i) for i in inputs):
+            raise InputError(f"--draw {path} would overwrite the input image")
+    except OSError as e:
+        raise InputError(f"--draw {path}: {e.strerror or e}") from None
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     from .loading import load
 
-    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                    repetition_context_size=args.repetition_context_size, seed=args.seed)
     try:
-        check_generation_args(**settings)
-        if args.draw:
-            check_output_image(args.draw)
-        if args.mask_decoder and not Path(args.mask_decoder).is_file():
-            raise InputError(f"--mask-decoder {args.mask_decoder}: no such file")
-        images = [load_image(source) for source in args.image]
-        model, processor = load(args.model, revision=args.revision)
-        last, text = None, ""
-        for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
-            text += last.text
-            if not args.json:  # with --json, stdout is the JSON alone
-                print(last.text, end="", flush=True)
-        if not args.json:
-            print()
-        if args.json or args.draw:
-            report_objects(text, images[0], args)
+        return _main(build_parser().parse_args(argv), load)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _main(args, load) -> int:
+    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                    repetition_context_size=args.repetition_context_size, seed=args.seed)
+    check_generation_args(**settings)
+    if args.draw:
+        check_output_image(args.draw, args.image)
+    if args.mask_decoder and not Path(args.mask_decoder).is_file():
+        raise InputError(f"--mask-decoder {args.mask_decoder}: no such file")
+    images = [load_image(source) for source in args.image]
+    model, processor = load(args.model, revision=args.revision)
+    last, text = None, ""
+    for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
+        text += last.text
+        if not args.json:  # with --json, stdout is the JSON alone
+            print(last.text, end="", flush=True)
+    if not args.json:
+        print()
+    if args.json or args.draw:
+        report_objects(text, images[0], args)
     if args.verbose and last is not None:
         print_stats(last, file=sys.stderr if args.json else None)
     return 0

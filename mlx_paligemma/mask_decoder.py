@@ -138,7 +138,6 @@ def fetch_vae_oid(cache_dir: Union[str, Path] = CACHE_DIR) -> Path:
         part.unlink(missing_ok=True)
         raise InputError(f"cannot download the mask decoder from {VAE_OID_URL} ({e}); "
                          "give a local copy with --mask-decoder PATH") from None
-    finally:
-        print(file=sys.stderr)
+    print(file=sys.stderr)  # ends the progress line
     part.replace(path)  # only a complete download takes the cached name
     return path

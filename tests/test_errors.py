@@ -111,7 +111,12 @@ def test_unknown_model_type(model_copy):
 @pytest.mark.parametrize("args, message", [
     (["--max-tokens", "0"], "max_tokens must be an integer >= 1"),
     (["--max-tokens", "-5"], "max_tokens must be an integer >= 1"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be 0 (greedy) or at least 1e-4"),
+    (["--temperature", "1e-320"], "temperature must be 0 (greedy) or at least 1e-4"),
+    (["--seed", "18446744073709551616", "--temperature", "1"], "seed must be below 2**64"),
+    (["--max-tokens", "abc"], "argument --max-tokens: invalid int value"),
+    (["--kv-bits", "3"], "argument --kv-bits: invalid choice"),
+    (["--draw", "x" * 300 + ".png"], "File name too long"),
     (["--temperature", "nan"], "temperature must be a finite number"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
