@@ -309,3 +309,16 @@ def test_compiled_decode_sees_new_layers_and_weights():
         ids = mx.concatenate([ids, mx.array([[expected[-1]]])], axis=1)
     assert expected != base
     assert engine_tokens() == expected
+
+
+def test_rows_end_when_the_context_is_full(loaded, cases):
+    model, processor = loaded
+    _, _, images, text = prompts_of(cases)[0]
+    engine = Engine(model, processor, batch_size=2)
+    uid = engine.submit(images, text, max_tokens=10, logit_bias={processor.tokenizer.eos_id: -1e9})
+    engine.context = len(engine.waiting[0].request.prompt_ids) + 3  # as if max_position_embeddings were that
+    outputs = []
+    with engine.running():
+        while engine.has_work:
+            outputs += [o for o in engine.step() if o.uid == uid]
+    assert [o.finish_reason for o in outputs] == [None, None, "length"]
