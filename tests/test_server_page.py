@@ -1,0 +1,234 @@
+"""The page at `/` in headless Chromium, driven over the Chrome DevTools protocol: pick an image, run a task, see the
+answer stream in and the box (and mask) drawn. Also the objects of a segment answer through the API, with masks.
+
+The tiny random checkpoint's answers are noise, so the server here runs a copy taught two answers (a few dozen
+steps of full fine-tuning on the decoder layers: `detect cat` and `segment cat` on chelsea.jpg), and a mask decoder
+with random weights. Chromium is required: without it these tests fail (CI installs Debian's `chromium`)."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+from PIL import Image
+
+import mlx_paligemma as mp
+from conftest import FIXTURES
+from mlx_paligemma.detection import objects_to_json, parse_detections
+from mlx_paligemma.formats.mlx import write_model_folder
+from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
+from mlx_paligemma.model import suffix_loss
+from test_server import Server, free_port, message
+
+BASE = FIXTURES / "paligemma2-tiny"
+IMAGE = FIXTURES / "images" / "chelsea.jpg"
+BOX = "<loc0100><loc0200><loc0800><loc0900>"
+SEG = "".join(f"<seg{i:03d}>" for i in (5, 17, 33, 2, 90, 101, 64, 12, 7, 77, 120, 3, 45, 88, 9, 31))
+TAUGHT = {"detect cat": BOX + " cat", "segment cat": BOX + SEG + " cat"}
+RED = [230, 25, 75]  # the first colour of the page's (and detection.py's) palette
+SCREENSHOT = os.environ.get("MLX_PALIGEMMA_SCREENSHOT")  # where to keep the page's picture (examples/server-page.png)
+
+
+def teach(out: Path) -> Path:
+    """The tiny checkpoint taught TAUGHT, written as a model folder."""
+    model, processor = mp.load(str(BASE))
+    batch = processor(images=[[str(IMAGE)]] * len(TAUGHT), text=list(TAUGHT), suffix=list(TAUGHT.values()))
+    features = model.encode_images(batch["pixel_values"])
+    model.freeze()
+    for layer in model.language_model.model.layers:
+        layer.unfreeze()
+
+    def loss(m):
+        logits = m(batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"], image_features=features)
+        return suffix_loss(logits, batch["labels"])
+
+    step, optimizer = nn.value_and_grad(model, loss), optim.Adam(learning_rate=1e-2)
+    for _ in range(40):
+        _, grads = step(model)
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+    for prompt, answer in TAUGHT.items():
+        got = mp.generate(model, processor, str(IMAGE), prompt, max_tokens=30)
+        assert got == answer, f"teaching the tiny model failed: {prompt!r} -> {got!r}"
+    write_model_folder(out, dict(tree_flatten(model.parameters())), json.loads((BASE / "config.json").read_text()),
+                       BASE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def taught(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("taught")
+    mx.random.seed(0)
+    save_mask_decoder(MaskDecoder(), folder / "masks.safetensors")
+    return teach(folder / "model"), folder / "masks.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(taught):
+    model, masks = taught
+    s = Server(model, "--mask-decoder", str(masks))
+    yield s
+    s.stop()
+
+
+class Browser:
+    """Headless Chromium with one page, and the few DevTools commands the tests need."""
+
+    def __init__(self, url: str):
+        from websockets.sync.client import connect
+
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            pytest.fail("chromium is not installed: apt-get install -y chromium (the page tests need a real browser)")
+        self.profile = tempfile.mkdtemp(prefix="chromium-")
+        self.exits = ExitStack()
+        port = free_port()
+        self.process = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={self.profile}", f"--remote-debugging-port={port}", "--window-size=1280,820", url],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    pages = [t for t in json.loads(r.read()) if t["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                pytest.fail("chromium did not start its DevTools endpoint")
+            time.sleep(0.2)
+        self.socket = self.exits.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None))
+        self.next_id = 0
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.socket.recv(timeout=60))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def js(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        status = self.js("$('status').textContent")
+        raise AssertionError(f"the page never showed {expression}; its status line: {status!r}")
+
+    def pick_file(self, selector: str, path: Path):
+        root = self.send("DOM.getDocument")["root"]["nodeId"]
+        node = self.send("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        self.send("DOM.setFileInputFiles", nodeId=node, files=[str(path)])
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
+
+    def close(self):
+        self.exits.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture
+def page(server):
+    browser = Browser(server.url + "/")
+    # Chromium starts on about:blank; the page is there once its script has run and asked /health for the model.
+    browser.wait("typeof $ === 'function' && $('model').textContent !== ''")
+    yield browser
+    browser.close()
+
+
+def run_task(page, task: str, query: str):
+    page.js(f"$('task').value = {json.dumps(task)}; $('query').value = {json.dumps(query)};"
+            "$('task').dispatchEvent(new Event('input'))")
+    page.wait("!$('run').disabled")
+    page.js("$('run').click()")
+    return page.wait("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+
+
+def canvas_pixel(page, x: int, y: int):
+    return page.js(f"[...$('canvas').getContext('2d').getImageData({x}, {y}, 1, 1).data.slice(0, 3)]")
+
+
+def test_page_streams_the_answer_and_draws_the_box(page):
+    page.pick_file("#file", IMAGE)
+    page.wait("$('drop').classList.contains('has-image')")
+    assert run_task(page, "detect", "cat") == "done"
+    assert page.js("$('answer').textContent") == TAUGHT["detect cat"]
+    assert page.js("[...$('objects').children].map((li) => li.textContent)") == ["cat[88, 29, 396, 234]"]
+    # The box [88.09, 29.3, 396.39, 234.38] is outlined in the label's colour: its left edge, halfway down.
+    assert canvas_pixel(page, 89, 130) == RED
+    assert canvas_pixel(page, 60, 130) != RED  # and outside it, the image
+    assert "done (stop)" in page.js("$('status').textContent")
+
+
+def test_page_draws_masks_of_a_segment_answer(page, server):
+    page.pick_file("#file", IMAGE)
+    page.wait("$('drop').classList.contains('has-image')")
+    assert run_task(page, "segment", "cat") == "done"
+    assert page.js("$('answer').textContent") == TAUGHT["segment cat"]
+    assert page.js("$('objects').textContent").endswith("mask")
+    assert canvas_pixel(page, 89, 130) == RED
+    if SCREENSHOT:
+        Path(SCREENSHOT).write_bytes(page.screenshot())
+
+
+def test_page_takes_dropped_and_pasted_images_and_shows_errors(page):
+    for event in ("new DragEvent('drop', {dataTransfer: dt, bubbles: true})",
+                  "new ClipboardEvent('paste', {clipboardData: dt, bubbles: true})"):
+        page.js("document.body.dataset.state = 'idle'; $('drop').classList.remove('has-image');")
+        target = "$('drop')" if "Drag" in event else "document"
+        page.js(f"""(async () => {{
+            const blob = await (await fetch('data:image/png;base64,{base64.b64encode(
+                (FIXTURES / "images" / "odd.png").read_bytes()).decode()}')).blob();
+            const dt = new DataTransfer();
+            dt.items.add(new File([blob], 'odd.png', {{type: 'image/png'}}));
+            {target}.dispatchEvent({event});
+        }})()""")
+        page.wait("$('drop').classList.contains('has-image')")
+    page.js("$('max-tokens').value = '5000'")
+    assert run_task(page, "caption", "") == "error"
+    assert "max_tokens is 5000, more than this server's limit of 1024" in page.js("$('status').textContent")
+
+
+def test_segment_objects_through_the_api_carry_masks(server, taught):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(model=str(taught[0]), messages=message("segment cat", str(IMAGE)),
+                                       max_tokens=30)
+    assert r.choices[0].message.content == TAUGHT["segment cat"]
+    want = objects_to_json(parse_detections(TAUGHT["segment cat"], Image.open(IMAGE).size,
+                                            mask_decoder=load_mask_decoder(taught[1])))
+    assert r.objects == want and "mask" in want[0]
