@@ -18,14 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import openai  # the test extra installs it (and the server extra starlette and uvicorn)
 import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
 from mlx_paligemma.detection import objects_to_json, parse_detections
-
-openai = pytest.importorskip("openai")  # the test extra installs it; without it these tests cannot talk to a server
 
 MODEL = FIXTURES / "paligemma2-tiny"
 IMAGES = FIXTURES / "images"
