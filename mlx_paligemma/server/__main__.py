@@ -88,7 +88,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The console script: bad input ends with one `error:` line (cli.run)."""
     from ..cli import run
 
     run(main)
+
+
+if __name__ == "__main__":
+    entry()
