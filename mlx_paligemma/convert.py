@@ -4,7 +4,6 @@
     python convert.py --hf-path pt_3b_224.bf16.npz --tokenizer google/paligemma-3b-pt-224 --mlx-path pg-3b-224
 """
 
-import argparse
 import json
 import signal
 import sys
@@ -14,6 +13,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .cli import ArgumentParser
 from .formats import big_vision
 from .formats.mlx import (AFFINE_BITS, MODES, atomic_folder, build_model, check_quantization, get_model_path,
                           load_weights, parse_config, quantize, read_config, read_json, write_folder)
@@ -87,7 +87,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
 def main(argv=None) -> int:
     from mlx_lm.convert import QUANT_RECIPES
 
-    p = argparse.ArgumentParser(description="Convert a PaliGemma checkpoint (Hugging Face or big_vision .npz) to "
+    p = ArgumentParser(description="Convert a PaliGemma checkpoint (Hugging Face or big_vision .npz) to "
                                             "MLX, optionally quantized.")
     p.add_argument("--hf-path", required=True, help="hub id or folder of a Hugging Face checkpoint, or a "
                                                     "big_vision .npz")
@@ -108,13 +108,13 @@ def main(argv=None) -> int:
                    help="mlx-lm's mixed-precision recipe for the decoder (with -q)")
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
-    args = p.parse_args(argv)
-    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine" or args.quant_predicate):
-        p.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q")
     # A terminated run unwinds (and removes its partial output) instead of dying mid-write.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    bits = (args.q_bits or (MODES[args.q_mode] or (64, 4))[1]) if args.quantize else None
     try:
+        args = p.parse_args(argv)
+        if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine" or args.quant_predicate):
+            p.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q")
+        bits = (args.q_bits or (MODES[args.q_mode] or (64, 4))[1]) if args.quantize else None
         convert(args.hf_path, args.mlx_path, args.dtype, bits, args.q_group_size, args.quantize_vision,
                 args.upload_repo, args.q_mode, args.quant_predicate, args.revision, args.tokenizer, args.config)
     except InputError as e:

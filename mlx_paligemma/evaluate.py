@@ -10,7 +10,6 @@ with five lines per image, or a VQA question with its ten human answers, scores 
 segment; any other prompt is scored by exact match.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from . import metrics
+from .cli import ArgumentParser
 from .detection import parse_detections
 from .processor import InputError
 from .trainer import Example, read_jsonl
@@ -148,8 +148,8 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score PaliGemma on a JSONL set (image, prefix, suffix) by its "
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Score PaliGemma on a JSONL set (image, prefix, suffix) by its "
                                             "task's metric.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--adapter-path", help="adapters (or fine-tuned weights) written by mlx_paligemma.lora")
@@ -197,9 +197,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,6 @@ A quantized model is dequantized (with a warning): the values its quantized laye
 float dtype of its scales. Written atomically, like convert.
 """
 
-import argparse
 import json
 import signal
 import sys
@@ -18,6 +17,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .cli import ArgumentParser
 from .formats.hf import to_transformers
 from .formats.mlx import (atomic_folder, build_model, copy_side_files, dequantize, get_model_path, load_config,
                           load_weights, save_weights)
@@ -60,15 +60,15 @@ def export(model: str, out: str, dtype: Optional[str] = None, revision: Optional
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Export a PaliGemma model to a transformers checkpoint folder.")
+    p = ArgumentParser(description="Export a PaliGemma model to a transformers checkpoint folder.")
     p.add_argument("--model", required=True, help="folder or hub id of any model mlx_paligemma loads")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the model's stored float dtype")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
-    args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: remove the partial folder
     try:
+        args = p.parse_args(argv)
         export(args.model, args.out, args.dtype, args.revision, args.upload_repo)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,7 +13,6 @@ LoRA adapts the decoder's linears (mlx-lm's LoRALinear, which wraps quantized la
 fine-tuning train the weights themselves, and `--train-vision` adds the vision tower and the projector.
 """
 
-import argparse
 import json
 import math
 import sys
@@ -24,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .cli import ArgumentParser
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
@@ -71,9 +71,9 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     d = TrainingArgs()
-    p = argparse.ArgumentParser(description="Fine-tune PaliGemma on image, prefix, suffix data: LoRA / QLoRA, "
+    p = ArgumentParser(description="Fine-tune PaliGemma on image, prefix, suffix data: LoRA / QLoRA, "
                                             "attention-only or full.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id (quantized: QLoRA)")
     p.add_argument("--data", help="folder with train.jsonl, valid.jsonl and optional test.jsonl")
@@ -158,9 +158,8 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

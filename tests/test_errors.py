@@ -223,3 +223,14 @@ def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
     with pytest.raises(mp.InputError) as e:
         read_jsonl(file)
     assert message in one_line(e)
+
+
+@pytest.mark.parametrize("module", ["generate", "convert", "export", "lora", "evaluate", "server"])
+def test_every_command_line_reports_a_bad_option_in_one_line(module):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", f"mlx_paligemma.{module}", "--no-such-option"], capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
