@@ -17,7 +17,6 @@ dealt out round-robin to the ranks; each rank appends its finished items to its 
 to OUT in input order, so OUT is the same as one process writes. A rerun picks up part files as well as OUT.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -29,6 +28,8 @@ from typing import Dict, Iterable, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from .cli import ArgumentParser
+from .detection import ObjectReader, objects_to_json
 from .engine import Engine, check_generation_args
 from .processor import InputError, cause, load_image
 
@@ -281,33 +282,11 @@ def clock(seconds: float) -> str:
 
 # The run.
 
-class AnswerObjects:
-    """--json: the objects of an answer as generate --json prints them. The mask decoder is loaded at the first
-    answer with a mask, so detect and caption runs never fetch it."""
-
-    def __init__(self, mask_decoder: Optional[str]):
-        self.path, self.decoder = mask_decoder, None
-
-    def __call__(self, text: str, image_size) -> list:
-        from .detection import add_masks, objects_to_json, parse_detections
-        from .mask_decoder import fetch_vae_oid, load_mask_decoder
-
-        objects = parse_detections(text, image_size)
-        if any(o.codes is not None for o in objects):
-            if self.decoder is None:
-                try:
-                    self.decoder = load_mask_decoder(self.path or fetch_vae_oid())
-                except (OSError, ValueError) as e:
-                    raise InputError(f"cannot load the mask decoder: {str(e).splitlines()[0]}") from None
-            add_masks(objects, self.decoder, image_size)
-        return objects_to_json(objects)
-
-
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     engine = Engine(model, processor, batch_size=args.batch_size)
-    objects = AnswerObjects(args.mask_decoder) if args.json else None
+    objects = ObjectReader(args.mask_decoder) if args.json else None
     running = {}  # uid -> [index, size of the first image, answer so far]
     queue = iter(todo)
     with engine.running():
@@ -340,14 +319,14 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     index, size, text = running.pop(out.uid)
                     result = {"answer": text}
                     if objects is not None:
-                        result["objects"] = objects(text, size)
+                        result["objects"] = objects_to_json(objects(text, size))
                     sink.add(index, line_of(items[index], **result))
                     progress.update(items=1)
             progress.update(tokens=len(outputs))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Answer a prompt about every item of a JSONL file or a folder of images.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Answer a prompt about every item of a JSONL file or a folder of images.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--input", required=True, help="a JSONL file (one item a line) or a folder of images")
     p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
@@ -440,9 +419,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(build_parser().parse_args(argv))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -64,6 +64,24 @@ def add_masks(objects: Sequence[DetectedObject], mask_decoder: MaskDecoder,
     return objects
 
 
+class ObjectReader:
+    """The objects of detect/segment answers, masks included: the mask decoder (`path`, or big_vision's
+    vae-oid.npz fetched once) is loaded at the first answer that has mask codes, so detect runs never need it."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path, self.decoder = path, None
+
+    def __call__(self, text: str, image_size: Tuple[int, int]) -> List[DetectedObject]:
+        from .mask_decoder import fetch_vae_oid, load_mask_decoder
+
+        objects = parse_detections(text, image_size)
+        if any(o.codes is not None for o in objects):
+            if self.decoder is None:
+                self.decoder = load_mask_decoder(self.path or fetch_vae_oid())
+            add_masks(objects, self.decoder, image_size)
+        return objects
+
+
 def _rle(mask: np.ndarray) -> dict:
     flat = mask.ravel(order="F")  # COCO runs go down the columns
     starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1

@@ -247,11 +247,13 @@ def decode_step(model: PaliGemma, bits: Optional[int], group_size: int) -> Calla
             key_valid = mx.arange(keys[0][0].shape[2])[None] >= left_padding[:, None]
             positions = length - left_padding + 1  # real tokens so far, counted from 1
             logits = model.language_model.forward(
-                model.embed(tokens[:, None]), caches, positions,
+                model.language_model.embed(tokens[:, None]), caches, positions,
                 lambda window: prefix_lm_mask(False, key_valid, length, 1, window))
             return logits[:, -1], [c.keys for c in caches], [c.values for c in caches]
 
-        steps[(bits, group_size)] = mx.compile(step, inputs=[model.state])
+        # Only the decoder's weights are inputs: compiling swaps the array objects it traces, and the image-feature
+        # cache tells new vision weights by the identity of theirs.
+        steps[(bits, group_size)] = mx.compile(step, inputs=[model.language_model.state])
     return steps[(bits, group_size)]
 
 

@@ -194,15 +194,11 @@ def build_parser() -> ArgumentParser:
 
 def report_objects(text: str, image, args) -> None:
     """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image."""
-    from .detection import add_masks, draw_detections, objects_to_json, parse_detections
-    from .mask_decoder import fetch_vae_oid, load_mask_decoder
-
+    from .detection import ObjectReader, draw_detections, objects_to_json
     from .formats.mlx import atomic_file
     from .processor import to_rgb
 
-    objects = parse_detections(text, image.size)
-    if any(o.codes is not None for o in objects):
-        add_masks(objects, load_mask_decoder(args.mask_decoder or fetch_vae_oid()), image.size)
+    objects = ObjectReader(args.mask_decoder)(text, image.size)
     if args.json:
         print(json.dumps(objects_to_json(objects)))
     if args.draw:

@@ -225,7 +225,7 @@ def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
     assert message in one_line(e)
 
 
-@pytest.mark.parametrize("module", ["generate", "convert", "export", "lora", "evaluate", "server"])
+@pytest.mark.parametrize("module", ["generate", "convert", "export", "lora", "evaluate", "batch", "server"])
 def test_every_command_line_reports_a_bad_option_in_one_line(module):
     import subprocess
     import sys
