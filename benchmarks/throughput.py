@@ -8,8 +8,8 @@ Every measurement runs in its own process, and the implementations alternate rou
 machine drifts by tens of percent within minutes; the tables give medians. A warm-up run comes first in each
 process (MLX compiles kernels on first use). `overhead` decodes the test fixtures' tiny PaliGemma 2 (3 layers,
 width 64), where per-token Python and graph-building cost is all there is. `batch` captions distinct photos
-with about 20 tokens each (eos ignored, so every row makes the same number of tokens), beside sequential
-`generate` and, where it runs, mlx-vlm's batch_generate; full-size names are bench.py's random checkpoints.
+with up to 20 tokens each (the figures count the tokens made), beside sequential `generate` and, where it runs,
+mlx-vlm's batch_generate; full-size names are bench.py's random checkpoints.
 """
 
 import argparse
@@ -28,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 
 TINY = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
 PHOTOS = sorted((ROOT / "examples" / "images").glob("*.jpg"))
+REPEATS = 5  # timed runs per process, after a warm-up; the process reports their median
 
 
 def photos(n: int):
@@ -43,26 +44,20 @@ def photos(n: int):
     return out
 
 
-def no_eos(processor):
-    # Every row makes exactly max_tokens tokens, so the implementations do the same work.
-    return {processor.tokenizer.eos_id: -1e9}
-
-
 # Measurements, each run in a fresh process by `measure`.
 
 def ours_stream(model_path: str, tokens: int) -> dict:
     model, processor = mp.load(model_path)
     image = photos(1)[0]
     rates = []
-    for _ in range(2):
+    for _ in range(REPEATS + 1):  # the first is the warm-up
         n, tic = 0, None
-        for r in mp.stream_generate(model, processor, image, "caption en", max_tokens=tokens,
-                                    logit_bias=no_eos(processor)):
+        for r in mp.stream_generate(model, processor, image, "caption en", max_tokens=tokens):
             n += 1
             if tic is None:
                 tic = time.perf_counter()
         rates.append((n - 1) / (time.perf_counter() - tic))
-    return dict(tps=rates[-1], tokens=n)
+    return dict(tps=statistics.median(rates[1:]), tokens=n)
 
 
 def mlx_vlm_stream(model_path: str, tokens: int) -> dict:
@@ -71,7 +66,7 @@ def mlx_vlm_stream(model_path: str, tokens: int) -> dict:
     model, processor = load(model_path)
     image = photos(1)[0]
     rates = []
-    for _ in range(2):
+    for _ in range(REPEATS + 1):
         n, tic = 0, None
         # mlx-vlm takes no logit bias: the random model's greedy answer runs the full length without eos.
         for r in stream_generate(model, processor, "caption en", image=[image], max_tokens=tokens):
@@ -79,29 +74,32 @@ def mlx_vlm_stream(model_path: str, tokens: int) -> dict:
             if tic is None:
                 tic = time.perf_counter()
         rates.append((n - 1) / (time.perf_counter() - tic))
-    return dict(tps=rates[-1], tokens=n)
+    return dict(tps=statistics.median(rates[1:]), tokens=n)
 
 
 def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
     model, processor = mp.load(model_path)
     images = photos(n_images)
-    prompts = ["caption en"] * n_images
-    mp.batch_generate(model, processor, images[:1], prompts[:1], max_tokens=2)  # warm-up
+    mp.batch_generate(model, processor, images[:1], ["caption en"], max_tokens=2)  # warm-up
     mp.engine.feature_cache(model).entries.clear()
     mx.reset_peak_memory()
-    tic = time.perf_counter()
+    tic, made = time.perf_counter(), 0
     if size == 0:  # sequential generate, one prompt after another
-        for im, p in zip(images, prompts):
-            mp.generate(model, processor, im, p, max_tokens=tokens, logit_bias=no_eos(processor))
+        for im in images:
+            made += sum(1 for _ in mp.stream_generate(model, processor, im, "caption en", max_tokens=tokens))
     else:
-        mp.batch_generate(model, processor, images, prompts, max_tokens=tokens, batch_size=size,
-                          logit_bias=no_eos(processor))
+        engine = mp.Engine(model, processor, batch_size=size)
+        for im in images:  # a dataset run would keep fewer waiting; the rows and steps are the same
+            engine.submit(im, "caption en", max_tokens=tokens)
+        with engine.running():
+            while engine.has_work:
+                made += len(engine.step())
     elapsed = time.perf_counter() - tic
     weights = sum(v.nbytes for _, v in mp_tree_flatten(model.parameters()))
     cfg = model.config.text_config
     prompt_len = processor(images=images[:1], text="caption en")["input_ids"].shape[1]
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * (prompt_len + tokens) * 4 * max(size, 1)
-    return dict(seconds=elapsed, tps=n_images * tokens / elapsed, ips=n_images / elapsed,
+    return dict(seconds=elapsed, tps=made / elapsed, ips=n_images / elapsed, tokens=made,
                 peak=mx.get_peak_memory() / 1e9, weights=weights / 1e9, kv=kv / 1e9)
 
 
@@ -112,11 +110,13 @@ def mlx_vlm_batch(model_path: str, tokens: int, size: int, n_images: int) -> dic
     images = photos(n_images)
     mx.reset_peak_memory()
     tic = time.perf_counter()
+    made = 0
     for start in range(0, n_images, size):
         chunk = images[start : start + size]
-        batch_generate(model, processor, images=chunk, prompts=["caption en"] * len(chunk), max_tokens=tokens)
+        r = batch_generate(model, processor, images=chunk, prompts=["caption en"] * len(chunk), max_tokens=tokens)
+        made += r.stats.generation_tokens if hasattr(r, "stats") else len(chunk) * tokens
     elapsed = time.perf_counter() - tic
-    return dict(seconds=elapsed, tps=n_images * tokens / elapsed, ips=n_images / elapsed,
+    return dict(seconds=elapsed, tps=made / elapsed, ips=n_images / elapsed, tokens=made,
                 peak=mx.get_peak_memory() / 1e9)
 
 
@@ -158,6 +158,11 @@ def mlx_vlm_copy(folder: Path, work: Path) -> Path:
 
     from safetensors.numpy import load_file, save_file
 
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "numpy") as f:
+        if not any(k.startswith("vision_tower.") and ".vision_model." not in k for k in f.keys()):
+            return folder
     out = work / f"{folder.name}-mlx-vlm"
     if not (out / "model.safetensors").is_file():
         shutil.copytree(folder, out, dirs_exist_ok=True)
@@ -192,10 +197,11 @@ def batch(args) -> None:
     kinds = [("sequential generate", "ours-batch", 0)] + [(f"batch {s}", "ours-batch", s) for s in args.sizes]
     if args.mlx_vlm:
         kinds += [(f"mlx-vlm batch {s}", "mlx-vlm-batch", s) for s in args.sizes]
+    theirs = mlx_vlm_copy(Path(folder), Path(args.work)) if args.mlx_vlm else None
     results = {name: [] for name, _, _ in kinds}
     for n in range(args.rounds):
         for name, kind, size in kinds:
-            r = measure(kind, folder, args.tokens, size, args.images)
+            r = measure(kind, theirs if kind.startswith("mlx-vlm") else folder, args.tokens, size, args.images)
             if r:
                 results[name].append(r)
                 print(f"round {n + 1} {name}: {r['tps']:.2f} tok/s, {r['ips']:.3f} images/s, peak {r['peak']:.3f} GB",
