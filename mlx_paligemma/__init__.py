@@ -33,5 +33,6 @@ from .generate import batch_generate, generate, generate_step, stream_generate  
 from .loading import load  # noqa: E402
 from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
 
-__all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor", "InputError", "load_image"]
+__all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor",
+           "InputError", "load_image"]
 __version__ = "0.1.0"

@@ -328,6 +328,7 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Answer a prompt about every item of a JSONL file or a folder of images.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--input", required=True, help="a JSONL file (one item a line) or a folder of images")
     p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
     p.add_argument("--prompt", help='for items without one (required with a folder), e.g. "caption en"')
@@ -395,7 +396,7 @@ def run(args) -> int:
     if todo:
         from .loading import load
 
-        model, processor = load(args.model)
+        model, processor = load(args.model, revision=args.revision)
         progress.tic = time.monotonic()  # rates count generation, not loading
         generate_all(model, processor, items, todo, sink, progress, args)
     sink.close()

@@ -364,7 +364,8 @@ class Engine:
     def add(self, request: Request) -> int:
         """Queue a request already in token ids."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
-        row = _Row(uid, request, Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None)
+        detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
+        row = _Row(uid, request, detokenizer)
         if request.sampler is None and request.temperature > 0:
             seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
             row.key = mx.random.key(seed)
@@ -424,8 +425,7 @@ class Engine:
             batch = self.batch
             pending, rows = batch.tokens, batch.rows
             # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
-            batch.keep([i for i, r in enumerate(rows) if r.generated + 1 < min(r.request.max_tokens,
-                                                                               self.context - len(r.request.prompt_ids))])
+            batch.keep([i for i, r in enumerate(rows) if self._room(r) > 1])
             if batch.rows:
                 batch.tokens = self._decode(batch)
                 mx.async_eval(batch.tokens)  # computed while this step's tokens are handed out
@@ -534,13 +534,17 @@ class Engine:
             row.history = mx.concatenate([row.history, token])
         return token
 
+    def _room(self, row: _Row) -> int:
+        """Tokens the row may still make: up to its max_tokens, within the model's context."""
+        return min(row.request.max_tokens, self.context - len(row.request.prompt_ids)) - row.generated
+
     def _hand_out(self, row: _Row, token: int) -> Output:
         request = row.request
         row.generated += 1
         finish = None
         if token == self.eos_id and request.stop_at_eos:
             finish = "stop"
-        elif row.generated >= request.max_tokens or len(request.prompt_ids) + row.generated >= self.context:
+        elif self._room(row) <= 0:
             finish = "length"
         piece = ""
         if row.detokenizer is not None:

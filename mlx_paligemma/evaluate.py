@@ -152,6 +152,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Score PaliGemma on a JSONL set (image, prefix, suffix) by its "
                                             "task's metric.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", help="adapters (or fine-tuned weights) written by mlx_paligemma.lora")
     p.add_argument("--data", required=True, help="a JSONL file: image, prefix, suffix a line")
     p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
@@ -182,7 +183,7 @@ def run(args) -> dict:
         if not Path(path).is_file():
             raise InputError(f"--mask-decoder: no such file {path}")
         decoder = load_mask_decoder(path)
-    model, processor = load(args.model, adapter_path=args.adapter_path)
+    model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
     tic = time.perf_counter()
     results, records = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
                                          decoder, progress=lambda s: print(s, file=sys.stderr, flush=True))

@@ -76,6 +76,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Fine-tune PaliGemma on image, prefix, suffix data: LoRA / QLoRA, "
                                             "attention-only or full.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id (quantized: QLoRA)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--data", help="folder with train.jsonl, valid.jsonl and optional test.jsonl")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default="lora",
                    help="lora: adapters on the decoder's linears; attention: the decoder's attention weights; "
@@ -123,8 +124,9 @@ def run(args) -> None:
     if args.fuse and Path(args.save_path).exists():
         raise InputError(f"output folder {args.save_path} already exists")
     if not args.data:  # fuse saved adapters
-        model, _ = load(args.model, stored_dtype(get_model_path(args.model)), adapter_path=args.adapter_path)
-        print(f"Wrote {save_fused(model, args.model, args.save_path, args.dequantize)}")
+        base = str(get_model_path(args.model, args.revision))
+        model, _ = load(base, stored_dtype(Path(base)), adapter_path=args.adapter_path)
+        print(f"Wrote {save_fused(model, base, args.save_path, args.dequantize)}")
         return
     if args.train_vision and args.fine_tune_type == "lora":
         raise InputError("--train-vision trains weights, not adapters: use it with --fine-tune-type attention or full")
@@ -135,7 +137,7 @@ def run(args) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     data = load_datasets(args.data)
     say(", ".join(f"{len(v)} {k}" for k, v in data.items()) + " examples, images checked")
-    model, processor = load(args.model)
+    model, processor = load(args.model, revision=args.revision)
     mx.random.seed(args.seed)  # the LoRA initialisation, the same in every process
     if args.fine_tune_type == "lora":
         config = add_lora(model, args.lora_rank, args.lora_scale, args.lora_dropout, args.lora_layers,
@@ -154,7 +156,8 @@ def run(args) -> None:
         loss = evaluate_loss(model, data["test"], processor, args.batch_size, args.val_batches)
         say(f"Test loss {loss:.3f}, test ppl {math.exp(min(loss, 50)):.3f}")
     if args.fuse and rank == 0:
-        print(f"Wrote {save_fused(model, args.model, args.save_path, args.dequantize)}")
+        base = str(get_model_path(args.model, args.revision))
+        print(f"Wrote {save_fused(model, base, args.save_path, args.dequantize)}")
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,7 @@ def build_parser() -> ArgumentParser:
     d = Limits()
     p = ArgumentParser(description="Serve PaliGemma: OpenAI-compatible chat completions and a web page.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--batch-size", type=positive(int), default=8, help="rows sharing each decode step (8)")
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     mask_decoder = None
     if args.mask_decoder:
         mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
-    model, processor = load(args.model)
+    model, processor = load(args.model, revision=args.revision)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_image_bytes=args.max_image_bytes, fetch_timeout=args.fetch_timeout,
