@@ -1,10 +1,10 @@
 """The generation engine: every prompt is a row of one batch that shares each decode step.
 
 A row's prefix (image tokens, bos, prompt, "\\n") goes through the decoder whole, on a cache of its own, so its
-bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. The new rows'
-caches then join the running batch (mlx-lm's BatchKVCache keeps every row right-aligned), and from there on each
-step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens) or are cancelled,
-and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
+bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. The new rows' keys
+and values then join the running batch's buffers, every row right-aligned, and from there on a compiled step feeds
+one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the context) or are
+cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
 
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
