@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
-from mlx_paligemma.cli import run  # noqa: E402
+from mlx_paligemma.cli import run_main  # noqa: E402
 from mlx_paligemma.processor import to_rgb  # noqa: E402
 from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
 
@@ -39,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_main
 from .detection import ObjectReader, objects_to_json
 from .engine import Engine, check_generation_args
 from .processor import InputError, cause, load_image
@@ -431,4 +431,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

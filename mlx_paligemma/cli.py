@@ -18,7 +18,20 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
-def run(main: Callable[[], Optional[int]]) -> None:
+def command(build_parser: Callable[[], argparse.ArgumentParser],
+            run_args: Callable[[argparse.Namespace], Optional[int]]) -> Callable[..., int]:
+    """A command line's `main(argv=None) -> exit code`: parse, run, and bad input as one `error:` line and 1."""
+    def main(argv=None) -> int:
+        try:
+            return run_args(build_parser().parse_args(argv)) or 0
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return main
+
+
+def run_main(main: Callable[[], Optional[int]]) -> None:
     """Run `main` and exit with its code; InputError (bad input) -> `error: ...` and 1, Ctrl-C -> 130, any other
     exception (a bug) -> one line naming it and 2."""
     debug = os.environ.get("MLX_PALIGEMMA_DEBUG", "") not in ("", "0")

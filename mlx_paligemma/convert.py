@@ -13,10 +13,10 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_main
 from .formats import big_vision
 from .formats.mlx import (AFFINE_BITS, MODES, atomic_folder, build_model, check_quantization, get_model_path,
-                          load_weights, parse_config, quantize, read_config, read_json, write_folder)
+                          load_weights, parse_config, quantize, read_config, read_json, upload, write_folder)
 from .processor import InputError, Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -75,12 +75,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
                     (tmp / name).write_text(json.dumps(settings, indent=2))
     print(f"[convert] wrote {out}", flush=True)
     if upload_repo:
-        from huggingface_hub import HfApi
-
-        print(f"[convert] uploading to {upload_repo}", flush=True)
-        api = HfApi()
-        api.create_repo(upload_repo, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=upload_repo)
+        upload(out, upload_repo, "convert")
     return out
 
 
@@ -124,4 +119,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

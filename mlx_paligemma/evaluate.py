@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from . import metrics
-from .cli import ArgumentParser
+from .cli import ArgumentParser, command, run_main
 from .detection import parse_detections
 from .processor import InputError
 from .trainer import Example, read_jsonl
@@ -166,7 +166,7 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def run(args) -> dict:
+def run(args) -> None:
     from .loading import load
     from .mask_decoder import CACHE_DIR, load_mask_decoder
 
@@ -194,17 +194,9 @@ def run(args) -> dict:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return results
 
 
-def main(argv=None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+main = command(build_parser, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -17,10 +17,10 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run_main
 from .formats.hf import to_transformers
 from .formats.mlx import (atomic_folder, build_model, copy_side_files, dequantize, get_model_path, load_config,
-                          load_weights, save_weights)
+                          load_weights, save_weights, upload)
 from .processor import InputError, Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -50,12 +50,7 @@ def export(model: str, out: str, dtype: Optional[str] = None, revision: Optional
         copy_side_files(source, tmp)
     print(f"[export] wrote {out}", flush=True)
     if upload_repo:
-        from huggingface_hub import HfApi
-
-        print(f"[export] uploading to {upload_repo}", flush=True)
-        api = HfApi()
-        api.create_repo(upload_repo, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=upload_repo)
+        upload(out, upload_repo, "export")
     return out
 
 
@@ -77,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

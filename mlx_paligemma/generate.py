@@ -15,7 +15,7 @@ from typing import Callable, Dict, Generator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, command, run_main
 from .engine import Engine, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
@@ -228,17 +228,9 @@ def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
         raise InputError(f"--draw {path}: {e.strerror or e}") from None
 
 
-def main(argv=None) -> int:
+def run(args) -> int:
     from .loading import load
 
-    try:
-        return _main(build_parser().parse_args(argv), load)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def _main(args, load) -> int:
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, seed=args.seed)
@@ -263,7 +255,7 @@ def _main(args, load) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from .cli import run
+main = command(build_parser, run)
 
-    run(main)
+if __name__ == "__main__":
+    run_main(main)

@@ -15,7 +15,6 @@ fine-tuning train the weights themselves, and `--train-vision` adds the vision t
 
 import json
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, command, run_main
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
@@ -160,14 +159,7 @@ def run(args) -> None:
         print(f"Wrote {save_fused(model, base, args.save_path, args.dequantize)}")
 
 
-def main(argv=None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+main = command(build_parser, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -3,7 +3,6 @@
 import random
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 import mlx_paligemma as mp

@@ -431,3 +431,13 @@ def write_model_folder(out: Path, weights: dict, config: dict, source: Path) -> 
     """`write_folder` into `out`, atomically (see atomic_folder)."""
     with atomic_folder(out) as tmp:
         write_folder(tmp, weights, config, source)
+
+
+def upload(folder: Path, repo: str, tag: str) -> None:
+    """A written folder to a hub repo (created if needed)."""
+    from huggingface_hub import HfApi
+
+    print(f"[{tag}] uploading to {repo}", flush=True)
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo)

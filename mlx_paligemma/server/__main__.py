@@ -90,10 +90,10 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    """The console script: bad input ends with one `error:` line (cli.run)."""
-    from ..cli import run
+    """The console script: bad input ends with one `error:` line (cli.run_main)."""
+    from ..cli import run_main
 
-    run(main)
+    run_main(main)
 
 
 if __name__ == "__main__":
