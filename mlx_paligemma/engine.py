@@ -377,7 +377,7 @@ class Engine:
 
             row.processors = make_logits_processors(request.logit_bias, request.repetition_penalty,
                                                     request.repetition_context_size)
-            row.history = mx.array(request.prompt_ids)
+            row.history = mx.array(request.prompt_ids[-request.repetition_context_size:])
         self.waiting.append(row)
         return uid
 
@@ -531,7 +531,8 @@ class Engine:
             row.key, key = mx.random.split(row.key)
             token = mx.random.categorical(logprobs * (1 / request.temperature), key=key)
         if row.processors:
-            row.history = mx.concatenate([row.history, token])
+            # The penalty looks at the last repetition_context_size tokens only: keep no more.
+            row.history = mx.concatenate([row.history, token])[-request.repetition_context_size:]
         return token
 
     def _room(self, row: _Row) -> int:
