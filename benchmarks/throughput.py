@@ -160,9 +160,12 @@ def mlx_vlm_copy(folder: Path, work: Path) -> Path:
 
     from safetensors import safe_open
 
-    with safe_open(folder / "model.safetensors", "numpy") as f:
-        if not any(k.startswith("vision_tower.") and ".vision_model." not in k for k in f.keys()):
-            return folder
+    names = []
+    for file in sorted(folder.glob("model*.safetensors")):
+        with safe_open(file, "numpy") as f:
+            names += list(f.keys())
+    if not any(k.startswith("vision_tower.") and ".vision_model." not in k for k in names):
+        return folder
     out = work / f"{folder.name}-mlx-vlm"
     if not (out / "model.safetensors").is_file():
         shutil.copytree(folder, out, dirs_exist_ok=True)
