@@ -115,7 +115,7 @@ def test_an_image_with_several_prompts_is_encoded_once(tmp_path, monkeypatch):
     from mlx_paligemma.engine import feature_cache
 
     loaded = mp.load(str(MODEL))  # a model of its own, with a feature cache of its own
-    monkeypatch.setattr("mlx_paligemma.loading.load", lambda path: loaded)
+    monkeypatch.setattr("mlx_paligemma.loading.load", lambda path, **kw: loaded)
     write_dataset(tmp_path)
     prompts = ["caption en", "ocr", "answer en what is this?", "detect cat"]
     lines = [{"image": "chelsea.jpg", "prompt": p} for p in prompts] + [{"image": ["coffee.jpg", "chelsea.jpg"]}]
