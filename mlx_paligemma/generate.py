@@ -30,15 +30,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: Optional[str] = None  # "stop" (eos) or "length" on the last response
-
-
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
-    """mlx-lm's sampler, for generate_step: one callable applied to the whole batch's log-probabilities."""
-    from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
-
-    return mlx_lm_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
+    finish_reason: Optional[str] = None  # "stop" (eos, a stop string) or "length" on the last response
 
 
 def generate_step(
@@ -52,7 +44,8 @@ def generate_step(
     kv_bits: Optional[int] = None,
 ) -> Generator[mx.array, None, None]:
     """Yields (B,) token arrays, max_tokens of them (eos does not stop a row), for a batch of left-padded
-    prompts as the processor makes them. The rows run on the engine, one row per prompt.
+    prompts as the processor makes them. The rows run on the engine, one row per prompt. `sampler` takes the
+    batch's (B, vocab) log-probabilities, as mlx-lm's `make_sampler(...)` returns (default: greedy).
     kv_bits (4 or 8) keeps the KV cache quantized, for long prompts."""
     ids = np.array(input_ids)
     real = np.array(attention_mask).astype(bool) if attention_mask is not None else np.ones(ids.shape, bool)
