@@ -293,7 +293,7 @@ class _Batch:
         if self.tokens is not None:
             self.tokens = self.tokens[index]
         trim = min(self.left_padding)
-        if trim >= KV_BLOCK:  # padding every remaining row has: drop it (in whole blocks, to keep shapes few)
+        if trim >= KV_BLOCK:  # padding every remaining row has: dropped once there is a block of it (few shapes)
             self.left_padding = [p - trim for p in self.left_padding]
             self._resize(trim, self.length - trim)
 
