@@ -321,3 +321,24 @@ def test_rows_end_when_the_context_is_full(loaded, cases):
         while engine.has_work:
             outputs += [o for o in engine.step() if o.uid == uid]
     assert [o.finish_reason for o in outputs] == [None, None, "length"]
+
+
+def test_padding_left_by_a_long_row_is_dropped_and_tokens_stay_exact(loaded, cases):
+    """A long prompt leaves early; the short row's 256+ positions of padding are then cut from the buffers."""
+    model, processor = loaded
+    image = str(FIXTURES / "images" / "chelsea.jpg")
+    no_eos = {processor.tokenizer.eos_id: -1e9}
+    alone = Engine(model, processor, batch_size=1)
+    uid = alone.submit(image, "caption en", max_tokens=10, logit_bias=no_eos)
+    expected = run(alone)[0][uid]
+    engine = Engine(model, processor, batch_size=2)
+    engine.submit(image, "caption en " + "cat " * 300, max_tokens=2, logit_bias=no_eos)
+    short = engine.submit(image, "caption en", max_tokens=10, logit_bias=no_eos)
+    lengths, tokens = [], []
+    with engine.running():
+        while engine.has_work:
+            tokens += [o.token for o in engine.step() if o.uid == short]
+            if engine.batch:
+                lengths.append(engine.batch.length)
+    assert max(lengths) > 300 and min(lengths) < 100, "the padding was dropped"
+    assert tokens == expected
