@@ -36,7 +36,7 @@ from transformers import (AutoProcessor, GemmaTokenizer, PaliGemmaConfig, PaliGe
 transformers.logging.set_verbosity_error()  # PaliGemmaProcessor warns on every prompt without <image>
 transformers.logging.disable_progress_bar()
 HERE = Path(__file__).resolve().parent
-PHOTOS = HERE.parent.parent / "shared" / "images"
+PHOTOS = HERE / "fixtures" / "images"  # the committed photos (from the sample images, licences in examples/images)
 IMAGE_SIZE, PATCH = 56, 14
 SEQ = (IMAGE_SIZE // PATCH) ** 2  # 16 image tokens
 SP_VOCAB = 1536  # sentencepiece pieces; <image> comes next, the embedding is padded to 1600 rows
@@ -90,7 +90,8 @@ def make_images(out: Path) -> None:
     """Two photos plus small synthetic images covering gray, alpha and odd aspect ratios."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("chelsea.jpg", "coffee.jpg"):
-        shutil.copyfile(PHOTOS / name, out / name)
+        if (out / name).resolve() != (PHOTOS / name).resolve():
+            shutil.copyfile(PHOTOS / name, out / name)
     y, x = np.mgrid[0:23, 0:37]
     Image.fromarray(((x * 7 + y * 11) % 256).astype(np.uint8), "L").save(out / "gray.png")
     y, x = np.mgrid[0:31, 0:50]
