@@ -3,6 +3,7 @@
     python benchmarks/throughput.py overhead --rounds 5              # tiny model: ours vs mlx-vlm, one stream
     python benchmarks/throughput.py batch --model tests/fixtures/paligemma2-tiny --sizes 1 4 8 16
     python benchmarks/throughput.py batch --model pg1-3b-224 --sizes 1 8 --images 8   # full-size random weights
+    python benchmarks/throughput.py decode --sizes 1 8                 # the decode steps alone, tiny model
 
 Every measurement runs in its own process, and the implementations alternate round by round, since a shared
 machine drifts by tens of percent within minutes; the tables give medians. A warm-up run comes first in each
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx_paligemma as mp  # noqa: E402  (before mlx: it may load a faster BLAS on Linux)
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 TINY = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
 PHOTOS = sorted((ROOT / "examples" / "images").glob("*.jpg"))
@@ -103,6 +105,30 @@ def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
                 peak=mx.get_peak_memory() / 1e9, weights=weights / 1e9, kv=kv / 1e9)
 
 
+def ours_decode(model_path: str, tokens: int, size: int) -> dict:
+    """Tokens/s of the decode steps alone (prefill and the first token excluded), `size` rows sharing each step."""
+    from mlx_paligemma.engine import Request
+
+    model, processor = mp.load(model_path)
+    inputs = [processor(images=im, text="caption en") for im in photos(size)]
+    rates = []
+    for _ in range(REPEATS + 1):  # the first is the warm-up
+        engine = mp.Engine(model, processor, batch_size=size)
+        for x in inputs:  # eos ignored: every row runs the full length, so the batch stays `size` wide
+            engine.add(Request(np.array(x["input_ids"])[0].tolist(), pixel_values=np.array(x["pixel_values"]),
+                               max_tokens=tokens, stop_at_eos=False))
+        made, tic = 0, None
+        with engine.running():
+            while engine.has_work:
+                outputs = engine.step()
+                if tic is None:
+                    tic = time.perf_counter()  # after the prefill step
+                else:
+                    made += len(outputs)
+        rates.append(made / (time.perf_counter() - tic))
+    return dict(tps=statistics.median(rates[1:]))
+
+
 def mlx_vlm_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
     from mlx_vlm import batch_generate, load
 
@@ -127,7 +153,7 @@ def mp_tree_flatten(tree):
 
 
 MEASURE = {"ours-stream": ours_stream, "mlx-vlm-stream": mlx_vlm_stream, "ours-batch": ours_batch,
-           "mlx-vlm-batch": mlx_vlm_batch}
+           "mlx-vlm-batch": mlx_vlm_batch, "ours-decode": ours_decode}
 
 
 def measure(kind: str, *args):
@@ -226,6 +252,22 @@ def batch(args) -> None:
         print(f"| {name} | {tps:.2f} | {ips:.3f} | {ratio} | {peak:.3f} | {need} |")
 
 
+def decode(args) -> None:
+    results = {size: [] for size in args.sizes}
+    for n in range(args.rounds):
+        for size in args.sizes:
+            r = measure("ours-decode", args.model, args.tokens, size)
+            if r:
+                results[size].append(r["tps"])
+                print(f"round {n + 1} batch {size}: {r['tps']:.0f} decode tokens/s", flush=True)
+    base = statistics.median(results[args.sizes[0]])
+    print(f"\ndecode steps only, {Path(args.model).name}, {args.tokens} tokens a row, medians of {args.rounds} "
+          f"alternated rounds, {mx.default_device()}:")
+    for size, rates in results.items():
+        print(f"batch {size}: {statistics.median(rates):.0f} tokens/s ({statistics.median(rates) / base:.2f}x batch "
+              f"{args.sizes[0]})")
+
+
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         kind, *rest = sys.argv[2:]
@@ -246,8 +288,13 @@ def main():
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--mlx-vlm", action="store_true", help="also mlx-vlm's batch_generate")
     b.add_argument("--work", default=str(ROOT / "benchmarks" / "checkpoints"))
+    d = sub.add_parser("decode")
+    d.add_argument("--model", default=str(TINY))
+    d.add_argument("--sizes", type=int, nargs="+", default=[1, 8])
+    d.add_argument("--tokens", type=int, default=100)
+    d.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    overhead(args) if args.mode == "overhead" else batch(args)
+    {"overhead": overhead, "batch": batch, "decode": decode}[args.mode](args)
 
 
 if __name__ == "__main__":
