@@ -29,6 +29,9 @@ from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
+# Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
+# prefill grow with it, and a batch of 448 or 896 px prompts prefilled at once would add gigabytes to the peak.
+PREFILL_TOKENS = 2048
 
 
 @dataclass
@@ -320,10 +323,10 @@ class Engine:
     decode step for the whole batch (admitting waiting requests first) and returns what each row produced."""
 
     def __init__(self, model: PaliGemma, processor: Optional[PaliGemmaProcessor] = None, batch_size: int = 8,
-                 kv_bits: Optional[int] = None):
+                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.model, self.processor, self.batch_size = model, processor, batch_size
+        self.model, self.processor, self.batch_size, self.prefill_tokens = model, processor, batch_size, prefill_tokens
         self.kv_bits, self.kv_group_size = kv_bits, self._kv_group_size(model, kv_bits)
         self.eos_id = processor.tokenizer.eos_id if processor is not None else model.config.eos_token_id
         self.context = model.config.text_config.max_position_embeddings  # a row ends ("length") when it is full
@@ -446,7 +449,14 @@ class Engine:
         room = self.batch_size - self.active
         if not self.waiting or room <= 0:
             return
-        rows, self.waiting = self.waiting[:room], self.waiting[room:]
+        # One group a step, within the prefill budget; the running rows decode between groups.
+        rows, tokens = [], 0
+        for row in self.waiting[:room]:
+            tokens += len(row.request.prompt_ids)
+            if rows and tokens > self.prefill_tokens:
+                break
+            rows.append(row)
+        self.waiting = self.waiting[len(rows):]
         new = self._prefill(rows)
         mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
         if self.batch is None:

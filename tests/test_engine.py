@@ -35,9 +35,10 @@ def until_eos(tokens, eos):
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def test_rows_joining_and_leaving_match_transformers(loaded, reference, cases):
+@pytest.mark.parametrize("prefill_tokens", [2048, 1])  # prompts prefilled together, or each alone
+def test_rows_joining_and_leaving_match_transformers(loaded, reference, cases, prefill_tokens):
     model, processor = loaded
-    engine = Engine(model, processor, batch_size=3)
+    engine = Engine(model, processor, batch_size=3, prefill_tokens=prefill_tokens)
     items = prompts_of(cases)
     # Different lengths make rows leave at different steps, so waiting prompts join a running batch.
     lengths = [12, 4, 9, 12, 6, 12, 7]
