@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten
 from .cli import ArgumentParser, run_main
 from .formats import big_vision
 from .formats.mlx import (AFFINE_BITS, MODES, atomic_folder, build_model, check_quantization, get_model_path,
-                          load_weights, parse_config, quantize, read_config, read_json, upload, write_folder)
-from .processor import InputError, Tokenizer
+                          load_weights, parse_config, quantize, read_config, upload, write_folder)
+from .processor import InputError, Tokenizer, read_json_object
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -50,7 +50,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
         print(f"[convert] loading {hf_path}", flush=True)
         if npz:
             source = get_model_path(tokenizer, revision)
-            raw_config, weights = big_vision.load(hf_path, Tokenizer(source), config and read_json(Path(config)))
+            raw_config, weights = big_vision.load(hf_path, Tokenizer(source), config and read_json_object(Path(config)))
         else:
             source = get_model_path(hf_path, revision)
             raw_config, weights = read_config(source), load_weights(source)
@@ -71,7 +71,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
         if npz:  # the tokenizer folder's processor files, sized for this model
             for name in ("processor_config.json", "preprocessor_config.json"):
                 if (tmp / name).is_file():
-                    settings = big_vision.processor_settings(read_json(tmp / name), model_config)
+                    settings = big_vision.processor_settings(read_json_object(tmp / name), model_config)
                     (tmp / name).write_text(json.dumps(settings, indent=2))
     print(f"[convert] wrote {out}", flush=True)
     if upload_repo:

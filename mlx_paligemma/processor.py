@@ -114,8 +114,9 @@ def check_text(text: str, what: str) -> None:
 
 
 def read_json_object(file: Path) -> dict:
+    """A JSON object from a file (config, processor or index files), or one line saying why not."""
     try:
-        value = json.loads(file.read_bytes().decode("utf-8"))
+        value = json.loads(Path(file).read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise InputError(f"{file} is not UTF-8 text") from None
     except RecursionError:
@@ -125,7 +126,7 @@ def read_json_object(file: Path) -> dict:
     except OSError as e:
         raise InputError(f"cannot read {file}: {e.strerror}") from None
     if not isinstance(value, dict):
-        raise InputError(f"{file} is not a JSON object")
+        raise InputError(f"{file} is not a JSON object: it holds a JSON {type(value).__name__}")
     return value
 
 

@@ -196,7 +196,7 @@ def _umask() -> int:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"[1, 2, 3]", "holds a JSON list, not an object"),
+    (b"[1, 2, 3]", "is not a JSON object: it holds a JSON list"),
     (b'{"model_type": "paligemma", "text_config": "gemma"}', "text_config is str, expected an object"),
     ('{"model_type": "paligemma", "caf\xe9": 1}'.encode("latin-1"), "is not UTF-8 text"),
     (b'{"model_type": "paligemma", "text_config": {"hidden_size": "64"}}', "text_config: hidden_size is '64'"),

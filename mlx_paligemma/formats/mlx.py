@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from ..language import TextConfig
 from ..model import ModelConfig, PaliGemma
-from ..processor import InputError
+from ..processor import InputError, read_json_object
 from ..vision import VisionConfig
 
 # Files a checkpoint needs; everything else in a hub repo (original .npz, gguf, ...) is skipped.
@@ -50,26 +50,11 @@ def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
         raise InputError(f"cannot get {path_or_repo} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
 
 
-def read_json(file: Path) -> dict:
-    """A JSON object from a file, or one line saying why not."""
-    try:
-        value = json.loads(Path(file).read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{file} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{file} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise InputError(f"{file} is not valid JSON: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise InputError(f"{file} holds a JSON {type(value).__name__}, not an object")
-    return value
-
-
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise InputError(f"no config.json in {path}: not a model folder")
-    return read_json(file)
+    return read_json_object(file)
 
 
 def _accepts(kind, value) -> bool:
@@ -196,7 +181,7 @@ def weight_files(path: Path) -> List[Path]:
     safetensors in the folder are not taken for weights)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise InputError(f"{index} has no weight_map object")
         files = [path / f for f in sorted(set(weight_map.values()))]
