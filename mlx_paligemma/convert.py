@@ -5,15 +5,13 @@
 """
 
 import json
-import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, command, run_main
 from .formats import big_vision
 from .formats.mlx import (AFFINE_BITS, MODES, atomic_folder, build_model, check_quantization, get_model_path,
                           load_weights, parse_config, quantize, read_config, upload, write_folder)
@@ -79,7 +77,7 @@ def convert(hf_path: str, mlx_path: str, dtype: str = "bfloat16", quantize_bits:
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     from mlx_lm.convert import QUANT_RECIPES
 
     p = ArgumentParser(description="Convert a PaliGemma checkpoint (Hugging Face or big_vision .npz) to "
@@ -103,20 +101,18 @@ def main(argv=None) -> int:
                    help="mlx-lm's mixed-precision recipe for the decoder (with -q)")
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
-    # A terminated run unwinds (and removes its partial output) instead of dying mid-write.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        args = p.parse_args(argv)
-        if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine" or args.quant_predicate):
-            p.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q")
-        bits = (args.q_bits or (MODES[args.q_mode] or (64, 4))[1]) if args.quantize else None
-        convert(args.hf_path, args.mlx_path, args.dtype, bits, args.q_group_size, args.quantize_vision,
-                args.upload_repo, args.q_mode, args.quant_predicate, args.revision, args.tokenizer, args.config)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return p
 
+
+def run(args) -> None:
+    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine" or args.quant_predicate):
+        raise InputError("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q (see --help)")
+    bits = (args.q_bits or (MODES[args.q_mode] or (64, 4))[1]) if args.quantize else None
+    convert(args.hf_path, args.mlx_path, args.dtype, bits, args.q_group_size, args.quantize_vision,
+            args.upload_repo, args.q_mode, args.quant_predicate, args.revision, args.tokenizer, args.config)
+
+
+main = command(build_parser, run)
 
 if __name__ == "__main__":
     run_main(main)

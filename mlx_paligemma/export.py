@@ -9,7 +9,6 @@ float dtype of its scales. Written atomically, like convert.
 """
 
 import json
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, command, run_main
 from .formats.hf import to_transformers
 from .formats.mlx import (atomic_folder, build_model, copy_side_files, dequantize, get_model_path, load_config,
                           load_weights, save_weights, upload)
@@ -54,22 +53,21 @@ def export(model: str, out: str, dtype: Optional[str] = None, revision: Optional
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Export a PaliGemma model to a transformers checkpoint folder.")
     p.add_argument("--model", required=True, help="folder or hub id of any model mlx_paligemma loads")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the model's stored float dtype")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: remove the partial folder
-    try:
-        args = p.parse_args(argv)
-        export(args.model, args.out, args.dtype, args.revision, args.upload_repo)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return p
 
+
+def run(args) -> None:
+    export(args.model, args.out, args.dtype, args.revision, args.upload_repo)
+
+
+main = command(build_parser, run)
 
 if __name__ == "__main__":
     run_main(main)

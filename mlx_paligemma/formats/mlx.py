@@ -8,7 +8,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import struct
+import sys
+import threading
 import typing
 from contextlib import contextmanager
 from pathlib import Path
@@ -376,12 +379,19 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         tmp.mkdir()
     except OSError as e:
         raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+    # A terminated run unwinds (SystemExit), so the partial folder is removed instead of left behind.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         yield tmp
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
