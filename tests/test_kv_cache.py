@@ -8,16 +8,21 @@ from mlx_paligemma.model import ModelConfig, PaliGemma
 from mlx_paligemma.vision import VisionConfig
 
 
-def test_quantized_kv_cache_stays_close_to_the_full_one():
-    mx.random.seed(0)
-    # head_dim 32: mlx quantizes in groups of at least 32, more than the fixtures' head_dim of 16.
+def head_dim_32_model() -> PaliGemma:
+    """A small random Gemma 2 PaliGemma with head_dim 32: mlx quantizes in groups of at least 32, more than the
+    fixtures' head_dim of 16. Image token 95, eos 1."""
     text = TextConfig(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=96,
                       query_pre_attn_scalar=32, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
                       sliding_window=8)
-    model = PaliGemma(ModelConfig(text, VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=2, image_size=28, patch_size=14),
-                                  image_token_index=95))
+    return PaliGemma(ModelConfig(text, VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=28, patch_size=14),
+                                 image_token_index=95, eos_token_id=1))
+
+
+def test_quantized_kv_cache_stays_close_to_the_full_one():
+    mx.random.seed(0)
+    model = head_dim_32_model()
     ids = mx.array([[95] * 4 + [2, 10, 11, 12, 13, 14, 15, 16, 17, 5]])
     pixels = mx.random.normal((1, 28, 28, 3))
     steps = mx.array([[20]])
@@ -43,13 +48,7 @@ def test_engine_quantized_cache_equals_mlx_lm_quantized_cache():
     from mlx_paligemma.engine import Engine, Request
 
     mx.random.seed(1)
-    text = TextConfig(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=96,
-                      query_pre_attn_scalar=32, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                      sliding_window=8)
-    model = PaliGemma(ModelConfig(text, VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                     num_attention_heads=2, image_size=28, patch_size=14),
-                                  image_token_index=95, eos_token_id=1))
+    model = head_dim_32_model()
     # Random normal weights everywhere (norms included) and a small embedding give varied greedy answers; the
     # default init lets the tied embedding repeat the last prompt token.
     model.update(tree_map_with_path(lambda path, w: mx.random.normal(w.shape) * (0.02 if "embed_tokens" in path else 0.3),
