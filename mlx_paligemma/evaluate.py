@@ -23,7 +23,7 @@ from . import metrics
 from .cli import ArgumentParser, command, run_main
 from .detection import parse_detections
 from .processor import InputError
-from .trainer import Example, read_jsonl
+from .data import Example, read_jsonl
 
 TASKS = ("caption", "vqa", "ocr", "detect", "segment", "match")
 _BY_FIRST_WORD = {"caption": "caption", "answer": "vqa", "ocr": "ocr", "detect": "detect", "segment": "segment"}

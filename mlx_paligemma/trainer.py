@@ -1,13 +1,16 @@
 """The one training loop: data, what trains (LoRA, attention-only, full), schedule, data-parallel gradient averaging,
 checkpoints and resume, and the validation hooks (loss, and the task's own metric through mlx_paligemma.evaluate).
 
-Data is JSONL, one example a line: {"image": "images/cat.jpg", "prefix": "caption en", "suffix": "a cat"}, with
-`image` a path relative to the file or an http(s) URL; `suffix` may be a list of answers (one example each).
+Data is JSONL, one example a line, in the one item format of mlx_paligemma.data: {"image": "images/cat.jpg",
+"prefix": "caption en", "suffix": "a cat"} (`prompt` for `prefix` works too), with `image` a path relative to the
+file or an http(s) URL; `suffix` may be a list of answers (one example each).
 Under `mlx.launch` every process takes its share of each batch (--batch-size is per process) and the gradients are
 averaged weighted by suffix tokens, so N processes train exactly as one with N times the batch; only rank 0 writes.
 """
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -19,10 +22,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .formats.adapters import ADAPTER_FILE, save_adapters
-from .formats.mlx import atomic_file
+from .data import Example, read_jsonl
+from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
+from .formats.mlx import atomic_file, check_safetensors
 from .model import PaliGemma, suffix_loss
-from .processor import InputError, PaliGemmaProcessor, check_text, load_image
+from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, cause, read_json_object
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -31,67 +35,6 @@ FINE_TUNE_TYPES = ("lora", "attention", "full")
 # Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
 # (the data order and each step's random draws follow from the seed and the step).
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
-
-
-@dataclass
-class Example:
-    image: object  # a file path, or a PIL image downloaded from a URL
-    prefix: str
-    suffix: str
-    source: str = ""  # the line's `image` as written
-
-
-def read_jsonl(file) -> List[Example]:
-    """Every line parsed and its image opened now, so a bad line stops the run before training, naming the line.
-    A URL is downloaded once however many lines name it."""
-    examples, downloaded = [], {}
-    try:
-        text = Path(file).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = Path(file).read_bytes()[:e.start].count(b"\n") + 1
-        raise InputError(f"{file}, line {line}: not UTF-8 text") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{file}, line {n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON: {e}") from None
-        except RecursionError:
-            raise InputError(f"{where}: not valid JSON: nested too deeply") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected an object with image, prefix and suffix")
-        for key in ("image", "prefix"):
-            if not isinstance(row.get(key), str):
-                raise InputError(f"{where}: {key!r} is missing or not a string")
-        suffixes = row.get("suffix")
-        suffixes = [suffixes] if isinstance(suffixes, str) else suffixes
-        if not isinstance(suffixes, list) or not suffixes or not all(isinstance(s, str) for s in suffixes):
-            raise InputError(f"{where}: 'suffix' is missing or not a string (or a list of strings)")
-        if not all(suffixes):
-            raise InputError(f"{where}: empty suffix, nothing to learn")
-        try:
-            for key, value in [("prefix", row["prefix"])] + [("suffix", s) for s in suffixes]:
-                check_text(value, key)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        source = row["image"]
-        url = source.startswith(("http://", "https://"))
-        try:
-            image = source if url else str((Path(file).parent / source).resolve())
-        except (ValueError, OSError) as e:  # a NUL or a lone surrogate in the name, a symlink loop
-            raise InputError(f"{where}: image {source!r} is not a usable path: {e}") from None
-        try:
-            loaded = downloaded[image] if image in downloaded else load_image(image)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        if url:
-            downloaded[image] = loaded
-        examples += [Example(loaded if url else image, row["prefix"], s, source) for s in suffixes]
-    if not examples:
-        raise InputError(f"{file} holds no examples")
-    return examples
 
 
 def load_datasets(folder) -> Dict[str, List[Example]]:
@@ -107,6 +50,23 @@ def make_batch(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> Di
     """Processor output for examples: left padded, token_type_ids 1 on the suffix, labels -100 off it."""
     return processor(images=[[e.image] for e in examples], text=[e.prefix for e in examples],
                      suffix=[e.suffix for e in examples])
+
+
+def check_examples(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> None:
+    """What make_batch would refuse at some later step, for every example now, naming its file and line: the
+    prefix's <image> markers against its one image, a suffix holding <image>, the length against the model's."""
+    seq, limit = processor.image_seq_length, processor.max_length
+    for e in examples:
+        if e.prefix.count(IMAGE_TOKEN) > 1:
+            raise InputError(f"{e.where}: the prefix has {e.prefix.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers for "
+                             "one image")
+        if IMAGE_TOKEN in e.suffix:
+            raise InputError(f"{e.where}: the suffix holds {IMAGE_TOKEN}: images go in the prefix")
+        if limit is not None:
+            prefix = processor.build_prompt(e.prefix, 1).replace(IMAGE_TOKEN, "")
+            n = seq + len(processor.tokenizer.encode(prefix)) + len(processor.tokenizer.encode(e.suffix + "<eos>"))
+            if n > limit:
+                raise InputError(f"{e.where}: {n} tokens with the image's {seq}, more than the model's {limit}")
 
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -213,6 +173,7 @@ class TrainingArgs:
     eval_task: Optional[str] = None  # also score generated answers on the validation set: auto, caption, vqa, ...
     eval_max_tokens: int = 64
     keep_best: bool = False  # with eval_task: the best-scoring weights go to adapter_path/best
+    overwrite: bool = False  # replace the adapters already in adapter_path (without it, that is refused)
 
 
 def check_args(args: TrainingArgs) -> None:
@@ -254,14 +215,113 @@ def save_checkpoint(model, optimizer, folder: Path, config: dict, step: int, bes
         tmp.write_text(json.dumps({"step": step, "best_score": best}))
 
 
+def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: adapter_path is a folder we can write, and holds no adapters we would replace unasked."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--adapter-path {folder} is a file, not a folder")
+    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE) if (folder / name).exists()]
+    if ours and not resume and not overwrite:
+        raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
+                         "them, --overwrite to replace them, or another --adapter-path")
+    try:  # a real write, not os.access: root passes access checks on read-only file systems
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to --adapter-path {folder}: {e.strerror or cause(e)}") from None
+
+
+def data_fingerprint(examples: Sequence[Example]) -> str:
+    """What the checkpoint was trained on, to refuse resuming on other data: a hash of every example in order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.source, e.prefix, e.suffix]).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+# What a checkpoint must share with the command that resumes it: (key in adapter_config.json, option to name).
+RESUME_SETTINGS = [
+    ("fine_tune_type", "--fine-tune-type"), ("trained", "--fine-tune-type"), ("num_layers", "--num-layers"),
+    ("train_vision", "--train-vision"), ("lora_parameters.rank", "--lora-rank"),
+    ("lora_parameters.keys", "--lora-layers"), ("lora_parameters.scale", "--lora-scale"),
+    ("base_model", "--model"), ("data", "the training data"),
+]
+
+
+def _setting(config: dict, key: str):
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _same_model(a, b) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except (TypeError, OSError, ValueError):
+        return False
+
+
+def check_resume(folder: Path, config: dict) -> None:
+    """Refuse, in one line and before anything is written, a checkpoint trained with other settings than `config`:
+    resuming it would overwrite a good checkpoint with one that cannot load or has lost tensors."""
+    missing = [name for name in (CONFIG_FILE, ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise InputError(f"nothing to resume in {folder}: no {', '.join(missing)}")
+    saved = read_json_object(folder / CONFIG_FILE)
+    for key, option in RESUME_SETTINGS:
+        old, new = _setting(saved, key), _setting(config, key)
+        if key == "base_model" and _same_model(old, new) or old == new:
+            continue
+        if key == "data":
+            raise InputError(f"cannot resume from {folder}: its checkpoint was trained on other data (the examples "
+                             "or their order differ); give the same --data, or another --adapter-path")
+        if key == "trained":
+            old, new = old or _setting(saved, "fine_tune_type"), new or _setting(config, "fine_tune_type")
+        raise InputError(f"cannot resume from {folder}: its checkpoint has {option} {json.dumps(old)}, this command "
+                         f"{json.dumps(new)}; give the same, or another --adapter-path")
+
+
+def _read_safetensors(file: Path) -> Dict[str, mx.array]:
+    if not file.is_file():
+        raise InputError(f"nothing to resume in {file.parent}: no {file.name}")
+    check_safetensors(file)
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise InputError(f"{file} is damaged: {cause(e)}") from None
+
+
 def load_checkpoint(model, optimizer, folder: Path) -> dict:
-    """Trained weights and optimizer state back in place; returns the saved state (step, best score)."""
+    """Trained weights and optimizer state back in place; returns the saved state (step, best score). Every file is
+    checked against the model's trainable parameters first: a damaged or foreign one is one line naming it."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file() or not (folder / OPTIMIZER_FILE).is_file():
         raise InputError(f"nothing to resume in {folder}: no {STATE_FILE} or {OPTIMIZER_FILE}")
-    model.load_weights(str(folder / ADAPTER_FILE), strict=False)
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / OPTIMIZER_FILE)).items()))
-    return json.loads((folder / STATE_FILE).read_text())
+    state = read_json_object(folder / STATE_FILE)
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InputError(f"{folder / STATE_FILE}: 'step' must be a whole number >= 0, got {json.dumps(step)}")
+    best = state.get("best_score")
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)):
+        raise InputError(f"{folder / STATE_FILE}: 'best_score' must be a number, got {json.dumps(best)}")
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    weights = _read_safetensors(folder / ADAPTER_FILE)
+    for name, w in trainable.items():
+        if name not in weights or weights[name].shape != w.shape:
+            raise InputError(f"{folder / ADAPTER_FILE} does not fit this model's trainable parameters: "
+                             f"{name} is {'missing' if name not in weights else tuple(weights[name].shape)}, "
+                             f"expected {tuple(w.shape)}")
+    saved = _read_safetensors(folder / OPTIMIZER_FILE)
+    moments = {k.rsplit(".", 1)[0] for k in saved if k not in ("step", "learning_rate")}
+    if moments != set(trainable):
+        odd = sorted(moments ^ set(trainable))[0]
+        raise InputError(f"{folder / OPTIMIZER_FILE} does not fit this model's trainable parameters ({odd})")
+    model.load_weights([(k, weights[k]) for k in trainable], strict=False)
+    optimizer.state = tree_unflatten(list(saved.items()))
+    return {"step": step, "best_score": best}
 
 
 def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Example],
@@ -280,6 +340,15 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
         raise InputError(f"{len(train_set)} training examples, fewer than the batch size "
                          f"{args.batch_size}" + (f" x {size} processes" if size > 1 else ""))
     writes = adapter_config is not None and rank == 0
+    folder = Path(args.adapter_path)
+    # Everything that could stop the run later is checked now, before the first step and before anything is written.
+    if adapter_config is not None:
+        check_output_folder(folder, args.resume, args.overwrite)
+        adapter_config = {**adapter_config, "data": data_fingerprint(train_set)}
+        if args.resume:
+            check_resume(folder, adapter_config)
+    check_examples(processor, train_set)
+    check_examples(processor, valid_set or [])
     report = report if rank == 0 else (lambda s: None)
     if args.grad_checkpoint and type(model.layers[0]).__call__.__name__ != "checkpointed_fn":
         from mlx_lm.tuner.trainer import grad_checkpoint
@@ -290,11 +359,12 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     optimizer = (optim.AdamW(schedule, weight_decay=args.weight_decay) if args.weight_decay
                  else optim.Adam(schedule))
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    folder = Path(args.adapter_path)
     start, best = 0, None
     if args.resume:
         state = load_checkpoint(model, optimizer, folder)
-        start, best = state["step"], state.get("best_score")
+        start, best = state["step"], state["best_score"]
+        if start >= args.iters:
+            raise InputError(f"{folder} is at step {start} already: give --iters above it to train on")
         report(f"Resumed from {folder} at step {start}")
     score_task = None
     if args.eval_task:

@@ -1,0 +1,156 @@
+"""The one JSONL item format, read by the dataset runner (batch), training and evaluation.
+
+One item a line: {"image": path or URL (or a list of them), "prompt": "caption en", "suffix": "a cat", "id": ...}
+plus any fields of your own. `prefix` is another name for `prompt` (training's word, PaliGemma's and big_vision's):
+a line may give either, or both when they are equal. `suffix` (the answer to learn or score against) is optional
+here; training needs it, and may give a list of answers (one example each). Paths are relative to the file.
+So a training or validation file can be batch-run as it is.
+
+`read_items` never raises for a bad line: whatever Python raises while reading one (not UTF-8, malformed or
+5000-deep JSON, a lone surrogate, ...) becomes that item's `error`, so a dataset run writes an error line for it and
+goes on. `read_jsonl`, for training and evaluation, turns the first such error into one line naming file and line.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from .processor import InputError, cause, check_text, load_image
+
+URL_SCHEMES = ("http://", "https://")
+
+
+@dataclass
+class Item:
+    line: int  # line number in the file, from 1
+    fields: dict  # the line's object with its "id" (default: the line number); what an output line repeats
+    images: List[str] = field(default_factory=list)  # paths (relative to the file's folder) or URLs
+    prompt: str = ""
+    suffixes: List[str] = field(default_factory=list)
+    error: Optional[str] = None  # set when the line is not a usable item
+
+
+def read_items(file, prompt: Optional[str] = None) -> List[Item]:
+    """One item per non-blank line of `file`; `prompt` for lines without one. Only reading the file itself can
+    raise (OSError): lines are split on b"\\n" alone, as they are written (json.dumps escapes it, never the other
+    characters str.splitlines takes for line ends)."""
+    file = Path(file)
+    items = []
+    for n, raw in enumerate(file.read_bytes().split(b"\n"), 1):
+        if raw.strip():
+            items.append(parse_line(raw, n, file.parent, prompt))
+    return items
+
+
+def parse_line(raw: bytes, n: int, folder: Path, prompt: Optional[str]) -> Item:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Item(n, {"id": n}, error="not UTF-8 text")
+    try:
+        row = json.loads(text)
+    except RecursionError:
+        return Item(n, {"id": n}, error="not valid JSON: nested too deeply")
+    except json.JSONDecodeError as e:
+        return Item(n, {"id": n}, error=f"not valid JSON: {e}")
+    except Exception as e:  # ValueError for an integer of more than 4300 digits, MemoryError, ...
+        return Item(n, {"id": n}, error=f"not valid JSON: {cause(e)}")
+    if not isinstance(row, dict):
+        return Item(n, {"id": n}, error="expected an object with image and prompt (or prefix)")
+    fields = row if "id" in row else {"id": n, **row}
+    try:  # every field must be writable back out as UTF-8 JSON, or the output line for this item cannot be
+        json.dumps(fields, ensure_ascii=False).encode("utf-8")
+    except Exception:
+        fields = {"id": n}
+    try:
+        return Item(n, fields, *parse_item(row, folder, prompt))
+    except InputError as e:
+        return Item(n, fields, error=str(e))
+
+
+def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):
+    """(images, prompt, suffixes) of a line's object, or InputError saying what is wrong with it."""
+    images = row.get("image")
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        raise InputError("'image' must be a path or URL, or a list of them")
+    images = [resolve(i, folder) for i in images]
+
+    given = [k for k in ("prompt", "prefix") if k in row]
+    for key in given:
+        if not isinstance(row[key], str):
+            raise InputError(f"{key!r} must be a string")
+        check_text(row[key], key)
+    if len(given) == 2 and row["prompt"] != row["prefix"]:
+        raise InputError("'prompt' and 'prefix' differ: they are the same thing, give one")
+    text = row[given[0]] if given else default_prompt
+    if not isinstance(text, str):
+        raise InputError("no prompt: give 'prompt' (or 'prefix') in the line, or --prompt")
+    check_text(text, "prompt")
+
+    suffixes = row.get("suffix", [])
+    suffixes = [suffixes] if isinstance(suffixes, str) else suffixes
+    if not isinstance(suffixes, list) or not all(isinstance(s, str) for s in suffixes):
+        raise InputError("'suffix' must be a string or a list of strings")
+    for s in suffixes:
+        check_text(s, "suffix")
+    return images, text, suffixes
+
+
+def resolve(source: str, folder: Path) -> str:
+    if source.startswith(URL_SCHEMES):
+        return source
+    path = folder / source
+    try:  # what opening it would fail on, said now: a NUL, a lone surrogate the file system cannot take
+        if "\0" in source:
+            raise ValueError("embedded null byte")
+        os.fsencode(path)
+    except ValueError as e:
+        raise InputError(f"image {source!r} is not a usable path: {cause(e)}") from None
+    return str(path)
+
+
+# Training and evaluation: every line must be an example.
+
+@dataclass
+class Example:
+    image: object  # a file path, or a PIL image downloaded from a URL
+    prefix: str
+    suffix: str
+    source: str = ""  # the line's `image` as written
+    where: str = ""  # "FILE, line N", for messages about this example
+
+
+def read_jsonl(file) -> List[Example]:
+    """Every line parsed and its image opened now, so a bad line stops the run before training, naming the line.
+    A URL is downloaded once however many lines name it."""
+    try:
+        items = read_items(file)
+    except OSError as e:
+        raise InputError(f"cannot read {file}: {e.strerror or cause(e)}") from None
+    examples, downloaded = [], {}
+    for item in items:
+        where = f"{file}, line {item.line}"
+        if item.error:
+            raise InputError(f"{where}: {item.error}")
+        if len(item.images) != 1:
+            raise InputError(f"{where}: an example takes one image, this one has {len(item.images)}")
+        if not item.suffixes:
+            raise InputError(f"{where}: 'suffix' is missing: nothing to learn or score against")
+        if not all(item.suffixes):
+            raise InputError(f"{where}: empty suffix, nothing to learn")
+        image = item.images[0]
+        try:
+            loaded = downloaded[image] if image in downloaded else load_image(image)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        url = image.startswith(URL_SCHEMES)
+        if url:
+            downloaded[image] = loaded
+        source = item.fields["image"] if isinstance(item.fields.get("image"), str) else image
+        examples += [Example(loaded if url else image, item.prompt, s, source, where) for s in item.suffixes]
+    if not examples:
+        raise InputError(f"{file} holds no examples")
+    return examples
