@@ -6,9 +6,12 @@ orientations); `<image>` markers written or not; suffixes with `<loc>` and `<seg
 characters and special tokens written in the text; and broken inputs. Every case knows what it means: transformers
 gets the input as given where it accepts that form, and the explicit form (a list of images per prompt, markers
 written, wide images as we document reading them) where only we accept it. Outputs must be equal bit for bit;
-where the input is broken, both must refuse, ours with one line.
+where the input is broken, both must refuse for that reason: ours with one InputError line of the kind the break
+calls for, transformers with the exception its 5.24 code raises for it (REFUSALS). Any other exception on either
+side, or a refusal of a valid case, fails the case.
 """
 
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -39,6 +42,38 @@ SUFFIXES = ["a cat", "<loc0064><loc0400><loc0860><loc0900> cat",
             "<loc0001><loc0002><loc0003><loc0004> cat ; <loc0100><loc0200><loc0300><loc0400> dog",
             "<loc0010><loc0020><loc0900><loc1000><seg001><seg127><seg064><seg000> cat", "", " ", "日本語 🐱", "<eos>",
             "<bos> x", "a\nb", "e\u0301", "<unk>"]
+
+# How each break is refused: (our message, transformers' exception type, its message), as regular expressions
+# searched in the message. transformers' IndexError and TypeErrors are what its code raises on these inputs (it
+# indexes an empty list; its tokenizer rejects the non-str): known, not a reason to accept any exception.
+MARKERS_AND_IMAGES = (r"<image> markers but \d+ images were given|^PaliGemma needs images: got an empty list$",
+                      ValueError, r"total number of <image> tokens in the prompts should be the same as the number "
+                                  r"of images")
+REFUSALS = {
+    "marker in suffix": (r"^suffix \d+ .* contains <image>: images go in the prompt$", ValueError,
+                         r"Mismatch in `image` token count between text and `input_ids`"),
+    "lone surrogate in text": (r"^prompt \d+ is not valid text: lone surrogate '\\ud83d' at character \d+$",
+                               TypeError, r"^TextInputSequence must be str$"),
+    "lone surrogate in suffix": (r"^suffix \d+ is not valid text: lone surrogate '\\ud83d' at character \d+$",
+                                 TypeError, r"^TextInputSequence must be str$"),
+    "suffix count": (r"^got \d+ suffixes for \d+ prompts$", ValueError,
+                     r"batch length of `text`: \d+ does not match batch length of `text_pair`: \d+"),
+    "empty": (r"^no prompts: text is an empty list$", IndexError, r"^list index out of range$"),
+    "empty list of images": (r"^PaliGemma needs images: got an empty list$", IndexError, r"^list index out of range$"),
+    "no images": (r"^PaliGemma needs images: got none$", ValueError,
+                  r"`images` are expected as arguments to a `PaliGemmaProcessor` instance|"
+                  r"<image> tokens in the text but no images were passed"),
+    "no prompts": (r"^no prompts: text is an empty list$", ValueError,
+                   r"total number of <image> tokens in the prompts should be the same|"
+                   r"Received \d+ images for 0 prompts"),
+    "text of another type": (r"^text must be a string or a list of strings$", TypeError,
+                             r"^argument of type '(int|NoneType)' is not iterable$"),
+    "extra image": MARKERS_AND_IMAGES,
+    "missing image": MARKERS_AND_IMAGES,
+    "image moved to another prompt": (r"^prompt \d+ has \d+ <image> markers but \d+ images were given$", None, None),
+    "flat list of another length": (r"^got \d+ images for \d+ prompts without <image> markers: ", ValueError,
+                                    r"^Received \d+ images for \d+ prompts\. Each prompt should be associated"),
+}
 
 
 @pytest.fixture(scope="module", params=["paligemma-tiny", "paligemma2-tiny", "paligemma-tiny/tokenizer.model"])
@@ -125,7 +160,8 @@ def with_markers(rng, prompt, n):
 
 
 def make_case(seed, folder: Path):
-    """(description, what we get, what transformers gets, expectation): 'same', 'refused' or 'we refuse'."""
+    """(description, what we get, what transformers gets, expectation, break): expectation 'same', 'refused' or
+    'we refuse'; break a key of REFUSALS or None."""
     rng = np.random.default_rng([20240515, seed])
     n = int(rng.choice([1, 1, 2, 3, 4]))
     markers = str(rng.choice(["none", "written", "mixed"], p=[0.45, 0.4, 0.15] if n > 1 else [0.5, 0.5, 0]))
@@ -191,7 +227,7 @@ def make_case(seed, folder: Path):
     description = (f"case {seed}: {n} prompts, images {counts} as {form}, markers {markers}, "
                    f"modes {[getattr(i, 'mode', 'file') for row in images for i in row]}, broken {broken}, "
                    f"text {given['text']!r}, suffix {given['suffix']!r}")
-    return description, given, explicit if lenient else given, expect
+    return description, given, explicit if lenient else given, expect, broken
 
 
 def break_case(rng, given, explicit, images, counts, written, markers, form, n):
@@ -255,17 +291,16 @@ def break_case(rng, given, explicit, images, counts, written, markers, form, n):
 def ours(processor, inputs):
     try:
         batch = processor(**inputs)
-    except mp.InputError as e:
-        assert "\n" not in str(e) and str(e), repr(str(e))
-        return "refused"
+    except Exception as e:  # judged in problems(): only an InputError of the expected kind is a refusal
+        return e
     return {k: np.array(v) for k, v in batch.items()}
 
 
 def theirs(processor, inputs):
     try:
         batch = processor(**inputs, padding="longest", return_tensors="np")
-    except Exception:
-        return "refused"
+    except Exception as e:  # judged in problems() against the exception transformers raises for the break
+        return e
     out = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
     out["pixel_values"] = np.asarray(batch["pixel_values"]).transpose(0, 2, 3, 1)  # ours are channels last
     if inputs.get("suffix") is not None:
@@ -273,27 +308,64 @@ def theirs(processor, inputs):
     return out
 
 
-def differences(a, b):
-    if isinstance(a, str) or isinstance(b, str):
-        return [] if a == b else [f"ours {a if isinstance(a, str) else 'accepted'}, "
-                                  f"transformers {b if isinstance(b, str) else 'accepted'}"]
-    wrong = [k for k in b if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])]
-    return [f"{k} differ" for k in wrong] + [f"extra {k}" for k in a.keys() - b.keys()]
+def shown(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]!r}"
+
+
+def problems(expect, broken, a, b):
+    """What is wrong with our result `a` and transformers' `b` (None where it was not run) for this case."""
+    if expect == "same":
+        wrong = [f"{side} refused ({shown(r)})" for side, r in (("ours", a), ("transformers", b))
+                 if isinstance(r, Exception)]
+        if wrong:
+            return wrong
+        return [f"{k} differ" for k in b if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k])] + \
+            [f"extra {k}" for k in a.keys() - b.keys()]
+    ours_message, their_type, their_message = REFUSALS[broken]
+    wrong = []
+    if not isinstance(a, Exception):
+        wrong.append("ours accepted")
+    elif not (isinstance(a, mp.InputError) and "\n" not in str(a) and re.search(ours_message, str(a))):
+        wrong.append(f"ours refused not as expected ({shown(a)})")
+    if expect == "refused":
+        if not isinstance(b, Exception):
+            wrong.append("transformers accepted")
+        elif not (isinstance(b, their_type) and re.search(their_message, str(b))):
+            wrong.append(f"transformers refused not as expected ({shown(b)})")
+    return wrong
 
 
 def test_processor_matches_transformers_on_random_inputs(processors, tmp_path):
     our_processor, their_processor = processors
-    failures, seen = [], Counter()
+    failures, seen, breaks = [], Counter(), Counter()
     for seed in range(N_CASES):
-        description, given, explicit, expect = make_case(seed, tmp_path)
+        description, given, explicit, expect, broken = make_case(seed, tmp_path)
         seen.update([expect] + ["explicit form"] * (explicit is not given))
+        breaks.update([broken] * (broken is not None))
         a = ours(our_processor, given)
-        if expect == "we refuse":
-            problems = [] if a == "refused" else ["ours accepted"]
-        else:
-            b = theirs(their_processor, explicit)
-            problems = differences(a, b) + (["transformers accepted"] if expect == "refused" and b != "refused" else [])
-        if problems:
-            failures.append(f"{description}: {', '.join(problems)}")
+        b = None if expect == "we refuse" else theirs(their_processor, explicit)
+        wrong = problems(expect, broken, a, b)
+        if wrong:
+            failures.append(f"{description}: {', '.join(wrong)}")
     assert not failures, f"{len(failures)} of {N_CASES} cases differ:\n" + "\n".join(failures[:15])
     assert min(seen[k] for k in ("same", "explicit form", "refused", "we refuse")) >= 3, seen  # every kind is exercised
+    assert set(breaks) == set(REFUSALS), set(REFUSALS) - set(breaks)  # and every break
+
+
+def test_refusals_are_judged_by_kind():
+    # The judge itself: a refusal of another kind, on either side, is a failure, as is any refusal of a valid case.
+    same = {"input_ids": np.zeros(2)}
+    assert problems("same", None, same, dict(same)) == []
+    assert problems("same", None, mp.InputError("x"), ValueError("y")) == ["ours refused (InputError: 'x')",
+                                                                          "transformers refused (ValueError: 'y')"]
+    right = mp.InputError("got 3 suffixes for 2 prompts")
+    theirs_right = ValueError("batch length of `text`: 2 does not match batch length of `text_pair`: 3.")
+    assert problems("refused", "suffix count", right, theirs_right) == []
+    assert problems("refused", "suffix count", mp.InputError("PaliGemma needs images: got none"), theirs_right)
+    assert problems("refused", "suffix count", RuntimeError("got 3 suffixes for 2 prompts"), theirs_right)
+    assert problems("refused", "suffix count", right, TypeError("batch length of `text`: 2 does not match batch "
+                                                                "length of `text_pair`: 3."))
+    assert problems("refused", "suffix count", right, ValueError("something else"))
+    assert problems("refused", "suffix count", right, same) == ["transformers accepted"]
+    assert problems("we refuse", "image moved to another prompt",
+                    mp.InputError("prompt 0 has 2 <image> markers but 1 images were given"), None) == []
