@@ -1,6 +1,7 @@
 """Every quantization an MLX folder records loads: folders written by mlx-lm's own quantization and save code
 (mixed recipes with per-layer entries, mxfp4/nvfp4/mxfp8, 2-8 bits) give the logits of mlx-lm's quantized model,
-on the quantized path and on the CPU dequantize path; convert writes each option; weights are found by name."""
+on the quantized path and on the CPU dequantize path; convert writes each option, within a stated distance of the
+float model per bit width; weights are found by name."""
 
 import json
 import shutil
@@ -32,6 +33,25 @@ def tolerance(mode: str) -> float:
     # model's residual stream starts in bfloat16; dequantized to float32 (the same weight values, exactly), it
     # computes in float32 throughout.
     return 1e-4 if mode == "affine" else 5e-2
+
+
+def relative_error(quantized: np.ndarray, float_: np.ndarray) -> float:
+    """RMS of the logits' error over the RMS spread of the float logits across the vocabulary."""
+    spread = float_ - float_.mean(axis=-1, keepdims=True)
+    return float(np.sqrt(np.mean((quantized - float_) ** 2) / np.mean(spread ** 2)))
+
+
+# The most relative_error convert's options may leave against the float model, on the tiny models' "single" case.
+# Measured (paligemma-tiny / paligemma2-tiny): affine 2 bits (groups of 32) 0.80 / 0.89, 3 bits 0.52 / 0.64,
+# 4 bits 0.26 / 0.24, 5 bits 0.14 / 0.14, 6 bits 0.069 / 0.060, 8 bits 0.017 / 0.015; mxfp4 0.47 / 0.32 (0.67 /
+# 0.44 with the vision tower too), nvfp4 0.27 / 0.27, mxfp8 0.072 / 0.087, mixed_3_6 (mostly 3 bits) 0.49 / 0.62.
+# The error halves with each bit, as a quantizer's step does. It is large at low widths because these models are
+# 64 wide: one group spans a whole row of random weights, and every layer's rounding adds up. Bounds: about 1.5x
+# the measured error. At 2 and 3 bits they only say the logits still follow the float model's (logits unrelated
+# to it score about 1.4); from 4 bits on a wrong scale, group or bit layout would exceed them many times over.
+FLOAT_BOUNDS = {("affine", 2): 1.25, ("affine", 3): 0.95, ("affine", 4): 0.4, ("affine", 5): 0.21,
+                ("affine", 6): 0.1, ("affine", 8): 0.03, ("mxfp4", 4): 0.7, ("nvfp4", 4): 0.4, ("mxfp8", 8): 0.13}
+VISION_TOO = 1.5  # the vision tower quantized as well: its rounding comes on top
 
 
 def logits_of(model, processor, case):
@@ -106,6 +126,12 @@ def test_convert_round_trips(tmp_path, cases, options):
     quantized = logits_of(model, processor, cases["single"])
     dequantized = logits_of(mp.load(str(out))[0], processor, cases["single"])
     np.testing.assert_allclose(dequantized, quantized, atol=tolerance(mode), rtol=0)
+    # Against the float model: a recipe is bounded by its most common width (mixed_3_6: 3 bits).
+    float_model, _ = mp.load(str(FIXTURES / "paligemma2-tiny"), dtype=mx.float32)
+    bits = 3 if options.get("quant_predicate") == "mixed_3_6" else options["quantize_bits"]
+    bound = FLOAT_BOUNDS[mode, bits] * (VISION_TOO if options.get("quantize_vision") else 1)
+    error = relative_error(quantized, logits_of(float_model, processor, cases["single"]))
+    assert error <= bound, f"{options}: relative error {error:.3f} against float, bound {bound}"
 
 
 def test_cli_quantization_options(tmp_path, capsys):
