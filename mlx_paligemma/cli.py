@@ -11,11 +11,42 @@ from typing import Callable, Optional
 from .processor import InputError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds `(default: X)` to an option's help unless the help already states its default (says "default" or ends
+    in a parenthesis), the option is a flag that is off, or it has no default (the help says what none means)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        said = "default" in help.lower() or help.rstrip().endswith(")")
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if said or unset or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad option reported as one InputError line instead of usage lines and exit code 2."""
+    """argparse with every default shown in --help, the usage line naming the command as it is typed
+    (`python -m mlx_paligemma.generate`, or the `mlx-paligemma-generate` console script), and a bad option
+    reported as one InputError line instead of usage lines and exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", command_name(sys._getframe(1).f_globals.get("__spec__")))
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise InputError(f"{message} (see --help)")
+
+
+def command_name(spec) -> Optional[str]:
+    """How the user ran the command whose parser is being built: a console script by its own name, else
+    `python -m` and the module (argparse alone would say `generate.py` or `__main__.py`)."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if script.startswith("mlx-paligemma-"):
+        return script
+    if spec is None or not spec.name.startswith("mlx_paligemma."):
+        return None
+    return "python -m " + spec.name.removesuffix(".__main__")
 
 
 def command(build_parser: Callable[[], argparse.ArgumentParser],

@@ -3,22 +3,24 @@
     python -m mlx_paligemma.generate --model google/paligemma2-3b-mix-224 --image cat.jpg --prompt "caption en"
 """
 
+import inspect
 import itertools
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, Generator, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from . import defaults
 from .cli import ArgumentParser, command, run_main
 from .engine import Engine, Request, check_generation_args
 from .model import PaliGemma
-from .processor import InputError, PaliGemmaProcessor, load_image
+from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, load_image
 
 
 @dataclass
@@ -40,7 +42,7 @@ def generate_step(
     attention_mask: Optional[mx.array] = None,
     image_features: Optional[mx.array] = None,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
-    max_tokens: int = 256,
+    max_tokens: int = defaults.MAX_TOKENS,
     kv_bits: Optional[int] = None,
 ) -> Generator[mx.array, None, None]:
     """Yields (B,) token arrays, max_tokens of them (eos does not stop a row), for a batch of left-padded
@@ -71,16 +73,18 @@ def stream_generate(
     processor: PaliGemmaProcessor,
     images=None,
     prompt: str = "",
-    max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    max_tokens: int = defaults.MAX_TOKENS,
+    temperature: float = defaults.TEMPERATURE,
+    top_p: float = defaults.TOP_P,
+    top_k: int = defaults.TOP_K,
     kv_bits: Optional[int] = None,
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
     More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop) as for
-    batch_generate."""
+    batch_generate. mlx-vlm's order, `(model, processor, prompt, image=...)`, is read as such."""
+    images, prompt = neighbour_order(images, prompt, settings)
+    check_keywords(stream_generate, settings)
     engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits)
     engine.submit(images, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   **settings)
@@ -102,10 +106,13 @@ def stream_generate(
                 )
 
 
-def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, kv_bits: Optional[int] = None, verbose: bool = False,
-             **settings) -> str:
-    """The answer to one prompt about one or more images, as a string."""
+def generate(model, processor, images=None, prompt: str = "", max_tokens: int = defaults.MAX_TOKENS,
+             temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, top_k: int = defaults.TOP_K,
+             kv_bits: Optional[int] = None, verbose: bool = False, **settings) -> str:
+    """The answer to one prompt about one or more images, as a string. mlx-vlm's order,
+    `generate(model, processor, "caption en", image=img)`, is read as such."""
+    images, prompt = neighbour_order(images, prompt, settings)
+    check_keywords(generate, settings)
     text, last = "", None
     for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits,
                                 **settings):
@@ -118,14 +125,16 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     return text
 
 
-def batch_generate(model, processor, images: Sequence, prompts: Sequence[str], max_tokens: int = 100,
-                   temperature: float = 0.0, batch_size: int = 8, kv_bits: Optional[int] = None,
+def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
+                   max_tokens: int = defaults.MAX_TOKENS, temperature: float = defaults.TEMPERATURE,
+                   batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
                    verbose: bool = False, **settings) -> List[str]:
     """Answers to many prompts, in input order. `images[i]` is what generate takes for prompts[i] (an image, a
     path or URL, or a list of them). Up to `batch_size` rows share each decode step; finished rows make room for
     waiting prompts at once. Every other keyword (top_p, top_k, min_p, repetition_penalty, logit_bias, seed,
     stop) applies to each prompt. Images are read as their rows are about to join, so a long list streams
     through in bounded memory; a bad image or prompt raises InputError naming its index."""
+    check_keywords(batch_generate, settings)
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
@@ -155,6 +164,34 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str], m
     return ["".join(answers[i]) for i in range(len(prompts))]
 
 
+# What **settings may hold: the engine's per-request settings (Request's fields, less those given as ids/arrays).
+SETTINGS = sorted({f.name for f in fields(Request)}
+                  - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos", "sampler"})
+
+
+def check_keywords(function, settings: dict) -> None:
+    """A misspelt keyword (`temp=`) is one InputError line naming the known ones, not a TypeError."""
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        named = [p for p in inspect.signature(function).parameters if p not in ("model", "processor", "settings")]
+        known = ", ".join(dict.fromkeys(named + SETTINGS))
+        raise InputError(f"{function.__name__}() got unknown keyword {', '.join(unknown)}; known keywords: {known}")
+
+
+def neighbour_order(images, prompt, settings: dict):
+    """mlx-vlm's `(model, processor, prompt, image=...)`: the prompt third and the images by keyword `image`.
+    Unambiguous, so read as meant; both `images` and `image` given is one line naming the right form."""
+    if "image" not in settings:
+        return images, prompt
+    image = settings.pop("image")
+    if images is None:
+        return image, prompt
+    if isinstance(images, str) and prompt == "":
+        return image, images
+    raise InputError("give the images once: generate(model, processor, images=..., prompt=...) or mlx-vlm's "
+                     "generate(model, processor, prompt, image=...)")
+
+
 def print_stats(r: GenerationResponse, file=None) -> None:
     print("=" * 10, file=file)
     print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
@@ -166,19 +203,29 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Answer a prompt about one or more images with PaliGemma.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
-    p.add_argument("--image", action="append", required=True, help="path or URL; repeat for several images")
-    p.add_argument("--prompt", default="caption en", help='e.g. "caption en", "answer en what is this?", "detect cat"')
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop")
-    p.add_argument("--repetition-context-size", type=int, default=20)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache (long prompts)")
+    p.add_argument("--adapter-path", default=None, help="adapters (or fine-tuned weights) written by "
+                   "mlx_paligemma.lora, applied to --model")
+    p.add_argument("--image", action="extend", nargs="+", required=True,
+                   help="path or URL; several for a multi-image prompt (--image a.jpg b.jpg)")
+    # Required: PaliGemma answers the task its prompt names, so a silent default would answer a question not asked.
+    p.add_argument("--prompt", required=True, help='the task: "caption en", "describe en", "ocr", '
+                   '"answer en QUESTION", "detect cat ; dog", "segment cat"')
+    p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling; 1 is off")
+    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample among the k likeliest; 0 is off")
+    p.add_argument("--min-p", type=float, default=defaults.MIN_P, help="drop tokens below min_p x the likeliest; "
+                   "0 is off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop "
+                   "(default: off)")
+    p.add_argument("--repetition-context-size", type=int, default=defaults.REPETITION_CONTEXT_SIZE,
+                   help="tokens the repetition penalty looks back on")
+    p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache, for long "
+                   "prompts (default: off)")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
-    p.add_argument("--json", action="store_true", help="print the objects of a detect/segment answer as JSON")
+    p.add_argument("--json", action="store_true", help='print one JSON object: {"answer": ...}, with "objects" '
+                   "(boxes, masks) for detect/segment prompts")
     p.add_argument("--draw", metavar="OUT.png", help="save the (first) image with the answer's boxes and masks")
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")
@@ -191,13 +238,21 @@ def report_objects(text: str, image, args) -> None:
     from .formats.mlx import atomic_file
     from .processor import to_rgb
 
-    objects = ObjectReader(args.mask_decoder)(text, image.size)
+    objects = ObjectReader(args.mask_decoder)(text, image.size) if has_objects(args.prompt) else []
     if args.json:
-        print(json.dumps(objects_to_json(objects)))
+        answer = {"answer": text}
+        if has_objects(args.prompt):
+            answer["objects"] = objects_to_json(objects)
+        print(json.dumps(answer))
     if args.draw:
         with atomic_file(args.draw) as tmp:
             draw_detections(to_rgb(image), objects).save(tmp)
         print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
+
+
+def has_objects(prompt: str) -> bool:
+    """detect and segment answers are boxes and masks; other answers are text only."""
+    return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
 
 
 def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
@@ -232,8 +287,10 @@ def run(args) -> int:
         check_output_image(args.draw, args.image)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
         raise InputError(f"--mask-decoder {args.mask_decoder}: no such file")
+    if args.adapter_path and not Path(args.adapter_path).is_dir():
+        raise InputError(f"--adapter-path {args.adapter_path}: no such folder")
     images = [load_image(source) for source in args.image]
-    model, processor = load(args.model, revision=args.revision)
+    model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
     last, text = None, ""
     for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
         text += last.text

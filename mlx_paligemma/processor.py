@@ -201,6 +201,20 @@ class Tokenizer:
         return self._decode([int(i) for i in ids if int(i) not in skip and 0 <= int(i) < self.vocab_size])
 
 
+def check_processor_keywords(return_tensors, padding, unknown: dict) -> None:
+    """transformers' keywords where their meaning here is unambiguous; anything else is one line naming the right
+    form, never a TypeError."""
+    if unknown:
+        raise InputError(f"processor() got unknown keyword {', '.join(sorted(unknown))}; known keywords: images, "
+                         "text, suffix, return_tensors, padding")
+    if return_tensors not in ("mlx", "np"):
+        raise InputError(f"return_tensors={return_tensors!r} is not supported: give return_tensors=\"mlx\" "
+                         "(mx arrays, the default) or \"np\" (numpy arrays)")
+    if padding is not True and padding != "longest":
+        raise InputError(f"padding={padding!r} is not supported: prompts are always left-padded to the longest "
+                         "(padding=\"longest\" or True)")
+
+
 class PaliGemmaProcessor:
     def __init__(self, tokenizer: Tokenizer, image_size: int, image_seq_length: int,
                  image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), rescale_factor=1 / 255,
@@ -315,9 +329,12 @@ class PaliGemmaProcessor:
         return per_prompt
 
     def __call__(self, images=None, text: Union[str, List[str], None] = None,
-                 suffix: Union[str, List[str], None] = None) -> dict:
+                 suffix: Union[str, List[str], None] = None, return_tensors: str = "mlx",
+                 padding: Union[bool, str] = "longest", **unknown) -> dict:
         """Model inputs as mx arrays: input_ids, attention_mask, token_type_ids (B, L) int32, left padded;
         pixel_values (N, H, W, 3) float32 for all images in order; with a suffix, labels (-100 on the prefix).
+        `return_tensors="np"` gives numpy arrays instead; padding is always to the longest prompt, as
+        transformers' `padding="longest"` (or True).
 
         transformers' forms, with its outputs: an image for one prompt; a list with one image per prompt; a list of
         lists, one per prompt (an empty one: a prompt without image); with `<image>` markers written in the prompts,
@@ -326,6 +343,7 @@ class PaliGemmaProcessor:
         lists, prompts without markers beside prompts with them (their images go first, as if written); text None,
         the empty prompt. The markers of a prompt must match its list of images; a suffix holds no `<image>`.
         """
+        check_processor_keywords(return_tensors, padding, unknown)
         if text is None:
             texts = [""]
         elif isinstance(text, str):
@@ -377,15 +395,11 @@ class PaliGemmaProcessor:
         attention_mask = np.array([[0] * (length - len(r)) + [1] * len(r) for r in rows], np.int32)
         token_type_ids = np.array([[0] * (length - len(t)) + t for t in types], np.int32)
         pixel_values = np.stack([self.preprocess_image(im) for imgs in per_prompt for im in imgs])
-        batch = {
-            "input_ids": mx.array(input_ids),
-            "attention_mask": mx.array(attention_mask),
-            "token_type_ids": mx.array(token_type_ids),
-            "pixel_values": mx.array(pixel_values),
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                 "pixel_values": pixel_values}
         if suffixes is not None:
-            batch["labels"] = mx.array(np.where(token_type_ids == 1, input_ids, -100).astype(np.int32))
-        return batch
+            batch["labels"] = np.where(token_type_ids == 1, input_ids, -100).astype(np.int32)
+        return batch if return_tensors == "np" else {k: mx.array(v) for k, v in batch.items()}
 
     def decode(self, token_ids) -> str:
         return self.tokenizer.decode(np.asarray(token_ids).reshape(-1).tolist())

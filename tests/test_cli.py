@@ -35,7 +35,7 @@ def test_cli_two_images(model_name):
 
 def test_cli_bad_image_is_one_line(tmp_path, model_name):
     r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image",
-            str(tmp_path / "missing.jpg"))
+            str(tmp_path / "missing.jpg"), "--prompt", "caption en")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.jpg'}"]
 
@@ -58,7 +58,8 @@ def test_cli_json_and_draw(tmp_path, model_name):
     r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / model_name), "--image", str(image),
             "--prompt", "detect cat", "--max-tokens", "8", "--json", "--draw", str(out), "--verbose")
     assert r.returncode == 0, r.stderr
-    # A random model finds nothing, but stdout must be exactly one JSON list, and the picture the photo's size.
-    assert isinstance(json.loads(r.stdout), list)
+    # A random model finds nothing, but stdout must be exactly one JSON object, and the picture the photo's size.
+    answer = json.loads(r.stdout)
+    assert isinstance(answer["answer"], str) and isinstance(answer["objects"], list)
     assert Image.open(out).size == Image.open(image).size
     assert "Peak memory" in r.stderr

@@ -130,7 +130,8 @@ def test_cli_arguments_are_checked_with_one_line(args, message, capsys, monkeypa
     from mlx_paligemma.generate import main
 
     monkeypatch.chdir(tmp_path)
-    rc = main(["--model", str(MODEL), "--image", str(FIXTURES / "images" / "chelsea.jpg"), *args])
+    rc = main(["--model", str(MODEL), "--image", str(FIXTURES / "images" / "chelsea.jpg"), "--prompt", "caption en",
+               *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert list(tmp_path.iterdir()) == [], "nothing is written"

@@ -418,7 +418,7 @@ def test_prompt(i, model_and_processor):
 
 def cli_args(r: random.Random, folder: Path) -> list:
     """Random values for the options argparse accepts (ints where it wants ints, floats where it wants floats)."""
-    args = ["--model", str(FIXTURES / r.choice(MODELS)), "--image", str(CHELSEA)]
+    args = ["--model", str(FIXTURES / r.choice(MODELS)), "--image", str(CHELSEA), "--prompt", "caption en"]
     big = 10 ** 20
     ints = lambda: str(r.choice([-1, 0, 1, 2, 3, -(10 ** 20), big, r.randint(-5, 5)]))  # noqa: E731
     floats = lambda: r.choice(["0", "-0", "1", "0.5", "-1", "nan", "inf", "-inf", "1e-320", "1e308", "1e999",  # noqa
@@ -532,13 +532,14 @@ def run_generate(args, capsys) -> tuple:
 
 @pytest.mark.parametrize("option", ["--max-tokens=abc", "--top-k=1.5", "--kv-bits=3", "--temperature=x", "--bogus"])
 def test_argparse_errors_are_one_line(option, capsys):
-    rc, err = run_generate(["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA), option], capsys)
+    rc, err = run_generate(["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA),
+                            "--prompt", "caption en", option], capsys)
     check_cli(rc, err, option)
 
 
 def test_seed_beyond_64_bits(capsys):
-    args = ["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA), "--max-tokens=1",
-            "--temperature=1", f"--seed={2 ** 64}"]
+    args = ["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA), "--prompt", "caption en",
+            "--max-tokens=1", "--temperature=1", f"--seed={2 ** 64}"]
     rc, err = run_generate(args, capsys)
     check_cli(rc, err, " ".join(args))
 
@@ -547,8 +548,8 @@ def test_draw_over_the_input_image(tmp_path, capsys):
     image = tmp_path / "photo.png"
     image.write_bytes(CHELSEA.read_bytes())  # a JPEG under a .png name: the drawing cannot come out the same bytes
     before = digest(image)
-    rc, err = run_generate(["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(image), "--max-tokens=1",
-                            "--draw", str(image)], capsys)
+    rc, err = run_generate(["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(image), "--prompt",
+                            "caption en", "--max-tokens=1", "--draw", str(image)], capsys)
     assert digest(image) == before
     check_cli(rc, err, "--draw onto --image")
     assert "would overwrite the input image" in err
@@ -556,7 +557,7 @@ def test_draw_over_the_input_image(tmp_path, capsys):
 
 def test_draw_name_too_long(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA), "--max-tokens=1",
-            "--draw", "x" * 300 + ".png"]
+    args = ["--model", str(FIXTURES / "paligemma-tiny"), "--image", str(CHELSEA), "--prompt", "caption en",
+            "--max-tokens=1", "--draw", "x" * 300 + ".png"]
     rc, err = run_generate(args, capsys)
     check_cli(rc, err, " ".join(args))
