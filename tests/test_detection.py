@@ -108,19 +108,36 @@ def test_fetch_uses_the_cached_copy(tmp_path):
     assert fetch_vae_oid(tmp_path) == tmp_path / "vae-oid.npz"
 
 
+def big_vision_paste(m64, rows, columns, height, width):
+    """big_vision's segmentation evaluator, written out: the 64x64 decoder output (float) resized to the box's
+    pixel size with PIL's bilinear filter, thresholded at 0, placed at the box in an empty image-sized mask."""
+    (y0, y1), (x0, x1) = rows, columns
+    inside = np.asarray(Image.fromarray(np.float32(m64)).resize([x1 - x0, y1 - y0], resample=Image.BILINEAR)) > 0.0
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = inside
+    return mask
+
+
 def test_segmentation_with_decoder(vae):
     params, folder = vae
     decoder = load_mask_decoder(folder / "vae-oid.npz")
     width, height = 300, 200
-    text = f"<loc0256><loc0512><loc0768><loc1000>{SEG16} cat ; <loc0000><loc0000><loc0100><loc0100> dog"
-    cat, dog = parse_detections(text, (width, height), mask_decoder=decoder)
-    assert cat.mask.shape == (height, width) and cat.mask.dtype == bool
-    box = np.zeros((height, width), bool)
-    box[50:150, 150:292] = True  # int() of (0.5 * 300, 0.25 * 200, 1000 / 1024 * 300, 0.75 * 200)
-    assert cat.mask.any() and not (cat.mask & ~box).any()
-    m64 = reference_decode({k: v.astype(np.float64) for k, v in params.items()}, cat.codes)
-    np.testing.assert_array_equal(cat.mask, paste_mask(m64, cat.box, (width, height)))
+    other = "".join(f"<seg{c:03d}>" for c in range(0, 128, 8))
+    text = (f"<loc0256><loc0512><loc0768><loc1000>{SEG16} cat ; <loc0000><loc0000><loc0100><loc0100> dog ; "
+            f"<loc0101><loc0003><loc1023><loc0517>{other} cup")
+    cat, dog, cup = parse_detections(text, (width, height), mask_decoder=decoder)
     assert dog.mask is None and dog.codes is None
+    reference = {k: v.astype(np.float64) for k, v in params.items()}
+    # The boxes' pixel rows and columns straight from the tokens: int(loc / 1024 * size), as big_vision truncates.
+    for obj, (y0, x0, y1, x1) in ((cat, (256, 512, 768, 1000)), (cup, (101, 3, 1023, 517))):
+        rows = int(y0 / 1024 * height), int(y1 / 1024 * height)
+        columns = int(x0 / 1024 * width), int(x1 / 1024 * width)
+        assert obj.mask.shape == (height, width) and obj.mask.dtype == bool
+        expected = big_vision_paste(reference_decode(reference, obj.codes), rows, columns, height, width)
+        inside = expected[rows[0]:rows[1], columns[0]:columns[1]]
+        assert inside.any() and not inside.all(), "a mask with both sides in the box"
+        np.testing.assert_array_equal(obj.mask, expected, err_msg=obj.label)
+    assert (rows, columns) == ((19, 199), (0, 151))  # the cup's box, by hand: 101/1024*200 = 19.7, ...
 
 
 # ---------------------------------------------------------------- parsing
