@@ -5,14 +5,20 @@ split across processes or machines under `mlx.launch`.
     python -m mlx_paligemma.batch --model M --input photos/ --output captions.jsonl --prompt "caption en"
     mlx.launch -n 2 --backend ring --python PY -- -m mlx_paligemma.batch --model M --input IN --output OUT
 
-An input line is {"image": path or URL (or a list of them), "prompt": "...", "id": ...} plus any fields of your
-own; `id` defaults to the line number, `prompt` to --prompt, paths are relative to the file. A folder gives every
-image file in it and its subfolders, sorted by path. OUT gets one line per item in input order: the item's fields
-(with its `id` and `prompt`) plus "answer" (and with --json "objects"), or "error" for an item that cannot be done.
+An input line is an item of mlx_paligemma.data's format, the one training and evaluation read: {"image": path or
+URL (or a list of them), "prompt": "..." (or "prefix"), "id": ...} plus any fields of your own (a `suffix` is kept
+as one); `id` defaults to the line number, `prompt` to --prompt, paths are relative to the file. So a training or
+validation file runs as it is. A folder gives every image file in it and its subfolders, sorted by path. OUT gets
+one line per item in input order: the item's fields (with its `id`, and `prompt` when it came from --prompt) plus
+"answer" (and with --json, on detect/segment answers, "objects"), or "error" for an item that cannot be done: a
+line that is not JSON, not UTF-8, nested too deeply, holds a lone surrogate, ... is an error line and the run
+goes on.
 
 OUT is always the answers to the first items of the input, written as whole lines, so a rerun of the same command
-skips what OUT holds (a torn last line is cut off first) and appends the rest. Under mlx.launch the items are
-dealt out round-robin to the ranks; each rank appends its finished items to its own part file beside OUT
+skips what OUT holds (a torn last line is cut off first) and appends the rest. OUT is only ever changed when it is
+this runner's own: empty, or beginning with the line of the input's first item; any other existing file (and the
+input itself, by inode: hard links, symlinks) is refused before anything is cut or appended. Under mlx.launch the
+items are dealt out round-robin to the ranks; each rank appends its finished items to its own part file beside OUT
 (`OUT.rankR.part`, on its own machine) and at the end rank 0 gathers them through mx.distributed and appends them
 to OUT in input order, so OUT is the same as one process writes. A rerun picks up part files as well as OUT.
 """
@@ -21,33 +27,26 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
+from . import defaults
 from .cli import ArgumentParser, run_main
+from .data import Item, read_items
 from .detection import ObjectReader, objects_to_json
 from .engine import Engine, check_generation_args
-from .processor import InputError, cause, load_image
+from .processor import IMAGE_TOKEN, InputError, cause, check_text, load_image
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, mlx.launch)
 
 
-@dataclass
-class Item:
-    fields: dict  # what OUT's line repeats: the input line's fields with its id and prompt
-    images: List[str]  # absolute paths or URLs
-    prompt: str
-    error: Optional[str] = None  # set when the input line itself is bad
-
-
 # Input.
 
-def read_items(source: Path, prompt: Optional[str]) -> List[Item]:
+def read_input(source: Path, prompt: Optional[str]) -> List[Item]:
     if source.is_dir():
         return folder_items(source, prompt)
     return jsonl_items(source, prompt)
@@ -61,42 +60,25 @@ def folder_items(folder: Path, prompt: str) -> List[Item]:
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.suffix.lower() in extensions and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    return [Item({"id": n, "image": name, "prompt": prompt}, [str(folder / name)], prompt)
+    return [Item(n, {"id": n, "image": name, "prompt": prompt}, [str(folder / name)], prompt)
             for n, name in enumerate(files, 1)]
 
 
 def jsonl_items(file: Path, prompt: Optional[str]) -> List[Item]:
-    """One item per non-blank line. A line that is not a usable item still is one, with an error, so that OUT has
-    a line for it and the run goes on."""
-    items = []
-    for n, line in enumerate(file.read_bytes().decode("utf-8", errors="replace").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            items.append(Item({"id": n}, [], "", f"not valid JSON: {e}"))
-            continue
-        if not isinstance(row, dict):
-            items.append(Item({"id": n}, [], "", "not a JSON object"))
-            continue
-        fields = row if "id" in row else {"id": n, **row}
-        images = row.get("image")
-        images = [images] if isinstance(images, str) else images
-        text = row.get("prompt", prompt)
-        error = None
-        if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
-            error = "'image' must be a path or URL, or a list of them"
-        elif not isinstance(text, str):
-            error = "no prompt: give one in the line or with --prompt"
-        else:
-            fields = {**fields, "prompt": text}
-            images = [i if i.startswith(("http://", "https://")) else str(file.parent / i) for i in images]
-        items.append(Item(fields, images if error is None else [], text if error is None else "", error))
+    """One item per non-blank line; a line that is not a usable item still is one, with an error, so that OUT has
+    a line for it and the run goes on. An item whose prompt came from --prompt says so in its fields."""
+    items = read_items(file, prompt)
+    for item in items:
+        if item.error is None and "prompt" not in item.fields and "prefix" not in item.fields:
+            item.fields = {**item.fields, "prompt": item.prompt}
     return items
 
 
 # Output: OUT, the part files, resuming.
+
+RESULT_KEYS = ("answer", "objects", "error")  # what the runner adds to an item's fields
+SAME_ITEM_KEYS = ("id", "image", "prompt", "prefix")  # what tells an item's line from another's
+
 
 def line_of(item: Item, **result) -> str:
     # Written as UTF-8 (captions in other languages stay readable); lines are split on "\n" only, which
@@ -104,33 +86,65 @@ def line_of(item: Item, **result) -> str:
     return json.dumps({**item.fields, **result}, ensure_ascii=False)
 
 
-def whole_lines(path: Path, repair: bool) -> List[str]:
-    """The complete lines of a file; a last line without its newline was cut off by a kill and is dropped (and
-    with `repair`, cut from the file, so that appending starts on a fresh line)."""
+def own_prefix(item: Item) -> bytes:
+    """How every line this runner writes for `item` begins: its fields up to the first the result replaces."""
+    fields = {}
+    for key, value in item.fields.items():
+        if key in RESULT_KEYS:
+            break
+        fields[key] = value
+    return json.dumps(fields, ensure_ascii=False)[:-1].encode("utf-8")
+
+
+def written_by_us(path: Path, item: Item, tag: bytes = b"") -> bool:
+    """Whether `path` is a file this runner wrote, whose first line is `tag` + item's line: decided from its first
+    bytes alone (an unrelated 5 GB file is not read), before anything in it is cut or appended to. A file shorter
+    than that beginning (a first line torn by a kill) counts when it is a beginning of it."""
+    expected = tag + own_prefix(item)
+    with open(path, "rb") as f:
+        head = f.read(len(expected))
+    return expected.startswith(head)
+
+
+def whole_lines(path: Path) -> List[str]:
+    """The complete lines of a file; a last line without its newline was cut off by a kill and is left out."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return data[:data.rfind(b"\n") + 1].decode("utf-8", errors="replace").split("\n")[:-1]
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline from a file of ours, so that appending starts on a fresh line."""
+    data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if repair and end < len(data):
+    if end < len(data):
         with open(path, "r+b") as f:
             f.truncate(end)
             os.fsync(f.fileno())
         print(f"{path}: cut off a torn last line (its item will be redone)", file=sys.stderr)
-    return data[:end].decode("utf-8").split("\n")[:-1]
 
 
 def same_item(line: str, item: Item) -> bool:
     try:
         written = json.loads(line)
-    except json.JSONDecodeError:
+    except Exception:  # whatever a damaged line raises (RecursionError too): it is not the item's
         return False
-    return isinstance(written, dict) and all(written.get(k) == item.fields.get(k) for k in ("id", "image", "prompt"))
+    # Compared as JSON text, so that values that are not equal to themselves (NaN) still match.
+    return isinstance(written, dict) and all(json.dumps(written.get(k)) == json.dumps(item.fields.get(k))
+                                             for k in SAME_ITEM_KEYS)
 
 
-def items_in_output(out: Path, items: List[Item]) -> int:
-    """How many items OUT already answers: they are its lines, the first items of the input, in order."""
-    lines = whole_lines(out, repair=True)
+def items_in_output(out: Path, items: List[Item], source) -> int:
+    """How many items OUT already answers: they are its lines, the first items of the input, in order. Everything
+    is checked before OUT is touched; only then is a torn last line cut off."""
+    if not out.exists():
+        return 0
+    if not written_by_us(out, items[0]):
+        raise InputError(f"{out} exists and is not the output of this run (it does not begin with the line of "
+                         f"item 1 of {source}): give a new --output, or remove it")
+    lines = whole_lines(out)
     if len(lines) > len(items):
         raise InputError(f"{out} has {len(lines)} lines but the input has {len(items)} items: is it the output "
                          "of another input? Give a new --output")
@@ -139,6 +153,7 @@ def items_in_output(out: Path, items: List[Item]) -> int:
             raise InputError(f"{out}, line {n} is not the output for item {n} of the input (id "
                              f"{json.dumps(item.fields.get('id'))}): its id, image or prompt differ. Is it the "
                              "output of another input or --prompt? Give a new --output")
+    cut_torn_tail(out)
     return len(lines)
 
 
@@ -146,16 +161,29 @@ def part_file(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank}.part")
 
 
-def part_files(out: Path) -> List[Path]:
-    return sorted(out.parent.glob(f"{out.name}.rank*.part"))
+def part_files(out: Path, items: List[Item]) -> List[Path]:
+    """This run's part files beside OUT: a file of that name that this runner did not write is left alone."""
+    return [p for p in sorted(out.parent.glob(f"{out.name}.rank*.part")) if is_our_part(p, items)]
+
+
+def is_our_part(path: Path, items: List[Item]) -> bool:
+    """A part file's lines are `INDEX<tab>LINE`: it is ours when empty or when its first line is the line of the
+    item it names."""
+    if not path.is_file():  # a folder or a FIFO is nobody's part file (and opening a FIFO would block)
+        return False
+    with open(path, "rb") as f:
+        index = f.read(24).split(b"\t")[0]
+    if not index:
+        return True
+    return index.isdigit() and int(index) < len(items) and written_by_us(path, items[int(index)], index + b"\t")
 
 
 def items_in_parts(out: Path, items: List[Item], wanted: Iterable[int]) -> Dict[int, str]:
     """Lines of the wanted items found in this machine's part files, by item index. Any part file counts, so a
     rerun with another number of processes still finds the work of the last one."""
     wanted, found = set(wanted), {}
-    for path in part_files(out):
-        for line in whole_lines(path, repair=False):  # each rank repairs its own file when it opens it
+    for path in part_files(out, items):
+        for line in whole_lines(path):  # each rank repairs its own file when it opens it
             index, _, text = line.partition("\t")
             if index.isdigit() and int(index) in wanted and same_item(text, items[int(index)]):
                 found.setdefault(int(index), text)
@@ -201,8 +229,12 @@ class OrderedOutput(AppendFile):
 class PartOutput(AppendFile):
     """This rank's part file: lines as items finish, each prefixed with its item index."""
 
-    def __init__(self, path: Path):
-        whole_lines(path, repair=True)
+    def __init__(self, path: Path, items: List[Item]):
+        if path.exists():
+            if not is_our_part(path, items):
+                raise InputError(f"{path} exists and is not a part file of this run: remove it, or give another "
+                                 "--output")
+            cut_torn_tail(path)
         super().__init__(path)
 
     def add(self, index: int, line: str) -> None:
@@ -318,30 +350,51 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                 if out.finish_reason:
                     index, size, text = running.pop(out.uid)
                     result = {"answer": text}
-                    if objects is not None:
+                    if objects is not None and has_objects(items[index].prompt):
                         result["objects"] = objects_to_json(objects(text, size))
                     sink.add(index, line_of(items[index], **result))
                     progress.update(items=1)
             progress.update(tokens=len(outputs))
 
 
+def has_objects(prompt: str) -> bool:
+    """detect and segment answers are boxes and masks; other answers are text only (generate --json's rule)."""
+    return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Answer a prompt about every item of a JSONL file or a folder of images.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
+    p.add_argument("--adapter-path", default=None, help="LoRA adapters (or fine-tuned weights) written by "
+                   "mlx_paligemma.lora, applied to --model")
     p.add_argument("--input", required=True, help="a JSONL file (one item a line) or a folder of images")
     p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
     p.add_argument("--prompt", help='for items without one (required with a folder), e.g. "caption en"')
-    p.add_argument("--max-tokens", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8, help="items decoded together")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="items decoded together")
+    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling, 1: off")
+    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample from the k likeliest, 0: off")
     p.add_argument("--seed", type=int, default=None, help="with --temperature: item i samples with seed + i")
-    p.add_argument("--json", action="store_true", help="add the objects of detect/segment answers")
+    p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")
     return p
+
+
+def check_writable(out: Path) -> None:
+    """A real write test, not os.access, which says yes to root on a read-only file system: OUT opened for
+    appending (which changes nothing in it), or a file made and removed beside it."""
+    try:
+        if out.exists():
+            open(out, "ab").close()
+        else:
+            probe = out.with_name(f".{out.name}.write-test-{os.getpid()}")
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {out if out.exists() else out.parent}: {e.strerror or cause(e)}") from None
 
 
 def check_args(args) -> None:
@@ -349,6 +402,8 @@ def check_args(args) -> None:
     check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
     source, out = Path(args.input), Path(args.output)
     if not source.exists():
         raise InputError(f"input not found: {source}")
@@ -356,14 +411,17 @@ def check_args(args) -> None:
         raise InputError("a folder input needs --prompt")
     if out.is_dir():
         raise InputError(f"--output {out} is a folder: give a file name, e.g. {out / 'answers.jsonl'}")
-    if out.exists() and out.resolve() == source.resolve():
-        raise InputError("--output is the input file")
+    if out.exists() and os.path.samefile(out, source):  # the same file by inode: a hard link, a symlink
+        raise InputError(f"--output {out} is the input file")
+    if out.exists() and not out.is_file():
+        raise InputError(f"--output {out} is not a regular file")
     if not out.parent.is_dir():
         raise InputError(f"output folder not found: {out.parent}")
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise InputError(f"cannot write to {out if out.exists() else out.parent}")
+    check_writable(out)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
         raise InputError(f"mask decoder not found: {args.mask_decoder}")
+    if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
+        raise InputError(f"adapter folder not found: {args.adapter_path}")
 
 
 def run(args) -> int:
@@ -373,13 +431,13 @@ def run(args) -> int:
     check_args(args)
     out = Path(args.output)
     try:
-        items = read_items(Path(args.input), args.prompt)
+        items = read_input(Path(args.input), args.prompt)
     except OSError as e:
         raise InputError(f"cannot read {args.input}: {cause(e)}") from None
     if not items:
         raise InputError(f"no items in {args.input}")
     # OUT lives on rank 0's machine; the other ranks learn from it how many items are done.
-    written = items_in_output(out, items) if rank == 0 else 0
+    written = items_in_output(out, items, args.input) if rank == 0 else 0
     written = broadcast_int(world, written) if size > 1 else written
     mine = [i for i in range(written, len(items)) if i % size == rank]
     found = items_in_parts(out, items, mine)
@@ -392,11 +450,11 @@ def run(args) -> int:
         for index in sorted(found):
             sink.add(index, found[index])
     else:
-        sink = PartOutput(part_file(out, rank))
+        sink = PartOutput(part_file(out, rank), items)
     if todo:
         from .loading import load
 
-        model, processor = load(args.model, revision=args.revision)
+        model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
         progress.tic = time.monotonic()  # rates count generation, not loading
         generate_all(model, processor, items, todo, sink, progress, args)
     sink.close()
@@ -412,7 +470,7 @@ def run(args) -> int:
                 sink.add(index, lines[index])
             sink.close()
         mx.distributed.all_sum(mx.array(0), group=world, stream=mx.cpu).item()  # OUT is on disk: parts may go
-    for path in part_files(out):
+    for path in part_files(out, items):
         path.unlink(missing_ok=True)
     if rank == 0:
         print(f"{out}: {sink.next}/{len(items)} items ({written} were there before this run)", file=sys.stderr)
