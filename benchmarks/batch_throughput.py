@@ -77,12 +77,12 @@ def main() -> None:
                 result = run(model, images, b, args.max_tokens, Path(tmp) / "out.jsonl")
                 assert result["items"] == args.images and not result["errors"], result
                 rates[b].append(result)
-                print(f"batch {b}: {result['items_s']:.3g} images/s, {result['tokens_s']:.3g} tokens/s", flush=True)
+                print(f"batch {b}: {result['items_s']:.2f} images/s, {result['tokens_s']:.1f} tokens/s", flush=True)
     print(f"\n{Path(model).name}, {args.images} images, {args.max_tokens}-token captions, median of {args.rounds}:")
     print("| batch size | images/s | tokens/s |\n| --- | --- | --- |")
     for b, runs in rates.items():
-        print(f"| {b} | {statistics.median(r['items_s'] for r in runs):.3g} | "
-              f"{statistics.median(r['tokens_s'] for r in runs):.3g} |")
+        print(f"| {b} | {statistics.median(r['items_s'] for r in runs):.2f} | "
+              f"{statistics.median(r['tokens_s'] for r in runs):.1f} |")
 
 
 if __name__ == "__main__":

@@ -240,6 +240,13 @@ def main():
 
     from mlx_paligemma.convert import convert
 
+    # Peers are optional columns: the benchmark runs with only this project installed.
+    import importlib.util
+    needs = {"mlx-vlm": ["mlx_vlm"], "transformers": ["transformers", "torch"]}
+    missing = [k for k in args.compare if any(importlib.util.find_spec(m) is None for m in needs[k])]
+    for k in missing:
+        print(f"[bench] {k} is not installed: its rows are left out", flush=True)
+    args.compare = [k for k in args.compare if k not in missing]
     work = Path(args.work)
     bw = bandwidth_gbs()
     header = (f"Backend {backend()}, {platform.processor() or platform.machine()}, measured bandwidth {bw:.1f} GB/s, "

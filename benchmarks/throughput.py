@@ -202,31 +202,49 @@ def mlx_vlm_copy(folder: Path, work: Path) -> Path:
     return out
 
 
+def have(module: str) -> bool:
+    """Peers are optional columns: the benchmark runs with only this project installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        print(f"[throughput] {module} is not installed: its column stays empty", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def median(values, fmt: str = ".1f") -> str:
+    return format(statistics.median(values), fmt) if values else "-"
+
+
 def overhead(args) -> None:
     ours, theirs, ratios = [], [], []
-    theirs_folder = mlx_vlm_copy(TINY, Path(args.work))
+    theirs_folder = mlx_vlm_copy(TINY, Path(args.work)) if have("mlx_vlm") else None
     for n in range(args.rounds):
         a = measure("ours-stream", TINY, args.tokens)
-        b = measure("mlx-vlm-stream", theirs_folder, args.tokens)
-        if a and b:
+        b = measure("mlx-vlm-stream", theirs_folder, args.tokens) if theirs_folder else None
+        line = f"round {n + 1}: ours " + (f"{a['tps']:.1f} tokens/s ({a['tokens']} tokens)" if a else "failed")
+        if a:
             ours.append(a["tps"])
+        if b:
             theirs.append(b["tps"])
+            line += f", mlx-vlm {b['tps']:.1f} tokens/s ({b['tokens']} tokens)"
+        if a and b:
             ratios.append(a["tps"] / b["tps"])
-            print(f"round {n + 1}: ours {a['tps']:.0f} tok/s ({a['tokens']} tokens), "
-                  f"mlx-vlm {b['tps']:.0f} tok/s ({b['tokens']} tokens)", flush=True)
-    print(f"\nsingle stream, tiny PaliGemma 2, {args.tokens} tokens, {len(ratios)} alternated rounds, "
+        print(line, flush=True)
+    print(f"\nsingle stream, tiny PaliGemma 2, {args.tokens} tokens, {args.rounds} alternated rounds, "
           f"{mx.default_device()}:")
-    print(f"ours median {statistics.median(ours):.0f} tok/s, mlx-vlm median {statistics.median(theirs):.0f} tok/s, "
-          f"median ratio {statistics.median(ratios):.2f}x")
+    print(f"ours median {median(ours)} tokens/s, mlx-vlm median {median(theirs)} tokens/s, "
+          f"median ratio {median(ratios, '.2f')}x")
 
 
 def batch(args) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     folder = model_folder(args.model, Path(args.work))
     kinds = [("sequential generate", "ours-batch", 0)] + [(f"batch {s}", "ours-batch", s) for s in args.sizes]
-    if args.mlx_vlm:
+    if args.mlx_vlm and have("mlx_vlm"):
         kinds += [(f"mlx-vlm batch {s}", "mlx-vlm-batch", s) for s in args.sizes]
-    theirs = mlx_vlm_copy(Path(folder), Path(args.work)) if args.mlx_vlm else None
+    wanted = any(kind == "mlx-vlm-batch" for _, kind, _ in kinds)
+    theirs = mlx_vlm_copy(Path(folder), Path(args.work)) if wanted else None
     results = {name: [] for name, _, _ in kinds}
     for n in range(args.rounds):
         for name, kind, size in kinds:
@@ -239,7 +257,8 @@ def batch(args) -> None:
           f"alternated rounds, {mx.default_device()}\n")
     print("| run | tokens/s | images/s | vs sequential | peak GB | weights + KV GB |")
     print("| --- | --- | --- | --- | --- | --- |")
-    base = statistics.median(r["tps"] for r in results["sequential generate"]) if results["sequential generate"] else None
+    sequential = results["sequential generate"]
+    base = statistics.median(r["tps"] for r in sequential) if sequential else None
     for name, rs in results.items():
         if not rs:
             print(f"| {name} | failed | | | | |")
@@ -259,13 +278,13 @@ def decode(args) -> None:
             r = measure("ours-decode", args.model, args.tokens, size)
             if r:
                 results[size].append(r["tps"])
-                print(f"round {n + 1} batch {size}: {r['tps']:.0f} decode tokens/s", flush=True)
-    base = statistics.median(results[args.sizes[0]])
+                print(f"round {n + 1} batch {size}: {r['tps']:.1f} decode tokens/s", flush=True)
+    base = statistics.median(results[args.sizes[0]]) if results[args.sizes[0]] else None
     print(f"\ndecode steps only, {Path(args.model).name}, {args.tokens} tokens a row, medians of {args.rounds} "
           f"alternated rounds, {mx.default_device()}:")
     for size, rates in results.items():
-        print(f"batch {size}: {statistics.median(rates):.0f} tokens/s ({statistics.median(rates) / base:.2f}x batch "
-              f"{args.sizes[0]})")
+        ratio = f" ({statistics.median(rates) / base:.2f}x batch {args.sizes[0]})" if rates and base else ""
+        print(f"batch {size}: {median(rates)} tokens/s{ratio}")
 
 
 def main():

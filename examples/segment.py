@@ -1,11 +1,12 @@
 """Segment an object in a photo with PaliGemma, print it as JSON (mask as RLE) and draw it.
 
     python examples/segment.py --model google/paligemma2-3b-mix-448
-    python examples/segment.py --model M --image examples/images/astronaut.jpg --objects person --vae vae-oid.npz
+    python examples/segment.py --model M --image examples/images/astronaut.jpg --objects person \
+        --mask-decoder vae-oid.npz
 
 The model answers `segment cat` with a box and 16 `<segNNN>` codes per object; Google's VQ-VAE decoder
-(vae-oid.npz, fetched once from big_vision's bucket into ~/.cache/mlx_paligemma unless --vae is given) turns the
-codes into a 64x64 mask that is pasted into the box.
+(vae-oid.npz, fetched once from big_vision's bucket into ~/.cache/mlx_paligemma unless --mask-decoder is given)
+turns the codes into a 64x64 mask that is pasted into the box.
 """
 
 import argparse
@@ -23,16 +24,20 @@ from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder  # noqa:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder of a mix (or segmentation fine-tuned) checkpoint")
-    p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"))
+    p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"),
+                   help="path or URL")
     p.add_argument("--objects", default="cat", help='what to segment; several separated by " ; "')
-    p.add_argument("--vae", default=None, help="vae-oid.npz or its safetensors copy (default: download and cache)")
-    p.add_argument("--out", default="segmentation.png")
+    # --mask-decoder as on generate, batch and the server (and as the mask decoder's messages name it).
+    p.add_argument("--mask-decoder", "--vae", dest="mask_decoder", default=None,
+                   help="vae-oid.npz or its safetensors copy; none: big_vision's, downloaded once and cached")
+    p.add_argument("--out", default="segmentation.png", help="the drawing")
     args = p.parse_args()
 
     image = to_rgb(mp.load_image(args.image))
-    decoder = load_mask_decoder(args.vae or fetch_vae_oid())
+    decoder = load_mask_decoder(args.mask_decoder or fetch_vae_oid())
     model, processor = mp.load(args.model)
     # 4 box tokens + 16 mask codes + a label and separator per object.
     text = mp.generate(model, processor, images=image, prompt=f"segment {args.objects}", max_tokens=128)
