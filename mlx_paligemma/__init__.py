@@ -8,9 +8,13 @@ import warnings
 _blas_note = None
 _openblas = ctypes.util.find_library("openblas") if sys.platform == "linux" else None
 if _openblas and "mlx.core" in sys.modules:
-    # MLX binds its BLAS when it is imported, so the fast path cannot be switched on afterwards.
+    # Too late, whatever we load now: CPython opens extension modules with RTLD_NOW, so `import mlx.core` has
+    # already bound every cblas_* call of libmlx.so to the reference BLAS bundled in the wheel (tested: OpenBLAS
+    # loaded globally after `import mlx.core`, even before any matmul, leaves GEMM at the reference speed). Only
+    # loading OpenBLAS before MLX works: importing this package first, or LD_PRELOAD.
     _blas_note = ("mlx was imported before mlx_paligemma, too late to give it OpenBLAS: the CPU backend runs on its "
-                  "reference BLAS, many times slower; import mlx_paligemma first")
+                  "reference BLAS, 30-50x slower; import mlx_paligemma first, or run with "
+                  f"LD_PRELOAD={_openblas}")
 elif _openblas:
     # MLX's Linux CPU wheel calls a bundled reference BLAS (float32 GEMM at a few GFLOP/s). A system OpenBLAS
     # (Debian/Ubuntu: libopenblas0) loaded globally before MLX provides the same cblas symbols 30-50x faster.
