@@ -26,17 +26,22 @@ import numpy as np
 from .detection import DetectedObject
 from .processor import InputError
 
-# The tokens pycocoevalcap's PTBTokenizer drops after tokenizing (brackets and double quotes become -LRB-, ``, ''...).
-_DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}", '"'}
-# Stanford's PTBTokenizer (Java) on caption text: clitics split off, punctuation split off except inside words and
-# numbers (well-known, 3.5, 1,000).
-_CLITIC = re.compile(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:[-.,']\w+)*|\.\.\.|--|\S")
+# The tokens pycocoevalcap's PTBTokenizer drops after tokenizing. Brackets it keeps: the Java tokenizer writes them
+# -LRB-, -RSB-, ... and lower-cases them with -lowerCase, so its list (upper case) never matches them.
+_DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# Stanford's PTBTokenizer (Java) on caption text: clitics split off (and cannot, gonna, wanna, gotta in two);
+# punctuation split off except inside words and numbers (well-known, 3.5, 1,000, 10:30, black/white), after
+# acronyms and a few abbreviations (u.s., e.g., mr., etc.); runs of ? and ! one token.
+_CLITIC = re.compile(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b|\b(can)(not)\b|\b(gon|wan|got)(na|ta)\b")
+_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|'\d0s\b|(?:[a-z]\.){2,}|(?:mr|mrs|ms|dr|jr|sr|st|vs|etc|inc|ltd)\.|"
+                    r"[#@]?\w+(?:[-.,'/@]\w+|(?<=\d):\d+)*|\.\.\.|--|[?!]+|\S")
 
 
 def caption_tokens(text: str) -> List[str]:
     """Lower-cased PTB tokens without punctuation: what pycocoevalcap's tokenizer gives its scorers."""
-    return [t for t in _TOKEN.findall(_CLITIC.sub(r"\1 \2", text.lower())) if t not in _DROPPED]
+    text = _CLITIC.sub(lambda m: " ".join(g for g in m.groups() if g), text.lower())
+    return [_BRACKETS.get(t, t) for t in _TOKEN.findall(text) if t not in _DROPPED]
 
 
 def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
