@@ -581,7 +581,11 @@ class Engine:
                 return piece, True
         end = len(row.text)
         if stops and not final:
-            held = max((n for s in stops for n in range(1, len(s)) if row.text.endswith(s[:n])), default=0)
+            # A stop string can only begin in the text not yet handed out (what was handed out was checked), so the
+            # search looks at that tail only: a few characters a token, not len(stop) ** 2 (a 1 MB stop froze it).
+            unsent = len(row.text) - row.sent
+            held = max((n for s in stops for n in range(1, min(len(s), unsent + 1)) if row.text.endswith(s[:n])),
+                       default=0)
             end = max(end - held, row.sent)
         piece, row.sent = row.text[row.sent:end], end
         return piece, False

@@ -7,7 +7,6 @@ kernel layouts: Conv2d OIHW -> OHWI, ConvTranspose2d IOHW -> OHWI, and `_vq_vae.
 """
 
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
@@ -17,9 +16,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
 
+from .fetch import fetch_chunks
 from .processor import InputError
 
 VAE_OID_URL = "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz"
+VAE_OID_TIMEOUT = 1800.0  # seconds for the whole download (a few hundred MB on a slow link)
+VAE_OID_MAX_BYTES = 2**30  # the file is far smaller: a cap, not a size check
 CACHE_DIR = Path.home() / ".cache" / "mlx_paligemma"
 NUM_CODES, CODE_DIM = 128, 512
 
@@ -126,18 +128,18 @@ def fetch_vae_oid(cache_dir: Union[str, Path] = CACHE_DIR) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-
-    def progress(blocks, block_size, total):
-        mb = blocks * block_size / 1e6
-        line = f"{min(mb, total / 1e6):.1f} / {total / 1e6:.1f} MB" if total > 0 else f"{mb:.1f} MB"
-        print(f"\rdownloading {VAE_OID_URL}: {line}", end="", file=sys.stderr, flush=True)
-
     try:
-        urllib.request.urlretrieve(VAE_OID_URL, part, progress)
-    except OSError as e:
+        with open(part, "wb") as file:
+            done = 0
+            for chunk in fetch_chunks(VAE_OID_URL, timeout=VAE_OID_TIMEOUT, max_bytes=VAE_OID_MAX_BYTES):
+                file.write(chunk)
+                done += len(chunk)
+                print(f"\rdownloading {VAE_OID_URL}: {done / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
+    except (InputError, OSError) as e:
         part.unlink(missing_ok=True)
-        raise InputError(f"cannot download the mask decoder from {VAE_OID_URL} ({e}); "
-                         "give a local copy with --mask-decoder PATH") from None
+        reason = e if isinstance(e, InputError) else e.strerror
+        raise InputError(f"cannot download the mask decoder ({reason}); give a local copy with --mask-decoder PATH") \
+            from None
     print(file=sys.stderr)  # ends the progress line
     part.replace(path)  # only a complete download takes the cached name
     return path

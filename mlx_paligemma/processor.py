@@ -7,7 +7,6 @@ import io
 import json
 import re
 import reprlib
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -28,16 +27,22 @@ class InputError(ValueError):
 
 
 def cause(e: Exception) -> str:
-    """The first line of an exception's message, or its type when it has none."""
-    message = str(e).strip()
+    """The first line of an exception's message, or its type when it has none; an object's repr in it
+    (`<_io.BytesIO object at 0x7f...>`, which PIL puts in its messages) becomes the object's type."""
+    message = _REPR.sub(lambda m: m.group(1).rsplit(".", 1)[-1], str(e).strip())
     return message.splitlines()[0] if message else type(e).__name__
+
+
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
 
 
 def load_image(source: ImageInput) -> Image.Image:
     """A PIL image from a PIL image, a file path or an http(s) URL.
 
-    A file or URL is decoded in full here, so a damaged one fails at once, and turned upright by its EXIF
-    orientation tag, as transformers' `load_image` does; one with more than `MAX_IMAGE_PIXELS` pixels is refused.
+    A URL is fetched by mlx_paligemma.fetch (http(s) only, a total deadline and a byte cap, public addresses only
+    unless MLX_PALIGEMMA_ALLOW_PRIVATE_URLS=1). A file or URL is decoded in full here, so a damaged one fails at
+    once, and turned upright by its EXIF orientation tag, as transformers' `load_image` does; one with more than
+    `MAX_IMAGE_PIXELS` pixels is refused.
     Its mode is kept, so that a file gives the pixels of the same picture opened with PIL (transformers' own
     `load_image` converts to RGB and so drops the transparency that its processor composites onto white).
     A PIL image is used as given, as transformers' processor does: no EXIF rotation (apply
@@ -49,10 +54,17 @@ def load_image(source: ImageInput) -> Image.Image:
         raise InputError(f"an image must be a PIL image, a file path or an http(s) URL, not {type(source).__name__}")
     path = str(source)
     source = path if path.isprintable() else repr(path)[1:-1]  # the message stays one line whatever the name
+    if "://" in path:
+        from .fetch import FETCH_TIMEOUT, MAX_FETCH_BYTES, fetch, unreachable
+
+        data = fetch(path)  # within fetch.FETCH_TIMEOUT and MAX_FETCH_BYTES, public addresses only by default
+        try:
+            return _decode(io.BytesIO(data), source)
+        except InputError:
+            raise
+        except Exception:  # fetched bytes that are not an image: the same message as an unreachable URL
+            raise unreachable(path, FETCH_TIMEOUT, MAX_FETCH_BYTES) from None
     try:
-        if path.startswith(("http://", "https://")):
-            with urllib.request.urlopen(path, timeout=30) as response:
-                return _decode(io.BytesIO(response.read()), source)
         if Path(path).is_dir():
             raise InputError(f"{source} is a folder, not an image")
         if not Path(path).is_file():
@@ -63,7 +75,9 @@ def load_image(source: ImageInput) -> Image.Image:
         raise
     except Image.DecompressionBombError:  # PIL refuses twice its own limit before reading the size out to us
         raise InputError(f"image {source} is too large: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
-    except Exception as e:  # PIL and urllib raise many types; the user needs only the cause
+    except Image.UnidentifiedImageError:
+        raise InputError(f"cannot read image {source}: not an image format PIL reads") from None
+    except Exception as e:  # PIL raises many types; the user needs only the cause
         raise InputError(f"cannot read image {source}: {cause(e)}") from None
 
 

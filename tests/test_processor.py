@@ -132,7 +132,8 @@ def test_exif_orientation_turns_files_upright(processor, tmp_path, orientation):
     assert mp.load_image(opened) is opened and opened.size == A.size
 
 
-def test_exif_orientation_turns_urls_upright(tmp_path):
+def test_exif_orientation_turns_urls_upright(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_PALIGEMMA_ALLOW_PRIVATE_URLS", "1")  # 127.0.0.1 is refused by default (fetch.py)
     exif = Image.Exif()
     exif[0x0112] = 6
     A.save(tmp_path / "a.jpg", exif=exif)

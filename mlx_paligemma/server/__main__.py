@@ -1,12 +1,20 @@
 """python -m mlx_paligemma.server --model M [--host 127.0.0.1] [--port 8080] ...: see mlx_paligemma/server/__init__.py."""
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
+from .. import defaults
 from ..cli import ArgumentParser
 from ..processor import InputError
 from .chat import Limits
+
+HEAD_TIMEOUT_S = 10.0  # a connection must send a whole request head this soon after it opens or its last answer
+MAX_CONNECTIONS = 1000  # open connections beyond which uvicorn answers 503 (idle ones close after HEAD_TIMEOUT_S)
 
 
 def positive(kind):
@@ -25,39 +33,139 @@ def build_parser() -> ArgumentParser:
     d = Limits()
     p = ArgumentParser(description="Serve PaliGemma: OpenAI-compatible chat completions and a web page.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--batch-size", type=positive(int), default=8, help="rows sharing each decode step (8)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (default: the main branch)")
+    p.add_argument("--adapter-path", default=None,
+                   help="LoRA adapters (or fine-tuned weights) written by mlx_paligemma.lora, applied to --model "
+                        "(default: none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (`model` of requests, /v1/models) (default: --model as given)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--batch-size", type=positive(int), default=defaults.BATCH_SIZE, help="rows sharing each decode step")
     p.add_argument("--queue-size", type=int, default=32,
-                   help="requests that may wait beyond the running rows; more get 503 (32)")
+                   help="requests that may wait beyond the running rows; more get 503")
     p.add_argument("--api-key", default=os.environ.get("MLX_PALIGEMMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MLX_PALIGEMMA_API_KEY, else none)")
     p.add_argument("--max-tokens-limit", type=positive(int), default=d.max_tokens,
-                   help=f"largest max_tokens a request may ask for ({d.max_tokens})")
+                   help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=positive(int), default=d.default_max_tokens,
-                   help=f"max_tokens when a request gives none ({d.default_max_tokens})")
+                   help="max_tokens when a request gives none")
+    p.add_argument("--max-prompt-bytes", type=positive(int), default=d.max_prompt_bytes,
+                   help="UTF-8 bytes of a prompt, checked before it is tokenized")
     p.add_argument("--max-image-pixels", type=positive(int), default=d.max_image_pixels,
-                   help=f"per image, width x height ({d.max_image_pixels})")
-    p.add_argument("--max-images", type=positive(int), default=d.max_images, help=f"per request ({d.max_images})")
+                   help="per image, width x height")
+    p.add_argument("--max-images", type=positive(int), default=d.max_images, help="per request")
     p.add_argument("--max-image-bytes", type=positive(int), default=d.max_image_bytes,
-                   help=f"per image, encoded, from a data URL, a URL or a file ({d.max_image_bytes})")
-    p.add_argument("--max-body-bytes", type=positive(int), default=32 * 2**20, help="per request (32 MiB)")
+                   help="per image, encoded, from a data URL, a URL or a file")
+    p.add_argument("--max-body-bytes", type=positive(int), default=32 * 2**20, help="per request")
     p.add_argument("--fetch-timeout", type=positive(float), default=d.fetch_timeout,
-                   help=f"seconds to download an image URL ({d.fetch_timeout:g})")
-    p.add_argument("--allow-local-files", action="store_true",
-                   help="let image URLs be paths or file:// URLs on this machine (off: only data: and http(s))")
+                   help="seconds for the whole download of an image URL: lookup, connection and every byte")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="also fetch image URLs on loopback, private, link-local and other non-public addresses "
+                        "(off: public addresses only; for a trusted network)")
+    p.add_argument("--allow-local-files", nargs="?", const=".", default=None, metavar="ROOT",
+                   help="let image URLs be paths or file:// URLs of files inside the folder ROOT (symlinks and .. "
+                        "resolved; ROOT defaults to the current folder when the flag is given alone) (default: off)")
     p.add_argument("--mask-decoder", metavar="PATH",
                    help="vae-oid.npz or its safetensors copy, to return masks of segment answers; 'download' fetches "
-                        "big_vision's once (without it, segmented objects carry their 16 codes)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+                        "big_vision's once (default: none; segmented objects carry their 16 codes)")
+    p.add_argument("--shutdown-grace", type=float, default=3.0,
+                   help="seconds running answers may go on after SIGINT or SIGTERM before they are cut")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     return p
+
+
+def protocol_class():
+    """uvicorn's h11 protocol with a deadline for each request head (uvicorn has none: a connection that sends
+    nothing, or a header a byte at a time, would hold its place for ever) and its plain-text 400 as OpenAI's JSON."""
+    import json
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timeout)
+
+        def _head_timeout(self):
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no whole request head yet
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": f"bad HTTP request: {msg}", "type": "invalid_request_error",
+                                         "param": None, "code": None}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(body)).encode())]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                try:
+                    self.transport.write(self.conn.send(event))
+                except h11.LocalProtocolError:  # a state h11 cannot answer from: close without an answer
+                    break
+            self.transport.close()
+
+    return Protocol
+
+
+def make_server(config, worker, grace: float):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, with its signal handling replaced. uvicorn re-raises the signal once it has shut down:
+        SIGTERM then kills the process by the default handler, and SIGINT becomes a KeyboardInterrupt while the
+        worker thread still runs MLX, which ends in `terminate called without an active exception` (SIGABRT).
+        Here a signal also tells the worker to wind down, and main() joins it and returns normally."""
+
+        received = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in original.items():
+                    signal.signal(s, handler)
+
+        def handle_exit(self, sig, frame):
+            self.received = self.received or sig
+            worker.shutdown(grace)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.queue_size < 0:
         raise InputError(f"--queue-size must be >= 0, got {args.queue_size}")
+    if args.shutdown_grace < 0:
+        raise InputError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
+    local_files = None
+    if args.allow_local_files is not None:
+        local_files = Path(args.allow_local_files).resolve()
+        if not local_files.is_dir():
+            raise InputError(f"--allow-local-files {args.allow_local_files}: not a folder")
     try:
         import uvicorn
 
@@ -71,22 +179,30 @@ def main(argv=None) -> int:
     mask_decoder = None
     if args.mask_decoder:
         mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
-    model, processor = load(args.model, revision=args.revision)
+    model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
-                    max_image_bytes=args.max_image_bytes, fetch_timeout=args.fetch_timeout,
-                    allow_local_files=args.allow_local_files)
+                    max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,
+                    fetch_timeout=args.fetch_timeout, allow_private_urls=args.allow_private_urls,
+                    local_files=local_files, image_size=processor.image_size)
     worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder)
     worker.start()
-    app = make_app(worker, args.model, limits, args.api_key, args.max_body_bytes)
+    app = make_app(worker, args.served_model_name or args.model, limits, args.api_key, args.max_body_bytes)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    # Connections beyond what the queue can hold get uvicorn's own 503 before their bodies are read.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                limit_concurrency=2 * (args.batch_size + args.queue_size) + 32)
-    worker.stop()
-    return 0
+    # Idle connections do not count against the requests: the app answers 503 (JSON) beyond the worker's capacity
+    # and bounds bodies and downloads itself; uvicorn's own limit is a last guard on open sockets.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol_class(),
+                            timeout_keep_alive=5, timeout_graceful_shutdown=int(args.shutdown_grace) + 3,
+                            limit_concurrency=MAX_CONNECTIONS, backlog=2048, h11_max_incomplete_event_size=16 * 2**10)
+    server = make_server(config, worker, args.shutdown_grace)
+    try:
+        server.run()
+    finally:
+        worker.shutdown(0)
+        worker.join(timeout=args.shutdown_grace + 10)
+    return 130 if server.received == signal.SIGINT else 0
 
 
 def entry() -> None:

@@ -13,17 +13,34 @@ import uuid
 from importlib import resources
 from typing import Optional
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .chat import ApiError, Limits, parse_request
+from ..processor import cause
+from .chat import ApiError, Checked, Limits, check_request, parse_json, read_images
 from .worker import Event, Handle, QueueFull, Worker
 
 KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
+BODY_TIMEOUT_S = 30.0  # to send the whole body: a client that trickles it is cut off
+FETCHING = 16  # requests downloading image URLs at once; more get 503 (a slow URL holds a thread until its deadline)
+
+
+class JSON(JSONResponse):
+    """JSON in ASCII: a lone surrogate that a client sent (JSON allows "\\ud800") and a message quotes cannot
+    make the response fail to encode."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
+def error_body(status: int, message: str, type: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type or ("invalid_request_error" if status < 500 else "server_error"),
+                      "param": None, "code": code}}
 
 
 class _Stream(StreamingResponse):
@@ -41,8 +58,12 @@ class _Stream(StreamingResponse):
 
 
 def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[str] = None,
-             max_body_bytes: int = 32 * 2**20) -> Starlette:
+             max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None) -> Starlette:
+    """`body_budget`: bytes of request bodies held at once (read, or being checked; 8 bodies by default); a
+    request that would go beyond gets 503, so many large bodies together cannot exhaust memory."""
     page = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
+    budget = {"left": body_budget or 8 * max_body_bytes}
+    fetching = anyio.CapacityLimiter(FETCHING)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -52,41 +73,70 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
             raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer KEY'",
                            type="authentication_error", code="invalid_api_key")
 
-    async def read_json(request: Request):
+    def too_large(what: str) -> ApiError:
+        return ApiError(413, f"the request body is {what}, more than this server's limit of {max_body_bytes} bytes",
+                        code="request_too_large")
+
+    def busy(why: str) -> ApiError:
+        return ApiError(503, f"the server is busy: {why}; try again shortly", type="server_error", code="server_busy")
+
+    async def read_body(request: Request, held: list) -> bytes:
+        """The body, within max_body_bytes, BODY_TIMEOUT_S and the budget; `held` counts what it took of it."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            raise ApiError(413, f"the request body is {length} bytes, more than this server's limit of "
-                                f"{max_body_bytes}", code="request_too_large")
+            raise too_large(f"{length} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise ApiError(413, f"the request body is more than this server's limit of {max_body_bytes} bytes",
-                               code="request_too_large")
+
+        async def read():
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > max_body_bytes:
+                    raise too_large("larger")
+                if len(chunk) > budget["left"]:
+                    raise busy("too many large requests are being read")
+                budget["left"] -= len(chunk)
+                held[0] += len(chunk)
+                body.extend(chunk)
+
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout") from None
+        return bytes(body)
+
+    def prepare(data: bytes) -> Checked:
+        """Everything that needs no image, in a thread (a large body takes a while to parse)."""
+        body = parse_json(data)
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model not in ("", model_id):
+            raise ApiError(404, f"model {model[:200]!r} is not served here; this server serves {model_id!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+        return check_request(body, limits)
 
     async def index(request: Request):
         return HTMLResponse(page)
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": model_id, **worker.stats})
+        return JSON({"status": "ok", "model": model_id, **worker.stats})
 
     async def models(request: Request):
         check_key(request)
-        return JSONResponse({"object": "list", "data": [
+        return JSON({"object": "list", "data": [
             {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"}]})
 
     async def chat_completions(request: Request):
         check_key(request)
-        body = await read_json(request)
-        model = body.get("model") if isinstance(body, dict) else None
-        if model not in (None, "", model_id):
-            raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r} "
-                                "(GET /v1/models)", param="model", code="model_not_found")
-        job = await run_in_threadpool(parse_request, body, limits)
+        held = [0]
+        try:
+            checked = await run_in_threadpool(prepare, await read_body(request, held))
+            if checked.urls:  # a download may take its whole deadline: such requests have threads of their own
+                if fetching.available_tokens < 1:
+                    raise busy(f"{FETCHING} requests are downloading images")
+                job = await anyio.to_thread.run_sync(read_images, checked, limits, limiter=fetching)
+            else:
+                job = await run_in_threadpool(read_images, checked, limits)
+        finally:
+            budget["left"] += held[0]
         try:
             handle = worker.submit(job, asyncio.get_running_loop())
         except QueueFull as e:
@@ -100,30 +150,31 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
             worker.cancel(handle)
             raise
         reply = Reply(handle, model_id)
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return _Stream(reply.events(include_usage), on_close=lambda: worker.cancel(handle))
+        if checked.stream:
+            return _Stream(reply.events(checked.include_usage), on_close=lambda: worker.cancel(handle))
         try:
             return await reply.whole(request)
         finally:
             worker.cancel(handle)
 
     async def api_error(request: Request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSON(e.body(), status_code=e.status)
 
     async def http_error(request: Request, e: HTTPException):
-        return JSONResponse({"error": {"message": f"{request.method} {request.url.path}: {e.detail}",
-                                       "type": "invalid_request_error", "param": None, "code": None}},
-                            status_code=e.status_code)
+        return JSON(error_body(e.status_code, f"{request.method} {request.url.path}: {e.detail}"),
+                    status_code=e.status_code)
+
+    async def disconnected(request: Request, e: ClientDisconnect):
+        return JSON(error_body(400, "the client closed the connection before sending the whole body"), 400)
 
     async def server_error(request: Request, e: Exception):
-        return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
-                                       "param": None, "code": None}}, status_code=500)
+        return JSON(error_body(500, f"internal error: {type(e).__name__}: {cause(e)}"), status_code=500)
 
     return Starlette(
         routes=[Route("/", index), Route("/health", health), Route("/v1/models", models),
                 Route("/v1/chat/completions", chat_completions, methods=["POST"])],
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={ApiError: api_error, HTTPException: http_error, ClientDisconnect: disconnected,
+                            Exception: server_error},
     )
 
 
@@ -184,7 +235,7 @@ class Reply:
             # Tokens may arrive faster than the check interval: look for a departed client by the clock.
             if time.monotonic() - checked >= KEEPALIVE_S:
                 if await request.is_disconnected():
-                    return JSONResponse({})  # nobody reads it; the caller cancels the request
+                    return JSON({})  # nobody reads it; the caller cancels the request
                 checked = time.monotonic()
             if event is None:
                 continue
@@ -199,4 +250,4 @@ class Reply:
                "usage": self._usage(event)}
         if self.handle.job.objects:
             out["objects"] = event.objects
-        return JSONResponse(out)
+        return JSON(out)

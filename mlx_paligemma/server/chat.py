@@ -1,25 +1,32 @@
 """An OpenAI chat-completions request -> a checked Job: the prompt, its images (decoded), the engine's settings.
 
 PaliGemma is not a chat model. The prompt is the text of the last user message and the images are that message's
-images, in order; system messages and earlier turns are ignored. Everything here runs on the HTTP side (in a
-thread pool: images are downloaded and decoded here), so a bad request is refused before it reaches the model.
+images, in order; system messages and earlier turns are ignored. Everything here runs on the HTTP side (in threads),
+so a bad request is refused before it reaches the model, and in two stages: `check_request` looks at the whole
+request without fetching or decoding anything (every field's type and every limit), then `read_images` fetches
+and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
+tokenizing, the stop strings (count and length: the engine's search per token grows with their length), the images
+(count, bytes, pixels, and each cut to the model's input size at once, so a waiting request holds little memory),
+max_tokens, and each fetch (mlx_paligemma.fetch: deadline, byte cap, address policy).
 """
 
 import base64
 import binascii
 import io
-import time
-import urllib.error
-import urllib.request
+import json
+import reprlib
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from PIL import Image, ImageOps
 
+from .. import defaults
 from ..engine import check_generation_args
-from ..processor import InputError, cause
+from ..fetch import fetch, read_local, shown, unreachable
+from ..processor import InputError, cause, check_text, to_rgb
 from .worker import Job
 
 TASKS = ("detect ", "segment ")  # prompts whose answers are parsed into objects unless the request says otherwise
@@ -28,12 +35,19 @@ TASKS = ("detect ", "segment ")  # prompts whose answers are parsed into objects
 @dataclass
 class Limits:
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 256
+    default_max_tokens: int = defaults.MAX_TOKENS
     max_images: int = 4
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 20 * 2**20  # one image, encoded, from a data URL, a URL or a file
-    fetch_timeout: float = 10.0
-    allow_local_files: bool = False
+    max_prompt_bytes: int = 32 * 2**10  # UTF-8 bytes of the prompt, checked before it is tokenized
+    max_stops: int = 4  # OpenAI's limit
+    max_stop_chars: int = 256
+    max_parts: int = 64  # content parts of the user message
+    max_logit_bias: int = 1024  # tokens in logit_bias
+    fetch_timeout: float = 10.0  # seconds for a whole image download
+    allow_private_urls: bool = False  # fetch loopback/private/link-local addresses too (a trusted network)
+    local_files: Optional[Path] = None  # the folder image paths may name (--allow-local-files), or none
+    image_size: Optional[int] = None  # the model's input size: images are cut to it as soon as they are decoded
 
 
 class ApiError(Exception):
@@ -52,23 +66,62 @@ def bad(message: str, param: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def parse_request(body: Any, limits: Limits) -> Job:
+def parse_json(data: bytes) -> Any:
+    """The body as JSON, or a 400 saying why not (nesting too deep included)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise bad("the request body is not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON: {cause(e)}") from None
+
+
+@dataclass
+class Checked:
+    """A request that passed every check that needs no image: what remains is to read its images."""
+
+    prompt: str
+    sources: List[str]
+    settings: dict
+    objects: bool
+    stream: bool = False
+    include_usage: bool = False
+    urls: int = field(default=0)  # how many of the images are fetched from http(s) URLs
+
+    def job(self, images, size) -> Job:
+        return Job(images, self.prompt, self.settings, self.objects, size)
+
+
+def check_request(body: Any, limits: Limits) -> Checked:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    prompt, sources = prompt_and_images(body.get("messages"))
+    prompt, sources = prompt_and_images(body.get("messages"), limits)
     if len(sources) > limits.max_images:
         raise bad(f"{len(sources)} images in the message; this server takes at most {limits.max_images}",
                   "messages")
-    images = [read_image(s, limits) for s in sources]
+    for url in sources:
+        check_source(url, limits)
     objects = body.get("objects")
     if objects is None:
         objects = prompt.startswith(TASKS)
     elif not isinstance(objects, bool):
-        raise bad(f"objects must be true or false, got {objects!r}", "objects")
-    return Job(images, prompt, settings(body, limits), objects)
+        raise bad(f"objects must be true or false, got {reprlib.repr(objects)}", "objects")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad(f"stream must be true or false, got {reprlib.repr(stream)}", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad(f'stream_options must be an object such as {{"include_usage": true}}, got {reprlib.repr(options)}',
+                  "stream_options")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad(f"stream_options.include_usage must be true or false, got {reprlib.repr(include_usage)}",
+                  "stream_options")
+    urls = sum(url.startswith(("http://", "https://")) for url in sources)
+    return Checked(prompt, sources, settings(body, limits), objects, bool(stream), bool(include_usage), urls)
 
 
-def prompt_and_images(messages: Any):
+def prompt_and_images(messages: Any, limits: Limits):
     """The last user message's text (parts joined by spaces, stripped) and its image URLs."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list", "messages")
@@ -83,11 +136,17 @@ def prompt_and_images(messages: Any):
         content = [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise bad("the user message's content must be a string or a list of content parts", "messages")
-    texts, sources = [], []
+    if len(content) > limits.max_parts:
+        raise bad(f"the user message has {len(content)} content parts; this server takes at most {limits.max_parts}",
+                  "messages")
+    texts, sources, size = [], [], 0
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+            size += len(part["text"])  # characters: at most the bytes, so a long text is refused before encoding
+            if size > limits.max_prompt_bytes:
+                break
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
@@ -95,109 +154,137 @@ def prompt_and_images(messages: Any):
                 raise bad('an image_url part must be {"type": "image_url", "image_url": {"url": "..."}}', "messages")
             sources.append(url)
         else:
-            raise bad(f"unsupported content part {str(part)[:80]}: use text and image_url parts", "messages")
+            what = f"of type {reprlib.repr(kind)}" if kind is not None else reprlib.repr(part)
+            raise bad(f"unsupported content part {what}: use text parts (with a string text) and image_url parts",
+                      "messages")
+    prompt = " ".join(texts).strip()
+    try:
+        check_text(prompt, "the prompt")
+    except InputError as e:
+        raise bad(str(e), "messages") from None
+    size = len(prompt.encode("utf-8")) if size <= limits.max_prompt_bytes else size
+    if size > limits.max_prompt_bytes:
+        raise bad(f"the prompt is more than this server's limit of {limits.max_prompt_bytes} bytes", "messages")
     if not sources:
         raise bad("PaliGemma needs an image: the prompt is the last user message, and it has no image_url part "
                   "(images in earlier messages are not used)", "messages")
-    return " ".join(texts).strip(), sources
+    return prompt, sources
 
 
-def read_image(url: str, limits: Limits) -> Image.Image:
+def check_source(url: str, limits: Limits) -> None:
+    """What kind of image source it is, and whether this server takes it (no fetch, no decode)."""
     if url.startswith("data:"):
-        data = from_data_url(url, limits)
-    elif url.startswith(("http://", "https://")):
-        data = fetch(url, limits)
-    elif limits.allow_local_files:
-        path = Path(url[len("file://"):] if url.startswith("file://") else url)
-        if not path.is_file():
-            raise bad(f"image not found: {path}", "messages")
-        if path.stat().st_size > limits.max_image_bytes:
-            raise bad(f"image {path} is more than {limits.max_image_bytes} bytes", "messages")
-        data = path.read_bytes()
-    else:
-        raise bad(f"image URL {url[:60]!r} is not a data: or http(s) URL (the server reads local files only with "
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise bad("a data URL image must be base64: data:image/...;base64,...", "messages")
+        if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
+            raise bad(f"an image in a data URL is more than {limits.max_image_bytes} bytes", "messages")
+    elif "://" in url and not url.startswith(("http://", "https://", "file://")):
+        raise bad(f"image URL {shown(url)}: only data:, http and https URLs are read", "messages")
+    elif not url.startswith(("http://", "https://")) and limits.local_files is None:
+        raise bad(f"image URL {shown(url)} is not a data: or http(s) URL (the server reads local files only with "
                   "--allow-local-files)", "messages")
-    return decode_image(data, url if not url.startswith("data:") else "in the data URL", limits)
 
 
-def from_data_url(url: str, limits: Limits) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise bad("a data URL image must be base64: data:image/...;base64,...", "messages")
-    if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
-        raise bad(f"an image in a data URL is more than {limits.max_image_bytes} bytes", "messages")
+def read_images(checked: Checked, limits: Limits) -> Job:
+    """The Job: the request's images, decoded and cut to the model's input size, and the first one's size as sent."""
+    images = [read_image(url, limits) for url in checked.sources]
+    return checked.job([image for image, _ in images], images[0][1])
+
+
+def read_image(url: str, limits: Limits):
+    """(the image at the model's input size, its size as sent)."""
+    if url.startswith("data:"):
+        payload = url.partition(",")[2]
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise bad(f"the data URL's base64 does not decode: {cause(e)}", "messages") from None
+        return decode_image(data, "in the data URL", limits)
+    if url.startswith(("http://", "https://")):
+        try:
+            data = fetch(url, limits.fetch_timeout, limits.max_image_bytes, limits.allow_private_urls,
+                         user_agent="mlx-paligemma-server", hint="the server's --allow-private-urls")
+        except InputError as e:  # refused by the policy (scheme, address), or the one neutral message
+            raise bad(str(e), "messages") from None
+        try:
+            return decode_image(data, shown(url), limits)
+        except ApiError as e:
+            if e.code == "too_many_pixels":  # a picture was read: its size tells nothing of the network
+                raise
+            # Not an image: as for an unreachable URL, so an open port reads the same as a closed one.
+            raise bad(str(unreachable(url, limits.fetch_timeout, limits.max_image_bytes)), "messages") from None
     try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise bad(f"the data URL's base64 does not decode: {cause(e)}", "messages") from None
+        data = read_local(url[len("file://"):] if url.startswith("file://") else url, limits.local_files,
+                          limits.max_image_bytes)
+    except InputError as e:
+        raise bad(str(e), "messages") from None
+    return decode_image(data, shown(url), limits)
 
 
-def fetch(url: str, limits: Limits) -> bytes:
-    """The URL's bytes, within the timeout (for the whole download, not only each read) and the size limit."""
-    deadline = time.monotonic() + limits.fetch_timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "mlx-paligemma-server"})
-    try:
-        with urllib.request.urlopen(request, timeout=limits.fetch_timeout) as response:
-            chunks, size = [], 0
-            while chunk := response.read(1 << 16):
-                size += len(chunk)
-                if size > limits.max_image_bytes:
-                    raise bad(f"image {url} is more than {limits.max_image_bytes} bytes", "messages")
-                if time.monotonic() > deadline:
-                    raise TimeoutError("timed out")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except ApiError:
-        raise
-    except Exception as e:  # urllib raises many types (HTTPError, URLError, timeouts, bad status lines)
-        reason = e.reason if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError) else e
-        raise bad(f"cannot fetch image {url}: {cause(reason) if isinstance(reason, Exception) else reason} "
-                  f"(timeout {limits.fetch_timeout:g} s)", "messages") from None
+# Images decoded at once: the peak memory of decoding is DECODING x max_image_pixels x 4 bytes, however many
+# requests arrive together (each image is cut to the model's input size before the next one starts).
+DECODING = threading.BoundedSemaphore(2)
 
 
-def decode_image(data: bytes, where: str, limits: Limits) -> Image.Image:
+def decode_image(data: bytes, where: str, limits: Limits):
     """Decoded in full now (a damaged image fails here), upright by its EXIF tag, as processor.load_image does
-    for files, with this server's pixel limit."""
+    for files, with this server's pixel limit; then cut to the model's input size by exactly the processor's own
+    first steps (to_rgb, bicubic), so answers are unchanged. (image, its size as sent)."""
+    with DECODING:
+        image = _decode(data, where, limits)
+        size = image.size
+        if limits.image_size:
+            image = to_rgb(image).resize((limits.image_size, limits.image_size), Image.BICUBIC)
+    return image, size
+
+
+def _decode(data: bytes, where: str, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
             image = Image.open(io.BytesIO(data))
             if image.width * image.height > limits.max_image_pixels:
-                raise bad(f"image {where} is {image.width}x{image.height} pixels, more than this server's limit of "
-                          f"{limits.max_image_pixels}", "messages")
+                raise ApiError(400, f"image {where} is {image.width}x{image.height} pixels, more than this server's "
+                                    f"limit of {limits.max_image_pixels}", param="messages", code="too_many_pixels")
             image.load()
         return ImageOps.exif_transpose(image)
     except ApiError:
         raise
     except Image.DecompressionBombError:
-        raise bad(f"image {where} has too many pixels", "messages") from None
+        raise ApiError(400, f"image {where} has too many pixels", param="messages", code="too_many_pixels") from None
+    except Image.UnidentifiedImageError:
+        raise bad(f"image {where} does not decode: not an image format PIL reads", "messages") from None
     except Exception as e:  # PIL raises many types for broken data
         raise bad(f"image {where} does not decode: {cause(e)}", "messages") from None
 
 
 def settings(body: dict, limits: Limits) -> dict:
-    """The engine's settings from OpenAI's parameters (and mlx-lm's extras top_k, min_p, repetition_penalty)."""
+    """The engine's settings from OpenAI's parameters (and mlx-lm's extras top_k, min_p, repetition_penalty),
+    every one checked here, before anything is submitted."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
         raise bad(f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}", "max_tokens")
-    n = body.get("n", 1)
-    if n != 1:
-        raise bad(f"n must be 1, got {n!r}: one answer per request", "n")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise bad(f"n must be 1, got {reprlib.repr(n)}: one answer per request", "n")
     for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0):
+        if body.get(name) is not None and (isinstance(body[name], bool) or body[name] != 0):
             raise bad(f"{name} is not supported; use repetition_penalty", name)
-    stop = body.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise bad("stop must be a non-empty string or a list of up to 4 of them", "stop")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad(f"model must be a string, got {reprlib.repr(model)}", "model")
+    stop = stops(body.get("stop"), limits)
+
     def value(name, default):  # JSON null means the default, as in OpenAI's API
         return default if body.get(name) is None else body[name]
 
-    out = dict(max_tokens=max_tokens, temperature=value("temperature", 0.0), top_p=value("top_p", 1.0),
-               top_k=value("top_k", 0), min_p=value("min_p", 0.0), repetition_penalty=body.get("repetition_penalty"),
-               seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias")))
+    out = dict(max_tokens=max_tokens, temperature=value("temperature", defaults.TEMPERATURE),
+               top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
+               min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
+               seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits))
     try:
         check_generation_args(**{k: v for k, v in out.items() if k not in ("stop", "logit_bias")})
     except InputError as e:
@@ -207,19 +294,37 @@ def settings(body: dict, limits: Limits) -> dict:
     return out
 
 
-def logit_bias(value: Any) -> Optional[dict]:
+def stops(value: Any, limits: Limits) -> List[str]:
+    """OpenAI's stop: a string or a list of up to max_stops, each of at most max_stop_chars characters (the
+    engine's search for them costs up to the square of their length per token: the length bounds it)."""
+    stop = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > limits.max_stops:
+        raise bad(f"stop must be a non-empty string or a list of up to {limits.max_stops} of them", "stop")
+    for s in stop:
+        if len(s) > limits.max_stop_chars:
+            raise bad(f"a stop string is {len(s)} characters, more than this server's limit of "
+                      f"{limits.max_stop_chars}", "stop")
+        try:
+            check_text(s, "a stop string")
+        except InputError as e:
+            raise bad(str(e), "stop") from None
+    return stop
+
+
+def logit_bias(value: Any, limits: Limits) -> Optional[dict]:
     """OpenAI's {"token id": bias in [-100, 100]} -> {int: float}; the engine checks the ids."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise bad("logit_bias must be an object mapping token ids to numbers", "logit_bias")
+    if len(value) > limits.max_logit_bias:
+        raise bad(f"logit_bias has {len(value)} tokens; this server takes at most {limits.max_logit_bias}",
+                  "logit_bias")
     out = {}
     for k, v in value.items():
-        try:
-            token = int(k)
-        except ValueError:
-            raise bad(f"logit_bias keys must be token ids, got {k!r}", "logit_bias") from None
+        if not (k.isascii() and k.isdigit() and len(k) <= 9):
+            raise bad(f"logit_bias keys must be token ids, got {reprlib.repr(k)}", "logit_bias")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise bad(f"logit_bias values must be numbers in [-100, 100], got {v!r}", "logit_bias")
-        out[token] = float(v)
+            raise bad(f"logit_bias values must be numbers in [-100, 100], got {reprlib.repr(v)}", "logit_bias")
+        out[int(k)] = float(v)
     return out or None

@@ -6,6 +6,7 @@ jobs and cancellations into an inbox and reads events from a per-request asyncio
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,17 +18,19 @@ from ..processor import InputError
 
 
 class QueueFull(Exception):
-    """More requests than running rows plus the waiting queue."""
+    """More requests than running rows plus the waiting queue, or a server shutting down: a 503."""
 
 
 @dataclass
 class Job:
-    """One checked request: decoded images, the prompt, the engine's settings, whether to parse objects."""
+    """One checked request: its images (decoded, already at the model's input size), the first one's size as sent
+    (objects are in its pixels), the prompt, the engine's settings, whether to parse objects."""
 
     images: List[Any]  # PIL images
     prompt: str
     settings: Dict[str, Any]
     objects: bool = False
+    size: Tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -76,13 +79,15 @@ class Worker(threading.Thread):
         self.handles: Dict[int, Handle] = {}
         # For /health: running rows, waiting requests, answers finished, requests cancelled before their end.
         self.stats = {"active": 0, "waiting": 0, "finished": 0, "cancelled": 0, "peak_memory_gb": 0.0}
-        self.stopping = False
+        self.closing: Optional[float] = None  # after shutdown(): when the running rows are cut
 
     # Called from the HTTP side.
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop) -> Handle:
         handle = Handle(job, loop)
         with self.wake:
+            if self.closing is not None:
+                raise QueueFull("the server is shutting down")
             if self.held >= self.capacity:
                 raise QueueFull(f"the server is busy: {self.held} requests running or waiting, the limit is "
                                 f"{self.capacity}; try again shortly")
@@ -96,9 +101,12 @@ class Worker(threading.Thread):
             self.inbox.append(("cancel", handle))
             self.wake.notify()
 
-    def stop(self) -> None:
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Take no more requests; refuse the waiting ones now, let the running rows finish for `grace` seconds, then
+        cut them with an error. The thread ends when nothing is left (join it). Safe from a signal handler."""
         with self.wake:
-            self.stopping = True
+            if self.closing is None:
+                self.closing = time.monotonic() + grace
             self.wake.notify()
 
     # The thread.
@@ -114,19 +122,32 @@ class Worker(threading.Thread):
     def _serve(self) -> None:
         while True:
             with self.wake:
-                while not self.inbox and not self.stopping:
+                while not self.inbox and self.closing is None:
                     self.wake.wait()
-                if self.stopping:
-                    return
             with self.engine.running():
-                while not self.stopping:
+                while True:
                     self._take_inbox()
+                    if self.closing is not None:
+                        self._close()
                     if not self.engine.has_work:
                         break
                     self._step()
                     self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting),
                                       peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3))
             self.stats.update(active=0, waiting=0)
+            if self.closing is not None:
+                return
+
+    def _close(self) -> None:
+        """Shutting down: requests not yet running get an error now, running ones when the grace period ends."""
+        waiting = {row.uid for row in self.engine.waiting}
+        cut = time.monotonic() >= self.closing
+        for handle in list(self.handles.values()):
+            if cut or handle.uid in waiting:
+                self.engine.cancel(handle.uid)
+                handle.put(Event("error", message="the server is shutting down" + (
+                    ": the answer was cut short" if handle.uid not in waiting else ""), status=503))
+                self._finish(handle)
 
     def _finish(self, handle: Handle) -> None:
         if handle.done:
@@ -185,7 +206,7 @@ class Worker(threading.Thread):
 
     def _objects(self, handle: Handle) -> list:
         """The answer's boxes (and masks, with a mask decoder) in pixels of the request's first image."""
-        size = handle.job.images[0].size
+        size = handle.job.size
         objects = parse_detections(handle.text, size)
         if self.mask_decoder is not None:
             add_masks(objects, self.mask_decoder, size)
