@@ -90,13 +90,14 @@ def build_parser() -> ArgumentParser:
                                                      "processor files")
     p.add_argument("--config", default=None, help="for a .npz: a config.json to use instead of the one inferred "
                                                   "from the array shapes")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="float dtype of the weights written")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder")
     p.add_argument("--q-bits", type=int, choices=AFFINE_BITS, default=None, help="affine bits (default 4)")
     p.add_argument("--q-group-size", type=int, choices=[16, 32, 64, 128], default=None,
                    help="affine group size (default 64)")
     p.add_argument("--q-mode", choices=list(MODES), default="affine",
-                   help="affine, or the float formats mxfp4 (4 bits, groups of 32), nvfp4 (4, 16), mxfp8 (8, 32)")
+                   help="affine, or the float formats mxfp4 (4 bits, groups of 32), nvfp4 (4, 16), mxfp8 (8, 32); "
+                        "default: affine")
     p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None,
                    help="mlx-lm's mixed-precision recipe for the decoder (with -q)")
     p.add_argument("--quantize-vision", action="store_true", help="quantize the vision tower and projector too")

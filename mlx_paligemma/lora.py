@@ -23,10 +23,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .cli import ArgumentParser, command, run_main
-from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
+from .formats.mlx import check_new_folder, get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
-from .trainer import FINE_TUNE_TYPES, TrainingArgs, add_lora, evaluate_loss, load_datasets, set_trainable, train
+from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, load_datasets,
+                      set_trainable, train)
 
 
 def fuse(model: PaliGemma, dequantize: bool = False) -> PaliGemma:
@@ -52,8 +53,7 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
     and convert accept: quantized as the base model was, or all floats with `dequantize` (or a float base), in
     the base's stored float dtype. Written to a temporary folder and renamed at the end."""
     out, base = Path(out), get_model_path(base_model)
-    if out.exists():
-        raise InputError(f"output folder {out} already exists")
+    check_new_folder(out)
     config = json.loads((base / "config.json").read_text())
     quantization = None if dequantize else config.get("quantization")
     fuse(model, dequantize=quantization is None)
@@ -70,6 +70,11 @@ def save_fused(model: PaliGemma, base_model: str, out, dequantize: bool = False)
     return out
 
 
+def millions(n: int) -> str:
+    """A parameter count at the same precision for the trained part and the whole (0.214M of 0.252M)."""
+    return f"{n / 1e6:.3f}M" if n < 1e9 else f"{n / 1e9:.3f}B"
+
+
 def build_parser() -> ArgumentParser:
     d = TrainingArgs()
     p = ArgumentParser(description="Fine-tune PaliGemma on image, prefix, suffix data: LoRA / QLoRA, "
@@ -82,35 +87,40 @@ def build_parser() -> ArgumentParser:
                         "full: the whole decoder")
     p.add_argument("--train-vision", action="store_true",
                    help="with attention or full: also train the vision tower and the projector")
-    p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process under mlx.launch")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--iters", type=int, default=d.iters, help="training steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples a step, per process under mlx.launch")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak rate, after warm-up, then a cosine decay")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a tenth of --iters)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="> 0 uses AdamW")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0: off")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-scale", type=float, default=20.0)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA matrices")
+    p.add_argument("--lora-scale", type=float, default=20.0, help="multiplier of the LoRA update, as in mlx-lm")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
     p.add_argument("--lora-layers", nargs="+", default=["all"],
                    help="decoder linears to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, "
-                        "or attention, mlp, all (default)")
+                        "or attention, mlp, all (default: all)")
     p.add_argument("--num-layers", type=int, default=-1, help="train the last N decoder blocks (default: all)")
     p.add_argument("--adapter-path", default=d.adapter_path,
-                   help="where adapters (or fine-tuned weights) and checkpoints are saved (or read, for --fuse)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --adapter-path")
+                   help="where adapters (or fine-tuned weights) and checkpoints are saved, or read for --fuse")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --adapter-path (its "
+                   "settings and data must be this command's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the adapters already in --adapter-path (without "
+                   "it, or --resume, an --adapter-path holding adapters is refused)")
     p.add_argument("--val-batches", type=int, default=d.val_batches, help="batches per validation, -1: all")
-    p.add_argument("--steps-per-eval", type=int, default=d.steps_per_eval)
+    p.add_argument("--steps-per-eval", type=int, default=d.steps_per_eval, help="steps between validations")
     p.add_argument("--eval-task", choices=("auto", "caption", "vqa", "ocr", "detect", "segment", "match"),
                    help="also generate for the validation set and report the task's metric (auto: from prefixes)")
-    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens)
+    p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="with --eval-task: most tokens "
+                   "per generated answer")
     p.add_argument("--keep-best", action="store_true",
                    help="with --eval-task: write the best-scoring weights to ADAPTER_PATH/best")
-    p.add_argument("--steps-per-report", type=int, default=d.steps_per_report)
-    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--steps-per-report", type=int, default=d.steps_per_report, help="steps between loss reports")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
     p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="LoRA initialisation, data order, dropout")
     p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --save-path")
-    p.add_argument("--save-path", default="fused_model")
+    p.add_argument("--save-path", default="fused_model", help="with --fuse: the model folder to write, which must "
+                   "not exist")
     p.add_argument("--dequantize", action="store_true", help="with --fuse on a quantized model: write floats")
     return p
 
@@ -120,8 +130,10 @@ def run(args) -> None:
 
     if not args.data and not args.fuse:
         raise InputError("nothing to do: give --data to train, or --fuse to merge saved adapters")
-    if args.fuse and Path(args.save_path).exists():
-        raise InputError(f"output folder {args.save_path} already exists")
+    if args.fuse:  # written at the end: checked now, so that a long run does not end in a refusal
+        check_new_folder(Path(args.save_path), probe=True)
+    if args.data:
+        check_output_folder(Path(args.adapter_path), args.resume, args.overwrite)
     if not args.data:  # fuse saved adapters
         base = str(get_model_path(args.model, args.revision))
         model, _ = load(base, stored_dtype(Path(base)), adapter_path=args.adapter_path)
@@ -146,8 +158,8 @@ def run(args) -> None:
     from mlx_lm.utils import get_total_parameters
 
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = get_total_parameters(model)
-    say(f"Trainable parameters: {100 * trainable / total:.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.1f}M)")
+    total = get_total_parameters(model)  # LoRA's matrices included; quantized weights counted unpacked
+    say(f"Trainable parameters: {100 * trainable / total:.3f}% ({millions(trainable)} of {millions(total)})")
     config.update(base_model=args.model, model_type="paligemma", training=asdict(targs))
     train(model, processor, data["train"], data.get("valid"), targs, adapter_config=config,
           report=lambda s: print(s, flush=True))

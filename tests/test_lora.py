@@ -202,7 +202,7 @@ def test_cli_trains_saves_and_fuses(tmp_path, capsys):
 
 @pytest.mark.parametrize("line, message", [
     ('{"image": "missing.jpg", "prefix": "caption en", "suffix": "a"}', "line 2: image not found: "),
-    ('{"image": "chelsea.jpg", "prefix": "caption en"}', "line 2: 'suffix' is missing or not a string"),
+    ('{"image": "chelsea.jpg", "prefix": "caption en"}', "line 2: 'suffix' is missing: nothing to learn"),
     ('{"image": "chelsea.jpg", ', "line 2: not valid JSON"),
 ])
 def test_a_bad_line_stops_before_training(tmp_path, capsys, line, message):

@@ -98,8 +98,52 @@ _GEMMA2_DEFAULTS = dict(
 )
 
 
+# The largest sizes a config may give: 100x the largest published PaliGemma's (the 28B: 46 decoder layers of 4608,
+# MLP 36864, 32 heads of 128, a 257216 vocabulary; SigLIP So400m: 27 layers of 1152, MLP 4304, 16 heads; 896 px
+# in 14 px patches, 4096 image tokens), so a damaged or hostile config fails here, before anything is allocated
+# (a million layers would be a million Python modules long before any weight is read).
+SIZE_LIMITS = {
+    "text_config": dict(hidden_size=460800, intermediate_size=3686400, num_hidden_layers=4600,
+                        num_attention_heads=3200, num_key_value_heads=3200, head_dim=25600, vocab_size=25721600,
+                        max_position_embeddings=819200, sliding_window=819200),
+    "vision_config": dict(hidden_size=115200, intermediate_size=430400, num_hidden_layers=2700,
+                          num_attention_heads=1600, num_channels=300, image_size=89600, patch_size=1400),
+}
+MAX_IMAGE_TOKENS = 409600
+
+
+def check_sizes(config: ModelConfig, file) -> None:
+    """Every size positive and within SIZE_LIMITS, and the few relations the layers need, as one line naming the
+    field."""
+    for section, limits in SIZE_LIMITS.items():
+        part = getattr(config, section)
+        for name, limit in limits.items():
+            value = getattr(part, name)
+            if value is not None and not 1 <= value <= limit:
+                raise InputError(f"{file}: {section}.{name} is {value}, expected 1 to {limit}")
+        for name in ("rms_norm_eps", "layer_norm_eps", "rope_theta", "query_pre_attn_scalar"):
+            value = getattr(part, name, None)
+            if value is not None and not 0 < value < float("inf"):
+                raise InputError(f"{file}: {section}.{name} is {value}, expected a positive number")
+    t, v = config.text_config, config.vision_config
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise InputError(f"{file}: text_config.num_attention_heads ({t.num_attention_heads}) is not a multiple of "
+                         f"num_key_value_heads ({t.num_key_value_heads})")
+    if v.hidden_size % v.num_attention_heads:
+        raise InputError(f"{file}: vision_config.hidden_size ({v.hidden_size}) is not a multiple of "
+                         f"num_attention_heads ({v.num_attention_heads})")
+    if v.patch_size > v.image_size or v.num_patches > MAX_IMAGE_TOKENS:
+        raise InputError(f"{file}: vision_config.image_size {v.image_size} in patches of {v.patch_size} gives "
+                         f"{v.num_patches} image tokens, expected 1 to {MAX_IMAGE_TOKENS}")
+    for name in ("image_token_index", "eos_token_id"):
+        ids = getattr(config, name)
+        if any(i < 0 for i in (ids if isinstance(ids, list) else [ids])):
+            raise InputError(f"{file}: {name} is {ids}, expected token ids >= 0")
+
+
 def parse_config(config: dict, file) -> ModelConfig:
-    """Our ModelConfig from a transformers- or MLX-style config.json, every field type-checked."""
+    """Our ModelConfig from a transformers- or MLX-style config.json, every field type-checked and every size
+    checked (check_sizes): the one config reader of load, convert, export and the big_vision import."""
     if config.get("model_type") != "paligemma":
         raise InputError(f"unknown model type {config.get('model_type')!r} in {file}: expected 'paligemma'")
     text = _section(config, "text_config", file)
@@ -115,7 +159,7 @@ def parse_config(config: dict, file) -> ModelConfig:
     text.setdefault("vocab_size", config.get("vocab_size", 257216))
     top = _fields(_TopLevel, {**config, "image_token_index": config.get("image_token_index",
                                                                          config.get("image_token_id"))}, file)
-    return ModelConfig(
+    model_config = ModelConfig(
         text_config=TextConfig(**_fields(TextConfig, text, f"{file}: text_config")),
         vision_config=VisionConfig(**_fields(VisionConfig, _section(config, "vision_config", file),
                                              f"{file}: vision_config")),
@@ -123,6 +167,8 @@ def parse_config(config: dict, file) -> ModelConfig:
         eos_token_id=top.get("eos_token_id", 1),
         quantization=top.get("quantization"),
     )
+    check_sizes(model_config, file)
+    return model_config
 
 
 @dataclasses.dataclass
@@ -365,13 +411,30 @@ def clean_stale(path: Path) -> None:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
+def check_new_folder(out: Path, probe: bool = False) -> None:
+    """An output folder is always a new one: anything already there (a folder, a file, a link) is someone's and is
+    refused, untouched. With `probe`, the folder it goes in is made and written to now (a real write: root passes
+    os.access on a read-only file system), for commands that write it only at the end of their work."""
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        kind = "a folder" if out.is_dir() else "a file"
+        raise InputError(f"output folder {out} already exists ({kind}): give a new path, or remove it first")
+    if probe:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            test = partial_path(out)
+            test.write_bytes(b"")
+            test.unlink()
+        except OSError as e:
+            raise InputError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 @contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """A fresh folder to write into, renamed to `out` when the block succeeds and removed when it fails; made
     first, so an output that cannot be written fails before any work. Normal permissions (the umask's)."""
     out = Path(out)
-    if out.exists():
-        raise InputError(f"output folder {out} already exists")
+    check_new_folder(out)
     tmp = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
