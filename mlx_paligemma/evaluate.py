@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from . import metrics
+from . import defaults, metrics
 from .cli import ArgumentParser, command, run_main
 from .detection import parse_detections
 from .processor import InputError
@@ -58,7 +58,8 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
     return list(questions.values())
 
 
-def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = 8, max_tokens: int = 100,
+def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
+                     max_tokens: int = defaults.MAX_TOKENS,
                      progress: Optional[Callable[[str], None]] = None) -> List[str]:
     """Greedy answers through the batch engine, in slices so that a long run can report its progress."""
     from . import batch_generate
@@ -106,8 +107,8 @@ def score(task: str, predictions: Sequence[str], questions: Sequence[Question], 
     return {"exact_match": metrics.exact_match(predictions, refs)}
 
 
-def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto", batch_size: int = 8,
-                      max_tokens: int = 100, mask_decoder=None,
+def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto",
+                      batch_size: int = defaults.BATCH_SIZE, max_tokens: int = defaults.MAX_TOKENS, mask_decoder=None,
                       progress: Optional[Callable[[str], None]] = None) -> Tuple[dict, List[dict]]:
     """Generate for every question and score each task. Returns ({"tasks": {task: {"questions": n, metric:
     value, ...}}, "metric": what "score" is, "score": the primary metric, or the mean of the tasks' primary
@@ -159,8 +160,8 @@ def build_parser() -> ArgumentParser:
                    help="auto: from each prefix's first word (caption, answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
     p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
+    p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--mask-decoder", metavar="PATH",
                    help="vae-oid.npz or its safetensors copy, for mask IoU (default: the cached copy, if any)")
     return p
