@@ -11,3 +11,7 @@ TOP_K = 0  # off
 MIN_P = 0.0  # off
 REPETITION_CONTEXT_SIZE = 20  # mlx-lm's
 BATCH_SIZE = 8  # rows sharing each decode step on the batch surfaces (batch_generate, batch CLI, evaluate)
+NUM_BEAMS = 1  # beam search off; transformers' defaults for the rest
+LENGTH_PENALTY = 1.0
+EARLY_STOPPING = False
+LOGPROBS = 0  # alternatives (top log-probabilities) handed out with each token; the token's own always is

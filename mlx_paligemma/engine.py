@@ -14,19 +14,27 @@ cancelled, and waiting prompts join at the next step: continuous batching. One p
                 ...
 """
 
-import hashlib
+import itertools
 import math
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .language import prefix_lm_mask
+from . import defaults
+from .beams import BeamGroup, BeamSequence
+from .detokenizer import Detokenizer, byte_ids
+from .features import FeatureCache, feature_cache
+from .kv_buffers import Batch, decode_step, round_up
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor
+from .sampling import Picked, log_softmax, sample, token_logprobs, top_logprobs
+
+__all__ = ["Engine", "Request", "Output", "check_generation_args", "Detokenizer", "byte_ids", "FeatureCache",
+           "feature_cache", "BeamSequence"]
+MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
@@ -42,30 +50,53 @@ class Request:
     prompt_ids: List[int]
     pixel_values: Optional[np.ndarray] = None
     image_features: Optional[mx.array] = None
-    max_tokens: int = 100
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    max_tokens: int = defaults.MAX_TOKENS
+    temperature: float = defaults.TEMPERATURE
+    top_p: float = defaults.TOP_P
+    top_k: int = defaults.TOP_K
+    min_p: float = defaults.MIN_P
     repetition_penalty: Optional[float] = None
-    repetition_context_size: int = 20
+    repetition_context_size: int = defaults.REPETITION_CONTEXT_SIZE
     logit_bias: Optional[Dict[int, float]] = None
     seed: Optional[int] = None
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
     sampler: Optional[Callable[[mx.array], mx.array]] = None  # replaces temperature/top_p/top_k/min_p
+    logprobs: int = defaults.LOGPROBS  # top alternatives handed out with each token
+    num_beams: int = defaults.NUM_BEAMS
+    length_penalty: float = defaults.LENGTH_PENALTY
+    early_stopping: Union[bool, str] = defaults.EARLY_STOPPING  # True, False or "never", as transformers
+    num_return_sequences: int = 1
+    # Given continuations, one row each (scoring): their tokens are fed, not chosen, and their log-probabilities
+    # handed out. They share the prefix's keys and values.
+    forced: Optional[List[List[int]]] = None
 
     def __post_init__(self):
         check_generation_args(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
-                              self.repetition_penalty, self.repetition_context_size, self.seed)
+                              self.repetition_penalty, self.repetition_context_size, self.seed, self.logprobs,
+                              self.num_beams, self.length_penalty, self.early_stopping, self.num_return_sequences)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InputError("stop must be a list of non-empty strings")
+        if self.num_beams > 1:
+            # transformers' beam sampling and its processors are not reproduced: refused rather than ignored.
+            if self.temperature > 0 or self.sampler is not None:
+                raise InputError("num_beams > 1 decodes deterministically: leave temperature at 0")
+            if self.repetition_penalty is not None or self.logit_bias or self.stop:
+                raise InputError("num_beams > 1 takes no repetition_penalty, logit_bias or stop strings")
+        if self.forced is not None and not (
+                self.forced and all(isinstance(f, list) and f and all(isinstance(t, int) for t in f)
+                                    for f in self.forced)):
+            raise InputError("forced must be a non-empty list of non-empty token id lists")
 
 
-def check_generation_args(max_tokens=100, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
-                          repetition_penalty=None, repetition_context_size=20, seed=None) -> None:
+def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.TEMPERATURE, top_p=defaults.TOP_P,
+                          top_k=defaults.TOP_K, min_p=defaults.MIN_P, repetition_penalty=None,
+                          repetition_context_size=defaults.REPETITION_CONTEXT_SIZE, seed=None,
+                          logprobs=defaults.LOGPROBS, num_beams=defaults.NUM_BEAMS,
+                          length_penalty=defaults.LENGTH_PENALTY, early_stopping=defaults.EARLY_STOPPING,
+                          num_return_sequences=1) -> None:
     """The one check of generation settings, for the API and every command line: one line per problem."""
     def number(name, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -96,6 +127,16 @@ def check_generation_args(max_tokens=100, temperature=0.0, top_p=1.0, top_k=0, m
         integer("seed", seed, 0)
         if seed >= 2**64:
             raise InputError(f"seed must be below 2**64, got {seed}")
+    integer("logprobs", logprobs, 0)
+    if logprobs > MAX_LOGPROBS:
+        raise InputError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
+    integer("num_beams", num_beams, 1)
+    number("length_penalty", length_penalty)
+    if early_stopping not in (True, False, "never"):
+        raise InputError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
+    integer("num_return_sequences", num_return_sequences, 1)
+    if num_return_sequences > num_beams:
+        raise InputError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
 
 
 @dataclass
@@ -108,89 +149,10 @@ class Output:
     finish_reason: Optional[str]  # "stop" (eos or a stop string), "length", or None while running
     prompt_tokens: int
     generation_tokens: int
-
-
-class Detokenizer:
-    """Text as it grows, one token at a time, equal to decoding all the tokens at once.
-
-    Only a short window is decoded per token: the tokens not yet handed out, after those of the last piece as
-    context (for the tokenizer's leading-space rule; a piece always ends on a whole character), so the cost does
-    not grow with the answer. mlx-lm's streaming
-    detokenizers do the same but need a transformers tokenizer, which this package does not load."""
-
-    def __init__(self, decode: Callable[[List[int]], str], byte_ids: frozenset = frozenset()):
-        self.decode = decode
-        self.byte_ids = byte_ids  # <0xNN> pieces: a run of them decodes as a whole, valid UTF-8 or not
-        self.tokens: List[int] = []
-        self.prefix = self.read = 0  # tokens[prefix:read] is decoded context; tokens[read:] is not yet handed out
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        if token in self.byte_ids or not self.decode([token]):
-            return ""  # a byte, or an id decoding skips, may sit inside a run of bytes: wait for its end
-        text = self.decode(self.tokens[self.prefix:])
-        if text.endswith("\ufffd"):
-            return ""  # a multi-byte character is incomplete: hold it until its last byte arrives
-        return self._advance(text)
-
-    def flush(self) -> str:
-        """What is still held back, when the answer ends."""
-        return self._advance(self.decode(self.tokens[self.prefix:]))
-
-    def _advance(self, text: str) -> str:
-        before = self.decode(self.tokens[self.prefix:self.read])
-        self.prefix, self.read = self.read, len(self.tokens)
-        return text[len(before):]
-
-
-class FeatureCache:
-    """Image features by the image's pixels, so repeated questions about one image run the vision tower once.
-    Features only, never a prompt's KV cache: image tokens attend to the prompt. Entries belong to the weights
-    they were computed with and are dropped when the vision tower or the projector is given new weights."""
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self.entries: "OrderedDict[bytes, mx.array]" = OrderedDict()
-        self.version: Optional[tuple] = None
-        self.images_encoded = 0  # vision tower runs, per image, for tests and statistics
-
-    def features(self, model: PaliGemma, pixel_values: List[np.ndarray]) -> List[mx.array]:
-        from mlx.utils import tree_flatten
-
-        weights = (model.vision_tower.parameters(), model.multi_modal_projector.parameters())
-        version = tuple(id(w) for _, w in tree_flatten(weights))
-        if version != self.version:
-            self.entries.clear()
-            self.version = version
-        keys = [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() for p in pixel_values]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.entries))
-        if missing:
-            first = {k: p for k, p in zip(keys, pixel_values)}
-            features = model.encode_images(mx.array(np.stack([first[k] for k in missing])))
-            self.images_encoded += len(missing)
-            for k, f in zip(missing, features):
-                self.entries[k] = f
-        out = []
-        for k in keys:
-            self.entries.move_to_end(k)
-            out.append(self.entries[k])
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-        return out
-
-
-def feature_cache(model: PaliGemma) -> FeatureCache:
-    """The model's own feature cache, shared by every engine on it (generate, stream_generate, servers)."""
-    cache = getattr(model, "_feature_cache", None)
-    if cache is None:
-        cache = FeatureCache()
-        object.__setattr__(model, "_feature_cache", cache)  # a plain attribute, not a parameter
-    return cache
-
-
-def byte_ids(processor: PaliGemmaProcessor) -> frozenset:
-    pieces = (processor.tokenizer.piece_to_id(f"<0x{b:02X}>") for b in range(256))
-    return frozenset(i for i in pieces if i is not None)
+    logprob: Optional[float] = None  # the token's log-probability (None on a beam search's result)
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), most likely first, when asked
+    index: int = 0  # which of its request's rows (a forced continuation's position in `forced`)
+    sequences: Optional[List[BeamSequence]] = None  # beam search: the best num_return_sequences, best first
 
 
 @dataclass
@@ -201,121 +163,14 @@ class _Row:
     key: Optional[mx.array] = None  # its own random stream, so a seeded row samples the same in any batch
     processors: List[Any] = field(default_factory=list)
     history: Optional[mx.array] = None  # prompt and answer ids, for the repetition penalty
-    generated: int = 0
+    generated: int = 0  # tokens handed out
+    picked: int = 0  # tokens chosen (one ahead of those handed out while a step is under way)
     text: str = ""  # answer text so far, of which `sent` characters were handed out
     sent: int = 0
     cancelled: bool = False
-
-
-KV_BLOCK = 256  # buffer positions are added this many at a time, so a compiled step sees few distinct shapes
-
-
-def _round_up(n: int) -> int:
-    return -(-n // KV_BLOCK) * KV_BLOCK
-
-
-class _SlotCache:
-    """One layer's keys and values in fixed-size buffers, written at position `index` (an array), quantized when
-    `bits` is set (mx.quantize's packed, scales, biases; the same numbers as mlx-lm's QuantizedKVCache).
-
-    mlx-lm's caches hand back a view that grows by one position per step; a compiled decode step needs inputs
-    whose shapes stay put, so here the whole buffer is attended to and the mask hides what is not written yet."""
-
-    def __init__(self, keys: tuple, values: tuple, index: mx.array, bits: Optional[int], group_size: int):
-        self.keys, self.values, self.index, self.bits, self.group_size = keys, values, index, bits, group_size
-
-    def update_and_fetch(self, k: mx.array, v: mx.array):
-        self.keys, self.values = (self._write(buf, new) for buf, new in ((self.keys, k), (self.values, v)))
-        return self._read(self.keys), self._read(self.values)
-
-    def _write(self, buffers: tuple, new: mx.array) -> tuple:
-        parts = mx.quantize(new, self.group_size, self.bits) if self.bits else (new,)
-        return tuple(mx.slice_update(b, p, self.index, axes=(2,)) for b, p in zip(buffers, parts))
-
-    def _read(self, buffers: tuple) -> mx.array:
-        return mx.dequantize(*buffers, group_size=self.group_size, bits=self.bits) if self.bits else buffers[0]
-
-
-def decode_step(model: PaliGemma, bits: Optional[int], group_size: int) -> Callable:
-    """One token per row through the decoder, compiled (MLX fuses the step's elementwise work and skips
-    rebuilding its graph: 3x fewer milliseconds per token on a small model). Kept on the model, so every engine
-    reuses the traces; weights are read at each call, so trained or fused weights are seen."""
-    steps = getattr(model, "_decode_steps", None)
-    if steps is None:
-        steps = {}
-        object.__setattr__(model, "_decode_steps", steps)  # a plain attribute, not a parameter
-    if (bits, group_size) not in steps:
-        def step(tokens, length, left_padding, keys, values):
-            caches = [_SlotCache(k, v, length, bits, group_size) for k, v in zip(keys, values)]
-            key_valid = mx.arange(keys[0][0].shape[2])[None] >= left_padding[:, None]
-            positions = length - left_padding + 1  # real tokens so far, counted from 1
-            logits = model.language_model.forward(
-                model.language_model.embed(tokens[:, None]), caches, positions,
-                lambda window: prefix_lm_mask(False, key_valid, length, 1, window))
-            return logits[:, -1], [c.keys for c in caches], [c.values for c in caches]
-
-        # Only the decoder's weights are inputs: compiling swaps the array objects it traces, and the image-feature
-        # cache tells new vision weights by the identity of theirs.
-        steps[(bits, group_size)] = mx.compile(step, inputs=[model.language_model.state])
-    return steps[(bits, group_size)]
-
-
-class _Batch:
-    """Running rows: their keys and values (per layer, a tuple of buffers of KV_BLOCK-rounded size, rows
-    right-aligned at `length`), their left padding, and the pending token of each row."""
-
-    def __init__(self, rows: List[_Row], keys: List[tuple], values: List[tuple], left_padding: List[int],
-                 length: int, tokens: Optional[mx.array]):
-        self.rows, self.keys, self.values = rows, keys, values
-        self.left_padding, self.length, self.tokens = left_padding, length, tokens
-
-    def _map(self, fn) -> None:
-        self.keys = [tuple(fn(b) for b in t) for t in self.keys]
-        self.values = [tuple(fn(b) for b in t) for t in self.values]
-
-    def _resize(self, start: int, length: int) -> None:
-        """Keep positions start..start+length, in buffers with room for at least one more."""
-        size = _round_up(length + 1)
-        self._map(lambda b: mx.pad(b[:, :, start : start + length], [(0, 0), (0, 0), (0, size - length), (0, 0)]))
-        self.length = length
-
-    def reserve(self) -> None:
-        """Room for the next token."""
-        if self.length + 1 > self.keys[0][0].shape[2]:
-            self._resize(0, self.length)
-
-    def keep(self, indices: List[int]) -> None:
-        if len(indices) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in indices]
-        if not indices:
-            return  # the owner drops an empty batch
-        self.left_padding = [self.left_padding[i] for i in indices]
-        index = mx.array(indices, dtype=mx.int32)
-        self._map(lambda b: b[index])
-        if self.tokens is not None:
-            self.tokens = self.tokens[index]
-        trim = min(self.left_padding)
-        if trim >= KV_BLOCK:  # padding every remaining row has: dropped once there is a block of it (few shapes)
-            self.left_padding = [p - trim for p in self.left_padding]
-            self._resize(trim, self.length - trim)
-
-    def extend(self, other: "_Batch") -> None:
-        length = max(self.length, other.length)
-        size = _round_up(length + 1)
-
-        def aligned(batch: "_Batch", b: mx.array) -> mx.array:
-            shift = length - batch.length  # right-align this side's rows at the common length
-            return mx.pad(b[:, :, : batch.length], [(0, 0), (0, 0), (shift, size - length), (0, 0)])
-
-        join = lambda mine, theirs: [tuple(mx.concatenate([aligned(self, a), aligned(other, b)]) for a, b in zip(x, y))
-                                     for x, y in zip(mine, theirs)]
-        self.keys, self.values = join(self.keys, other.keys), join(self.values, other.values)
-        self.left_padding = ([p + length - self.length for p in self.left_padding]
-                             + [p + length - other.length for p in other.left_padding])
-        self.length = length
-        self.rows += other.rows
-        self.tokens = mx.concatenate([self.tokens, other.tokens])
+    index: int = 0
+    forced: Optional[List[int]] = None
+    beams: Optional[BeamGroup] = None  # shared by the rows of one beam search
 
 
 class Engine:
@@ -334,7 +189,7 @@ class Engine:
         self.features = feature_cache(model)
         self.byte_ids = byte_ids(processor) if processor is not None else frozenset()
         self.waiting: List[_Row] = []
-        self.batch: Optional[_Batch] = None
+        self.batch: Optional[Batch] = None
         self.next_uid = 0
         self.steps = 0
 
@@ -365,14 +220,25 @@ class Engine:
         return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixel_values=pixels, **settings))
 
     def add(self, request: Request) -> int:
-        """Queue a request already in token ids."""
+        """Queue a request already in token ids. A beam search is num_beams rows, forced continuations one row
+        each; they come and go together and share one prefill."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
+        vocab = self.model.config.text_config.vocab_size
+        if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
+            raise InputError(f"forced tokens must be token ids in [0, {vocab})")
+        if request.num_beams > 1:
+            group = BeamGroup(request.num_beams, request.length_penalty, request.early_stopping, self.eos_id,
+                              self._limit(request))
+            self.waiting += [_Row(uid, request, None, index=i, beams=group) for i in range(request.num_beams)]
+            return uid
+        if request.forced:
+            self.waiting += [_Row(uid, request, None, index=i, forced=f) for i, f in enumerate(request.forced)]
+            return uid
         detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
         row = _Row(uid, request, detokenizer)
         if request.sampler is None and request.temperature > 0:
             seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
             row.key = mx.random.key(seed)
-        vocab = self.model.config.text_config.vocab_size
         if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})")
         if request.repetition_penalty is not None or request.logit_bias:
@@ -426,36 +292,43 @@ class Engine:
             if self.batch is None:
                 return []
             batch = self.batch
-            pending, rows = batch.tokens, batch.rows
+            pending, rows = batch.picked, batch.rows
             # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
             batch.keep([i for i, r in enumerate(rows) if self._room(r) > 1])
             if batch.rows:
-                batch.tokens = self._decode(batch)
-                mx.async_eval(batch.tokens)  # computed while this step's tokens are handed out
+                batch.picked = self._decode(batch)
+                # computed while this step's tokens are handed out
+                mx.async_eval(batch.picked.tokens, batch.picked.logprobs)
             else:
                 self.batch = None
-            outputs = [self._hand_out(row, token) for row, token in zip(rows, pending.tolist())]
+            outputs = self._hand_out_all(rows, pending)
             if self.batch is not None:
-                done = {o.uid for o in outputs if o.finish_reason}
-                batch.keep([i for i, r in enumerate(batch.rows) if r.uid not in done])
+                done = {id(r) for r, o in zip(rows, outputs) if o is not None and o.finish_reason}
+                batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in done])
                 if not batch.rows:
                     self.batch = None
             self.steps += 1
             if self.batch is None or self.steps % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
-        return outputs
+        return [o for o in outputs if o is not None]
 
     def _admit(self) -> None:
         room = self.batch_size - self.active
         if not self.waiting or room <= 0:
             return
         # One group a step, within the prefill budget; the running rows decode between groups.
+        # A request's rows (beams, forced continuations) join whole, and are prefilled once; one larger than the
+        # batch goes alone.
         rows, tokens = [], 0
-        for row in self.waiting[:room]:
-            tokens += len(row.request.prompt_ids)
-            if rows and tokens > self.prefill_tokens:
+        for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.request)):
+            group = list(group)
+            tokens += len(group[0].request.prompt_ids)
+            alone = not rows and self.batch is None
+            if rows and tokens > self.prefill_tokens or len(rows) + len(group) > room and not alone:
                 break
-            rows.append(row)
+            rows += group
+        if not rows:
+            return
         self.waiting = self.waiting[len(rows):]
         new = self._prefill(rows)
         mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
@@ -464,26 +337,37 @@ class Engine:
         else:
             self.batch.extend(new)
 
-    def _prefill(self, rows: List[_Row]) -> _Batch:
-        length = max(len(r.request.prompt_ids) for r in rows)
-        left_padding = [length - len(r.request.prompt_ids) for r in rows]
-        ids = mx.array([[self.pad_id] * p + r.request.prompt_ids for p, r in zip(left_padding, rows)])
+    def _prefill(self, rows: List[_Row]) -> Batch:
+        # One prefill per request: the rows of a beam search or of forced continuations get copies of it.
+        firsts, copies = [], []
+        for r in rows:  # a request's rows are next to each other
+            if not firsts or firsts[-1].request is not r.request:
+                firsts.append(r)
+            copies.append(len(firsts) - 1)
+        copies = mx.array(copies)
+        length = max(len(r.request.prompt_ids) for r in firsts)
+        left_padding = [length - len(r.request.prompt_ids) for r in firsts]
+        ids = mx.array([[self.pad_id] * p + r.request.prompt_ids for p, r in zip(left_padding, firsts)])
         mask = None
         if any(left_padding):
             mask = mx.array([[0] * p + [1] * (length - p) for p in left_padding])
-        features = self._features(rows)
+        features = self._features(firsts)
         # The prefix attends to itself in full precision; its keys and values are quantized (kv_bits) after.
         cache = self.model.make_cache(left_padding=left_padding)
         logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1)
-        size = _round_up(length + 1)
+        size = round_up(length + 1)
 
         def buffers(x: mx.array) -> tuple:
+            if len(firsts) < len(rows):
+                x = x[copies]
             parts = mx.quantize(x, self.kv_group_size, self.kv_bits) if self.kv_bits else (x,)
             return tuple(mx.pad(p, [(0, 0), (0, 0), (0, size - length), (0, 0)]) for p in parts)
 
         keys, values = zip(*((buffers(k), buffers(v)) for k, v in (c.keys_and_values() for c in cache)))
-        batch = _Batch(rows, list(keys), list(values), left_padding, length, None)
-        batch.tokens = self._sample(rows, logits[:, -1])
+        padding = [left_padding[i] for i in copies.tolist()]
+        batch = Batch(rows, list(keys), list(values), padding, length, None)
+        # Every beam starts from the same prefix: no keys and values to move after the first step.
+        batch.picked, _ = self._sample(rows, logits[:, -1][copies])
         return batch
 
     def _features(self, rows: List[_Row]) -> Optional[mx.array]:
@@ -497,57 +381,108 @@ class Engine:
                 features.extend(next(computed) for _ in range(len(r.request.pixel_values)))
         return mx.stack(features) if features else None
 
-    def _decode(self, batch: _Batch) -> mx.array:
+    def _decode(self, batch: Batch) -> Picked:
         batch.reserve()
         step = decode_step(self.model, self.kv_bits, self.kv_group_size)
-        logits, batch.keys, batch.values = step(batch.tokens, mx.array(batch.length), mx.array(batch.left_padding),
-                                                batch.keys, batch.values)
+        logits, batch.keys, batch.values = step(batch.picked.tokens, mx.array(batch.length),
+                                                mx.array(batch.left_padding), batch.keys, batch.values)
         batch.length += 1
-        return self._sample(batch.rows, logits)
+        picked, parents = self._sample(batch.rows, logits)
+        if parents != list(range(len(batch.rows))):
+            batch.copy_rows(parents)  # beams continue other beams: their keys and values come along
+        return picked
 
-    def _sample(self, rows: List[_Row], logits: mx.array) -> mx.array:
-        """(B, vocab) logits -> (B,) tokens, each row by its own settings. A batch of greedy rows (the usual
-        case) is one argmax; other rows are sampled one by one."""
+    def _sample(self, rows: List[_Row], logits: mx.array) -> Tuple[Picked, List[int]]:
+        """(B, vocab) logits -> each row's token by its own settings, with log-probabilities, and the row each
+        row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
+        logprobs = log_softmax(logits)
+        parents = list(range(len(rows)))
         simple = [r.request.sampler is None and r.request.temperature == 0 and not r.processors for r in rows]
-        if all(simple):
-            return mx.argmax(logits, axis=-1)
+        if all(simple) and not any(r.beams or r.forced for r in rows):
+            tokens = mx.argmax(logits, axis=-1)
         # Rows given one sampler callable (generate_step's) are sampled together by it.
-        shared = rows[0].request.sampler
-        if shared is not None and all(r.request.sampler is shared and not r.processors for r in rows):
-            return shared(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return mx.concatenate([self._sample_row(r, logits[i : i + 1]) for i, r in enumerate(rows)])
+        elif (shared := rows[0].request.sampler) is not None and all(r.request.sampler is shared and not r.processors
+                                                                    for r in rows):
+            tokens = shared(logprobs)
+        else:
+            tokens = [None] * len(rows)
+            for i, r in enumerate(rows):
+                if r.forced is not None:
+                    tokens[i] = mx.array([r.forced[min(r.picked, len(r.forced) - 1)]])
+                elif r.beams is not None:
+                    if r.index == 0:
+                        group = [j for j, s in enumerate(rows) if s.beams is r.beams]
+                        chosen, within = r.beams.step(logprobs[mx.array(group)])
+                        for j, t, p in zip(group, chosen, within):
+                            tokens[j], parents[j] = mx.array([t]), group[p]
+                else:
+                    tokens[i] = self._sample_row(r, logits[i : i + 1])
+            tokens = mx.concatenate(tokens)
+        for r in rows:
+            r.picked += 1
+        picked = Picked(tokens, token_logprobs(logprobs, tokens))
+        k = max(r.request.logprobs for r in rows)
+        if k:
+            picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
+        return picked, parents
 
     def _sample_row(self, row: _Row, logits: mx.array) -> mx.array:
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
         request = row.request
         if row.processors:
             for processor in row.processors:
                 logits = processor(row.history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         if request.sampler is not None:
             token = request.sampler(logprobs)
-        elif request.temperature == 0:
-            token = mx.argmax(logprobs, axis=-1)
         else:
-            # mlx-lm's filters in make_sampler's order; the draw uses the row's own key instead of MLX's global
-            # generator, whose sequence would depend on which other rows share the step.
-            if 0 < request.top_p < 1:
-                logprobs = apply_top_p(logprobs, request.top_p)
-            if request.min_p > 0:
-                logprobs = apply_min_p(logprobs, request.min_p)
-            if 0 < request.top_k < logprobs.shape[-1]:
-                logprobs = apply_top_k(logprobs, request.top_k)
-            row.key, key = mx.random.split(row.key)
-            token = mx.random.categorical(logprobs * (1 / request.temperature), key=key)
+            token, row.key = sample(logprobs, request.temperature, row.key, request.top_p, request.min_p,
+                                    request.top_k)
         if row.processors:
             # The penalty looks at the last repetition_context_size tokens only: keep no more.
             row.history = mx.concatenate([row.history, token])[-request.repetition_context_size:]
         return token
 
+    def _limit(self, request: Request) -> int:
+        """Tokens a request may make: its max_tokens, within the model's context."""
+        return min(request.max_tokens, self.context - len(request.prompt_ids))
+
     def _room(self, row: _Row) -> int:
-        """Tokens the row may still make: up to its max_tokens, within the model's context."""
-        return min(row.request.max_tokens, self.context - len(row.request.prompt_ids)) - row.generated
+        """Tokens the row may still make."""
+        if row.beams is not None:
+            return 0 if row.beams.done else self._limit(row.request)
+        limit = len(row.forced) if row.forced is not None else self._limit(row.request)
+        return limit - row.generated
+
+    def _hand_out_all(self, rows: List[_Row], picked: Picked) -> List[Optional[Output]]:
+        tokens, logprobs = picked.tokens.tolist(), picked.logprobs.tolist()
+        top = (picked.top_ids.tolist(), picked.top_values.tolist()) if picked.top_ids is not None else None
+        outputs = []
+        for i, row in enumerate(rows):
+            if row.beams is not None:
+                outputs.append(self._beam_result(row))
+                continue
+            out = self._hand_out(row, tokens[i])
+            out.logprob, out.index = logprobs[i], row.index
+            if row.request.logprobs:
+                k = row.request.logprobs
+                out.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k]))
+            outputs.append(out)
+        return outputs
+
+    def _beam_result(self, row: _Row) -> Optional[Output]:
+        """A beam search hands out nothing until it ends, then its best sequences, once."""
+        group = row.beams
+        if not group.done or group.emitted:
+            return None
+        group.emitted = True
+        results = group.results(row.request.num_return_sequences)
+        for r in results:
+            if self.processor is not None:
+                r.text = self.processor.tokenizer.decode([t for t in r.tokens if t != self.eos_id])
+        best = results[0]
+        finish = "stop" if best.tokens[-1] == self.eos_id else "length"
+        return Output(row.uid, best.tokens[-1], best.text, finish, len(row.request.prompt_ids), len(best.tokens),
+                      sequences=results)
 
     def _hand_out(self, row: _Row, token: int) -> Output:
         request = row.request
