@@ -60,14 +60,19 @@ def parse_line(raw: bytes, n: int, folder: Path, prompt: Optional[str]) -> Item:
     if not isinstance(row, dict):
         return Item(n, {"id": n}, error="expected an object with image and prompt (or prefix)")
     fields = row if "id" in row else {"id": n, **row}
-    try:  # every field must be writable back out as UTF-8 JSON, or the output line for this item cannot be
+    try:
+        parsed = parse_item(row, folder, prompt)
+    except InputError as e:
+        parsed = e
+    try:  # every field must go back out as UTF-8 JSON, or no output line can repeat them
         json.dumps(fields, ensure_ascii=False).encode("utf-8")
     except Exception:
         fields = {"id": n}
-    try:
-        return Item(n, fields, *parse_item(row, folder, prompt))
-    except InputError as e:
-        return Item(n, fields, error=str(e))
+        if not isinstance(parsed, InputError):
+            parsed = InputError("holds text that is not valid Unicode (a lone surrogate): it cannot be written back")
+    if isinstance(parsed, InputError):
+        return Item(n, fields, error=str(parsed))
+    return Item(n, fields, *parsed)
 
 
 def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):

@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import ModelConfig
-from ..processor import InputError, Tokenizer
+from ..processor import InputError, Tokenizer, cause
 
 IMG, LLM = "img/Transformer/encoderblock/", "llm/layers/"
 
@@ -49,7 +49,7 @@ class Checkpoint:
                         with zf.open(info) as f:
                             self.members[name] = (info, *_read_header(f), None)
         except (OSError, zipfile.BadZipFile, ValueError, struct.error) as e:
-            raise InputError(f"{self.file} is not a readable .npz checkpoint: {e}") from None
+            raise InputError(f"{self.file} is not a readable .npz checkpoint: {cause(e)}") from None
         if not any(k.startswith("llm/") for k in self.members) or not any(k.startswith("img/") for k in self.members):
             raise InputError(f"{self.file} is not a big_vision PaliGemma checkpoint: no img/ and llm/ arrays")
 

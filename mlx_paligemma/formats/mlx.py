@@ -7,6 +7,7 @@ folder records (one setting or per-layer entries, every MLX mode). Writing: the 
 import dataclasses
 import json
 import os
+import reprlib
 import shutil
 import signal
 import struct
@@ -78,7 +79,7 @@ def _fields(cls, d: dict, where: str) -> dict:
     for f in dataclasses.fields(cls):
         if d.get(f.name) is not None:
             if not _accepts(f.type, d[f.name]):
-                raise InputError(f"{where}: {f.name} is {d[f.name]!r}, expected {getattr(f.type, '__name__', f.type)}")
+                raise InputError(f"{where}: {f.name} is {reprlib.repr(d[f.name])}, expected {getattr(f.type, '__name__', f.type)}")
             out[f.name] = d[f.name]
     return out
 
@@ -145,11 +146,11 @@ def parse_config(config: dict, file) -> ModelConfig:
     """Our ModelConfig from a transformers- or MLX-style config.json, every field type-checked and every size
     checked (check_sizes): the one config reader of load, convert, export and the big_vision import."""
     if config.get("model_type") != "paligemma":
-        raise InputError(f"unknown model type {config.get('model_type')!r} in {file}: expected 'paligemma'")
+        raise InputError(f"unknown model type {reprlib.repr(config.get('model_type'))} in {file}: expected 'paligemma'")
     text = _section(config, "text_config", file)
     text.setdefault("model_type", "gemma")
     if text["model_type"] not in ("gemma", "gemma2"):
-        raise InputError(f"unknown text model type {text['model_type']!r} in {file}: expected 'gemma' or 'gemma2'")
+        raise InputError(f"unknown text model type {reprlib.repr(text['model_type'])} in {file}: expected 'gemma' or 'gemma2'")
     # Newer transformers nest rope_theta in rope_parameters.
     rope = _section(text, "rope_parameters", f"{file}: text_config")
     if "rope_theta" in rope:

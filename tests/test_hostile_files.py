@@ -1,0 +1,383 @@
+"""Hostile files against every writer and reader of files: the dataset runner, fine-tuning, convert, load, export.
+
+After each case the invariants are checked, not only the message: what the command did not write is byte-identical
+(inputs, unrelated outputs, checkpoints), outputs are complete and in input order, one bad line never stops the
+others, and a rerun works. Refusals are one `error:` line naming the file (and line), never a traceback or a repr.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES
+from mlx_paligemma import batch, lora
+from mlx_paligemma.processor import InputError
+
+ROOT = Path(__file__).parent.parent
+MODEL = FIXTURES / "paligemma2-tiny"
+IMAGES = FIXTURES / "images"
+
+
+def snapshot(*paths) -> dict:
+    """The bytes of every file under the paths, by path: what must not change."""
+    out = {}
+    for path in map(Path, paths):
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            out[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return out
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    assert " object at 0x" not in err[0]
+    return err[0]
+
+
+# The dataset runner.
+
+GOOD = [{"image": "chelsea.jpg", "prompt": "caption en"}, {"image": "coffee.jpg", "prompt": "ocr", "id": "c"}]
+
+
+def dataset(folder: Path, lines) -> Path:
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        shutil.copy(IMAGES / name, folder / name)
+    raw = [line if isinstance(line, bytes) else json.dumps(line).encode() for line in lines]
+    (folder / "items.jsonl").write_bytes(b"\n".join(raw) + b"\n")
+    return folder / "items.jsonl"
+
+
+def run_batch(data: Path, out: Path, *more) -> int:
+    return batch.main(["--model", str(MODEL), "--input", str(data), "--output", str(out), "--max-tokens", "4",
+                       "--batch-size", "2", *more])
+
+
+@pytest.mark.parametrize("kind", ["text", "jpg", "safetensors", "empty-looking json"])
+def test_an_unrelated_existing_output_is_refused_and_left_byte_identical(tmp_path, capsys, kind):
+    data = dataset(tmp_path, GOOD)
+    out = {"text": tmp_path / "notes.txt", "jpg": tmp_path / "photo.jpg",
+           "safetensors": tmp_path / "model.safetensors", "empty-looking json": tmp_path / "other.jsonl"}[kind]
+    if kind == "text":
+        out.write_text("my notes\nthe last line, without its newline")
+    elif kind == "jpg":
+        shutil.copy(IMAGES / "chelsea.jpg", out)
+    elif kind == "safetensors":
+        shutil.copy(MODEL / "model.safetensors", out)
+    else:
+        out.write_text('{"id": 1}\n{"id"')  # our first key, but not our line: not ours either
+    before = snapshot(tmp_path)
+    assert run_batch(data, out) == 1
+    assert one_error_line(capsys).startswith(f"error: {out} exists and is not the output of this run")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_an_output_that_is_the_input_by_inode_is_refused(tmp_path, capsys, link):
+    data = dataset(tmp_path, GOOD)
+    out = tmp_path / "out.jsonl"
+    (os.link if link == "hard" else os.symlink)(data, out)
+    before = snapshot(data)
+    assert run_batch(data, out) == 1
+    assert one_error_line(capsys) == f"error: --output {out} is the input file"
+    assert snapshot(data) == before
+
+
+def test_an_output_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, capsys):
+    data = dataset(tmp_path, GOOD)
+    os.mkfifo(tmp_path / "fifo")  # opening it to read its first line would wait for a writer forever
+    assert run_batch(data, tmp_path / "fifo") == 1
+    assert one_error_line(capsys) == f"error: --output {tmp_path / 'fifo'} is not a regular file"
+
+
+BAD_LINES = [
+    (b"[" * 5000 + b"]" * 5000, "not valid JSON: nested too deeply"),
+    (b'{"image": "chelsea.jpg", "prompt": "caption \\ud800"}', "prompt is not valid text: lone surrogate"),
+    (b'{"image": "chelsea.jpg", "prompt": "caption en", "note": "\\udfff"}', "not valid Unicode"),
+    (b'{"image": "chelsea.jpg", "prompt": "caf\xe9"}', "not UTF-8 text"),
+    (b'{"image": "chelsea.jpg", "prompt": "caption en", "n": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    (b'{"image": "chelsea.jpg", "prompt": "caption en", "prefix": "ocr"}', "'prompt' and 'prefix' differ"),
+    (b'{"image": "a\\u0000.jpg", "prompt": "caption en"}', "is not a usable path"),
+    (b'{"image": [], "prompt": "caption en"}', "'image' must be a path or URL"),
+]
+
+
+def test_every_bad_line_is_an_error_line_and_the_run_goes_on_and_reruns(tmp_path, capsys):
+    lines = [GOOD[0]] + [bad for bad, _ in BAD_LINES] + [GOOD[1], {"image": "chelsea.jpg", "prompt": "ocr",
+                                                                   "id": float("nan")}]
+    data = dataset(tmp_path, lines)
+    before = snapshot(data)
+    out = tmp_path / "out.jsonl"
+    assert run_batch(data, out) == 0
+    written = [json.loads(line) for line in out.read_bytes().decode().split("\n")[:-1]]
+    assert len(written) == len(lines)  # complete, one line per item, in input order
+    assert [w["id"] for w in written[:len(BAD_LINES) + 2]] == list(range(1, len(BAD_LINES) + 2)) + ["c"]
+    for w, (_, message) in zip(written[1:], BAD_LINES):
+        assert "answer" not in w and message in w["error"], w
+    assert "answer" in written[0] and "answer" in written[-2] and "answer" in written[-1]
+    assert snapshot(data) == before
+    capsys.readouterr()
+    # A rerun of the complete run (NaN id and all) finds it complete and changes nothing.
+    done = out.read_bytes()
+    assert run_batch(data, out) == 0 and out.read_bytes() == done
+
+
+def test_a_training_file_is_batch_run_as_it_is(tmp_path):
+    rows = [{"image": "chelsea.jpg", "prefix": "caption en", "suffix": "a cat"},
+            {"image": "coffee.jpg", "prefix": "caption en", "suffix": ["a cup", "coffee"]}]
+    data = dataset(tmp_path, rows)
+    out = tmp_path / "out.jsonl"
+    assert run_batch(data, out) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["suffix"] for w in written] == ["a cat", ["a cup", "coffee"]]  # the references travel along
+    assert all("answer" in w and "error" not in w and "prompt" not in w for w in written)
+
+
+def test_a_first_line_torn_by_a_kill_is_ours_and_foreign_part_files_are_left(tmp_path, capsys):
+    data = dataset(tmp_path, GOOD)
+    out = tmp_path / "out.jsonl"
+    assert run_batch(data, out) == 0
+    expected = out.read_bytes()
+    out.write_bytes(expected[:12])  # killed while writing the first line
+    foreign = tmp_path / "out.jsonl.rank0.part"
+    foreign.write_text("someone's notes that happen to have this name\n")
+    before = snapshot(foreign)
+    assert run_batch(data, out) == 0
+    assert out.read_bytes() == expected and snapshot(foreign) == before
+
+
+def test_a_line_lost_in_the_middle_is_refused_before_anything_is_cut(tmp_path, capsys):
+    data = dataset(tmp_path, GOOD + [GOOD[0]])
+    out = tmp_path / "out.jsonl"
+    assert run_batch(data, out) == 0
+    lines = out.read_bytes().split(b"\n")
+    out.write_bytes(lines[0] + b"\n" + lines[2] + b"\n" + b'{"torn')  # item 2's line is gone
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_batch(data, out) == 1
+    assert "line 2 is not the output for item 2" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+def test_evaluate_and_training_read_the_same_items_naming_file_and_line(tmp_path):
+    from mlx_paligemma.data import read_jsonl
+
+    data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "caption en", "suffix": "a cat"},
+                              b'{"image": "chelsea.jpg", "prefix": "x\\ud800", "suffix": "y"}'])
+    with pytest.raises(InputError, match=rf"^{data}, line 2: prefix is not valid text: lone surrogate"):
+        read_jsonl(data)
+    data.write_bytes(data.read_bytes().split(b"\n")[0] + b"\n" + b"[" * 5000 + b"\n")
+    with pytest.raises(InputError, match=rf"^{data}, line 2: not valid JSON: nested too deeply"):
+        read_jsonl(data)
+
+
+# Fine-tuning.
+
+def train_data(folder: Path, suffix: str = "a cat") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"image": str(IMAGES / "chelsea.jpg"), "prefix": "caption en", "suffix": suffix},
+            {"image": str(IMAGES / "coffee.jpg"), "prefix": "caption en", "suffix": "a cup"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def train(data: Path, adapters: Path, *more) -> int:
+    return lora.main(["--model", str(MODEL), "--data", str(data), "--adapter-path", str(adapters), "--iters", "2",
+                      "--batch-size", "1", "--lora-rank", "4", "--steps-per-report", "1", *more])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A LoRA checkpoint after 2 of 2 steps, and its data."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    data = train_data(folder / "data")
+    assert train(data, folder / "adapters") == 0
+    return data, folder / "adapters"
+
+
+def copy_of(checkpoint, tmp_path):
+    data, adapters = checkpoint
+    shutil.copytree(adapters, tmp_path / "adapters")
+    return data, tmp_path / "adapters"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--lora-rank", "8"], '--lora-rank 4, this command 8'),
+    (["--lora-layers", "attention"], "--lora-layers"),
+    (["--num-layers", "1"], "--num-layers -1, this command 1"),
+    (["--fine-tune-type", "full"], '--fine-tune-type "lora", this command "full"'),
+    (["--model", str(FIXTURES / "paligemma-tiny")], "--model"),
+    (["--data", "OTHER"], "trained on other data"),
+])
+def test_resume_with_other_settings_is_refused_touching_nothing(checkpoint, tmp_path, capsys, change, message):
+    data, adapters = copy_of(checkpoint, tmp_path)
+    if change[-1] == "OTHER":
+        change = ["--data", str(train_data(tmp_path / "other", suffix="a dog"))]
+    before = snapshot(adapters)
+    argv = ["--model", str(MODEL), "--data", str(data), "--adapter-path", str(adapters), "--iters", "4",
+            "--batch-size", "1", "--lora-rank", "4", "--resume"]
+    for i in range(0, len(change), 2):  # the change replaces the option
+        if change[i] in argv:
+            argv[argv.index(change[i]) + 1] = change[i + 1]
+        else:
+            argv += change[i:i + 2]
+    assert lora.main(argv) == 1
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot resume from {adapters}: ") and message in line, line
+    assert snapshot(adapters) == before
+
+
+def test_resume_with_the_same_settings_goes_on(checkpoint, tmp_path, capsys):
+    data, adapters = copy_of(checkpoint, tmp_path)
+    assert train(data, adapters, "--iters", "3", "--resume") == 0
+    out = capsys.readouterr().out
+    assert "Resumed from" in out and "at step 2" in out and "Iter 3: train loss" in out
+
+
+def test_existing_adapters_are_not_overwritten_without_a_flag(checkpoint, tmp_path, capsys):
+    data, adapters = copy_of(checkpoint, tmp_path)
+    before = snapshot(adapters)
+    assert train(data, adapters) == 1
+    assert one_error_line(capsys).startswith(f"error: {adapters} already holds adapters")
+    assert snapshot(adapters) == before
+    assert train(data, adapters, "--overwrite", "--seed", "1") == 0
+    assert snapshot(adapters) != before
+
+
+@pytest.mark.parametrize("damage, file", [
+    (lambda f: f.write_text("{not json"), "trainer_state.json"),
+    (lambda f: f.write_text('{"best_score": null}'), "trainer_state.json"),
+    (lambda f: f.write_text('{"step": "2"}'), "trainer_state.json"),
+    (lambda f: f.write_text("[1, 2]"), "adapter_config.json"),
+    (lambda f: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2]), "adapters.safetensors"),
+    (lambda f: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2]), "optimizer.safetensors"),
+    (lambda f: f.write_bytes(b"\0" * 8), "optimizer.safetensors"),
+    (lambda f: f.unlink(), "optimizer.safetensors"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path, capsys, damage, file):
+    data, adapters = copy_of(checkpoint, tmp_path)
+    damage(adapters / file)
+    before = snapshot(adapters)
+    assert train(data, adapters, "--iters", "3", "--resume") == 1
+    line = one_error_line(capsys)
+    assert file in line and "unexpected" not in line, line
+    assert snapshot(adapters) == before
+
+
+def test_a_checkpoint_of_other_parameters_is_refused(checkpoint, tmp_path, capsys):
+    """adapters.safetensors from a run of another rank behind a config that says rank 4: caught by shape."""
+    data, adapters = copy_of(checkpoint, tmp_path)
+    assert train(data, tmp_path / "rank8", "--lora-rank", "8") == 0
+    shutil.copy(tmp_path / "rank8" / "adapters.safetensors", adapters / "adapters.safetensors")
+    assert train(data, adapters, "--iters", "3", "--resume") == 1
+    assert "adapters.safetensors does not fit this model's trainable parameters" in one_error_line(capsys)
+
+
+def test_an_unwritable_adapter_path_is_refused_before_training(tmp_path, capsys):
+    data = train_data(tmp_path / "data")
+    (tmp_path / "a-file").write_text("mine")
+    # A folder cannot be made under a regular file, for root too.
+    assert train(data, tmp_path / "a-file" / "adapters") == 1
+    captured = capsys.readouterr()
+    assert "Iter" not in captured.out
+    assert captured.err.strip() == f"error: cannot write to --adapter-path {tmp_path / 'a-file' / 'adapters'}: Not a directory"
+    assert (tmp_path / "a-file").read_text() == "mine"
+    # A --fuse --save-path that cannot be made is found before training as well.
+    assert train(data, tmp_path / "adapters", "--fuse", "--save-path", str(tmp_path / "a-file" / "fused")) == 1
+    assert "Iter" not in capsys.readouterr().out and not (tmp_path / "adapters").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prefix": "caption en", "suffix": "a cat " * 5000}, "tokens with the image's 16, more than the model's"),
+    ({"prefix": "<image><image>caption en", "suffix": "a cat"}, "the prefix has 2 <image> markers for one image"),
+    ({"prefix": "caption en", "suffix": "a <image> cat"}, "the suffix holds <image>"),
+])
+def test_examples_are_checked_before_the_first_step(tmp_path, capsys, row, message):
+    data = train_data(tmp_path / "data")
+    with open(data / "train.jsonl", "a") as f:
+        f.write(json.dumps({"image": str(IMAGES / "chelsea.jpg"), **row}) + "\n")
+    assert train(data, tmp_path / "adapters") == 1
+    captured = capsys.readouterr()
+    assert "Iter" not in captured.out
+    err = captured.err.strip()
+    assert err.startswith(f"error: {data / 'train.jsonl'}, line 3: ") and message in err and "\n" not in err, err
+
+
+def test_trainable_parameters_for_full_fine_tuning(tmp_path, capsys):
+    from mlx.utils import tree_flatten
+
+    import mlx_paligemma as mp
+
+    model, _ = mp.load(str(MODEL))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    decoder = sum(v.size for _, v in tree_flatten(model.language_model.parameters()))
+    data = train_data(tmp_path / "data")
+    assert train(data, tmp_path / "full", "--fine-tune-type", "full", "--iters", "1") == 0
+    expected = f"Trainable parameters: {100 * decoder / total:.3f}% ({decoder / 1e6:.3f}M of {total / 1e6:.3f}M)"
+    assert expected in capsys.readouterr().out
+    assert train(data, tmp_path / "all", "--fine-tune-type", "full", "--train-vision", "--iters", "1") == 0
+    assert f"Trainable parameters: 100.000% ({total / 1e6:.3f}M of {total / 1e6:.3f}M)" in capsys.readouterr().out
+
+
+# Configs: one reader, shared by load, convert and export.
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("text_config", "num_hidden_layers", 1000000, "text_config.num_hidden_layers is 1000000, expected 1 to 4600"),
+    ("text_config", "hidden_size", 0, "text_config.hidden_size is 0, expected 1 to"),
+    ("vision_config", "image_size", -224, "vision_config.image_size is -224, expected 1 to"),
+    ("text_config", "vocab_size", 10 ** 12, "text_config.vocab_size is 1000000000000, expected 1 to"),
+    ("text_config", "num_key_value_heads", 3, "is not a multiple of num_key_value_heads (3)"),
+    ("vision_config", "patch_size", 100, "image tokens, expected 1 to"),
+])
+def test_absurd_config_sizes_fail_fast_in_load_convert_and_export(tmp_path, section, key, value, message):
+    import mlx_paligemma as mp
+    from mlx_paligemma.convert import convert
+    from mlx_paligemma.export import export
+
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    config = json.loads((model / "config.json").read_text())
+    config[section][key] = value
+    (model / "config.json").write_text(json.dumps(config))
+    before = snapshot(model)
+    for attempt in (lambda: mp.load(str(model)), lambda: convert(str(model), str(tmp_path / "mlx")),
+                    lambda: export(str(model), str(tmp_path / "hf"))):
+        with pytest.raises(InputError) as e:
+            attempt()
+        assert str(e.value).startswith(f"{model / 'config.json'}: ") and message in str(e.value), str(e.value)
+    assert snapshot(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no output folder, no partial left
+    # Through the script: one line, no traceback.
+    r = subprocess.run([sys.executable, "convert.py", "--hf-path", str(model), "--mlx-path", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
+
+
+@pytest.mark.parametrize("existing", ["folder", "file", "link"])
+def test_folder_writers_refuse_an_existing_output(tmp_path, capsys, existing):
+    from mlx_paligemma.convert import convert
+    from mlx_paligemma.export import export
+
+    out = tmp_path / "out"
+    if existing == "folder":
+        out.mkdir()
+        (out / "mine.txt").write_text("mine")
+    elif existing == "file":
+        out.write_text("mine")
+    else:
+        (tmp_path / "target").write_text("mine")
+        out.symlink_to(tmp_path / "target")
+    before = snapshot(tmp_path)
+    for attempt in (lambda: convert(str(MODEL), str(out)), lambda: export(str(MODEL), str(out)),
+                    lambda: lora.save_fused(None, str(MODEL), str(out))):
+        with pytest.raises(InputError, match=f"^output folder {out} already exists"):
+            attempt()
+    assert lora.main(["--model", str(MODEL), "--adapter-path", str(tmp_path), "--fuse", "--save-path", str(out)]) == 1
+    assert one_error_line(capsys).startswith(f"error: output folder {out} already exists")
+    assert snapshot(tmp_path) == before
