@@ -381,3 +381,32 @@ def test_folder_writers_refuse_an_existing_output(tmp_path, capsys, existing):
     assert lora.main(["--model", str(MODEL), "--adapter-path", str(tmp_path), "--fuse", "--save-path", str(out)]) == 1
     assert one_error_line(capsys).startswith(f"error: output folder {out} already exists")
     assert snapshot(tmp_path) == before
+
+
+def test_batch_applies_adapters_and_names_a_damaged_adapter_file(checkpoint, tmp_path, capsys):
+    import mlx_paligemma as mp
+
+    import mlx.core as mx
+
+    # The checkpoint's adapters with large random B matrices, so that answers with them differ from the base's.
+    adapters = tmp_path / "strong"
+    shutil.copytree(checkpoint[1], adapters)
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    mx.random.seed(0)
+    weights = {k: mx.random.normal(w.shape) if "lora_b" in k else w for k, w in weights.items()}
+    mx.save_safetensors(str(adapters / "adapters.safetensors"), weights)
+    data = dataset(tmp_path, GOOD)
+    out = tmp_path / "out.jsonl"
+    assert run_batch(data, out, "--adapter-path", str(adapters)) == 0
+    model, base = mp.load(str(MODEL), adapter_path=str(adapters)), mp.load(str(MODEL))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    for line in lines:
+        assert line["answer"] == mp.generate(*model, str(tmp_path / line["image"]), line["prompt"], max_tokens=4)
+    assert any(line["answer"] != mp.generate(*base, str(tmp_path / line["image"]), line["prompt"], max_tokens=4)
+               for line in lines)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapters, damaged)
+    (damaged / "adapter_config.json").write_text("{")
+    capsys.readouterr()
+    assert run_batch(data, tmp_path / "out2.jsonl", "--adapter-path", str(damaged)) == 1
+    assert one_error_line(capsys).startswith(f"error: {damaged / 'adapter_config.json'} is not valid JSON")

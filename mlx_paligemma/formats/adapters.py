@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..processor import InputError
-from .mlx import atomic_file
+from ..processor import InputError, read_json_object
+from .mlx import atomic_file, check_safetensors
 
 ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 
@@ -36,6 +36,8 @@ def apply_adapters(model: nn.Module, folder) -> nn.Module:
     for name in (CONFIG_FILE, ADAPTER_FILE):
         if not (folder / name).is_file():
             raise InputError(f"no {name} in adapter folder {folder}")
+    read_json_object(folder / CONFIG_FILE)  # a damaged file is named here, not reported as a misfit
+    check_safetensors(folder / ADAPTER_FILE)
     try:
         return load_adapters(model, str(folder))
     except (ValueError, KeyError, TypeError) as e:
