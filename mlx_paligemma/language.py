@@ -6,6 +6,7 @@ some layers. A Gemma 1 config leaves those fields at None.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
@@ -13,6 +14,25 @@ import mlx.nn as nn
 
 
 ATTENTION_CHUNK = 1024  # queries per attention block during prefill
+
+# Half precision (bfloat16, float16) keeps float32 where transformers does, and in the two fused spots below where
+# float32 costs nothing; in float32 every cast here is a no-op. Left as they are: matmuls (MLX accumulates in float32
+# and rounds once, as PyTorch does), the residual stream (in the model's dtype in both), the embedding scale (rounded
+# to the dtype in both, see embed), RoPE (mx.fast.rope takes cos/sin from float32 angles, as transformers does) and
+# the fused attention of Gemma 1 (softmax in float32, as transformers' eager attention).
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_times(gate: mx.array, up: mx.array) -> mx.array:
+    # transformers' gelu_pytorch_tanh computes in float32 and rounds once; MLX's gelu_approx would round after
+    # each of its seven steps in bfloat16. Fused with the product by up, so one kernel and one rounding.
+    return (nn.gelu_approx(gate.astype(mx.float32)) * up).astype(up.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def soft_cap(x: mx.array, cap: float) -> mx.array:
+    # cap * tanh(x / cap) in float32, one fused kernel: transformers rounds after each of the three steps.
+    return mx.tanh(x.astype(mx.float32) / cap) * cap
 
 
 @dataclass
@@ -96,7 +116,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+        # As transformers: normalised and scaled by (1 + w) in float32, rounded once to x's dtype. In bfloat16,
+        # 1 + w would drop w's low bits, and MLX's kernel rounds the normalised x before scaling.
+        return mx.fast.rms_norm(x, 1.0 + self.weight.astype(mx.float32), self.eps).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -151,11 +173,11 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv_heads
         q = q.reshape(B, self.n_kv_heads, groups, L, D) * self.scale
         k, v = k[:, :, None], v[:, :, None]
-        scores = q @ k.swapaxes(-1, -2)
-        scores = mx.tanh(scores / self.softcap) * self.softcap
+        scores = soft_cap(q @ k.swapaxes(-1, -2), self.softcap)  # float32 from here
         if mask is not None:
             scores = mx.where(mask[:, :, None], scores, mx.finfo(scores.dtype).min)
-        weights = mx.softmax(scores, axis=-1, precise=True)
+        # Softmax in float32, the weights rounded to v's dtype: transformers' eager attention.
+        weights = mx.softmax(scores, axis=-1).astype(v.dtype)
         return (weights @ v).reshape(B, self.n_heads, L, D)
 
 
@@ -167,7 +189,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gelu_times(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -264,5 +286,5 @@ class LanguageModel(nn.Module):
         logits = self.model.embed_tokens.as_linear(self.model.norm(h))
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            logits = mx.tanh(logits / cap) * cap
+            logits = soft_cap(logits, cap).astype(logits.dtype)
         return logits

@@ -4,6 +4,7 @@ PaliGemma uses the last hidden state of every patch: no pooling head, no CLS tok
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +25,20 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+@partial(mx.compile, shapeless=True)
+def gelu(x: mx.array) -> mx.array:
+    # torch's tanh GELU computes in float32 and rounds once; MLX's gelu_approx in bfloat16 rounds at every step.
+    return nn.gelu_approx(x.astype(mx.float32)).astype(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        # torch's LayerNorm on half-precision input normalises and applies weight and bias in float32, rounding
+        # once; MLX's kernel rounds the normalised x to the input's dtype before scaling. No-op in float32.
+        f32 = mx.float32
+        return mx.fast.layer_norm(x, self.weight.astype(f32), self.bias.astype(f32), self.eps).astype(x.dtype)
 
 
 class Embeddings(nn.Module):
@@ -68,15 +83,15 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = Attention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -100,7 +115,7 @@ class VisionModel(nn.Module):
         super().__init__()
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def __call__(self, pixel_values: mx.array) -> mx.array:
         """(N, H, W, 3) pixels in [-1, 1] -> (N, num_patches, hidden) features."""
