@@ -159,6 +159,7 @@ class Tokenizer:
             self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
             self.piece_to_id = tok.token_to_id
+            self.id_to_piece = tok.id_to_token
             self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
             control = {}  # the tokenizers library finds its added tokens in text itself
         elif (folder / "tokenizer.model").is_file():
@@ -177,6 +178,7 @@ class Tokenizer:
                 return None if i == sp.unk_id() and piece != "<unk>" else i
 
             self.piece_to_id = piece_to_id
+            self.id_to_piece = sp.id_to_piece
             self.vocab_size = sp.get_piece_size()
             # sentencepiece reads control pieces written in text (<unk>, ...) as characters; transformers' tokenizer
             # converted from this file makes them special tokens.
