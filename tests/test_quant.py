@@ -28,11 +28,16 @@ FOLDERS = {  # name: quantize_model options
 }
 
 
-def tolerance(mode: str) -> float:
-    # The float modes keep uint8 scales, so their QuantizedEmbedding returns bfloat16 rows and the quantized
-    # model's residual stream starts in bfloat16; dequantized to float32 (the same weight values, exactly), it
-    # computes in float32 throughout.
-    return 1e-4 if mode == "affine" else 5e-2
+def assert_same_model(dequantized: np.ndarray, quantized: np.ndarray, mode: str) -> None:
+    """The CPU dequantize path against the quantized one: the same weight values, exactly. Affine: float32 both,
+    so within float32 rounding. The float modes keep uint8 scales, so their QuantizedEmbedding returns bfloat16
+    rows and the quantized model's residual stream runs in bfloat16, the dequantized one in float32: within
+    bfloat16 rounding: relative_error (below) measured 0.016-0.025 here, as the bfloat16 model's own 0.016 against
+    float32; bound 0.04."""
+    if mode == "affine":
+        np.testing.assert_allclose(dequantized, quantized, atol=1e-4, rtol=0)
+    else:
+        assert relative_error(quantized, dequantized) <= 0.04, relative_error(quantized, dequantized)
 
 
 def relative_error(quantized: np.ndarray, float_: np.ndarray) -> float:
@@ -102,8 +107,8 @@ def test_mlx_lm_quantized_folders_load(tmp_path, model_name, cases, kind):
         dequantized, _ = mp.load(str(out))  # the CPU default: every layer dequantized with its own settings
         assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                        for _, m in dequantized.named_modules())
-        np.testing.assert_allclose(logits_of(dequantized, processor, cases["single"]), expected,
-                                   atol=tolerance(FOLDERS[kind].get("mode", "affine")), rtol=0)
+        assert_same_model(logits_of(dequantized, processor, cases["single"]), expected,
+                          FOLDERS[kind].get("mode", "affine"))
 
 
 @pytest.mark.parametrize("options", [
@@ -125,7 +130,7 @@ def test_convert_round_trips(tmp_path, cases, options):
         assert all(block[name]["bits"] == m.bits for name, m in layers.items())
     quantized = logits_of(model, processor, cases["single"])
     dequantized = logits_of(mp.load(str(out))[0], processor, cases["single"])
-    np.testing.assert_allclose(dequantized, quantized, atol=tolerance(mode), rtol=0)
+    assert_same_model(dequantized, quantized, mode)
     # Against the float model: a recipe is bounded by its most common width (mixed_3_6: 3 bits).
     float_model, _ = mp.load(str(FIXTURES / "paligemma2-tiny"), dtype=mx.float32)
     bits = 3 if options.get("quant_predicate") == "mixed_3_6" else options["quantize_bits"]
