@@ -233,3 +233,18 @@ def test_detect_boxes_are_ordered(setup):
     assert c.allowed_np()[tok.eos_id]
     text = tok.decode([loc[500], loc[7], loc[501], loc[8], *ids])
     assert [(o.label, o.box) for o in parse_detections(text, (1024, 1024))] == [("dog", (7.0, 500.0, 8.0, 501.0))]
+
+
+def test_forced_text_in_any_spelling(setup):
+    """Where the grammar fixes the next bytes, every spelling of them is allowed, not only the first token of
+    their canonical tokenization (llguidance's own mask): the loc token that spans the end of a shorter choice,
+    the byte-fallback token of a letter."""
+    model, processor = setup
+    tok, vocab_size = processor.tokenizer, model.config.text_config.vocab_size
+    c = make_constraint(processor, vocab_size, choices=["3<loc0798>L", "3<loc07"])
+    c.advance(tok.encode("3")[0])
+    allowed = c.allowed_np()
+    assert allowed[tok.piece_to_id("<loc0798>")] and allowed[tok.piece_to_id("<0x3C>")]
+    assert not allowed[tok.piece_to_id("<loc0799>")]
+    c = make_constraint(processor, vocab_size, choices=["q"])
+    assert c.allowed_np()[tok.piece_to_id("<0x71>")]
