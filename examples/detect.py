@@ -15,17 +15,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
-from mlx_paligemma.cli import run_main  # noqa: E402
+from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
 from mlx_paligemma.processor import to_rgb  # noqa: E402
 from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder of a mix (or detection fine-tuned) checkpoint")
-    p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"))
+    p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"),
+                   help="path or URL")
     p.add_argument("--objects", default="cat", help='what to find; several separated by " ; "')
-    p.add_argument("--out", default="detections.png")
+    p.add_argument("--out", default="detections.png", help="the drawing")
     args = p.parse_args()
 
     image = to_rgb(mp.load_image(args.image))

@@ -27,6 +27,7 @@ import mlx_paligemma as mp  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from mlx_paligemma import lora, trainer  # noqa: E402
+from mlx_paligemma.cli import DefaultsHelpFormatter  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "images"
 # What to teach, per image: a house-style caption and a one-word answer.
@@ -65,18 +66,18 @@ def answers(model, processor, data, max_tokens: int) -> list:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder; a quantized MLX folder makes it QLoRA")
     p.add_argument("--out", default="finetune_example", help="folder for the data, adapters and fused model")
-    p.add_argument("--iters", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--fine-tune-type", choices=trainer.FINE_TUNE_TYPES, default="lora")
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--iters", type=int, default=60, help="training steps")
+    p.add_argument("--batch-size", type=int, default=2, help="examples a step")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak rate")
+    p.add_argument("--fine-tune-type", choices=trainer.FINE_TUNE_TYPES, default="lora", help="what trains")
+    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA matrices")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="compute dtype; given, a quantized model stays quantized (by default MLX's CPU backend "
                         "loads everything as float32)")
-    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
     p.add_argument("--max-tokens", type=int, default=24, help="for the answers before and after")
     p.add_argument("--fuse", action="store_true", help="also write the merged model to <out>/fused")
     args = p.parse_args()

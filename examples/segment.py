@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
-from mlx_paligemma.cli import run_main  # noqa: E402
+from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
 from mlx_paligemma.processor import to_rgb  # noqa: E402
 from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
 from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder  # noqa: E402
@@ -25,7 +25,7 @@ from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder  # noqa:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder of a mix (or segmentation fine-tuned) checkpoint")
     p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"),
                    help="path or URL")
