@@ -33,10 +33,10 @@ if _blas_note and _mx.default_device() == _mx.cpu:
     print(f"mlx_paligemma: {_blas_note}", file=sys.stderr)
 
 from .engine import Engine  # noqa: E402
-from .generate import batch_generate, generate, generate_step, stream_generate  # noqa: E402
+from .generate import Generation, batch_generate, generate, generate_step, stream_generate  # noqa: E402
 from .loading import load  # noqa: E402
 from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
 
 __all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor",
-           "InputError", "load_image"]
+           "InputError", "load_image", "Generation"]
 __version__ = "0.1.0"

@@ -11,14 +11,15 @@ import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, Generator, List, Optional, Sequence
+from typing import Callable, Dict, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 
 from . import defaults
 from .cli import ArgumentParser, command, run_main
-from .engine import Engine, Request, check_generation_args
+from .beams import BeamSequence
+from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, load_image
 
@@ -33,6 +34,21 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" (eos, a stop string) or "length" on the last response
+    logprob: Optional[float] = None  # the token's log-probability (see sampling.py); None for a beam search
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability) alternatives, with logprobs=k
+    sequences: Optional[List[BeamSequence]] = None  # beam search (one response): the best num_return_sequences
+
+
+@dataclass
+class Generation:
+    """What generate and batch_generate return when asked for log-probabilities (logprobs=k)."""
+
+    text: str
+    tokens: List[int]
+    logprobs: List[float]  # of each token; a beam search gives its tokens and no per-token values
+    top_logprobs: List[List[Tuple[int, float]]]  # k alternatives a token, most likely first
+    finish_reason: Optional[str]
+    sequences: Optional[List[BeamSequence]] = None
 
 
 def generate_step(
@@ -82,9 +98,14 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
     More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop) as for
-    batch_generate. mlx-vlm's order, `(model, processor, prompt, image=...)`, is read as such."""
+    batch_generate. Each response carries its token's log-probability, and with `logprobs=k` the k most likely
+    alternatives. A beam search (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as
+    transformers') yields one response when it ends, with its best sequences. mlx-vlm's order,
+    `(model, processor, prompt, image=...)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
     check_keywords(stream_generate, settings)
+    if settings.get("logprobs") is None:
+        settings.pop("logprobs", None)
     engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits)
     engine.submit(images, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   **settings)
@@ -103,25 +124,43 @@ def stream_generate(
                     text=out.text, token=out.token, prompt_tokens=out.prompt_tokens, prompt_tps=prompt_tps,
                     generation_tokens=out.generation_tokens, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
                     peak_memory=mx.get_peak_memory() / 1e9, finish_reason=out.finish_reason,
+                    logprob=out.logprob, top_logprobs=out.top_logprobs, sequences=out.sequences,
                 )
 
 
 def generate(model, processor, images=None, prompt: str = "", max_tokens: int = defaults.MAX_TOKENS,
              temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, top_k: int = defaults.TOP_K,
-             kv_bits: Optional[int] = None, verbose: bool = False, **settings) -> str:
-    """The answer to one prompt about one or more images, as a string. mlx-vlm's order,
-    `generate(model, processor, "caption en", image=img)`, is read as such."""
+             kv_bits: Optional[int] = None, verbose: bool = False, **settings) -> Union[str, List[str], Generation]:
+    """The answer to one prompt about one or more images, as a string; with num_return_sequences > 1 (beam
+    search) the best answers, best first; with `logprobs=k` (0 for the tokens' own only) a Generation holding
+    the tokens and their log-probabilities. mlx-vlm's order, `generate(model, processor, "caption en",
+    image=img)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
     check_keywords(generate, settings)
-    text, last = "", None
-    for last in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits,
-                                **settings):
-        text += last.text
+    responses = []
+    for r in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits,
+                             **settings):
+        responses.append(r)
         if verbose:
-            print(last.text, end="", flush=True)
-    if verbose and last is not None:
+            print(r.text, end="", flush=True)
+    if verbose and responses:
         print()
-        print_stats(last)
+        print_stats(responses[-1])
+    return answer(responses, settings.get("logprobs"), settings.get("num_return_sequences", 1))
+
+
+def answer(responses: Sequence, logprobs: Optional[int], num_return_sequences: int):
+    """One request's responses (GenerationResponse or the engine's Output) as generate returns them."""
+    text = "".join(r.text for r in responses)
+    last = responses[-1] if responses else None
+    if logprobs is not None:
+        beam = last is not None and last.sequences is not None
+        return Generation(text, list(last.sequences[0].tokens) if beam else [r.token for r in responses],
+                          [] if beam else [r.logprob for r in responses],
+                          [] if beam or not logprobs else [r.top_logprobs for r in responses],
+                          last.finish_reason if last else None, last.sequences if beam else None)
+    if num_return_sequences > 1:
+        return [s.text for s in last.sequences]
     return text
 
 
@@ -132,13 +171,17 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     """Answers to many prompts, in input order. `images[i]` is what generate takes for prompts[i] (an image, a
     path or URL, or a list of them). Up to `batch_size` rows share each decode step; finished rows make room for
     waiting prompts at once. Every other keyword (top_p, top_k, min_p, repetition_penalty, logit_bias, seed,
-    stop) applies to each prompt. Images are read as their rows are about to join, so a long list streams
-    through in bounded memory; a bad image or prompt raises InputError naming its index."""
+    stop, logprobs, num_beams, ...) applies to each prompt, and each answer is what generate returns for those
+    settings. Images are read as their rows are about to join, so a long list streams through in bounded
+    memory; a bad image or prompt raises InputError naming its index."""
     check_keywords(batch_generate, settings)
+    logprobs = settings.pop("logprobs", None)
+    if logprobs is not None:
+        settings["logprobs"] = logprobs
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
-    answers: Dict[int, List[str]] = {}
+    answers: Dict[int, List[Output]] = {}
     index: Dict[int, int] = {}
     items = enumerate(zip(images, prompts))
     tic, tokens = time.perf_counter(), 0
@@ -155,18 +198,18 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
             if not engine.has_work:
                 break
             for out in engine.step():
-                answers[index[out.uid]].append(out.text)
+                answers[index[out.uid]].append(out)
                 tokens += 1
     if verbose:
         elapsed = time.perf_counter() - tic
         print(f"{len(prompts)} prompts, {tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s, "
               f"peak memory {mx.get_peak_memory() / 1e9:.3f} GB", file=sys.stderr)
-    return ["".join(answers[i]) for i in range(len(prompts))]
+    return [answer(answers[i], logprobs, settings.get("num_return_sequences", 1)) for i in range(len(prompts))]
 
 
 # What **settings may hold: the engine's per-request settings (Request's fields, less those given as ids/arrays).
 SETTINGS = sorted({f.name for f in fields(Request)}
-                  - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos", "sampler"})
+                  - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos", "sampler", "forced"})
 
 
 def check_keywords(function, settings: dict) -> None:

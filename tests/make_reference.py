@@ -65,6 +65,26 @@ CASES = [
          suffix=["a cat", "a cup of coffee on a saucer"]),
 ]
 
+# Beam searches on the generation cases. `eos_at`: the search ends on the greedy answer's token at that position
+# instead of <eos> (which a random model hardly ever says), so hypotheses finish at several lengths and the length
+# penalty and the stopping rules decide.
+BEAMS = [
+    dict(case="single", num_beams=2),
+    dict(case="single", num_beams=3, eos_at=1, length_penalty=0.0),
+    dict(case="single", num_beams=3, eos_at=2, num_return_sequences=3),
+    dict(case="two_images", num_beams=3, eos_at=1, length_penalty=0.5, num_return_sequences=2),
+    dict(case="two_images", num_beams=5, eos_at=3, early_stopping=True, num_return_sequences=5),
+    dict(case="gray", num_beams=4, eos_at=2, length_penalty=2.0, early_stopping="never", num_return_sequences=2),
+    dict(case="odd", num_beams=3, eos_at=1, length_penalty=-1.0),
+    dict(case="batch", num_beams=3, eos_at=1, num_return_sequences=2),
+]
+TOP_LOGPROBS = 5
+# Candidate answers scored given a case's image(s) and prompt: each candidate is the case's prompt with it as suffix.
+SCORES = [
+    dict(case="single", candidates=["a cat", "a cup of coffee on a saucer", "two cats on a sofa", "cat"]),
+    dict(case="two_images", candidates=["first", "second"]),
+]
+
 
 def corpus() -> list[str]:
     """A few hundred lines of PaliGemma-style prompts and answers, from templates so the script stays short."""
@@ -329,11 +349,53 @@ def reference_outputs(model, processor, images: Path) -> dict:
             # generate's prefill saw the same positions and masks as our forward pass:
             torch.testing.assert_close(gen.logits[0], out.logits[:, -1], rtol=1e-5, atol=1e-5)
             arrays[f"{name}/generated"] = gen.sequences[:, mask.shape[1]:].numpy().astype(np.int32)
+            # Each generated token's log-probability, and the most likely alternatives, from the same logits.
+            logprobs = torch.log_softmax(torch.stack(gen.logits, 1).float(), -1)
+            top = logprobs.topk(TOP_LOGPROBS, dim=-1)
+            chosen = logprobs.gather(-1, gen.sequences[:, mask.shape[1]:, None])[..., 0]
+            arrays[f"{name}/token_logprobs"] = chosen.numpy()
+            arrays[f"{name}/top_logprobs"] = top.values.numpy()
+            arrays[f"{name}/top_ids"] = top.indices.numpy().astype(np.int32)
         if name == "single":
             arrays[f"{name}/image_features"] = model.get_image_features(inputs["pixel_values"]).pooler_output.numpy()
         generated = arrays[f"{name}/generated"].tolist() if "suffix" not in case else "-"
         print(f"[reference]   {name}: input_ids {tuple(mask.shape)}, generated {generated}", flush=True)
     return arrays
+
+
+@torch.no_grad()
+def beam_outputs(model, processor, images: Path, arrays: dict) -> dict:
+    """transformers' beam search (generate(num_beams=...)) on the generation cases: sequences (generated part, rows
+    ended early filled with the eos id, as generate fills them) and sequences_scores."""
+    out = {}
+    cases = {c["name"]: c for c in CASES}
+    for i, beam in enumerate(BEAMS):
+        inputs = prepare(processor, cases[beam["case"]], images)
+        eos = (int(arrays[f"{beam['case']}/generated"][0, beam["eos_at"]]) if "eos_at" in beam
+               else processor.tokenizer.eos_token_id)
+        settings = {k: v for k, v in beam.items() if k not in ("case", "eos_at")}
+        gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=eos,
+                             return_dict_in_generate=True, output_scores=True, **settings)
+        out[f"beam{i}/sequences"] = gen.sequences[:, inputs["input_ids"].shape[1]:].numpy().astype(np.int32)
+        out[f"beam{i}/scores"] = gen.sequences_scores.numpy()
+        out[f"beam{i}/eos"] = np.array(eos, np.int32)
+        print(f"[reference]   beam{i} {beam}: {out[f'beam{i}/sequences'].tolist()}", flush=True)
+    for i, item in enumerate(SCORES):
+        case = cases[item["case"]]
+        rows, labels = [], []
+        for candidate in item["candidates"]:
+            inputs = prepare(processor, dict(case, suffix=[candidate]), images)
+            logprobs = torch.log_softmax(model(**inputs).logits.float(), -1)[0, :-1]
+            target = inputs["labels"][0, 1:]
+            keep = target != -100  # the suffix and its <eos>
+            rows.append(logprobs[keep].gather(-1, target[keep][:, None])[:, 0].numpy())
+            labels.append(target[keep].numpy())
+        width = max(len(r) for r in rows)
+        out[f"score{i}/token_logprobs"] = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
+        out[f"score{i}/labels"] = np.stack([np.pad(t, (0, width - len(t)), constant_values=-1) for t in labels]
+                                           ).astype(np.int32)
+        print(f"[reference]   score{i}: {[float(r.sum()) for r in rows]}", flush=True)
+    return out
 
 
 def save_npz(path: Path, arrays: dict, compression: int = zipfile.ZIP_DEFLATED) -> None:
@@ -388,11 +450,14 @@ def main():
             print("[big_vision] not checked: give --hf-converters DIR to run transformers' converter on it", flush=True)
         save_npz(out / "big_vision" / f"{name}.npz", arrays, zipfile.ZIP_STORED)  # big_vision saves uncompressed
         arrays = reference_outputs(model, processor, out / "images")
+        arrays.update(beam_outputs(model, processor, out / "images", arrays))
         save_npz(out / "reference" / f"{name}.npz", arrays)
         check_reload(out / name, processor, arrays, out / "images")
     cases = [dict(case, suffix=case.get("suffix"), max_new_tokens=None if "suffix" in case else MAX_NEW_TOKENS,
                   arrays=sorted(k.split("/")[1] for k in arrays if k.startswith(case["name"] + "/")))
              for case in CASES]
+    beams = [dict(beam, arrays=f"beam{i}/sequences, beam{i}/scores, beam{i}/eos") for i, beam in enumerate(BEAMS)]
+    scores = [dict(item, arrays=f"score{i}/token_logprobs, score{i}/labels") for i, item in enumerate(SCORES)]
     notes = {
         "pixel_values": "N,H,W,3 float32 (channels last), N = all images of the batch in order",
         "positions": "forward passes used position_ids = (cumsum(attention_mask)-1).masked_fill(mask==0, 0) + 1, "
@@ -400,9 +465,17 @@ def main():
         "generated": "greedy new tokens only (B, T), T <= max_new_tokens: generate stops once every row has "
                      "produced eos, and a row that ended earlier gets pad_token_id (0) after its eos",
         "image_features": "single/image_features: get_image_features(pixel_values).pooler_output, after the projector",
+        "token_logprobs": "log_softmax (float32) of generate's output_logits at each generated token; top_logprobs, "
+                          f"top_ids: the {TOP_LOGPROBS} most likely ids of each step and their log-probabilities",
+        "beams": "generate(num_beams=..., max_new_tokens=12, do_sample=False, eos_token_id=eos, ...): sequences are "
+                 "the generated part (R = num_return_sequences per prompt, rows filled with eos after theirs end), "
+                 "scores its sequences_scores; eos is the greedy token at eos_at (or <eos>)",
+        "scores": "per candidate (the case's prompt with the candidate as suffix), log_softmax of the forward "
+                  "logits at each label position (the suffix tokens and <eos>), padded with 0 / -1",
     }
     (out / "reference" / "cases.json").write_text(json.dumps(dict(
-        transformers=transformers.__version__, torch=torch.__version__, notes=notes, cases=cases), indent=2) + "\n")
+        transformers=transformers.__version__, torch=torch.__version__, notes=notes, cases=cases, beams=beams,
+        scores=scores), indent=2) + "\n")
     print(f"[done] wrote {out}")
 
 
