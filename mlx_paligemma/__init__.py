@@ -36,7 +36,8 @@ from .engine import Engine  # noqa: E402
 from .generate import Generation, batch_generate, generate, generate_step, stream_generate  # noqa: E402
 from .loading import load  # noqa: E402
 from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
+from .scoring import score  # noqa: E402
 
 __all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor",
-           "InputError", "load_image", "Generation"]
+           "InputError", "load_image", "Generation", "score"]
 __version__ = "0.1.0"

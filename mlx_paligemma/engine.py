@@ -226,6 +226,9 @@ class Engine:
         vocab = self.model.config.text_config.vocab_size
         if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
             raise InputError(f"forced tokens must be token ids in [0, {vocab})")
+        if request.forced and max(map(len, request.forced)) > self.context - len(request.prompt_ids):
+            raise InputError(f"a continuation of {max(map(len, request.forced))} tokens after a prompt of "
+                             f"{len(request.prompt_ids)} runs past the model's context of {self.context}")
         if request.num_beams > 1:
             group = BeamGroup(request.num_beams, request.length_penalty, request.early_stopping, self.eos_id,
                               self._limit(request))
