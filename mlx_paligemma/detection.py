@@ -2,11 +2,15 @@
 
 An answer lists objects separated by " ; ", each `<locA><locB><locC><locD>` (y_min, x_min, y_max, x_max as bins
 0..1023 of the image's height and width), for `segment` followed by 16 `<segNNN>` mask codes, then the label.
+
+An object's `score`, when the answer's tokens come with their log-probabilities, is the mean probability of the
+tokens that make its box (the four location tokens) and its label: how sure the model was of where and of what.
+The mask codes do not count (a box's confidence should not change with whether it was asked for a mask).
 """
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -28,15 +32,29 @@ class DetectedObject:
     box: Tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the original image
     mask: Optional[np.ndarray] = None  # bool, (height, width) of the original image
     codes: Optional[Tuple[int, ...]] = None  # the 16 mask codes of a `segment` answer, to decode with add_masks
+    score: Optional[float] = None  # mean probability of its location and label tokens; None when not known
 
 
-def parse_detections(text: str, image_size: Tuple[int, int],
-                     mask_decoder: Optional[MaskDecoder] = None) -> List[DetectedObject]:
+def token_ends(tokens: Sequence[int], decode: Callable[[List[int]], str]) -> List[int]:
+    """Where each token's text ends in decode(tokens): for telling which tokens make which object."""
+    return [len(decode(list(tokens[: i + 1]))) for i in range(len(tokens))]
+
+
+def _mean_probability(spans: Sequence[Tuple[int, int]], ends: Sequence[int], logprobs: Sequence[float]) -> float:
+    starts = [0] + list(ends[:-1])
+    chosen = [lp for a, b, lp in zip(starts, ends, logprobs) if b > a and any(a < hi and b > lo for lo, hi in spans)]
+    return float(np.mean(np.exp(chosen))) if chosen else 0.0
+
+
+def parse_detections(text: str, image_size: Tuple[int, int], mask_decoder: Optional[MaskDecoder] = None,
+                     ends: Optional[Sequence[int]] = None,
+                     logprobs: Optional[Sequence[float]] = None) -> List[DetectedObject]:
     """The objects in a detect/segment answer about an image of `image_size` = (width, height).
 
     Boxes are clamped to the image. Pieces that do not make an object are skipped: a box cut short, a mask with other
     than 16 codes or a code above 127, a box of no area, a missing label. With a mask decoder, masks are decoded;
-    without one, each segmented object keeps its codes for add_masks.
+    without one, each segmented object keeps its codes for add_masks. With the answer's token_ends and the
+    tokens' log-probabilities, each object gets its score.
     """
     width, height = image_size
     objects = []
@@ -47,7 +65,11 @@ def parse_detections(text: str, image_size: Tuple[int, int],
         label = m.group(6).strip()
         if (codes and (len(codes) != 16 or max(codes) > 127)) or box[2] <= box[0] or box[3] <= box[1] or not label:
             continue
-        objects.append(DetectedObject(label, box, codes=codes or None))
+        score = None
+        if logprobs is not None and ends is not None:
+            start = m.start(6) + len(m.group(6)) - len(m.group(6).lstrip())
+            score = _mean_probability([(m.start(0), m.end(4) + 1), (start, start + len(label))], ends, logprobs)
+        objects.append(DetectedObject(label, box, codes=codes or None, score=score))
     if mask_decoder is not None:
         add_masks(objects, mask_decoder, image_size)
     return objects

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import defaults, metrics
 from .cli import ArgumentParser, command, run_main
-from .detection import parse_detections
+from .detection import parse_detections, token_ends
 from .processor import InputError
 from .data import Example, read_jsonl
 
@@ -59,16 +59,18 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
 
 
 def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
-                     max_tokens: int = defaults.MAX_TOKENS,
-                     progress: Optional[Callable[[str], None]] = None) -> List[str]:
-    """Greedy answers through the batch engine, in slices so that a long run can report its progress."""
+                     max_tokens: int = defaults.MAX_TOKENS, progress: Optional[Callable[[str], None]] = None,
+                     num_beams: int = defaults.NUM_BEAMS, length_penalty: float = defaults.LENGTH_PENALTY) -> list:
+    """Greedy (or beam search) answers through the batch engine, in slices so that a long run can report its
+    progress: Generations, whose tokens' log-probabilities give detected objects their scores."""
     from . import batch_generate
 
     answers, tic, chunk = [], time.perf_counter(), max(8 * batch_size, 64)
     for start in range(0, len(questions), chunk):
         part = questions[start:start + chunk]
         answers += batch_generate(model, processor, images=[q.image for q in part], prompts=[q.prefix for q in part],
-                                  max_tokens=max_tokens, temperature=0.0, batch_size=batch_size)
+                                  max_tokens=max_tokens, temperature=0.0, batch_size=batch_size, logprobs=0,
+                                  num_beams=num_beams, length_penalty=length_penalty)
         if progress is not None:
             progress(f"{len(answers)}/{len(questions)} answers, {len(answers) / (time.perf_counter() - tic):.2f}/s")
     return answers
@@ -81,8 +83,10 @@ def image_size(image) -> Tuple[int, int]:
         return opened.size
 
 
-def score(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None) -> dict:
-    """The task's metrics for these answers. Segmentation without a mask decoder gets its box metrics and a note."""
+def score(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None,
+          token_scores: Optional[Sequence[tuple]] = None) -> dict:
+    """The task's metrics for these answers. Segmentation without a mask decoder gets its box metrics and a note.
+    token_scores: per answer (token_ends, logprobs), which rank detected boxes by their score."""
     refs = [q.references for q in questions]
     if task == "caption":
         return {"cider": metrics.cider(predictions, refs), "bleu4": metrics.bleu(predictions, refs)}
@@ -94,7 +98,8 @@ def score(task: str, predictions: Sequence[str], questions: Sequence[Question], 
     if task in ("detect", "segment"):
         decoder = mask_decoder if task == "segment" else None
         sizes = [image_size(q.image) for q in questions]
-        predicted = [parse_detections(p, size, decoder) for p, size in zip(predictions, sizes)]
+        token_scores = token_scores or [(None, None)] * len(predictions)
+        predicted = [parse_detections(p, size, decoder, *t) for p, size, t in zip(predictions, sizes, token_scores)]
         reference = [[o for r in q.references for o in parse_detections(r, size, decoder)]
                      for q, size in zip(questions, sizes)]
         out = metrics.detection_scores(predicted, reference)
@@ -109,19 +114,26 @@ def score(task: str, predictions: Sequence[str], questions: Sequence[Question], 
 
 def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto",
                       batch_size: int = defaults.BATCH_SIZE, max_tokens: int = defaults.MAX_TOKENS, mask_decoder=None,
-                      progress: Optional[Callable[[str], None]] = None) -> Tuple[dict, List[dict]]:
+                      progress: Optional[Callable[[str], None]] = None, num_beams: int = defaults.NUM_BEAMS,
+                      length_penalty: float = defaults.LENGTH_PENALTY) -> Tuple[dict, List[dict]]:
     """Generate for every question and score each task. Returns ({"tasks": {task: {"questions": n, metric:
     value, ...}}, "metric": what "score" is, "score": the primary metric, or the mean of the tasks' primary
     metrics}, one record per question: image, prefix, task, prediction, references)."""
     if task not in TASKS + ("auto",):
         raise InputError(f"unknown task {task!r}: choose from auto, {', '.join(TASKS)}")
     questions = group_questions(examples, task)
-    answers = generate_answers(model, processor, questions, batch_size, max_tokens, progress)
+    generations = generate_answers(model, processor, questions, batch_size, max_tokens, progress, num_beams,
+                                   length_penalty)
+    answers = [g.text for g in generations]
+    # A beam search's answers carry no per-token log-probabilities: their boxes score 1 (answer order).
+    token_scores = [(token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
+                    for g in generations]
     results, primary = {}, {}
     for name in [t for t in TASKS if any(q.task == t for q in questions)]:
         chosen = [i for i, q in enumerate(questions) if q.task == name]
         results[name] = {"questions": len(chosen),
-                         **score(name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder)}
+                         **score(name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder,
+                                 [token_scores[i] for i in chosen] if name in ("detect", "segment") else None)}
         key = PRIMARY[name] if PRIMARY[name] in results[name] else "map"  # segmentation without masks: boxes
         primary[f"{name} {key}"] = results[name][key]
     metric = next(iter(primary)) if len(primary) == 1 else f"mean of {', '.join(primary)}"
@@ -162,6 +174,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
+    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
+                   help="beam search with this many beams (1: greedy); the published transfer settings use 2-3 "
+                        "for captions")
+    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
+                   help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--mask-decoder", metavar="PATH",
                    help="vae-oid.npz or its safetensors copy, for mask IoU (default: the cached copy, if any)")
     return p
@@ -171,7 +188,7 @@ def run(args) -> None:
     from .loading import load
     from .mask_decoder import CACHE_DIR, load_mask_decoder
 
-    for name in ("batch_size", "max_tokens"):
+    for name in ("batch_size", "max_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.data).is_file():
@@ -187,7 +204,8 @@ def run(args) -> None:
     model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
     tic = time.perf_counter()
     results, records = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
-                                         decoder, progress=lambda s: print(s, file=sys.stderr, flush=True))
+                                         decoder, progress=lambda s: print(s, file=sys.stderr, flush=True),
+                                         num_beams=args.num_beams, length_penalty=args.length_penalty)
     results.update(model=args.model, adapter_path=args.adapter_path, data=args.data,
                    seconds=round(time.perf_counter() - tic, 2))
     print(format_table(results))

@@ -229,8 +229,8 @@ def matched_ious(predicted: Sequence[DetectedObject], reference: Sequence[Detect
 
 def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
                      references: Sequence[Sequence[DetectedObject]]) -> Dict[str, float]:
-    """COCO box mAP by pycocotools (every predicted box scored 1: PaliGemma gives no scores, so boxes rank in
-    the order of the answer) over the labels that have reference boxes, and the mean IoU of matched boxes.
+    """COCO box mAP by pycocotools (boxes ranked by their `score`, the mean probability of their tokens; a box
+    without one scores 1) over the labels that have reference boxes, and the mean IoU of matched boxes.
     {"map_50": mAP@0.5, "map": mAP@[.5:.95], "mean_iou": ..., "matched": pairs, "reference_boxes": ...}."""
     try:
         from pycocotools.coco import COCO
@@ -248,7 +248,8 @@ def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
     ground_truth = [{"id": k + 1, "image_id": i + 1, "category_id": category[o.label], "bbox": coco_box(o),
                      "area": (o.box[2] - o.box[0]) * (o.box[3] - o.box[1]), "iscrowd": 0}
                     for k, (i, o) in enumerate((i, o) for i, objects in enumerate(references) for o in objects)]
-    detections = [{"image_id": i + 1, "category_id": category[o.label], "bbox": coco_box(o), "score": 1.0}
+    detections = [{"image_id": i + 1, "category_id": category[o.label], "bbox": coco_box(o),
+                   "score": 1.0 if o.score is None else o.score}
                   for i, objects in enumerate(predictions) for o in objects]
     ious = [iou for p, r in zip(predictions, references) for iou in matched_ious(p, r)]
     out = {"map_50": 0.0, "map": 0.0, "mean_iou": float(np.mean(ious)) if ious else 0.0, "matched": len(ious),

@@ -145,3 +145,48 @@ def test_unknown_task_is_refused(loaded):
     with pytest.raises(InputError, match="unknown task 'captions'"):
         evaluate.evaluate_examples(model, processor, [trainer.Example(str(IMAGES / "chelsea.jpg"), "caption en", "a")],
                                    task="captions")
+
+
+def test_object_score_is_mean_probability_of_box_and_label_tokens():
+    """Each object's score: the mean probability of its four location tokens and its label's tokens; the
+    separator and the other object's tokens do not count."""
+    import numpy as np
+
+    from mlx_paligemma.detection import parse_detections, token_ends
+
+    _, processor = mp.load(str(FIXTURES / "paligemma-tiny"))
+    text = "<loc0064><loc0400><loc0860><loc0900> cat ; <loc0100><loc0200><loc0700><loc0800> cup"
+    tokens = processor.tokenizer.encode(text)
+    logprobs = [-0.1 * (i + 1) for i in range(len(tokens))]
+    ends = token_ends(tokens, processor.tokenizer.decode)
+    cat, cup = parse_detections(text, (100, 100), ends=ends, logprobs=logprobs)
+    pieces = [processor.tokenizer.decode([t]) for t in tokens]
+    first = pieces.index(" ;") if " ;" in pieces else next(i for i, p in enumerate(pieces) if ";" in p)
+    cat_tokens = [i for i in range(first) if pieces[i].strip()]  # 4 locations and the label
+    cup_tokens = [i for i in range(first + 1, len(tokens)) if pieces[i].strip()]
+    assert len(cat_tokens) >= 5 and len(cup_tokens) >= 5
+    assert cat.score == pytest.approx(np.mean(np.exp([logprobs[i] for i in cat_tokens])))
+    assert cup.score == pytest.approx(np.mean(np.exp([logprobs[i] for i in cup_tokens])))
+    assert parse_detections(text, (100, 100))[0].score is None
+
+
+def test_map_ranks_boxes_by_score():
+    """COCO AP with one reference box and two guesses: the right one ranked first gives AP 1, second 0.5."""
+    from mlx_paligemma.detection import DetectedObject
+    from mlx_paligemma.metrics import detection_scores
+
+    truth = [[DetectedObject("cat", (10.0, 10.0, 50.0, 50.0))]]
+    right, wrong = (10.0, 10.0, 50.0, 50.0), (60.0, 60.0, 90.0, 90.0)
+    first = detection_scores([[DetectedObject("cat", wrong, score=0.2), DetectedObject("cat", right, score=0.9)]],
+                             truth)
+    second = detection_scores([[DetectedObject("cat", wrong, score=0.9), DetectedObject("cat", right, score=0.2)]],
+                              truth)
+    assert first["map_50"] == pytest.approx(1.0)
+    assert second["map_50"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_evaluate_help_shows_beam_defaults(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--num-beams" in out and "--length-penalty" in out and "(default: 1)" in out
