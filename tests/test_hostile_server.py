@@ -286,8 +286,7 @@ def stream_events(url, body):
     return events
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0), (signal.SIGINT, 130)],
-                         ids=["SIGINT", "SIGTERM", "SIGINT again"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
 def test_shutdown_with_requests_running_and_waiting(sig, code):
     s = Server(MODEL, "--batch-size", "2", "--queue-size", "4", "--max-tokens-limit", "8000",
                "--shutdown-grace", "1")
