@@ -178,7 +178,7 @@ class Engine:
     decode step for the whole batch (admitting waiting requests first) and returns what each row produced."""
 
     def __init__(self, model: PaliGemma, processor: Optional[PaliGemmaProcessor] = None, batch_size: int = 8,
-                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS):
+                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS, batch_invariant: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.model, self.processor, self.batch_size, self.prefill_tokens = model, processor, batch_size, prefill_tokens
@@ -188,8 +188,13 @@ class Engine:
         self.pad_id = processor.tokenizer.pad_id if processor is not None else 0
         self.features = feature_cache(model)
         self.byte_ids = byte_ids(processor) if processor is not None else frozenset()
+        # batch_invariant: every request in batches of its own (its own prefill, keys and values, decode step and
+        # image features, computed image by image), so its tokens and log-probabilities are bitwise what it gets
+        # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
+        # the reductions' split over padded lengths).
+        self.batch_invariant = batch_invariant
         self.waiting: List[_Row] = []
-        self.batch: Optional[Batch] = None
+        self.batches: List[Batch] = []  # one, or one per request when batch_invariant
         self.next_uid = 0
         self.steps = 0
 
@@ -256,17 +261,22 @@ class Engine:
     def cancel(self, uid: int) -> None:
         """Stop a request; its row leaves the batch at the next step (a client that went away frees its row)."""
         self.waiting = [r for r in self.waiting if r.uid != uid]
-        for r in self.batch.rows if self.batch else []:
+        for r in (r for b in self.batches for r in b.rows):
             if r.uid == uid:
                 r.cancelled = True
 
     @property
+    def batch(self) -> Optional[Batch]:
+        """The running batch (the first of them when batch_invariant), None when no row runs."""
+        return self.batches[0] if self.batches else None
+
+    @property
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.batch is not None
+        return bool(self.waiting) or bool(self.batches)
 
     @property
     def active(self) -> int:
-        return len(self.batch.rows) if self.batch else 0
+        return sum(len(b.rows) for b in self.batches)
 
     @contextmanager
     def running(self):
@@ -287,33 +297,33 @@ class Engine:
         from mlx_lm.generate import generation_stream
 
         with mx.stream(generation_stream):
-            if self.batch is not None:
-                self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled])
-                if not self.batch.rows:
-                    self.batch = None
+            for batch in self.batches:
+                batch.keep([i for i, r in enumerate(batch.rows) if not r.cancelled])
+            self.batches = [b for b in self.batches if b.rows]
             self._admit()
-            if self.batch is None:
+            if not self.batches:
                 return []
-            batch = self.batch
-            pending, rows = batch.picked, batch.rows
-            # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
-            batch.keep([i for i, r in enumerate(rows) if self._room(r) > 1])
-            if batch.rows:
-                batch.picked = self._decode(batch)
-                # computed while this step's tokens are handed out
-                mx.async_eval(batch.picked.tokens, batch.picked.logprobs)
-            else:
-                self.batch = None
-            outputs = self._hand_out_all(rows, pending)
-            if self.batch is not None:
-                done = {id(r) for r, o in zip(rows, outputs) if o is not None and o.finish_reason}
+            started = []
+            for batch in self.batches:
+                pending, rows = batch.picked, batch.rows
+                # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
+                batch.keep([i for i, r in enumerate(rows) if self._room(r) > 1])
+                if batch.rows:
+                    batch.picked = self._decode(batch)
+                    # computed while this step's tokens are handed out
+                    mx.async_eval(batch.picked.tokens, batch.picked.logprobs)
+                started.append((batch, rows, pending))
+            outputs = []
+            for batch, rows, pending in started:
+                handed = self._hand_out_all(rows, pending)
+                done = {id(r) for r, o in zip(rows, handed) if o is not None and o.finish_reason}
                 batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in done])
-                if not batch.rows:
-                    self.batch = None
+                outputs += [o for o in handed if o is not None]
+            self.batches = [b for b in self.batches if b.rows]
             self.steps += 1
-            if self.batch is None or self.steps % CLEAR_CACHE_EVERY == 0:
+            if not self.batches or self.steps % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
-        return [o for o in outputs if o is not None]
+        return outputs
 
     def _admit(self) -> None:
         room = self.batch_size - self.active
@@ -326,19 +336,20 @@ class Engine:
         for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.request)):
             group = list(group)
             tokens += len(group[0].request.prompt_ids)
-            alone = not rows and self.batch is None
+            alone = not rows and not self.batches
             if rows and tokens > self.prefill_tokens or len(rows) + len(group) > room and not alone:
                 break
             rows += group
         if not rows:
             return
         self.waiting = self.waiting[len(rows):]
-        new = self._prefill(rows)
-        mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
-        if self.batch is None:
-            self.batch = new
+        if self.batch_invariant:
+            self.batches += [self._prefill(list(g)) for _, g in itertools.groupby(rows, key=lambda r: id(r.request))]
+        elif self.batches:
+            self.batches[0].extend(self._prefill(rows))
         else:
-            self.batch.extend(new)
+            self.batches = [self._prefill(rows)]
+        mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
 
     def _prefill(self, rows: List[_Row]) -> Batch:
         # One prefill per request: the rows of a beam search or of forced continuations get copies of it.
@@ -375,7 +386,7 @@ class Engine:
 
     def _features(self, rows: List[_Row]) -> Optional[mx.array]:
         pixels = [p for r in rows if r.request.pixel_values is not None for p in r.request.pixel_values]
-        computed = iter(self.features.features(self.model, pixels) if pixels else [])
+        computed = iter(self.features.features(self.model, pixels, alone=self.batch_invariant) if pixels else [])
         features = []
         for r in rows:
             if r.request.image_features is not None:

@@ -21,7 +21,9 @@ class FeatureCache:
         self.version: Optional[tuple] = None
         self.images_encoded = 0  # vision tower runs, per image, for tests and statistics
 
-    def features(self, model: PaliGemma, pixel_values: List[np.ndarray]) -> List[mx.array]:
+    def features(self, model: PaliGemma, pixel_values: List[np.ndarray], alone: bool = False) -> List[mx.array]:
+        """Features of each image. `alone`: each image through the tower by itself (batch-invariant rows), kept
+        apart from features computed in batches, whose rounding follows the batch."""
         from mlx.utils import tree_flatten
 
         weights = (model.vision_tower.parameters(), model.multi_modal_projector.parameters())
@@ -29,11 +31,15 @@ class FeatureCache:
         if version != self.version:
             self.entries.clear()
             self.version = version
-        keys = [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() for p in pixel_values]
+        keys = [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() + (b"1" if alone else b"")
+                for p in pixel_values]
         missing = list(dict.fromkeys(k for k in keys if k not in self.entries))
         if missing:
             first = {k: p for k, p in zip(keys, pixel_values)}
-            features = model.encode_images(mx.array(np.stack([first[k] for k in missing])))
+            if alone:
+                features = [model.encode_images(mx.array(first[k][None]))[0] for k in missing]
+            else:
+                features = model.encode_images(mx.array(np.stack([first[k] for k in missing])))
             self.images_encoded += len(missing)
             for k, f in zip(missing, features):
                 self.entries[k] = f

@@ -94,6 +94,7 @@ def stream_generate(
     top_p: float = defaults.TOP_P,
     top_k: int = defaults.TOP_K,
     kv_bits: Optional[int] = None,
+    batch_invariant: bool = False,
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
@@ -106,7 +107,7 @@ def stream_generate(
     check_keywords(stream_generate, settings)
     if settings.get("logprobs") is None:
         settings.pop("logprobs", None)
-    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits)
+    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=batch_invariant)
     engine.submit(images, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                   **settings)
     mx.reset_peak_memory()
@@ -130,7 +131,8 @@ def stream_generate(
 
 def generate(model, processor, images=None, prompt: str = "", max_tokens: int = defaults.MAX_TOKENS,
              temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, top_k: int = defaults.TOP_K,
-             kv_bits: Optional[int] = None, verbose: bool = False, **settings) -> Union[str, List[str], Generation]:
+             kv_bits: Optional[int] = None, verbose: bool = False, batch_invariant: bool = False,
+             **settings) -> Union[str, List[str], Generation]:
     """The answer to one prompt about one or more images, as a string; with num_return_sequences > 1 (beam
     search) the best answers, best first; with `logprobs=k` (0 for the tokens' own only) a Generation holding
     the tokens and their log-probabilities. mlx-vlm's order, `generate(model, processor, "caption en",
@@ -139,7 +141,7 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     check_keywords(generate, settings)
     responses = []
     for r in stream_generate(model, processor, images, prompt, max_tokens, temperature, top_p, top_k, kv_bits,
-                             **settings):
+                             batch_invariant, **settings):
         responses.append(r)
         if verbose:
             print(r.text, end="", flush=True)
@@ -167,12 +169,13 @@ def answer(responses: Sequence, logprobs: Optional[int], num_return_sequences: i
 def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
                    max_tokens: int = defaults.MAX_TOKENS, temperature: float = defaults.TEMPERATURE,
                    batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
-                   verbose: bool = False, **settings) -> List[str]:
+                   verbose: bool = False, batch_invariant: bool = False, **settings) -> list:
     """Answers to many prompts, in input order. `images[i]` is what generate takes for prompts[i] (an image, a
     path or URL, or a list of them). Up to `batch_size` rows share each decode step; finished rows make room for
     waiting prompts at once. Every other keyword (top_p, top_k, min_p, repetition_penalty, logit_bias, seed,
     stop, logprobs, num_beams, ...) applies to each prompt, and each answer is what generate returns for those
-    settings. Images are read as their rows are about to join, so a long list streams through in bounded
+    settings. batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost
+    of decoding requests side by side rather than together. Images are read as their rows are about to join, so a long list streams through in bounded
     memory; a bad image or prompt raises InputError naming its index."""
     check_keywords(batch_generate, settings)
     logprobs = settings.pop("logprobs", None)
@@ -180,7 +183,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
         settings["logprobs"] = logprobs
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
-    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
+    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=batch_invariant)
     answers: Dict[int, List[Output]] = {}
     index: Dict[int, int] = {}
     items = enumerate(zip(images, prompts))
@@ -266,6 +269,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache, for long "
                    "prompts (default: off)")
+    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search (1: off), as "
+                   "transformers' generate(num_beams=...)")
+    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
+                   help="beam search: a finished answer scores its log-probability / length ** this")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-probability "
+                   "and its K likeliest alternatives (with --json: in the object) (default: off)")
+    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: the answer is "
+                   "bitwise the same whatever batch it would share")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
     p.add_argument("--json", action="store_true", help='print one JSON object: {"answer": ...}, with "objects" '
                    "(boxes, masks) for detect/segment prompts")
@@ -273,6 +284,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")
     return p
+
+
+def report_logprobs(responses: Sequence[GenerationResponse], processor, args) -> None:
+    """--logprobs: a line a token (id, piece, log-probability, alternatives) on stderr, or with --json the same
+    as one JSON object on stdout before the answer's."""
+    decode = processor.tokenizer.decode
+    rows = [{"token": r.token, "text": decode([r.token]), "logprob": r.logprob,
+             "top_logprobs": [{"token": t, "text": decode([t]), "logprob": v} for t, v in r.top_logprobs or []]}
+            for r in responses if r.sequences is None]
+    if args.json:
+        print(json.dumps({"logprobs": rows}))
+        return
+    for row in rows:
+        alternatives = "  ".join(f"{a['text']!r} {a['logprob']:.4f}" for a in row["top_logprobs"])
+        print(f"{row['token']:>7} {row['text']!r:<16} {row['logprob']:.4f}  {alternatives}", file=sys.stderr)
 
 
 def report_objects(text: str, image, args) -> None:
@@ -324,8 +350,9 @@ def run(args) -> int:
 
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                    repetition_context_size=args.repetition_context_size, seed=args.seed)
-    check_generation_args(**settings)
+                    repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
+                    length_penalty=args.length_penalty)
+    check_generation_args(**settings, logprobs=args.logprobs or 0)
     if args.draw:
         check_output_image(args.draw, args.image)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
@@ -334,13 +361,17 @@ def run(args) -> int:
         raise InputError(f"--adapter-path {args.adapter_path}: no such folder")
     images = [load_image(source) for source in args.image]
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
-    last, text = None, ""
-    for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, **settings):
+    last, text, tokens = None, "", []
+    for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits,
+                                batch_invariant=args.deterministic, logprobs=args.logprobs, **settings):
         text += last.text
+        tokens.append(last)
         if not args.json:  # with --json, stdout is the JSON alone
             print(last.text, end="", flush=True)
     if not args.json:
         print()
+    if args.logprobs is not None:
+        report_logprobs(tokens, processor, args)
     if args.json or args.draw:
         report_objects(text, images[0], args)
     if args.verbose and last is not None:

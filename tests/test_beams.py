@@ -51,7 +51,7 @@ def test_beams_match_transformers(loaded, reference, cases, i):
     count = beam.get("num_return_sequences", 1)
     ours = np.concatenate([padded(r.sequences, expected.shape[1], eos) for r in results])
     np.testing.assert_array_equal(ours, expected)
-    np.testing.assert_allclose([s.score for r in results for s in r.sequences], scores, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose([s.score for r in results for s in r.sequences], scores, atol=5e-5, rtol=0)
     assert all(len(r.sequences) == count for r in results)
 
 

@@ -16,9 +16,9 @@ def check(gen, reference, name, row):
     expected_tokens = reference[f"{name}/generated"][row].tolist()
     assert gen.tokens == expected_tokens[: len(gen.tokens)]
     n = len(gen.tokens)
-    np.testing.assert_allclose(gen.logprobs, reference[f"{name}/token_logprobs"][row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gen.logprobs, reference[f"{name}/token_logprobs"][row, :n], atol=1e-4, rtol=0)
     ours_values = np.array([[v for _, v in top] for top in gen.top_logprobs])
-    np.testing.assert_allclose(ours_values, reference[f"{name}/top_logprobs"][row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours_values, reference[f"{name}/top_logprobs"][row, :n], atol=1e-4, rtol=0)
     assert [[i for i, _ in top] for top in gen.top_logprobs] == reference[f"{name}/top_ids"][row, :n].tolist()
 
 
@@ -42,7 +42,7 @@ def test_batch_logprobs_match_transformers_and_stream(loaded, reference, cases):
     streamed = list(mp.stream_generate(model, processor, images_of(case)[0], case["text"][0], max_tokens=12,
                                        logprobs=2))
     assert [r.token for r in streamed] == gens[0].tokens
-    np.testing.assert_allclose([r.logprob for r in streamed], gens[0].logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose([r.logprob for r in streamed], gens[0].logprobs, atol=1e-4, rtol=0)
     assert [[i for i, _ in r.top_logprobs] for r in streamed] == [[i for i, _ in t[:2]] for t in gens[0].top_logprobs]
 
 
