@@ -295,7 +295,7 @@ class Progress:
         if self.tty:
             filled = round(20 * self.done / max(self.total, 1))
             bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
-        text = (f"{self.label}{bar}{self.done}/{self.total} items, {items_s:.3g} items/s, {tokens_s:.3g} tokens/s, "
+        text = (f"{self.label}{bar}{self.done}/{self.total} items, {items_s:.2f} items/s, {tokens_s:.1f} tokens/s, "
                 f"{'?' if left is None else clock(left)} left")
         print(("\r" + text + "\033[K" + end) if self.tty else text, file=sys.stderr, flush=True)
 
@@ -304,7 +304,7 @@ class Progress:
             self.show(end="\n")
         elapsed, items_s, tokens_s = self.rates()
         print(f"{self.label}{self.items} items ({self.items - self.errors} answers, {self.errors} errors) in "
-              f"{clock(elapsed)}: {items_s:.3g} items/s, {tokens_s:.3g} tokens/s", file=sys.stderr, flush=True)
+              f"{clock(elapsed)}: {items_s:.2f} items/s, {tokens_s:.1f} tokens/s", file=sys.stderr, flush=True)
 
 
 def clock(seconds: float) -> str:
