@@ -6,11 +6,16 @@ and values then join the running batch's buffers, every row right-aligned, and f
 one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the context) or are
 cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
 
+A beam search is num_beams rows and a scoring request one row per candidate (tokens fed, not chosen): rows of the
+same batch that share one prefill of their prompt. Every token comes with its log-probability. Below the engine:
+sampling.py (samplers, log-probabilities), beams.py (transformers' beam bookkeeping), kv_buffers.py (the KV
+buffers and the compiled step), detokenizer.py, features.py (the image-feature cache).
+
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
     with engine.running():
         while engine.has_work:
-            for out in engine.step():   # Output(uid, token, text, finish_reason, ...)
+            for out in engine.step():   # Output(uid, token, text, finish_reason, logprob, ...)
                 ...
 """
 
