@@ -118,7 +118,10 @@ class RMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # As transformers: normalised and scaled by (1 + w) in float32, rounded once to x's dtype. In bfloat16,
         # 1 + w would drop w's low bits, and MLX's kernel rounds the normalised x before scaling.
-        return mx.fast.rms_norm(x, 1.0 + self.weight.astype(mx.float32), self.eps).astype(x.dtype)
+        return self.float32(x).astype(x.dtype)
+
+    def float32(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, 1.0 + self.weight.astype(mx.float32), self.eps)
 
 
 class Attention(nn.Module):
@@ -209,8 +212,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, positions, mask, cache):
         r = self.self_attn(self.input_layernorm(x), positions, mask, cache)
         if self.is_gemma2:
-            h = x + self.post_attention_layernorm(r)
-            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+            # The post-norms' float32 outputs join the residual stream before the one rounding (transformers
+            # rounds the norm's output, then the sum): as many kernels, one rounding fewer per norm.
+            h = (x + self.post_attention_layernorm.float32(r)).astype(x.dtype)
+            m = self.mlp(self.pre_feedforward_layernorm(h))
+            return (h + self.post_feedforward_layernorm.float32(m)).astype(x.dtype)
         h = x + r
         return h + self.mlp(self.post_attention_layernorm(h))
 
