@@ -153,7 +153,7 @@ def test_wrongly_typed_fields_leave_no_job_running(server):
     """40 at once of each (issue 19: `stream_options: 5` was a 500 with its job still running)."""
     bad = [good(stream=True, stream_options=5), good(stream=True, stream_options={"include_usage": "yes"}),
            good(stream=1), good(temperature="hot"), good(seed=1.5), good(top_k=[1]), good(logit_bias=[1]),
-           good(max_tokens=None, max_completion_tokens="9"), good(objects=1), good(n=2)]
+           good(max_tokens=None, max_completion_tokens="9"), good(objects=1), good(n="2")]
     before = server.health()
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda b: post(server, b), bad * 4))

@@ -42,8 +42,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--batch-size", type=positive(int), default=defaults.BATCH_SIZE, help="rows sharing each decode step")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant decoding: every answer's tokens and log-probabilities bitwise those of the "
+                        "request run alone, whatever shares the steps (each request decodes in a batch of its own)")
     p.add_argument("--queue-size", type=int, default=32,
-                   help="requests that may wait beyond the running rows; more get 503")
+                   help="rows that may wait beyond the running ones (a request takes n rows, or num_beams for a beam "
+                        "search); more get 503")
     p.add_argument("--api-key", default=os.environ.get("MLX_PALIGEMMA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MLX_PALIGEMMA_API_KEY, else none)")
     p.add_argument("--max-tokens-limit", type=positive(int), default=d.max_tokens,
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
                     max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,
                     fetch_timeout=args.fetch_timeout, allow_private_urls=args.allow_private_urls,
                     local_files=local_files, image_size=processor.image_size)
-    worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder)
+    worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder, args.deterministic)
     worker.start()
     app = make_app(worker, args.served_model_name or args.model, limits, args.api_key, args.max_body_bytes)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

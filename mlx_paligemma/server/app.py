@@ -145,7 +145,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
             first = await handle.events.get()  # accepted, or refused by the processor (e.g. too many images)
             if first.kind == "error":
                 raise ApiError(first.status, first.message, type="invalid_request_error" if first.status < 500
-                               else "server_error")
+                               else "server_error", param=first.param)
         except BaseException:
             worker.cancel(handle)
             raise
@@ -179,7 +179,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
 
 
 class Reply:
-    """OpenAI's chat.completion and chat.completion.chunk shapes around one request's events."""
+    """OpenAI's chat.completion and chat.completion.chunk shapes around one request's events: n choices, each
+    with its index, its finish reason and, when asked, its tokens' logprobs."""
 
     def __init__(self, handle: Handle, model_id: str):
         self.handle, self.model_id = handle, model_id
@@ -189,20 +190,33 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
 
     @staticmethod
-    def _usage(event: Event) -> dict:
-        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                "total_tokens": event.prompt_tokens + event.completion_tokens}
+    def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
-    def _chunk(self, delta: dict, finish_reason: Optional[str] = None) -> dict:
+    def _logprobs(self, entries: list) -> Optional[dict]:
+        return {"content": entries, "refusal": None} if self.handle.job.logprobs else None
+
+    def _chunk(self, index: int, delta: dict, finish_reason: Optional[str] = None, logprobs=None) -> dict:
         return {**self._head("chat.completion.chunk"),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    def _objects(self, out: dict, choice: dict, objects) -> None:
+        """Each choice carries its objects; with one choice they are also at the top, where they were first."""
+        if self.handle.job.objects:
+            choice["objects"] = objects
+            if self.handle.job.n == 1:
+                out["objects"] = objects
 
     @staticmethod
     def _sse(data) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
     async def events(self, include_usage: bool):
-        yield self._sse(self._chunk({"role": "assistant", "content": ""}))
+        n = self.handle.job.n
+        for i in range(n):
+            yield self._sse(self._chunk(i, {"role": "assistant", "content": ""}))
+        left, prompt_tokens, completion_tokens = n, 0, 0
         while True:
             try:
                 event = await asyncio.wait_for(self.handle.events.get(), KEEPALIVE_S)
@@ -212,22 +226,27 @@ class Reply:
             if event.kind == "error":  # the headers are sent: the error goes in the stream, as OpenAI does
                 yield self._sse(ApiError(event.status, event.message, type="server_error").body())
                 return
-            if event.text:
-                yield self._sse(self._chunk({"content": event.text}))
+            if event.text or event.logprobs:
+                yield self._sse(self._chunk(event.index, {"content": event.text},
+                                            logprobs=self._logprobs(event.logprobs or [])))
             if event.finish_reason:
-                last = self._chunk({}, event.finish_reason)
-                if self.handle.job.objects:
-                    last["objects"] = event.objects
+                last = self._chunk(event.index, {}, event.finish_reason)
+                self._objects(last, last["choices"][0], event.objects)
                 yield self._sse(last)
-                if include_usage:
-                    yield self._sse({**self._head("chat.completion.chunk"), "choices": [],
-                                     "usage": self._usage(event)})
-                yield "data: [DONE]\n\n"
-                return
+                left -= 1
+                prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.completion_tokens
+                if left == 0:
+                    break
+        if include_usage:
+            yield self._sse({**self._head("chat.completion.chunk"), "choices": [],
+                             "usage": self._usage(prompt_tokens, completion_tokens)})
+        yield "data: [DONE]\n\n"
 
     async def whole(self, request: Request) -> JSONResponse:
-        text, checked = "", time.monotonic()
-        while True:
+        n = self.handle.job.n
+        texts, entries, last = [""] * n, [[] for _ in range(n)], [None] * n
+        checked = time.monotonic()
+        while not all(last):
             try:
                 event = await asyncio.wait_for(self.handle.events.get(), KEEPALIVE_S)
             except asyncio.TimeoutError:
@@ -241,13 +260,15 @@ class Reply:
                 continue
             if event.kind == "error":
                 raise ApiError(event.status, event.message, type="server_error")
-            text += event.text
+            texts[event.index] += event.text
+            entries[event.index] += event.logprobs or []
             if event.finish_reason:
-                break
-        out = {**self._head("chat.completion"),
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                            "finish_reason": event.finish_reason}],
-               "usage": self._usage(event)}
-        if self.handle.job.objects:
-            out["objects"] = event.objects
+                last[event.index] = event
+        out = {**self._head("chat.completion"), "choices": [],
+               "usage": self._usage(last[0].prompt_tokens, sum(e.completion_tokens for e in last))}
+        for i, event in enumerate(last):
+            choice = {"index": i, "message": {"role": "assistant", "content": texts[i]},
+                      "logprobs": self._logprobs(entries[i]), "finish_reason": event.finish_reason}
+            self._objects(out, choice, event.objects)
+            out["choices"].append(choice)
         return JSON(out)

@@ -24,7 +24,7 @@ from typing import Any, List, Optional
 from PIL import Image, ImageOps
 
 from .. import defaults
-from ..engine import check_generation_args
+from ..engine import MAX_LOGPROBS, Request
 from ..fetch import fetch, read_local, shown, unreachable
 from ..processor import InputError, cause, check_text, to_rgb
 from .worker import Job
@@ -44,6 +44,8 @@ class Limits:
     max_stop_chars: int = 256
     max_parts: int = 64  # content parts of the user message
     max_logit_bias: int = 1024  # tokens in logit_bias
+    max_n: int = 8  # choices of one request (rows: each counts against the queue)
+    max_beams: int = 8  # num_beams of one request (rows too)
     fetch_timeout: float = 10.0  # seconds for a whole image download
     allow_private_urls: bool = False  # fetch loopback/private/link-local addresses too (a trusted network)
     local_files: Optional[Path] = None  # the folder image paths may name (--allow-local-files), or none
@@ -87,9 +89,11 @@ class Checked:
     stream: bool = False
     include_usage: bool = False
     urls: int = field(default=0)  # how many of the images are fetched from http(s) URLs
+    n: int = 1
+    logprobs: bool = False
 
     def job(self, images, size) -> Job:
-        return Job(images, self.prompt, self.settings, self.objects, size)
+        return Job(images, self.prompt, self.settings, self.objects, size, self.n, self.logprobs)
 
 
 def check_request(body: Any, limits: Limits) -> Checked:
@@ -118,7 +122,15 @@ def check_request(body: Any, limits: Limits) -> Checked:
         raise bad(f"stream_options.include_usage must be true or false, got {reprlib.repr(include_usage)}",
                   "stream_options")
     urls = sum(url.startswith(("http://", "https://")) for url in sources)
-    return Checked(prompt, sources, settings(body, limits), objects, bool(stream), bool(include_usage), urls)
+    n = body.get("n")
+    n = 1 if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_n:
+        raise bad(f"n must be an integer in [1, {limits.max_n}], got {reprlib.repr(n)}", "n")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise bad(f"logprobs must be true or false, got {reprlib.repr(logprobs)}", "logprobs")
+    return Checked(prompt, sources, settings(body, limits, n, bool(logprobs)), objects, bool(stream),
+                   bool(include_usage), urls, n, bool(logprobs))
 
 
 def prompt_and_images(messages: Any, limits: Limits):
@@ -259,17 +271,18 @@ def _decode(data: bytes, where: str, limits: Limits) -> Image.Image:
         raise bad(f"image {where} does not decode: {cause(e)}", "messages") from None
 
 
-def settings(body: dict, limits: Limits) -> dict:
-    """The engine's settings from OpenAI's parameters (and mlx-lm's extras top_k, min_p, repetition_penalty),
-    every one checked here, before anything is submitted."""
+CONSTRAINTS = ("response_format", "regex", "choices", "constrain")
+
+
+def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> dict:
+    """The engine's settings of one row from OpenAI's parameters (and the extras: mlx-lm's top_k, min_p,
+    repetition_penalty; transformers' num_beams, length_penalty, early_stopping; the constraints regex, choices,
+    constrain), every one checked here, before anything is submitted (the engine checks a constraint's content)."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
         raise bad(f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}", "max_tokens")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad(f"n must be 1, got {reprlib.repr(n)}: one answer per request", "n")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) is not None and (isinstance(body[name], bool) or body[name] != 0):
             raise bad(f"{name} is not supported; use repetition_penalty", name)
@@ -281,17 +294,62 @@ def settings(body: dict, limits: Limits) -> dict:
     def value(name, default):  # JSON null means the default, as in OpenAI's API
         return default if body.get(name) is None else body[name]
 
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise bad(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {reprlib.repr(top)}",
+                      "top_logprobs")
+        if top and not logprobs:
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
+    beams = value("num_beams", defaults.NUM_BEAMS)
+    if isinstance(beams, int) and not isinstance(beams, bool) and beams > limits.max_beams:
+        raise bad(f"num_beams is {beams}, more than this server's limit of {limits.max_beams}", "num_beams")
+    beam_search = isinstance(beams, int) and not isinstance(beams, bool) and beams > 1
+    if beam_search and n > beams:
+        raise bad(f"n ({n}) must be at most num_beams ({beams}): a beam search returns its best n", "n")
+    if beam_search and logprobs:
+        raise bad("logprobs are not given for a beam search (num_beams > 1): its tokens are chosen together",
+                  "logprobs")
     out = dict(max_tokens=max_tokens, temperature=value("temperature", defaults.TEMPERATURE),
                top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
                min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
-               seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits))
+               seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits),
+               logprobs=top or 0, num_beams=beams, length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
+               early_stopping=value("early_stopping", defaults.EARLY_STOPPING))
     try:
-        check_generation_args(**{k: v for k, v in out.items() if k not in ("stop", "logit_bias")})
+        # The engine's own checks of every setting and of their combinations (beams take no sampling).
+        Request([0], **out, num_return_sequences=n if beam_search else 1)
+        if out["seed"] is not None and n > 1:
+            Request([0], seed=out["seed"] + n - 1)  # choice i is seeded seed + i
     except InputError as e:
         raise bad(str(e), str(e).split()[0]) from None
     if out["temperature"] > 2:
         raise bad(f"temperature must be in [0, 2], got {out['temperature']}", "temperature")
+    given = [name for name in CONSTRAINTS if body.get(name) is not None and body[name] is not False
+             and body[name] != {"type": "text"}]  # plain text is no constraint
+    if len(given) > 1:
+        raise bad(f"give one constraint, not {' and '.join(given)}", given[1])
+    for name in given:
+        out[name] = constraint(name, body[name])
     return out
+
+
+def constraint(name: str, v: Any) -> Any:
+    """A constraint field's shape (the engine compiles it and names what is wrong inside)."""
+    if name == "response_format":
+        if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad('response_format must be {"type": "json_schema", "json_schema": {"schema": {...}}}, '
+                      f'{{"type": "json_object"}} or {{"type": "text"}}, got {reprlib.repr(v)}', name)
+        if v["type"] == "json_schema" and not (isinstance(v.get("json_schema"), dict)
+                                               and isinstance(v["json_schema"].get("schema"), dict)):
+            raise bad('response_format json_schema needs {"json_schema": {"schema": {...}}}', name)
+    elif name == "regex" and not isinstance(v, str):
+        raise bad(f"regex must be a string, got {reprlib.repr(v)}", name)
+    elif name == "choices" and not (isinstance(v, list) and v and all(isinstance(c, str) and c for c in v)):
+        raise bad(f"choices must be a non-empty list of non-empty strings, got {reprlib.repr(v)}", name)
+    elif name == "constrain" and not isinstance(v, bool):
+        raise bad(f"constrain must be true or false, got {reprlib.repr(v)}", name)
+    return v
 
 
 def stops(value: Any, limits: Limits) -> List[str]:

@@ -1,10 +1,13 @@
 """The one thread that owns the model: it runs the engine and hands each request's outputs to its HTTP handler.
 
 MLX work (preprocessing into arrays, prefill, decode steps, mask decoding) happens here only; the HTTP side puts
-jobs and cancellations into an inbox and reads events from a per-request asyncio queue.
+jobs and cancellations into an inbox and reads events from a per-request asyncio queue. A request of n choices is
+n engine rows (seeds seed, seed+1, ...), or one beam search of num_beams rows returning n sequences; its events
+carry the choice's index, and the capacity counts rows.
 """
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,12 +34,23 @@ class Job:
     settings: Dict[str, Any]
     objects: bool = False
     size: Tuple[int, int] = (0, 0)
+    n: int = 1  # choices
+    logprobs: bool = False  # hand out each token's log-probability (and settings["logprobs"] alternatives)
+
+    @property
+    def rows(self) -> int:
+        """Engine rows the request holds: its beams, or one per choice."""
+        return max(self.settings.get("num_beams", 1), 1) if self.beams else self.n
+
+    @property
+    def beams(self) -> bool:
+        return self.settings.get("num_beams", 1) > 1
 
 
 @dataclass
 class Event:
-    """What the worker tells a handler: `accepted` (or `error`) once, then text pieces, the last with
-    `finish_reason` (and `objects` when asked)."""
+    """What the worker tells a handler: `accepted` (or `error`) once, then text pieces of choice `index`, the last
+    of each choice with `finish_reason` (and `objects` when asked)."""
 
     kind: str  # "accepted", "error", "output"
     text: str = ""
@@ -46,15 +60,18 @@ class Event:
     objects: Optional[list] = None
     message: str = ""
     status: int = 400
+    index: int = 0
+    logprobs: Optional[list] = None  # OpenAI's logprobs.content entries of this piece's tokens, when asked
+    param: Optional[str] = None  # the request field an error is about
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one request may sit under several uids
 class Handle:
     job: Job
     loop: asyncio.AbstractEventLoop
     events: "asyncio.Queue[Event]" = field(default_factory=asyncio.Queue)
-    uid: Optional[int] = None
-    text: str = ""  # the answer so far, for the objects
+    uids: Dict[int, int] = field(default_factory=dict)  # engine uid -> choice index
+    texts: Dict[int, str] = field(default_factory=dict)  # each choice's answer so far, for the objects
     done: bool = False
 
     def put(self, event: Event) -> None:
@@ -65,21 +82,26 @@ class Handle:
 
 
 class Worker(threading.Thread):
-    def __init__(self, model, processor, batch_size: int = 8, queue_size: int = 32, mask_decoder=None):
+    def __init__(self, model, processor, batch_size: int = 8, queue_size: int = 32, mask_decoder=None,
+                 batch_invariant: bool = False):
         super().__init__(name="mlx-paligemma-engine", daemon=True)
         self.model, self.processor, self.batch_size = model, processor, batch_size
-        self.engine = Engine(model, processor, batch_size=batch_size)
+        self.batch_invariant = batch_invariant
+        self.engine = self._engine()
         self.capacity = batch_size + queue_size
         self.mask_decoder = mask_decoder
         if mask_decoder is not None:
             mx.eval(mask_decoder.parameters())  # lazy arrays are computed on their own thread's stream: here
         self.inbox: List[Tuple[str, Handle]] = []
         self.wake = threading.Condition()
-        self.held = 0  # requests taken and not yet finished, cancelled or refused
-        self.handles: Dict[int, Handle] = {}
+        self.held = 0  # rows of the requests taken and not yet finished, cancelled or refused
+        self.handles: Dict[int, Handle] = {}  # by engine uid
         # For /health: running rows, waiting requests, answers finished, requests cancelled before their end.
         self.stats = {"active": 0, "waiting": 0, "finished": 0, "cancelled": 0, "peak_memory_gb": 0.0}
         self.closing: Optional[float] = None  # after shutdown(): when the running rows are cut
+
+    def _engine(self) -> Engine:
+        return Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant)
 
     # Called from the HTTP side.
 
@@ -88,10 +110,10 @@ class Worker(threading.Thread):
         with self.wake:
             if self.closing is not None:
                 raise QueueFull("the server is shutting down")
-            if self.held >= self.capacity:
-                raise QueueFull(f"the server is busy: {self.held} requests running or waiting, the limit is "
-                                f"{self.capacity}; try again shortly")
-            self.held += 1
+            if self.held + job.rows > self.capacity:
+                raise QueueFull(f"the server is busy: {self.held} rows running or waiting, this request needs "
+                                f"{job.rows} and the limit is {self.capacity}; try again shortly")
+            self.held += job.rows
             self.inbox.append(("submit", handle))
             self.wake.notify()
         return handle
@@ -142,20 +164,24 @@ class Worker(threading.Thread):
         """Shutting down: requests not yet running get an error now, running ones when the grace period ends."""
         waiting = {row.uid for row in self.engine.waiting}
         cut = time.monotonic() >= self.closing
-        for handle in list(self.handles.values()):
-            if cut or handle.uid in waiting:
-                self.engine.cancel(handle.uid)
+        for handle in set(self.handles.values()):
+            started = any(uid not in waiting for uid in handle.uids)
+            if cut or not started:
                 handle.put(Event("error", message="the server is shutting down" + (
-                    ": the answer was cut short" if handle.uid not in waiting else ""), status=503))
+                    ": the answer was cut short" if started else ""), status=503))
                 self._finish(handle)
 
     def _finish(self, handle: Handle) -> None:
+        """The request is over (answered, failed or cancelled): its rows leave the engine and free their places."""
         if handle.done:
             return
         handle.done = True
-        self.handles.pop(handle.uid, None)
+        for uid in handle.uids:
+            self.engine.cancel(uid)  # a no-op for rows that finished
+            self.handles.pop(uid, None)
         with self.wake:
-            self.held -= 1
+            self.held -= handle.job.rows
+
 
     def _take_inbox(self) -> None:
         with self.wake:
@@ -163,19 +189,22 @@ class Worker(threading.Thread):
         for kind, handle in items:
             if kind == "cancel":
                 if not handle.done:  # a request that finished has nothing to cancel
-                    self.engine.cancel(handle.uid)
                     self.stats["cancelled"] += 1
                     self._finish(handle)
                 continue
+            job = handle.job
+            handle.texts = {i: "" for i in range(job.n)}
             try:
-                handle.uid = self.engine.submit(handle.job.images, handle.job.prompt, **handle.job.settings)
+                for i, settings in enumerate(row_settings(job)):
+                    uid = self.engine.submit(job.images, job.prompt, **settings)
+                    handle.uids[uid] = i
+                    self.handles[uid] = handle
             except Exception as e:  # InputError is the request's fault (400); anything else is ours (500)
                 bad_input = isinstance(e, InputError)
                 handle.put(Event("error", message=str(e) if bad_input else f"{type(e).__name__}: {e}",
-                                 status=400 if bad_input else 500))
-                self._finish(handle)
+                                 status=400 if bad_input else 500, param=blame(job, str(e)) if bad_input else None))
+                self._finish(handle)  # the rows already queued go too
                 continue
-            self.handles[handle.uid] = handle
             handle.put(Event("accepted"))
 
     def _step(self) -> None:
@@ -183,31 +212,89 @@ class Worker(threading.Thread):
             outputs = self.engine.step()
         except Exception as e:  # a bug or an MLX failure must not take the server down: fail the running requests
             message = f"generation failed: {type(e).__name__}: {e}"
-            for handle in list(self.handles.values()):
+            for handle in set(self.handles.values()):
                 handle.put(Event("error", message=message, status=500))
                 self._finish(handle)
-            self.engine = Engine(self.model, self.processor, batch_size=self.batch_size)
+            self.engine = self._engine()
             return
         for out in outputs:
             handle = self.handles.get(out.uid)
             if handle is None:  # cancelled while its last token was being computed
                 continue
-            handle.text += out.text
-            event = Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens)
-            if out.finish_reason:
-                if handle.job.objects:
+            if out.sequences is not None:  # a beam search ends at once: its n sequences are the n choices
+                events = [Event("output", s.text, "stop" if s.tokens[-1] == self.engine.eos_id else "length",
+                                out.prompt_tokens, len(s.tokens), index=i) for i, s in enumerate(out.sequences)]
+            else:
+                event = Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens,
+                              index=handle.uids[out.uid])
+                if handle.job.logprobs:
+                    event.logprobs = [self._logprob(out.token, out.logprob, out.top_logprobs or [])]
+                events = [event]
+            for event in events:
+                handle.texts[event.index] += event.text
+                if event.finish_reason and handle.job.objects:
                     try:
-                        event.objects = self._objects(handle)
+                        event.objects = self._objects(handle, event.index)
                     except Exception as e:  # this request fails, the others go on
                         event = Event("error", message=f"cannot read the answer's objects: {e}", status=500)
+                if event.finish_reason:
+                    self.handles.pop(out.uid, None)
+                handle.put(event)
+                if event.kind == "error":
+                    self._finish(handle)
+                    break
+            if not handle.done and all(uid not in self.handles for uid in handle.uids):  # every choice ended
                 self.stats["finished"] += 1
                 self._finish(handle)
-            handle.put(event)
 
-    def _objects(self, handle: Handle) -> list:
-        """The answer's boxes (and masks, with a mask decoder) in pixels of the request's first image."""
+    def _objects(self, handle: Handle, index: int) -> list:
+        """A choice's boxes (and masks, with a mask decoder) in pixels of the request's first image."""
         size = handle.job.size
-        objects = parse_detections(handle.text, size)
+        objects = parse_detections(handle.texts[index], size)
         if self.mask_decoder is not None:
             add_masks(objects, self.mask_decoder, size)
         return objects_to_json(objects)
+
+    def _logprob(self, token: int, logprob: float, top: list) -> dict:
+        """OpenAI's logprobs.content entry of one token, with its top alternatives."""
+        return {**piece(self.processor.tokenizer, token), "logprob": logprob,
+                "top_logprobs": [{**piece(self.processor.tokenizer, t), "logprob": v} for t, v in top]}
+
+
+def row_settings(job: Job) -> List[dict]:
+    """The engine settings of each row: a beam search returns the n choices itself; n sampled rows get the seeds
+    seed, seed+1, ... (so choice i is what a request of seed+i answers alone)."""
+    if job.beams:
+        return [{**job.settings, "num_return_sequences": job.n}]
+    seed = job.settings.get("seed")
+    return [{**job.settings, "seed": None if seed is None else seed + i} for i in range(job.n)]
+
+
+CONSTRAINTS = {"response_format": ("response_format", "json schema"), "regex": ("regex",),
+               "choices": ("choices",), "constrain": ("constrain",)}
+
+
+def blame(job: Job, message: str) -> Optional[str]:
+    """The constraint field an engine refusal is about (the engine checks them), else None."""
+    for name, words in CONSTRAINTS.items():
+        if job.settings.get(name) is not None and any(w in message for w in words):
+            return name
+    return None
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def piece(tokenizer, token: int) -> dict:
+    """OpenAI's token and bytes of an id: its sentencepiece piece with "\u2581" as a space; a byte-fallback piece
+    <0xNN> is that byte (its token "bytes:\\xNN" when it is not a character alone); ids beyond the tokenizer's
+    pieces (a padded embedding) are empty."""
+    text = tokenizer.id_to_piece(token) if 0 <= token < tokenizer.vocab_size else None
+    if text is None:
+        return {"token": "", "bytes": []}
+    byte = _BYTE_PIECE.fullmatch(text)
+    if byte:
+        value = int(byte.group(1), 16)
+        return {"token": chr(value) if value < 128 else f"bytes:\\x{value:02x}", "bytes": [value]}
+    text = text.replace("\u2581", " ")
+    return {"token": text, "bytes": list(text.encode("utf-8"))}

@@ -1,0 +1,206 @@
+"""The server's decoding options through the official openai client, against the Python API on the same weights:
+logprobs/top_logprobs (OpenAI's shapes, streamed and not), n choices (seeded seed, seed+1, ...), beam search
+(num_beams, length_penalty, early_stopping as extra body fields), --deterministic, and every bad value a 400
+naming its field with nothing left running."""
+
+import pytest
+
+import mlx_paligemma as mp
+from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
+
+import openai
+
+CAT = IMAGES / "chelsea.jpg"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(MODEL, "--api-key", KEY, "--batch-size", "8", "--queue-size", "8", "--max-tokens-limit", "4000")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return mp.load(str(MODEL))
+
+
+def api(loaded, prompt="caption en", image=CAT, **kw):
+    model, processor = loaded
+    return mp.generate(model, processor, [str(image)], prompt, **kw)
+
+
+def create(client, prompt="caption en", image=CAT, **kw):
+    return client.chat.completions.create(model=str(MODEL), messages=message(prompt, str(image)), **kw)
+
+
+def streamed(client, n=1, **kw):
+    """Per choice: (text, logprobs.content entries, finish_reason), from the chunks."""
+    out = [["", [], None] for _ in range(n)]
+    for chunk in create(client, stream=True, n=n, **kw):
+        for c in chunk.choices:
+            out[c.index][0] += c.delta.content or ""
+            out[c.index][1] += c.logprobs.content if c.logprobs else []
+            out[c.index][2] = c.finish_reason or out[c.index][2]
+    return out
+
+
+def plain(entries):
+    return [(e.token, e.logprob, e.bytes, [(t.token, t.logprob, t.bytes) for t in e.top_logprobs]) for e in entries]
+
+
+@pytest.mark.parametrize("prompt, image", [("caption en", CAT), ("detect cat", CAT),
+                                           ("answer en what is this?", IMAGES / "coffee.jpg")])
+def test_logprobs_equal_the_api(server, client, loaded, prompt, image):
+    want = api(loaded, prompt, image, max_tokens=12, logprobs=3)
+    r = create(client, prompt, image, max_tokens=12, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == want.text
+    assert [e.logprob for e in content] == want.logprobs  # one request alone: the same batch shape, bitwise
+    assert [[t.logprob for t in e.top_logprobs] for e in content] == [[v for _, v in top] for top in want.top_logprobs]
+    # Each entry's bytes are its token's: the answer's bytes are theirs joined (<eos> and other specials aside).
+    model, processor = loaded
+    specials = set(processor.tokenizer.specials.values())
+    text = b"".join(bytes(e.bytes) for e, t in zip(content, want.tokens) if t not in specials).decode("utf-8", "replace")
+    assert text.strip() == want.text.strip()
+    for e, top in zip(content, want.top_logprobs):
+        assert e.top_logprobs[0].logprob >= e.logprob - 1e-6 or e.token in [t.token for t in e.top_logprobs]
+        assert len(e.top_logprobs) == 3 and [t.logprob for t in e.top_logprobs] == sorted(
+            [t.logprob for t in e.top_logprobs], reverse=True)
+    # Streamed: the same entries, in the chunks of their pieces.
+    (text, entries, finish), = streamed(client, prompt=prompt, image=image, max_tokens=12, logprobs=True,
+                                        top_logprobs=3)
+    assert text == want.text and finish == r.choices[0].finish_reason
+    assert plain(entries) == plain(content)
+
+
+def test_logprobs_off_and_without_alternatives(server, client, loaded):
+    r = create(client, max_tokens=6)
+    assert r.choices[0].logprobs is None
+    r = create(client, max_tokens=6, logprobs=True)
+    assert [e.logprob for e in r.choices[0].logprobs.content] == api(loaded, max_tokens=6, logprobs=0).logprobs
+    assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
+
+
+def test_n_seeded_choices_equal_api_calls_with_seed_plus_i(server, client, loaded):
+    sampled = dict(max_tokens=16, temperature=1.0, seed=11)
+    want = [api(loaded, max_tokens=16, temperature=1.0, seed=11 + i) for i in range(3)]
+    assert len(set(want)) > 1, "the seeds must give different answers for the test to mean something"
+    r = create(client, n=3, **sampled)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.message.content for c in r.choices] == want
+    assert r.usage.completion_tokens == sum(len(processor_tokens) for processor_tokens in [
+        api(loaded, max_tokens=16, temperature=1.0, seed=11 + i, logprobs=0).tokens for i in range(3)])
+    assert [t for t, _, _ in streamed(client, n=3, **sampled)] == want
+    # Greedy n: the same answer n times.
+    r = create(client, n=2, max_tokens=8)
+    assert [c.message.content for c in r.choices] == [api(loaded, max_tokens=8)] * 2
+
+
+def test_n_with_logprobs_streamed_equal_not(server, client):
+    kw = dict(max_tokens=10, temperature=0.8, seed=3, logprobs=True, top_logprobs=2)
+    r = create(client, n=2, **kw)
+    got = streamed(client, n=2, **kw)
+    for c, (text, entries, finish) in zip(r.choices, got):
+        assert (text, finish) == (c.message.content, c.finish_reason)
+        assert [e.token for e in entries] == [e.token for e in c.logprobs.content]
+        assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in c.logprobs.content], abs=1e-5)
+
+
+@pytest.mark.parametrize("beams, n, length_penalty, early_stopping", [(3, 1, 1.0, False), (3, 2, 0.5, True),
+                                                                      (2, 2, 2.0, "never")])
+def test_beams_equal_the_api(server, client, loaded, beams, n, length_penalty, early_stopping):
+    settings = dict(num_beams=beams, length_penalty=length_penalty, early_stopping=early_stopping)
+    want = api(loaded, max_tokens=10, num_return_sequences=n, **settings)
+    want = [want] if n == 1 else want
+    r = create(client, max_tokens=10, n=n, extra_body=settings)
+    assert [c.message.content for c in r.choices] == want
+    assert [t for t, _, _ in streamed(client, n=n, max_tokens=10, extra_body=settings)] == want
+
+
+def test_a_disconnect_cancels_every_choice(server, client):
+    before = server.health()["cancelled"]
+    stream = create(client, n=3, stream=True, max_tokens=4000, temperature=1.0, logit_bias={str(EOS): -100})
+    chunks = iter(stream)
+    for _ in range(6):
+        next(chunks)
+    assert server.health()["active"] == 3
+    stream.close()
+    health = server.wait_idle(timeout=120)
+    assert health["cancelled"] == before + 1
+
+
+def test_n_counts_against_the_queue(server, client):
+    # 16 rows: 8 running and 8 waiting fill the server; one more row is refused.
+    streams = [create(client, n=8, stream=True, max_tokens=4000, logit_bias={str(EOS): -100}) for _ in range(2)]
+    try:
+        with pytest.raises(openai.APIStatusError) as refused:
+            create(client, max_tokens=4)
+        assert refused.value.status_code == 503 and "busy" in refused.value.message
+    finally:
+        for s in streams:
+            s.close()
+    server.wait_idle()
+    assert call(server.url + "/v1/chat/completions", good(), AUTH)[0] == 200
+
+
+BAD = [
+    ("logprobs a string", with_(logprobs="yes"), "logprobs", "logprobs must be true or false"),
+    ("top_logprobs 21", with_(logprobs=True, top_logprobs=21), "top_logprobs", "[0, 20]"),
+    ("top_logprobs a float", with_(logprobs=True, top_logprobs=1.5), "top_logprobs", "[0, 20]"),
+    ("top_logprobs without logprobs", with_(top_logprobs=2), "top_logprobs", "needs logprobs"),
+    ("n 0", with_(n=0), "n", "[1, 8]"),
+    ("n 9", with_(n=9), "n", "[1, 8]"),
+    ("n a string", with_(n="2"), "n", "[1, 8]"),
+    ("seed + n past 2**64", with_(n=2, seed=2**64 - 1, temperature=1), "seed", "below 2**64"),
+    ("num_beams 9", with_(num_beams=9), "num_beams", "limit of 8"),
+    ("num_beams 0", with_(num_beams=0), "num_beams", "num_beams must be an integer >= 1"),
+    ("num_beams a string", with_(num_beams="3"), "num_beams", "num_beams must be an integer"),
+    ("beams with logprobs", with_(num_beams=2, logprobs=True), "logprobs", "beam search"),
+    ("n above num_beams", with_(num_beams=2, n=3), "n", "at most num_beams"),
+    ("beams sampled", with_(num_beams=2, temperature=0.5), "num_beams", "leave temperature at 0"),
+    ("length_penalty a string", with_(num_beams=2, length_penalty="x"), "length_penalty", "finite number"),
+    ("early_stopping sometimes", with_(num_beams=2, early_stopping="sometimes"), "early_stopping", "'never'"),
+    ("response_format a string", with_(response_format="json"), "response_format", "response_format must be"),
+    ("response_format unknown type", with_(response_format={"type": "xml"}), "response_format",
+     "response_format must be"),
+    ("json_schema without schema", with_(response_format={"type": "json_schema", "json_schema": {}}),
+     "response_format", "needs"),
+    ("regex a number", with_(regex=5), "regex", "regex must be a string"),
+    ("choices empty", with_(choices=[]), "choices", "non-empty list"),
+    ("choices of numbers", with_(choices=[1, 2]), "choices", "non-empty list"),
+    ("constrain a string", with_(constrain="yes"), "constrain", "constrain must be true or false"),
+    ("two constraints", with_(regex="a+", choices=["a"]), "choices", "give one constraint"),
+]
+
+
+@pytest.mark.parametrize("name, body, param, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_are_a_400_naming_the_field_and_leave_nothing_running(server, name, body, param, words):
+    before = server.health()
+    status, reply = call(server.url + "/v1/chat/completions", body, AUTH)
+    check_error(status, reply, 400, words)
+    assert reply["error"]["param"] == param and reply["error"]["type"] == "invalid_request_error"
+    after = server.health()
+    assert (after["active"], after["waiting"], after["finished"]) == (0, 0, before["finished"])
+    assert call(server.url + "/v1/chat/completions", good(), AUTH)[0] == 200
+
+
+def test_deterministic_rows_are_bitwise_those_alone(loaded):
+    s = Server(MODEL, "--api-key", KEY, "--deterministic", "--batch-size", "4")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        kw = dict(max_tokens=12, temperature=1.0, seed=21, logprobs=True, top_logprobs=2)
+        r = create(client, n=3, **kw)
+        for i, c in enumerate(r.choices):
+            want = api(loaded, max_tokens=12, temperature=1.0, seed=21 + i, logprobs=2)
+            assert c.message.content == want.text
+            assert [e.logprob for e in c.logprobs.content] == want.logprobs
+            assert [[t.logprob for t in e.top_logprobs] for e in c.logprobs.content] == [
+                [v for _, v in top] for top in want.top_logprobs]
+    finally:
+        s.stop()
