@@ -5,10 +5,13 @@ cost of llguidance, xgrammar and outlines-core (those installed) on the same byt
     python benchmarks/constraints.py                                    # tiny fixtures' tokenizers
     python benchmarks/constraints.py --vocab-size 257216                # masks as wide as a full PaliGemma's
     python benchmarks/constraints.py --compare                          # the three libraries, mask alone
+    python benchmarks/constraints.py --engine --model tests/fixtures/paligemma2-tiny   # tokens/s, whole engine
 
 Each row walks its grammar for --steps steps, taking a seeded random allowed token each step (never <eos> while
 another is allowed), so the masks are those of answers in progress; the figure is the median step. Only the mask
-is timed, not the model: the engine computes it beside the decode step.
+is timed, not the model: the engine computes it beside the decode step. --engine times the whole engine instead:
+tokens/s of batches of 1 and 8 prompts, unconstrained and under each form (every row constrained), medians of
+--rounds runs after a warm-up; constrained answers may end sooner, so tokens made are counted, not max_tokens.
 """
 
 import argparse
@@ -171,14 +174,47 @@ def compare(args):
             print(f"{kind:16} {name:14} " + "   ".join(cells))
 
 
+def engine(args):
+    from mlx_paligemma.engine import Engine
+
+    model, processor = mlx_paligemma.load(args.model)
+    images = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.*"))
+    forms = {"none": {}, **FORMS}
+
+    def run(size, kw):
+        kw = dict(kw)
+        prompt = kw.pop("prompt", "caption en")
+        e = Engine(model, processor, batch_size=size)
+        for i in range(size):
+            e.submit(str(images[i % len(images)]), prompt, max_tokens=args.tokens, **kw)
+        made, tic = 0, time.perf_counter()
+        with e.running():
+            while e.has_work:
+                made += len(e.step())
+        return made / (time.perf_counter() - tic)
+
+    print(f"engine tokens/s (greedy, up to {args.tokens} tokens a row, median of {args.rounds}), {args.model}")
+    print("| constraint | batch 1 | batch 8 |\n|---|---|---|")
+    for form, kw in forms.items():
+        cells = []
+        for size in (1, 8):
+            run(size, kw)  # warm-up: compiles the step, builds the vocabulary
+            cells.append(statistics.median(run(size, kw) for _ in range(args.rounds)))
+        print(f"| {form} | {cells[0]:.1f} | {cells[1]:.1f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50, help="steps per walk (default: 50)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="mask width (default: the tiny checkpoints' 1600; 257216 is a full PaliGemma's)")
     parser.add_argument("--compare", action="store_true", help="compare llguidance, xgrammar, outlines-core")
+    parser.add_argument("--engine", action="store_true", help="tokens/s of the engine with and without constraints")
+    parser.add_argument("--model", default=str(TINY), help="--engine: the checkpoint (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=64, help="--engine: max_tokens a row (default: 64)")
+    parser.add_argument("--rounds", type=int, default=3, help="--engine: timed runs a cell (default: 3)")
     args = parser.parse_args()
-    compare(args) if args.compare else ours(args)
+    engine(args) if args.engine else compare(args) if args.compare else ours(args)
 
 
 if __name__ == "__main__":

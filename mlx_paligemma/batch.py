@@ -35,6 +35,7 @@ import numpy as np
 
 from . import defaults
 from .cli import ArgumentParser, run_main
+from .constraints import cli_constraint
 from .data import Item, read_items
 from .detection import ObjectReader, objects_to_json
 from .engine import Engine, check_generation_args
@@ -317,6 +318,7 @@ def clock(seconds: float) -> str:
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size)
     objects = ObjectReader(args.mask_decoder) if args.json else None
     running = {}  # uid -> [index, size of the first image, answer so far]
@@ -335,7 +337,7 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     if item.error:
                         raise InputError(item.error)
                     images = [load_image(source) for source in item.images]
-                    uid = engine.submit(images, item.prompt, seed=seed, **settings)
+                    uid = engine.submit(images, item.prompt, seed=seed, **settings, **item_constraint(item, run))
                 except InputError as e:
                     sink.add(index, line_of(item, error=str(e)))
                     progress.update(items=1, errors=1)
@@ -355,6 +357,17 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     sink.add(index, line_of(items[index], **result))
                     progress.update(items=1)
             progress.update(tokens=len(outputs))
+
+
+ITEM_CONSTRAINTS = ("json_schema", "regex", "choices", "constrain")
+
+
+def item_constraint(item: Item, run: dict) -> dict:
+    """An item's own constraint (its "json_schema", "regex", "choices" or "constrain" field) replaces the run's."""
+    own = {k: item.fields[k] for k in ITEM_CONSTRAINTS if k in item.fields}
+    if "choices" in own and isinstance(own["choices"], str):
+        own["choices"] = own["choices"].split(",")
+    return own or run
 
 
 def has_objects(prompt: str) -> bool:
@@ -377,6 +390,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling, 1: off")
     p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample from the k likeliest, 0: off")
     p.add_argument("--seed", type=int, default=None, help="with --temperature: item i samples with seed + i")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="answers are JSON valid against "
+                            'this schema (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
+                            "replaces the run's constraint) (default: off)")
+    constraint.add_argument("--regex", default=None, help="each whole answer matches this regular expression "
+                            "(default: off)")
+    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="each answer is one of these "
+                            "comma-separated strings (default: off)")
+    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
+                            "(and masks) whose labels are among the prompt's classes (default: off)")
     p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")
@@ -422,6 +445,7 @@ def check_args(args) -> None:
         raise InputError(f"mask decoder not found: {args.mask_decoder}")
     if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
         raise InputError(f"adapter folder not found: {args.adapter_path}")
+    cli_constraint(args)  # a bad --json-schema file is named before the model loads
 
 
 def run(args) -> int:

@@ -20,12 +20,13 @@ import bisect
 import json
 import re
 import weakref
+from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
-from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, Tokenizer, cause
+from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, Tokenizer, cause, read_json_object
 
 # PaliGemma's detect/segment answer, as mlx_paligemma.detection reads it: objects joined by " ; ", each four
 # <locNNNN> bins (y0, x0, y1, x1, 0..1023), for segment then 16 <segNNN> codes (0..127), then " " and the label.
@@ -326,3 +327,15 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
     if matcher.is_error():
         raise InputError(f"the {what} matches no answer")
     return constraint
+
+
+def cli_constraint(args) -> dict:
+    """--json-schema FILE / --regex / --choices a,b,c / --constrain as the API's keywords (the schema file read
+    now, before the model loads)."""
+    if args.json_schema is not None:
+        return {"json_schema": read_json_object(Path(args.json_schema))}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choices is not None:
+        return {"choices": args.choices.split(",")}
+    return {"constrain": True} if args.constrain else {}

@@ -7,9 +7,11 @@ one token per row. Rows leave when they finish (eos, a stop string, their max_to
 cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
 
 A beam search is num_beams rows and a scoring request one row per candidate (tokens fed, not chosen): rows of the
-same batch that share one prefill of their prompt. Every token comes with its log-probability. Below the engine:
-sampling.py (samplers, log-probabilities), beams.py (transformers' beam bookkeeping), kv_buffers.py (the KV
-buffers and the compiled step), detokenizer.py, features.py (the image-feature cache).
+same batch that share one prefill of their prompt. A row may carry a constraint (structured output), a token mask
+applied before any picking; constrained and free rows share steps. Every token comes with its log-probability.
+Below the engine: constraints.py (the masks), sampling.py (samplers, log-probabilities), beams.py (transformers'
+beam bookkeeping), kv_buffers.py (the KV buffers and the compiled step), detokenizer.py, features.py (the
+image-feature cache).
 
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
@@ -30,6 +32,7 @@ import numpy as np
 
 from . import defaults
 from .beams import BeamGroup, BeamSequence
+from .constraints import Constraint, apply_masks, make_constraint
 from .detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
 from .kv_buffers import Batch, decode_step, round_up
@@ -75,6 +78,9 @@ class Request:
     # Given continuations, one row each (scoring): their tokens are fed, not chosen, and their log-probabilities
     # handed out. They share the prefix's keys and values.
     forced: Optional[List[List[int]]] = None
+    # Structured output (constraints.py): every row's tokens kept inside its grammar; Engine.submit builds it from
+    # response_format= / json_schema= / regex= / choices= / constrain=.
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self):
         check_generation_args(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
@@ -94,6 +100,13 @@ class Request:
                 self.forced and all(isinstance(f, list) and f and all(isinstance(t, int) for t in f)
                                     for f in self.forced)):
             raise InputError("forced must be a non-empty list of non-empty token id lists")
+        if self.forced is not None and self.constraint is not None:
+            raise InputError("forced continuations are scored as given: they take no constraint")
+
+
+def own(constraint: Optional[Constraint]) -> Optional[Constraint]:
+    """A row's own copy of its request's constraint (the request's stays at the start, for every row)."""
+    return None if constraint is None else constraint.copy()
 
 
 def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.TEMPERATURE, top_p=defaults.TOP_P,
@@ -176,6 +189,7 @@ class _Row:
     index: int = 0
     forced: Optional[List[int]] = None
     beams: Optional[BeamGroup] = None  # shared by the rows of one beam search
+    constraint: Optional[Constraint] = None  # the row's own grammar state (a beam's follows its parent's)
 
 
 class Engine:
@@ -217,17 +231,25 @@ class Engine:
 
     # Requests in, cancellations.
 
-    def submit(self, images=None, prompt: str = "", **settings) -> int:
+    def submit(self, images=None, prompt: str = "", response_format=None, json_schema=None, regex=None,
+               choices=None, constrain: bool = False, **settings) -> int:
         """Queue a prompt about one or more images (PIL images, paths or URLs; a list for several). The images are
-        read and the prompt checked now, so a bad request fails here with one InputError line."""
+        read and the prompt checked now, so a bad request fails here with one InputError line. At most one of
+        response_format (OpenAI's), json_schema, regex, choices or constrain=True (the detect/segment grammar)
+        keeps the answer inside it (see constraints.make_constraint); a bad one fails here too."""
         if self.processor is None:
             raise InputError("this engine has no processor: submit token ids with add()")
         if not isinstance(prompt, str):
             raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+        if not isinstance(constrain, bool):
+            raise InputError(f"constrain must be true or false, got {constrain!r}")
+        constraint = make_constraint(self.processor, self.model.config.text_config.vocab_size, prompt,
+                                     response_format, json_schema, regex, choices, constrain)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=[images], text=prompt)
         pixels = np.array(inputs["pixel_values"]) if len(images) else None
-        return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixel_values=pixels, **settings))
+        return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixel_values=pixels,
+                                constraint=constraint, **settings))
 
     def add(self, request: Request) -> int:
         """Queue a request already in token ids. A beam search is num_beams rows, forced continuations one row
@@ -242,13 +264,14 @@ class Engine:
         if request.num_beams > 1:
             group = BeamGroup(request.num_beams, request.length_penalty, request.early_stopping, self.eos_id,
                               self._limit(request))
-            self.waiting += [_Row(uid, request, None, index=i, beams=group) for i in range(request.num_beams)]
+            self.waiting += [_Row(uid, request, None, index=i, beams=group, constraint=own(request.constraint))
+                             for i in range(request.num_beams)]
             return uid
         if request.forced:
             self.waiting += [_Row(uid, request, None, index=i, forced=f) for i, f in enumerate(request.forced)]
             return uid
         detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
-        row = _Row(uid, request, detokenizer)
+        row = _Row(uid, request, detokenizer, constraint=own(request.constraint))
         if request.sampler is None and request.temperature > 0:
             seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
             row.key = mx.random.key(seed)
@@ -414,6 +437,13 @@ class Engine:
     def _sample(self, rows: List[_Row], logits: mx.array) -> Tuple[Picked, List[int]]:
         """(B, vocab) logits -> each row's token by its own settings, with log-probabilities, and the row each
         row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
+        constraints = [r.constraint for r in rows]
+        constrained = any(c is not None for c in constraints)
+        if constrained:
+            # The step runs while the masks are computed on the CPU; forbidden tokens become -inf for every way
+            # of picking (greedy, sampled, beams), and the log-probabilities are the constrained distribution's.
+            mx.async_eval(logits)
+            logits = apply_masks(logits, constraints)
         logprobs = log_softmax(logits)
         parents = list(range(len(rows)))
         simple = [r.request.sampler is None and r.request.temperature == 0 and not r.processors for r in rows]
@@ -439,11 +469,31 @@ class Engine:
             tokens = mx.concatenate(tokens)
         for r in rows:
             r.picked += 1
+        if constrained:
+            self._advance(rows, parents, tokens.tolist())
         picked = Picked(tokens, token_logprobs(logprobs, tokens))
         k = max(r.request.logprobs for r in rows)
         if k:
             picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
         return picked, parents
+
+    @staticmethod
+    def _advance(rows: List[_Row], parents: List[int], tokens: List[int]) -> None:
+        """Each constrained row's grammar takes its token; a beam first takes over its parent's state (a copy
+        when the parent goes on too), all before any advances."""
+        states = [rows[p].constraint if p == j or rows[p].constraint is None else rows[p].constraint.copy()
+                  for j, p in enumerate(parents)]
+        for r, c, t in zip(rows, states, tokens):
+            r.constraint = c
+            if c is None:
+                continue
+            # A beam may be handed a forbidden (-inf) candidate when fewer than 2 * num_beams are allowed: it can
+            # never win, and its grammar, now in error, lets it write only <eos>.
+            try:
+                c.advance(t)
+            except ValueError:
+                if r.beams is None:
+                    raise
 
     def _sample_row(self, row: _Row, logits: mx.array) -> mx.array:
         request = row.request

@@ -19,6 +19,7 @@ import numpy as np
 from . import defaults
 from .cli import ArgumentParser, command, run_main
 from .beams import BeamSequence
+from .constraints import cli_constraint
 from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, load_image
@@ -98,8 +99,8 @@ def stream_generate(
     **settings,
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
-    More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop) as for
-    batch_generate. Each response carries its token's log-probability, and with `logprobs=k` the k most likely
+    More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop, and the structured
+    output keywords response_format, json_schema, regex, choices, constrain) as for batch_generate. Each response carries its token's log-probability, and with `logprobs=k` the k most likely
     alternatives. A beam search (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as
     transformers') yields one response when it ends, with its best sequences. mlx-vlm's order,
     `(model, processor, prompt, image=...)`, is read as such."""
@@ -174,7 +175,9 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     path or URL, or a list of them). Up to `batch_size` rows share each decode step; finished rows make room for
     waiting prompts at once. Every other keyword (top_p, top_k, min_p, repetition_penalty, logit_bias, seed,
     stop, logprobs, num_beams, ...) applies to each prompt, and each answer is what generate returns for those
-    settings. batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost
+    settings. Structured output, at most one of: response_format (OpenAI's json_schema / json_object),
+    json_schema (a dict or its JSON text), regex (the whole answer matches), choices (a list of strings), or
+    constrain=True (detect/segment answers: well-formed boxes, labels among the prompt's classes). batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost
     of decoding requests side by side rather than together. Images are read as their rows are about to join, so a long list streams through in bounded
     memory; a bad image or prompt raises InputError naming its index."""
     check_keywords(batch_generate, settings)
@@ -210,9 +213,11 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     return [answer(answers[i], logprobs, settings.get("num_return_sequences", 1)) for i in range(len(prompts))]
 
 
-# What **settings may hold: the engine's per-request settings (Request's fields, less those given as ids/arrays).
-SETTINGS = sorted({f.name for f in fields(Request)}
-                  - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos", "sampler", "forced"})
+# What **settings may hold: the engine's per-request settings (Request's fields, less those given as ids/arrays or
+# built by Engine.submit), and submit's constraint keywords.
+CONSTRAINTS = ["response_format", "json_schema", "regex", "choices", "constrain"]
+SETTINGS = sorted({f.name for f in fields(Request)} - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos",
+                                                       "sampler", "forced", "constraint"} | set(CONSTRAINTS))
 
 
 def check_keywords(function, settings: dict) -> None:
@@ -275,6 +280,15 @@ def build_parser() -> ArgumentParser:
                    help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-probability "
                    "and its K likeliest alternatives (with --json: in the object) (default: off)")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="the answer is JSON valid against "
+                            "this schema (default: off)")
+    constraint.add_argument("--regex", default=None, help="the whole answer matches this regular expression "
+                            "(default: off)")
+    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="the answer is one of these "
+                            "comma-separated strings (default: off)")
+    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
+                            "(and masks) whose labels are among the prompt's classes (default: off)")
     p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: the answer is "
                    "bitwise the same whatever batch it would share")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
@@ -353,6 +367,7 @@ def run(args) -> int:
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty)
     check_generation_args(**settings, logprobs=args.logprobs or 0)
+    settings.update(cli_constraint(args))
     if args.draw:
         check_output_image(args.draw, args.image)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
