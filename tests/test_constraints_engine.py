@@ -191,3 +191,18 @@ def test_batch_runner_per_item_constraint(tmp_path):
     assert lines[1]["answer"] in ("a cup", "a cat")  # the item's own replaces it
     check_detect(lines[2]["answer"], ["cat", "dog"])
     assert "bad regex" in lines[3]["error"] and "answer" not in lines[3]
+
+
+def test_unconstrained_batches_build_no_mask(loaded, monkeypatch):
+    """The free path is today's: no mask is built (or asked for) unless a row of the step has a constraint."""
+    import mlx_paligemma.engine as engine_module
+
+    model, processor = loaded
+    calls = []
+    real = engine_module.apply_masks
+    monkeypatch.setattr(engine_module, "apply_masks", lambda logits, cs: calls.append(len(cs)) or real(logits, cs))
+    batch_generate(model, processor, [image(0), image(1)], ["caption en", "ocr"], max_tokens=8)
+    generate(model, processor, image(0), "caption en", max_tokens=8, num_beams=2)
+    assert calls == []
+    generate(model, processor, image(0), "caption en", max_tokens=8, choices=["a", "b"])
+    assert calls and set(calls) == {1}
