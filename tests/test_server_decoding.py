@@ -1,14 +1,19 @@
 """The server's decoding options through the official openai client, against the Python API on the same weights:
 logprobs/top_logprobs (OpenAI's shapes, streamed and not), n choices (seeded seed, seed+1, ...), beam search
-(num_beams, length_penalty, early_stopping as extra body fields), --deterministic, and every bad value a 400
-naming its field with nothing left running."""
+(num_beams, length_penalty, early_stopping as extra body fields), --deterministic, structured output
+(response_format, regex, choices, constrain), and every bad value a 400 naming its field with nothing left
+running."""
 
-import pytest
-
-import mlx_paligemma as mp
-from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
+import json
+import re
 
 import openai
+import pytest
+from PIL import Image
+
+import mlx_paligemma as mp
+from mlx_paligemma.detection import objects_to_json, parse_detections
+from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
 
 CAT = IMAGES / "chelsea.jpg"
 
@@ -204,3 +209,68 @@ def test_deterministic_rows_are_bitwise_those_alone(loaded):
                 [v for _, v in top] for top in want.top_logprobs]
     finally:
         s.stop()
+
+
+SCHEMA = {"type": "object", "properties": {"cat": {"type": "boolean"}, "n": {"type": "integer", "maximum": 9,
+                                                                            "minimum": 0}},
+          "required": ["cat", "n"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_response_format_answers_parse(server, client, loaded, stream):
+    # The tiny random model otherwise writes noise: every answer parsing is the constraint's doing.
+    formats = [{"type": "json_schema", "json_schema": {"name": "cat", "schema": SCHEMA}}, {"type": "json_object"}]
+    for response_format in formats:
+        for seed in range(3):
+            kw = dict(max_tokens=120, temperature=1.0, seed=seed, response_format=response_format)
+            if stream:
+                (text, _, finish), = streamed(client, **kw)
+            else:
+                r = create(client, **kw)
+                text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert finish == "stop", text
+            answer = json.loads(text)
+            assert isinstance(answer, dict)
+            if response_format["type"] == "json_schema":
+                assert set(answer) == {"cat", "n"} and isinstance(answer["cat"], bool) and 0 <= answer["n"] <= 9
+            assert text == api(loaded, max_tokens=120, temperature=1.0, seed=seed, response_format=response_format)
+    assert create(client, max_tokens=8, response_format={"type": "text"}).choices[0].message.content == api(
+        loaded, max_tokens=8)
+
+
+def test_regex_choices_and_the_detect_grammar(server, client, loaded):
+    r = create(client, max_tokens=10, n=3, temperature=1.0, seed=4, extra_body={"regex": "[0-9]{3}"})
+    assert all(re.fullmatch("[0-9]{3}", c.message.content) for c in r.choices)
+    r = create(client, "answer en is there a cat?", max_tokens=5, n=3, temperature=1.0, seed=1,
+               extra_body={"choices": ["yes", "no"]})
+    assert all(c.message.content in ("yes", "no") for c in r.choices)
+    # constrain: detect answers are well-formed boxes of the prompt's classes; the objects read all of them.
+    size = Image.open(CAT).size
+    r = create(client, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, extra_body={"constrain": True})
+    text = r.choices[0].message.content
+    assert text == api(loaded, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, constrain=True)
+    objects = r.model_extra["objects"]
+    assert objects == objects_to_json(parse_detections(text, size))
+    assert objects and all(o["label"] in ("cat", "dog") for o in objects)
+    pieces = [p for p in text.split(" ; ") if p]
+    complete = pieces if r.choices[0].finish_reason == "stop" else pieces[:-1]
+    assert len(objects) >= len(complete)
+    # An answer that already conforms is unchanged by its constraint.
+    free = api(loaded, max_tokens=12)
+    assert create(client, max_tokens=12, extra_body={"regex": re.escape(free) + ".*"}).choices[0].message.content \
+        == free
+
+
+CONSTRAINT_ERRORS = [
+    ("a bad schema", with_(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "bogus"}}}),
+     "response_format", "json schema"),
+    ("a regex that does not compile", with_(regex="("), "regex", "regex"),
+    ("a regex that matches nothing", with_(regex="[^\\s\\S]"), "regex", "matches no answer"),
+    ("constrain on a detect prompt without classes", {**with_(constrain=True), "messages": message(
+        "detect ", str(CAT))}, "constrain", "needs classes"),
+]
+
+
+@pytest.mark.parametrize("name, body, param, words", CONSTRAINT_ERRORS, ids=[c[0] for c in CONSTRAINT_ERRORS])
+def test_bad_constraints_are_a_400_before_decoding(server, name, body, param, words):
+    test_bad_values_are_a_400_naming_the_field_and_leave_nothing_running(server, name, body, param, words)
