@@ -274,3 +274,15 @@ CONSTRAINT_ERRORS = [
 @pytest.mark.parametrize("name, body, param, words", CONSTRAINT_ERRORS, ids=[c[0] for c in CONSTRAINT_ERRORS])
 def test_bad_constraints_are_a_400_before_decoding(server, name, body, param, words):
     test_bad_values_are_a_400_naming_the_field_and_leave_nothing_running(server, name, body, param, words)
+
+
+def test_each_choice_carries_its_objects(server, client, loaded):
+    size = Image.open(CAT).size
+    kw = dict(max_tokens=24, temperature=1.0, seed=8)
+    r = create(client, "detect cat ; dog", n=2, extra_body={"constrain": True}, **kw)
+    assert "objects" not in r.model_extra  # at the top only with one choice, where it always was
+    for i, c in enumerate(r.choices):
+        want = api(loaded, "detect cat ; dog", constrain=True, **{**kw, "seed": 8 + i})
+        assert c.message.content == want
+        assert c.model_extra["objects"] == objects_to_json(parse_detections(want, size))
+    assert any(c.model_extra["objects"] for c in r.choices), "the test needs a box in an answer"

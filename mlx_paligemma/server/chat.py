@@ -7,7 +7,9 @@ request without fetching or decoding anything (every field's type and every limi
 and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
 tokenizing, the stop strings (count and length: the engine's search per token grows with their length), the images
 (count, bytes, pixels, and each cut to the model's input size at once, so a waiting request holds little memory),
-max_tokens, and each fetch (mlx_paligemma.fetch: deadline, byte cap, address policy).
+max_tokens, n and num_beams (rows, counted against the queue), and each fetch (mlx_paligemma.fetch: deadline, byte
+cap, address policy). Constraints are checked for shape here; the engine compiles them and names what is wrong
+inside one (a 400 from the worker, before any decoding).
 """
 
 import base64
