@@ -40,6 +40,7 @@ from .data import Item, read_items
 from .detection import ObjectReader, objects_to_json
 from .engine import Engine, check_generation_args
 from .processor import IMAGE_TOKEN, InputError, cause, check_text, load_image
+from .sampling import logprob_json
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, mlx.launch)
@@ -317,9 +318,10 @@ def clock(seconds: float) -> str:
 
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
-    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    num_beams=args.num_beams, length_penalty=args.length_penalty, logprobs=args.logprobs or 0)
     run = cli_constraint(args)
-    engine = Engine(model, processor, batch_size=args.batch_size)
+    engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder) if args.json else None
     running = {}  # uid -> [index, size of the first image, answer so far]
     queue = iter(todo)
@@ -342,16 +344,20 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     sink.add(index, line_of(item, error=str(e)))
                     progress.update(items=1, errors=1)
                     continue
-                running[uid] = [index, images[0].size, ""]
+                running[uid] = [index, images[0].size, "", []]
             if not engine.has_work:
                 break
             outputs = engine.step()
             for out in outputs:
                 entry = running[out.uid]
                 entry[2] += out.text
+                if args.logprobs is not None and out.sequences is None:
+                    entry[3].append(logprob_json(processor.tokenizer.decode, out.token, out.logprob, out.top_logprobs))
                 if out.finish_reason:
-                    index, size, text = running.pop(out.uid)
+                    index, size, text, logprobs = running.pop(out.uid)
                     result = {"answer": text}
+                    if args.logprobs is not None:
+                        result["logprobs"] = logprobs
                     if objects is not None and has_objects(items[index].prompt):
                         result["objects"] = objects_to_json(objects(text, size))
                     sink.add(index, line_of(items[index], **result))
@@ -390,6 +396,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling, 1: off")
     p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample from the k likeliest, 0: off")
     p.add_argument("--seed", type=int, default=None, help="with --temperature: item i samples with seed + i")
+    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
+                   "generate(num_beams=...); 1 is off")
+    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
+                   help="beam search: a finished answer scores its log-probability / length ** this")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help='add "logprobs" to each line: every '
+                   "token's log-probability and its K likeliest alternatives (0: none) (default: off)")
+    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: each answer bitwise "
+                   "what the item gives alone, whatever shares its steps (slower)")
     constraint = p.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", default=None, help="answers are JSON valid against "
                             'this schema (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
@@ -422,7 +436,10 @@ def check_writable(out: Path) -> None:
 
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
-    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed)
+    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed,
+                          logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty)
+    if args.logprobs is not None and args.num_beams > 1:
+        raise InputError("--logprobs with --num-beams: a beam search's answer carries no per-token log-probabilities")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None:

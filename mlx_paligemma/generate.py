@@ -23,6 +23,7 @@ from .constraints import cli_constraint
 from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, load_image
+from .sampling import logprob_json
 
 
 @dataclass
@@ -274,8 +275,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache, for long "
                    "prompts (default: off)")
-    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search (1: off), as "
-                   "transformers' generate(num_beams=...)")
+    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
+                   "generate(num_beams=...); 1 is off")
     p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
                    help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-probability "
@@ -303,9 +304,7 @@ def build_parser() -> ArgumentParser:
 def report_logprobs(responses: Sequence[GenerationResponse], processor, args) -> None:
     """--logprobs: a line a token (id, piece, log-probability, alternatives) on stderr, or with --json the same
     as one JSON object on stdout before the answer's."""
-    decode = processor.tokenizer.decode
-    rows = [{"token": r.token, "text": decode([r.token]), "logprob": r.logprob,
-             "top_logprobs": [{"token": t, "text": decode([t]), "logprob": v} for t, v in r.top_logprobs or []]}
+    rows = [logprob_json(processor.tokenizer.decode, r.token, r.logprob, r.top_logprobs)
             for r in responses if r.sequences is None]
     if args.json:
         print(json.dumps({"logprobs": rows}))

@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mlx_paligemma as mp
@@ -315,3 +316,34 @@ def test_unwritable_output_folder_folder_without_prompt_and_another_runs_output(
     assert main(args(data, other) + ["--model", "no-model"]) == 1
     assert "line 2 is not the output for item 2 of the input" in capsys.readouterr().err
     assert other.read_bytes() == before
+
+
+def test_beams_logprobs_and_deterministic_runs_equal_the_api(tmp_path, model):
+    data = write_dataset(tmp_path)
+    good = [line for line in LINES if isinstance(line, dict) and line["image"] in ("chelsea.jpg", "coffee.jpg")]
+    (tmp_path / "good.jsonl").write_text("".join(json.dumps(line) + "\n" for line in good))
+    data = tmp_path / "good.jsonl"
+    runs = {"beams": ("--num-beams", "2", "--length-penalty", "0.5"), "logprobs": ("--logprobs", "2"),
+            "deterministic": ("--deterministic",)}
+    for name, more in runs.items():
+        assert main(args(data, tmp_path / f"{name}.jsonl", *more)) == 0
+    for item, beams, logprobs, fixed in zip(good, *(read(tmp_path / f"{n}.jsonl") for n in runs)):
+        images = [str(tmp_path / item["image"])]
+        assert beams["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, num_beams=2,
+                                              length_penalty=0.5)
+        alone = mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, logprobs=2)
+        assert logprobs["answer"] == alone.text
+        assert [t["token"] for t in logprobs["logprobs"]] == alone.tokens
+        np.testing.assert_allclose([t["logprob"] for t in logprobs["logprobs"]], alone.logprobs, rtol=0, atol=1e-5)
+        assert [[a["token"] for a in t["top_logprobs"]] for t in logprobs["logprobs"]] == \
+            [[i for i, _ in top] for top in alone.top_logprobs]
+        assert fixed["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS,
+                                              batch_invariant=True)
+        assert "logprobs" not in beams and "logprobs" not in fixed
+
+
+def test_logprobs_with_beams_is_one_line(tmp_path, capsys):
+    data = write_dataset(tmp_path)
+    assert main(args(data, tmp_path / "out.jsonl", "--num-beams", "2", "--logprobs", "1")) == 1
+    assert capsys.readouterr().err.strip().endswith("carries no per-token log-probabilities")
+    assert not (tmp_path / "out.jsonl").exists()
