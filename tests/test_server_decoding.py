@@ -13,6 +13,7 @@ from PIL import Image
 
 import mlx_paligemma as mp
 from mlx_paligemma.detection import objects_to_json, parse_detections
+from conftest import FIXTURES
 from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
 
 CAT = IMAGES / "chelsea.jpg"
@@ -68,10 +69,10 @@ def test_logprobs_equal_the_api(server, client, loaded, prompt, image):
     assert r.choices[0].message.content == want.text
     assert [e.logprob for e in content] == want.logprobs  # one request alone: the same batch shape, bitwise
     assert [[t.logprob for t in e.top_logprobs] for e in content] == [[v for _, v in top] for top in want.top_logprobs]
-    # Each entry's bytes are its token's: the answer's bytes are theirs joined (<eos> and other specials aside).
+    # Each entry's bytes are its token's: the answer's bytes are theirs joined; <eos> has none.
     model, processor = loaded
-    specials = set(processor.tokenizer.specials.values())
-    text = b"".join(bytes(e.bytes) for e, t in zip(content, want.tokens) if t not in specials).decode("utf-8", "replace")
+    assert [e.bytes is None for e in content] == [t in processor.tokenizer.specials.values() for t in want.tokens]
+    text = b"".join(bytes(e.bytes or []) for e in content).decode("utf-8", "replace")
     assert text.strip() == want.text.strip()
     for e, top in zip(content, want.top_logprobs):
         assert e.top_logprobs[0].logprob >= e.logprob - 1e-6 or e.token in [t.token for t in e.top_logprobs]
@@ -286,3 +287,30 @@ def test_each_choice_carries_its_objects(server, client, loaded):
         assert c.message.content == want
         assert c.model_extra["objects"] == objects_to_json(parse_detections(want, size))
     assert any(c.model_extra["objects"] for c in r.choices), "the test needs a box in an answer"
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.json", "tokenizer.model"])
+def test_token_bytes_join_to_the_decoded_text(tmp_path, kind):
+    """logprobs' bytes, for both tokenizer backends: those of any ids joined are the text the tokenizer decodes
+    (byte-fallback pieces aside, which spell characters only together: decoders differ on a broken sequence; and
+    <unk>, which sentencepiece decodes as " \u2047 ")."""
+    import random
+    import shutil
+
+    from mlx_paligemma.processor import Tokenizer
+    from mlx_paligemma.server.worker import piece
+
+    shutil.copy(FIXTURES / "paligemma-tiny" / kind, tmp_path / kind)
+    tokenizer = Tokenizer(tmp_path)
+    ordinary = [i for i in range(tokenizer.vocab_size) if i == tokenizer.image_id
+                or not re.fullmatch(r"<0x[0-9A-F]{2}>|<unk>", tokenizer.id_to_piece(i))]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.choice(ordinary) for _ in range(8)]
+        entries = [piece(tokenizer, i) for i in ids]
+        assert b"".join(bytes(e["bytes"] or []) for e in entries).decode() == tokenizer.decode(ids)
+        assert "".join(e["token"] for e in entries if e["bytes"] is not None) == tokenizer.decode(ids)
+    assert piece(tokenizer, tokenizer.eos_id) == {"token": "<eos>", "bytes": None}
+    assert piece(tokenizer, tokenizer.vocab_size + 5) == {"token": "", "bytes": None}
+    byte = tokenizer.piece_to_id("<0xE2>")
+    assert piece(tokenizer, byte) == {"token": "bytes:\\xe2", "bytes": [0xE2]}

@@ -287,11 +287,15 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 def piece(tokenizer, token: int) -> dict:
     """OpenAI's token and bytes of an id: its sentencepiece piece with "\u2581" as a space; a byte-fallback piece
-    <0xNN> is that byte (its token "bytes:\\xNN" when it is not a character alone); ids beyond the tokenizer's
-    pieces (a padded embedding) are empty."""
+    <0xNN> is that byte (its token "bytes:\\xNN" when it is not a character alone). Special tokens (<eos>, ...)
+    print as nothing in the answer: their bytes are null, as OpenAI's for a token without bytes, and so are those
+    of ids beyond the tokenizer's pieces (a padded embedding), whose token is empty."""
+    special = [name for name, i in tokenizer.specials.items() if i == token]  # <image> may have no piece
+    if special:
+        return {"token": special[0], "bytes": None}
     text = tokenizer.id_to_piece(token) if 0 <= token < tokenizer.vocab_size else None
     if text is None:
-        return {"token": "", "bytes": []}
+        return {"token": "", "bytes": None}
     byte = _BYTE_PIECE.fullmatch(text)
     if byte:
         value = int(byte.group(1), 16)
