@@ -40,7 +40,7 @@ class Job:
     @property
     def rows(self) -> int:
         """Engine rows the request holds: its beams, or one per choice."""
-        return max(self.settings.get("num_beams", 1), 1) if self.beams else self.n
+        return self.settings["num_beams"] if self.beams else self.n
 
     @property
     def beams(self) -> bool:
