@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import ArgumentParser, run_main
+from .cli import ArgumentParser, add_decoding_arguments, run_main
 from .constraints import cli_constraint
 from .data import Item, read_items
 from .detection import ObjectReader, objects_to_json
@@ -396,24 +396,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling, 1: off")
     p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample from the k likeliest, 0: off")
     p.add_argument("--seed", type=int, default=None, help="with --temperature: item i samples with seed + i")
-    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
-                   "generate(num_beams=...); 1 is off")
-    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
-                   help="beam search: a finished answer scores its log-probability / length ** this")
-    p.add_argument("--logprobs", type=int, default=None, metavar="K", help='add "logprobs" to each line: every '
-                   "token's log-probability and its K likeliest alternatives (0: none) (default: off)")
-    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: each answer bitwise "
-                   "what the item gives alone, whatever shares its steps (slower)")
-    constraint = p.add_mutually_exclusive_group()
-    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="answers are JSON valid against "
-                            'this schema (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
-                            "replaces the run's constraint) (default: off)")
-    constraint.add_argument("--regex", default=None, help="each whole answer matches this regular expression "
-                            "(default: off)")
-    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="each answer is one of these "
-                            "comma-separated strings (default: off)")
-    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
-                            "(and masks) whose labels are among the prompt's classes (default: off)")
+    add_decoding_arguments(p, logprobs_help='add "logprobs" to each line: every token\'s log-probability and '
+                           "its K likeliest alternatives (0: none)",
+                           constraint_note=' (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
+                           "replaces the run's constraint)")
     p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")

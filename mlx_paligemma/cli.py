@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Optional
 
+from . import defaults
 from .processor import InputError
 
 
@@ -83,3 +84,23 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         print(f"error: unexpected {type(e).__name__}: {cause} (MLX_PALIGEMMA_DEBUG=1 shows where)", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser, logprobs_help: str, constraint_note: str = "") -> None:
+    """Beams, log-probabilities, determinism and structured output: the same options on generate and batch."""
+    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
+                   "generate(num_beams=...); 1 is off")
+    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
+                   help="beam search: a finished answer scores its log-probability / length ** this")
+    p.add_argument("--logprobs", type=int, default=None, metavar="K", help=logprobs_help + " (default: off)")
+    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: each answer bitwise "
+                   "what it is alone, whatever shares its decode steps (slower)")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="answers are JSON valid against "
+                            f"this schema{constraint_note} (default: off)")
+    constraint.add_argument("--regex", default=None, help="each whole answer matches this regular expression "
+                            "(default: off)")
+    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="each answer is one of these "
+                            "comma-separated strings (default: off)")
+    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
+                            "(and masks) whose labels are among the prompt's classes (default: off)")

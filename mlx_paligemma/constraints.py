@@ -56,7 +56,8 @@ class _Vocabulary:
     def __init__(self, tokenizer: Tokenizer):
         llguidance = _llguidance()
         # <image> may follow the file's pieces (Tokenizer adds it when the file lacks it).
-        pieces = [IMAGE_TOKEN if i == tokenizer.image_id else tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        pieces = [IMAGE_TOKEN if i == tokenizer.image_id else tokenizer.id_to_piece(i)
+                  for i in range(tokenizer.vocab_size)]
         # Gemma's pieces: "▁" stands for a space, <0xNN> for one byte (byte fallback); both tokenizer kinds agree.
         tokens = [bytes([int(m.group(1), 16)]) if (m := _BYTE.fullmatch(p)) else p.replace("\u2581", " ").encode()
                   for p in pieces]

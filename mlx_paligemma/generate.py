@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, add_decoding_arguments, command, run_main
 from .beams import BeamSequence
 from .constraints import cli_constraint
 from .engine import Engine, Output, Request, check_generation_args
@@ -101,10 +101,11 @@ def stream_generate(
 ) -> Generator[GenerationResponse, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated. Stops at eos.
     More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop, and the structured
-    output keywords response_format, json_schema, regex, choices, constrain) as for batch_generate. Each response carries its token's log-probability, and with `logprobs=k` the k most likely
-    alternatives. A beam search (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as
-    transformers') yields one response when it ends, with its best sequences. mlx-vlm's order,
-    `(model, processor, prompt, image=...)`, is read as such."""
+    output keywords response_format, json_schema, regex, choices, constrain) as for batch_generate. Each response
+    carries its token's log-probability, and with `logprobs=k` the k most likely alternatives. A beam search
+    (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as transformers') yields one response
+    when it ends, with its best sequences. mlx-vlm's order, `(model, processor, prompt, image=...)`, is read as
+    such."""
     images, prompt = neighbour_order(images, prompt, settings)
     check_keywords(stream_generate, settings)
     if settings.get("logprobs") is None:
@@ -178,9 +179,10 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     stop, logprobs, num_beams, ...) applies to each prompt, and each answer is what generate returns for those
     settings. Structured output, at most one of: response_format (OpenAI's json_schema / json_object),
     json_schema (a dict or its JSON text), regex (the whole answer matches), choices (a list of strings), or
-    constrain=True (detect/segment answers: well-formed boxes, labels among the prompt's classes). batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost
-    of decoding requests side by side rather than together. Images are read as their rows are about to join, so a long list streams through in bounded
-    memory; a bad image or prompt raises InputError naming its index."""
+    constrain=True (detect/segment answers: well-formed boxes, labels among the prompt's classes).
+    batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost of decoding
+    requests side by side rather than together. Images are read as their rows are about to join, so a long list
+    streams through in bounded memory; a bad image or prompt raises InputError naming its index."""
     check_keywords(batch_generate, settings)
     logprobs = settings.pop("logprobs", None)
     if logprobs is not None:
@@ -275,23 +277,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache, for long "
                    "prompts (default: off)")
-    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
-                   "generate(num_beams=...); 1 is off")
-    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
-                   help="beam search: a finished answer scores its log-probability / length ** this")
-    p.add_argument("--logprobs", type=int, default=None, metavar="K", help="print each token's log-probability "
-                   "and its K likeliest alternatives (with --json: in the object) (default: off)")
-    constraint = p.add_mutually_exclusive_group()
-    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="the answer is JSON valid against "
-                            "this schema (default: off)")
-    constraint.add_argument("--regex", default=None, help="the whole answer matches this regular expression "
-                            "(default: off)")
-    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="the answer is one of these "
-                            "comma-separated strings (default: off)")
-    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
-                            "(and masks) whose labels are among the prompt's classes (default: off)")
-    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: the answer is "
-                   "bitwise the same whatever batch it would share")
+    add_decoding_arguments(p, logprobs_help="print each token's log-probability and its K likeliest "
+                           "alternatives (with --json: in the object)")
     p.add_argument("--verbose", action="store_true", help="print speed and peak memory")
     p.add_argument("--json", action="store_true", help='print one JSON object: {"answer": ...}, with "objects" '
                    "(boxes, masks) for detect/segment prompts")

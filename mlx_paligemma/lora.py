@@ -89,7 +89,8 @@ def build_parser() -> ArgumentParser:
                    help="with attention or full: also train the vision tower and the projector")
     p.add_argument("--iters", type=int, default=d.iters, help="training steps")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples a step, per process under mlx.launch")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak rate, after warm-up, then a cosine decay")
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
+                   help="peak rate, after warm-up, then a cosine decay")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a tenth of --iters)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="> 0 uses AdamW")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0: off")

@@ -78,7 +78,8 @@ class Picked:
             ids = mx.zeros((n, width - have), mx.int32)
             values = mx.full((n, width - have), -mx.inf)
             if have:
-                ids, values = mx.concatenate([p.top_ids.astype(mx.int32), ids], 1), mx.concatenate([p.top_values, values], 1)
+                ids = mx.concatenate([p.top_ids.astype(mx.int32), ids], 1)
+                values = mx.concatenate([p.top_values, values], 1)
             return ids, values
 
         (a_ids, a_values), (b_ids, b_values) = padded(self), padded(other)

@@ -267,7 +267,8 @@ def _same_model(a, b) -> bool:
 def check_resume(folder: Path, config: dict) -> None:
     """Refuse, in one line and before anything is written, a checkpoint trained with other settings than `config`:
     resuming it would overwrite a good checkpoint with one that cannot load or has lost tensors."""
-    missing = [name for name in (CONFIG_FILE, ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / name).is_file()]
+    names = (CONFIG_FILE, ADAPTER_FILE, OPTIMIZER_FILE, STATE_FILE)
+    missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise InputError(f"nothing to resume in {folder}: no {', '.join(missing)}")
     saved = read_json_object(folder / CONFIG_FILE)

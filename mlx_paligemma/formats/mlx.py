@@ -79,7 +79,8 @@ def _fields(cls, d: dict, where: str) -> dict:
     for f in dataclasses.fields(cls):
         if d.get(f.name) is not None:
             if not _accepts(f.type, d[f.name]):
-                raise InputError(f"{where}: {f.name} is {reprlib.repr(d[f.name])}, expected {getattr(f.type, '__name__', f.type)}")
+                expected = getattr(f.type, "__name__", f.type)
+                raise InputError(f"{where}: {f.name} is {reprlib.repr(d[f.name])}, expected {expected}")
             out[f.name] = d[f.name]
     return out
 
@@ -150,7 +151,8 @@ def parse_config(config: dict, file) -> ModelConfig:
     text = _section(config, "text_config", file)
     text.setdefault("model_type", "gemma")
     if text["model_type"] not in ("gemma", "gemma2"):
-        raise InputError(f"unknown text model type {reprlib.repr(text['model_type'])} in {file}: expected 'gemma' or 'gemma2'")
+        raise InputError(f"unknown text model type {reprlib.repr(text['model_type'])} in {file}: "
+                         "expected 'gemma' or 'gemma2'")
     # Newer transformers nest rope_theta in rope_parameters.
     rope = _section(text, "rope_parameters", f"{file}: text_config")
     if "rope_theta" in rope:

@@ -1,4 +1,6 @@
-"""python -m mlx_paligemma.server --model M [--host 127.0.0.1] [--port 8080] ...: see mlx_paligemma/server/__init__.py."""
+"""python -m mlx_paligemma.server --model M [--host 127.0.0.1] [--port 8080] ...
+
+See mlx_paligemma/server/__init__.py."""
 
 import argparse
 import contextlib
@@ -41,7 +43,8 @@ def build_parser() -> ArgumentParser:
                    help="the model's name in the API (`model` of requests, /v1/models) (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
-    p.add_argument("--batch-size", type=positive(int), default=defaults.BATCH_SIZE, help="rows sharing each decode step")
+    p.add_argument("--batch-size", type=positive(int), default=defaults.BATCH_SIZE,
+                   help="rows sharing each decode step")
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant decoding: every answer's tokens and log-probabilities bitwise those of the "
                         "request run alone, whatever shares the steps (each request decodes in a batch of its own)")
