@@ -37,9 +37,9 @@ from . import defaults
 from .cli import ArgumentParser, add_decoding_arguments, run_main
 from .constraints import cli_constraint
 from .data import Item, read_items
-from .detection import ObjectReader, objects_to_json
+from .detection import ObjectReader, has_objects, objects_to_json
 from .engine import Engine, check_generation_args
-from .processor import IMAGE_TOKEN, InputError, cause, check_text, load_image
+from .processor import InputError, cause, check_text, load_image
 from .sampling import logprob_json
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
@@ -374,11 +374,6 @@ def item_constraint(item: Item, run: dict) -> dict:
     if "choices" in own and isinstance(own["choices"], str):
         own["choices"] = own["choices"].split(",")
     return own or run
-
-
-def has_objects(prompt: str) -> bool:
-    """detect and segment answers are boxes and masks; other answers are text only (generate --json's rule)."""
-    return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
 
 
 def build_parser() -> ArgumentParser:

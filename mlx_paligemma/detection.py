@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .mask_decoder import MaskDecoder, paste_mask, pixel_box
+from .processor import IMAGE_TOKEN
 
 # Seg tokens are matched in any number so that a mask cut short is seen (and the object dropped), not taken for a label.
 _OBJECT = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*((?:<seg\d{3}>\s*)*)([^;<]*)")
@@ -25,6 +26,12 @@ _SEG = re.compile(r"<seg(\d{3})>")
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 
+
+
+def has_objects(prompt: str) -> bool:
+    """The one rule for which answers are boxes and masks: those to a detect or segment prompt (after any
+    <image> markers); other answers are text only."""
+    return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
 
 @dataclass
 class DetectedObject:

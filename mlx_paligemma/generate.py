@@ -22,7 +22,7 @@ from .beams import BeamSequence
 from .constraints import cli_constraint
 from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
-from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, load_image
+from .processor import InputError, PaliGemmaProcessor, load_image
 from .sampling import logprob_json
 
 
@@ -303,7 +303,7 @@ def report_logprobs(responses: Sequence[GenerationResponse], processor, args) ->
 
 def report_objects(text: str, image, args) -> None:
     """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image."""
-    from .detection import ObjectReader, draw_detections, objects_to_json
+    from .detection import ObjectReader, draw_detections, has_objects, objects_to_json
     from .formats.mlx import atomic_file
     from .processor import to_rgb
 
@@ -317,11 +317,6 @@ def report_objects(text: str, image, args) -> None:
         with atomic_file(args.draw) as tmp:
             draw_detections(to_rgb(image), objects).save(tmp)
         print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
-
-
-def has_objects(prompt: str) -> bool:
-    """detect and segment answers are boxes and masks; other answers are text only."""
-    return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
 
 
 def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:

@@ -7,6 +7,7 @@ running."""
 import json
 import re
 
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -67,8 +68,11 @@ def test_logprobs_equal_the_api(server, client, loaded, prompt, image):
     r = create(client, prompt, image, max_tokens=12, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
     assert r.choices[0].message.content == want.text
-    assert [e.logprob for e in content] == want.logprobs  # one request alone: the same batch shape, bitwise
-    assert [[t.logprob for t in e.top_logprobs] for e in content] == [[v for _, v in top] for top in want.top_logprobs]
+    # Within float32 rounding, not bitwise: the server is another process, and this one's earlier MLX work (the
+    # mask decoder's convolutions in test_detection, run first) changes the last bits of the same computation here.
+    np.testing.assert_allclose([e.logprob for e in content], want.logprobs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose([[t.logprob for t in e.top_logprobs] for e in content],
+                               [[v for _, v in top] for top in want.top_logprobs], rtol=0, atol=1e-5)
     # Each entry's bytes are its token's: the answer's bytes are theirs joined; <eos> has none.
     model, processor = loaded
     assert [e.bytes is None for e in content] == [t in processor.tokenizer.specials.values() for t in want.tokens]
@@ -89,7 +93,8 @@ def test_logprobs_off_and_without_alternatives(server, client, loaded):
     r = create(client, max_tokens=6)
     assert r.choices[0].logprobs is None
     r = create(client, max_tokens=6, logprobs=True)
-    assert [e.logprob for e in r.choices[0].logprobs.content] == api(loaded, max_tokens=6, logprobs=0).logprobs
+    np.testing.assert_allclose([e.logprob for e in r.choices[0].logprobs.content],
+                               api(loaded, max_tokens=6, logprobs=0).logprobs, rtol=0, atol=1e-5)  # see above
     assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
@@ -196,7 +201,7 @@ def test_bad_values_are_a_400_naming_the_field_and_leave_nothing_running(server,
     assert call(server.url + "/v1/chat/completions", good(), AUTH)[0] == 200
 
 
-def test_deterministic_rows_are_bitwise_those_alone(loaded):
+def test_deterministic_rows_equal_the_api_alone(loaded):
     s = Server(MODEL, "--api-key", KEY, "--deterministic", "--batch-size", "4")
     try:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
@@ -205,9 +210,11 @@ def test_deterministic_rows_are_bitwise_those_alone(loaded):
         for i, c in enumerate(r.choices):
             want = api(loaded, max_tokens=12, temperature=1.0, seed=21 + i, logprobs=2)
             assert c.message.content == want.text
-            assert [e.logprob for e in c.logprobs.content] == want.logprobs
-            assert [[t.logprob for t in e.top_logprobs] for e in c.logprobs.content] == [
-                [v for _, v in top] for top in want.top_logprobs]
+            # Tokens exactly; values to float32 rounding across processes (see test_logprobs_equal_the_api). That
+            # rows are bitwise alone within one process whatever shares the steps: tests/test_batch_invariant.py.
+            np.testing.assert_allclose([e.logprob for e in c.logprobs.content], want.logprobs, rtol=0, atol=1e-5)
+            np.testing.assert_allclose([[t.logprob for t in e.top_logprobs] for e in c.logprobs.content],
+                                       [[v for _, v in top] for top in want.top_logprobs], rtol=0, atol=1e-5)
     finally:
         s.stop()
 

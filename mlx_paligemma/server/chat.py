@@ -26,12 +26,12 @@ from typing import Any, List, Optional
 from PIL import Image, ImageOps
 
 from .. import defaults
+from ..detection import has_objects
 from ..engine import MAX_LOGPROBS, Request
 from ..fetch import fetch, read_local, shown, unreachable
 from ..processor import InputError, cause, check_text, to_rgb
 from .worker import Job
 
-TASKS = ("detect ", "segment ")  # prompts whose answers are parsed into objects unless the request says otherwise
 
 
 @dataclass
@@ -109,7 +109,7 @@ def check_request(body: Any, limits: Limits) -> Checked:
         check_source(url, limits)
     objects = body.get("objects")
     if objects is None:
-        objects = prompt.startswith(TASKS)
+        objects = has_objects(prompt)  # unless the request says otherwise
     elif not isinstance(objects, bool):
         raise bad(f"objects must be true or false, got {reprlib.repr(objects)}", "objects")
     stream = body.get("stream")
