@@ -34,10 +34,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import ArgumentParser, add_decoding_arguments, run_main
+from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, run_main
 from .constraints import cli_constraint
 from .data import Item, read_items
-from .detection import ObjectReader, has_objects, objects_to_json
+from .detection import ObjectReader, check_min_score, has_objects, objects_to_json
 from .engine import Engine, check_generation_args
 from .processor import InputError, cause, check_text, load_image
 from .sampling import logprob_json
@@ -322,8 +322,8 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     num_beams=args.num_beams, length_penalty=args.length_penalty, logprobs=args.logprobs or 0)
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
-    objects = ObjectReader(args.mask_decoder) if args.json else None
-    running = {}  # uid -> [index, size of the first image, answer so far]
+    objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
+    running = {}  # uid -> [index, size of the first image, answer so far, --logprobs entries, tokens, logprobs]
     queue = iter(todo)
     with engine.running():
         while True:
@@ -344,22 +344,29 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
                     sink.add(index, line_of(item, error=str(e)))
                     progress.update(items=1, errors=1)
                     continue
-                running[uid] = [index, images[0].size, "", []]
+                running[uid] = [index, images[0].size, "", [], [], []]
             if not engine.has_work:
                 break
             outputs = engine.step()
             for out in outputs:
                 entry = running[out.uid]
                 entry[2] += out.text
-                if args.logprobs is not None and out.sequences is None:
-                    entry[3].append(logprob_json(processor.tokenizer.decode, out.token, out.logprob, out.top_logprobs))
+                # A beam search's one output is its best sequence, tokens and log-probabilities all at once.
+                best = out.sequences[0] if out.sequences is not None else None
+                tokens, values = (best.tokens, best.logprobs) if best else ([out.token], [out.logprob])
+                entry[4] += tokens
+                entry[5] += values
+                if args.logprobs is not None:
+                    tops = [out.top_logprobs] if best is None else [[]] * len(tokens)
+                    entry[3] += [logprob_json(processor.tokenizer.decode, t, v, top)
+                                 for t, v, top in zip(tokens, values, tops)]
                 if out.finish_reason:
-                    index, size, text, logprobs = running.pop(out.uid)
+                    index, size, text, logprobs, tokens, values = running.pop(out.uid)
                     result = {"answer": text}
                     if args.logprobs is not None:
                         result["logprobs"] = logprobs
                     if objects is not None and has_objects(items[index].prompt):
-                        result["objects"] = objects_to_json(objects(text, size))
+                        result["objects"] = objects_to_json(objects(text, size, tokens, values))
                     sink.add(index, line_of(items[index], **result))
                     progress.update(items=1)
             progress.update(tokens=len(outputs))
@@ -396,8 +403,7 @@ def build_parser() -> ArgumentParser:
                            constraint_note=' (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
                            "replaces the run's constraint)")
     p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
-    p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
-                   "answers (default: big_vision's, downloaded once)")
+    add_object_arguments(p)
     return p
 
 
@@ -419,8 +425,7 @@ def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
     check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed,
                           logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty)
-    if args.logprobs is not None and args.num_beams > 1:
-        raise InputError("--logprobs with --num-beams: a beam search's answer carries no per-token log-probabilities")
+    check_min_score(args.min_score)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None:

@@ -9,7 +9,7 @@ counts the generated tokens, <eos> included), and the search stops when the heur
 "never") or the count of finished hypotheses (early_stopping True) says no running beam can do better.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Tuple, Union
 
 import mlx.core as mx
@@ -23,6 +23,7 @@ class BeamSequence:
     tokens: List[int]  # the generated tokens, <eos> included when the hypothesis ended with it
     score: float  # summed log-probability / len(tokens) ** length_penalty, transformers' sequences_scores
     text: str = ""
+    logprobs: List[float] = field(default_factory=list)  # each token's log-probability where it was chosen
 
 
 class BeamGroup:
@@ -31,10 +32,12 @@ class BeamGroup:
         self.num_beams, self.length_penalty, self.early_stopping = num_beams, length_penalty, early_stopping
         self.eos_id, self.max_steps = eos_id, max_steps
         self.running: List[List[int]] = [[] for _ in range(num_beams)]
+        self.running_logprobs: List[List[float]] = [[] for _ in range(num_beams)]
         # Only the first beam's continuations count at the first step (all beams hold the same prefix).
         self.running_scores = np.full(num_beams, NEG, np.float32)
         self.running_scores[0] = 0
         self.finished: List[List[int]] = [[] for _ in range(num_beams)]
+        self.finished_logprobs: List[List[float]] = [[] for _ in range(num_beams)]
         self.finished_scores = np.full(num_beams, NEG, np.float32)
         self.is_finished = np.zeros(num_beams, bool)
         self.improvable = True  # transformers' is_early_stop_heuristic_unsatisfied
@@ -48,19 +51,24 @@ class BeamGroup:
         k = 2 * nb  # max(2, 1 + one eos id) * num_beams candidates, so num_beams of them can go on
         flat = (logprobs + mx.array(self.running_scores)[:, None]).reshape(-1)
         idx = mx.argpartition(-flat, kth=k - 1)[:k]
-        values, idx = np.array(flat[idx]), np.array(idx)
+        # Each candidate's own token log-probability, read from the distribution (not running score differences,
+        # which float rounding would blur), so a beam's tokens carry their values as sampled tokens do.
+        own = logprobs.reshape(-1)[idx]
+        values, idx, own = np.array(flat[idx]), np.array(idx), np.array(own)
         order = np.argsort(-values, kind="stable")
-        values, idx = values[order], idx[order]
+        values, idx, own = values[order], idx[order], own[order]
         parents, tokens = idx // vocab, idx % vocab
         self.steps += 1
         n = self.steps
         hits = (tokens == self.eos_id) | (n >= self.max_steps)
         candidates = [self.running[p] + [int(t)] for p, t in zip(parents, tokens)]
+        candidate_logprobs = [self.running_logprobs[p] + [float(v)] for p, v in zip(parents, own)]
 
         # The best num_beams candidates that go on.
         go_on = values + hits.astype(np.float32) * NEG
         keep = np.argsort(-go_on, kind="stable")[:nb]
         self.running = [candidates[i] for i in keep]
+        self.running_logprobs = [candidate_logprobs[i] for i in keep]
         self.running_scores = go_on[keep]
 
         # Finished hypotheses: only the top num_beams candidates may join, and only while they can still matter.
@@ -77,6 +85,7 @@ class BeamGroup:
         pool = self.finished + candidates
         flags = np.concatenate([self.is_finished, just])
         self.finished = [pool[i] for i in best]
+        self.finished_logprobs = [(self.finished_logprobs + candidate_logprobs)[i] for i in best]
         self.finished_scores, self.is_finished = merged[best], flags[best]
 
         length = self.max_steps if self.early_stopping == "never" and self.length_penalty > 0 else n
@@ -89,4 +98,5 @@ class BeamGroup:
 
     def results(self, count: int) -> List[BeamSequence]:
         """The best `count` finished hypotheses, best first."""
-        return [BeamSequence(list(t), float(s)) for t, s in zip(self.finished[:count], self.finished_scores[:count])]
+        return [BeamSequence(list(t), float(s), logprobs=list(lp))
+                for t, s, lp in zip(self.finished[:count], self.finished_scores[:count], self.finished_logprobs)]

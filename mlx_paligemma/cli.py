@@ -104,3 +104,11 @@ def add_decoding_arguments(p: argparse.ArgumentParser, logprobs_help: str, const
                             "comma-separated strings (default: off)")
     constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
                             "(and masks) whose labels are among the prompt's classes (default: off)")
+
+
+def add_object_arguments(p: argparse.ArgumentParser) -> None:
+    """Detect/segment answers as objects: the same options on generate and batch."""
+    p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
+                   "answers (default: big_vision's, downloaded once)")
+    p.add_argument("--min-score", type=float, default=defaults.MIN_SCORE, help="leave out objects whose score (the "
+                   "mean probability of their box and label tokens) is below this")

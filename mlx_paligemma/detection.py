@@ -16,8 +16,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import defaults
 from .mask_decoder import MaskDecoder, paste_mask, pixel_box
-from .processor import IMAGE_TOKEN
+from .processor import IMAGE_TOKEN, InputError
 
 # Seg tokens are matched in any number so that a mask cut short is seen (and the object dropped), not taken for a label.
 _OBJECT = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*((?:<seg\d{3}>\s*)*)([^;<]*)")
@@ -93,17 +94,36 @@ def add_masks(objects: Sequence[DetectedObject], mask_decoder: MaskDecoder,
     return objects
 
 
+def check_min_score(min_score) -> float:
+    """--min-score / min_score: a probability, 0 (the default) keeps every object."""
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 1:
+        raise InputError(f"min_score must be a number in [0, 1], got {min_score!r}")
+    return float(min_score)
+
+
+def keep_confident(objects: Sequence[DetectedObject], min_score: float) -> List[DetectedObject]:
+    """The objects scoring at least min_score; those without a score (no log-probabilities given) stay."""
+    return [o for o in objects if o.score is None or o.score >= min_score]
+
+
 class ObjectReader:
-    """The objects of detect/segment answers, masks included: the mask decoder (`path`, or big_vision's
-    vae-oid.npz fetched once) is loaded at the first answer that has mask codes, so detect runs never need it."""
+    """The objects of detect/segment answers, scored and masks included: the mask decoder (`path`, or big_vision's
+    vae-oid.npz fetched once) is loaded at the first answer that has mask codes, so detect runs never need it.
+    Given the answer's tokens and their log-probabilities (and `decode`, the tokenizer's), each object gets its
+    score, and those below min_score are dropped before any mask is decoded."""
 
-    def __init__(self, path: Optional[str] = None):
-        self.path, self.decoder = path, None
+    def __init__(self, path: Optional[str] = None, decode: Optional[Callable[[List[int]], str]] = None,
+                 min_score: float = defaults.MIN_SCORE):
+        self.path, self.decoder, self.decode, self.min_score = path, None, decode, check_min_score(min_score)
 
-    def __call__(self, text: str, image_size: Tuple[int, int]) -> List[DetectedObject]:
+    def __call__(self, text: str, image_size: Tuple[int, int], tokens: Optional[Sequence[int]] = None,
+                 logprobs: Optional[Sequence[float]] = None) -> List[DetectedObject]:
         from .mask_decoder import fetch_vae_oid, load_mask_decoder
 
-        objects = parse_detections(text, image_size)
+        scored = tokens is not None and logprobs is not None and self.decode is not None
+        ends = token_ends(tokens, self.decode) if scored else None
+        objects = keep_confident(parse_detections(text, image_size, None, ends, logprobs if scored else None),
+                                 self.min_score)
         if any(o.codes is not None for o in objects):
             if self.decoder is None:
                 self.decoder = load_mask_decoder(self.path or fetch_vae_oid())
@@ -119,12 +139,14 @@ def _rle(mask: np.ndarray) -> dict:
 
 
 def objects_to_json(objects: Sequence[DetectedObject]) -> List[dict]:
-    """JSON-ready dicts: `label`, `box` [x0, y0, x1, y1] in pixels, `codes` (the 16 mask codes) for segmented objects,
+    """JSON-ready dicts: `label`, `box` [x0, y0, x1, y1] in pixels, `score` when known, `codes` (the 16 mask codes) for segmented objects,
     and `mask` for decoded masks, as COCO's uncompressed RLE: {"size": [height, width], "counts": run lengths over
     the pixels in column-major order, starting with a run of background} (pycocotools reads it with frPyObjects)."""
     out = []
     for o in objects:
         d = {"label": o.label, "box": [round(float(v), 2) for v in o.box]}
+        if o.score is not None:
+            d["score"] = round(o.score, 6)
         if o.codes is not None:
             d["codes"] = list(o.codes)
         if o.mask is not None:

@@ -152,6 +152,9 @@ def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.T
     number("length_penalty", length_penalty)
     if early_stopping not in (True, False, "never"):
         raise InputError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
+    if num_beams > 1 and logprobs:
+        raise InputError(f"logprobs={logprobs} with num_beams > 1: a beam search's tokens carry their own "
+                         "log-probabilities but no alternatives; leave logprobs (top alternatives) at 0")
     integer("num_return_sequences", num_return_sequences, 1)
     if num_return_sequences > num_beams:
         raise InputError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")

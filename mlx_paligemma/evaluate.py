@@ -125,7 +125,6 @@ def evaluate_examples(model, processor, examples: Sequence[Example], task: str =
     generations = generate_answers(model, processor, questions, batch_size, max_tokens, progress, num_beams,
                                    length_penalty)
     answers = [g.text for g in generations]
-    # A beam search's answers carry no per-token log-probabilities: their boxes score 1 (answer order).
     token_scores = [(token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
                     for g in generations]
     results, primary = {}, {}

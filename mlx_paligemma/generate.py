@@ -17,9 +17,10 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import ArgumentParser, add_decoding_arguments, command, run_main
+from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, command, run_main
 from .beams import BeamSequence
 from .constraints import cli_constraint
+from .detection import check_min_score
 from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
@@ -47,7 +48,7 @@ class Generation:
 
     text: str
     tokens: List[int]
-    logprobs: List[float]  # of each token; a beam search gives its tokens and no per-token values
+    logprobs: List[float]  # of each token (a beam search: the best sequence's, where each was chosen)
     top_logprobs: List[List[Tuple[int, float]]]  # k alternatives a token, most likely first
     finish_reason: Optional[str]
     sequences: Optional[List[BeamSequence]] = None
@@ -161,7 +162,7 @@ def answer(responses: Sequence, logprobs: Optional[int], num_return_sequences: i
     if logprobs is not None:
         beam = last is not None and last.sequences is not None
         return Generation(text, list(last.sequences[0].tokens) if beam else [r.token for r in responses],
-                          [] if beam else [r.logprob for r in responses],
+                          list(last.sequences[0].logprobs) if beam else [r.logprob for r in responses],
                           [] if beam or not logprobs else [r.top_logprobs for r in responses],
                           last.finish_reason if last else None, last.sequences if beam else None)
     if num_return_sequences > 1:
@@ -283,16 +284,19 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", action="store_true", help='print one JSON object: {"answer": ...}, with "objects" '
                    "(boxes, masks) for detect/segment prompts")
     p.add_argument("--draw", metavar="OUT.png", help="save the (first) image with the answer's boxes and masks")
-    p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
-                   "answers (default: big_vision's, downloaded once)")
+    add_object_arguments(p)
     return p
 
 
 def report_logprobs(responses: Sequence[GenerationResponse], processor, args) -> None:
     """--logprobs: a line a token (id, piece, log-probability, alternatives) on stderr, or with --json the same
     as one JSON object on stdout before the answer's."""
-    rows = [logprob_json(processor.tokenizer.decode, r.token, r.logprob, r.top_logprobs)
-            for r in responses if r.sequences is None]
+    last = responses[-1] if responses else None
+    if last is not None and last.sequences is not None:  # a beam search: its best sequence, without alternatives
+        best = last.sequences[0]
+        rows = [logprob_json(processor.tokenizer.decode, t, v, []) for t, v in zip(best.tokens, best.logprobs)]
+    else:
+        rows = [logprob_json(processor.tokenizer.decode, r.token, r.logprob, r.top_logprobs) for r in responses]
     if args.json:
         print(json.dumps({"logprobs": rows}))
         return
@@ -301,13 +305,20 @@ def report_logprobs(responses: Sequence[GenerationResponse], processor, args) ->
         print(f"{row['token']:>7} {row['text']!r:<16} {row['logprob']:.4f}  {alternatives}", file=sys.stderr)
 
 
-def report_objects(text: str, image, args) -> None:
-    """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image."""
+def report_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> None:
+    """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored
+    by its tokens' log-probabilities, those under --min-score left out."""
     from .detection import ObjectReader, draw_detections, has_objects, objects_to_json
     from .formats.mlx import atomic_file
     from .processor import to_rgb
 
-    objects = ObjectReader(args.mask_decoder)(text, image.size) if has_objects(args.prompt) else []
+    objects = []
+    if has_objects(args.prompt):
+        last = responses[-1]
+        tokens, logprobs = ((last.sequences[0].tokens, last.sequences[0].logprobs) if last.sequences is not None
+                            else ([r.token for r in responses], [r.logprob for r in responses]))
+        reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
+        objects = reader(text, image.size, tokens, logprobs)
     if args.json:
         answer = {"answer": text}
         if has_objects(args.prompt):
@@ -348,6 +359,7 @@ def run(args) -> int:
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty)
     check_generation_args(**settings, logprobs=args.logprobs or 0)
+    check_min_score(args.min_score)
     settings.update(cli_constraint(args))
     if args.draw:
         check_output_image(args.draw, args.image)
@@ -369,7 +381,7 @@ def run(args) -> int:
     if args.logprobs is not None:
         report_logprobs(tokens, processor, args)
     if args.json or args.draw:
-        report_objects(text, images[0], args)
+        report_objects(text, images[0], tokens, processor, args)
     if args.verbose and last is not None:
         print_stats(last, file=sys.stderr if args.json else None)
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
@@ -86,13 +87,15 @@ def test_answers_equal_generate_and_bad_items_get_error_lines(complete, model):
         images = line["image"] if isinstance(line["image"], list) else [line["image"]]
         expected = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS)
         assert line["answer"] == expected, line
-        from PIL import Image
-
-        from mlx_paligemma.detection import objects_to_json, parse_detections
+        from mlx_paligemma.detection import objects_to_json, parse_detections, token_ends
 
         size = Image.open(data.parent / images[0]).size
-        if line["prompt"].startswith("detect "):  # objects only on detect/segment answers
-            assert line["objects"] == objects_to_json(parse_detections(expected, size))
+        if line["prompt"].startswith("detect "):  # objects only on detect/segment answers, scored by their tokens
+            g = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS,
+                            logprobs=0)
+            ends = token_ends(g.tokens, model[1].tokenizer.decode)
+            assert line["objects"] == objects_to_json(parse_detections(expected, size, ends=ends, logprobs=g.logprobs))
+            assert all(0 < o["score"] <= 1 for o in line["objects"])
         else:
             assert "objects" not in line
     # The second copy of every item gives the same line (ids aside: they are line numbers).
@@ -342,8 +345,41 @@ def test_beams_logprobs_and_deterministic_runs_equal_the_api(tmp_path, model):
         assert "logprobs" not in beams and "logprobs" not in fixed
 
 
-def test_logprobs_with_beams_is_one_line(tmp_path, capsys):
+def test_logprobs_with_beams(tmp_path, capsys, model):
+    """A beam search's tokens come with their log-probabilities (those of generate's), but no alternatives."""
     data = write_dataset(tmp_path)
     assert main(args(data, tmp_path / "out.jsonl", "--num-beams", "2", "--logprobs", "1")) == 1
-    assert capsys.readouterr().err.strip().endswith("carries no per-token log-probabilities")
+    assert capsys.readouterr().err.strip().endswith("leave logprobs (top alternatives) at 0")
     assert not (tmp_path / "out.jsonl").exists()
+    assert main(args(data, tmp_path / "out.jsonl", "--num-beams", "2", "--logprobs", "0")) == 0
+    for line in read(tmp_path / "out.jsonl"):
+        if "error" in line:
+            continue
+        images = line["image"] if isinstance(line["image"], list) else [line["image"]]
+        g = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS,
+                        num_beams=2, logprobs=0)
+        assert [t["token"] for t in line["logprobs"]] == g.tokens and line["answer"] == g.text
+        np.testing.assert_allclose([t["logprob"] for t in line["logprobs"]], g.logprobs, rtol=0, atol=1e-5)
+        assert all(t["top_logprobs"] == [] for t in line["logprobs"])
+
+
+def test_min_score_leaves_out_objects(tmp_path, model):
+    """Objects scored as the API's tokens give them; --min-score keeps those at or above it, answers unchanged."""
+    from conftest import scored_objects
+
+    shutil.copy(FIXTURES / "images" / "chelsea.jpg", tmp_path / "chelsea.jpg")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"image": "chelsea.jpg", "prompt": "detect cat ; dog"}) + "\n")
+    run = ["--model", str(MODEL), "--input", str(tmp_path / "in.jsonl"), "--json", "--constrain", "--max-tokens",
+           "40", "--temperature", "1", "--seed", "2"]
+    alone = mp.generate(*model, [str(tmp_path / "chelsea.jpg")], "detect cat ; dog", max_tokens=40,
+                        temperature=1.0, seed=2, constrain=True, logprobs=0)
+    want = scored_objects(model[1], alone, Image.open(tmp_path / "chelsea.jpg").size)
+    scores = sorted({o["score"] for o in want})
+    assert len(scores) > 1, "the test needs objects of different scores"
+    middle = (scores[0] + scores[1]) / 2
+    assert main([*run, "--output", str(tmp_path / "all.jsonl")]) == 0
+    assert main([*run, "--output", str(tmp_path / "some.jsonl"), "--min-score", str(middle)]) == 0
+    [full], [some] = read(tmp_path / "all.jsonl"), read(tmp_path / "some.jsonl")
+    assert full["answer"] == some["answer"] == alone.text
+    assert full["objects"] == want
+    assert some["objects"] == [o for o in want if o["score"] >= middle]

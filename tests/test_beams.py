@@ -5,6 +5,7 @@ of <eos>, so hypotheses finish at several lengths and the length penalty, early_
 num_return_sequences decide what comes back."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -53,6 +54,11 @@ def test_beams_match_transformers(loaded, reference, cases, i):
     np.testing.assert_array_equal(ours, expected)
     np.testing.assert_allclose([s.score for r in results for s in r.sequences], scores, atol=5e-5, rtol=0)
     assert all(len(r.sequences) == count for r in results)
+    # Each token's own log-probability comes with it: summed and length-penalised, transformers' score again.
+    penalty = beam.get("length_penalty", 1.0)
+    assert all(len(s.logprobs) == len(s.tokens) for r in results for s in r.sequences)
+    np.testing.assert_allclose([math.fsum(s.logprobs) / len(s.tokens) ** penalty for r in results
+                                for s in r.sequences], scores, atol=5e-5, rtol=0)
 
 
 def test_beams_share_steps_with_other_rows(loaded, reference, cases):

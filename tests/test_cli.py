@@ -63,3 +63,33 @@ def test_cli_json_and_draw(tmp_path, model_name):
     assert isinstance(answer["answer"], str) and isinstance(answer["objects"], list)
     assert Image.open(out).size == Image.open(image).size
     assert "Peak memory" in r.stderr
+
+
+def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
+    """--json objects carry the scores their tokens' log-probabilities give (as the API's), and --min-score keeps
+    those at or above it; a min score outside [0, 1] is one line before the model loads."""
+    import json
+
+    from PIL import Image
+
+    import mlx_paligemma as mp
+    from conftest import scored_objects
+
+    model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
+    settings = ["--max-tokens", "40", "--temperature", "1", "--seed", "2", "--constrain"]
+    base = ["-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image), "--prompt",
+            "detect cat ; dog", "--json", *settings]
+    loaded = mp.load(str(model))
+    alone = mp.generate(*loaded, [str(image)], "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2,
+                        constrain=True, logprobs=0)
+    want = scored_objects(loaded[1], alone, Image.open(image).size)
+    scores = sorted({o["score"] for o in want})
+    assert len(scores) > 1, "the test needs objects of different scores"
+    r = run(*base)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want}
+    middle = (scores[0] + scores[1]) / 2
+    r = run(*base, "--min-score", str(middle))
+    assert json.loads(r.stdout)["objects"] == [o for o in want if o["score"] >= middle]
+    r = run(*base, "--min-score", "1.5")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: min_score must be a number in [0, 1], got 1.5"]

@@ -92,7 +92,7 @@ def test_decoder_matches_numpy_reference_from_npz_and_safetensors(vae):
         decoder = load_mask_decoder(folder / path)
         got = np.array(decoder(mx.array(codes, dtype=mx.int32)))
         np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=1e-4, err_msg=path)
-        np.testing.assert_allclose(decoder.decode(codes[0]), got[0], atol=1e-6)
+        np.testing.assert_allclose(decoder.decode(codes[0]), got[0], atol=1e-5)  # one code alone vs a batch: rounding
 
 
 def test_loader_rejects_wrong_shapes(vae, tmp_path):

@@ -23,8 +23,7 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from conftest import FIXTURES
-from mlx_paligemma.detection import objects_to_json, parse_detections
+from conftest import FIXTURES, scored_objects
 
 MODEL = FIXTURES / "paligemma2-tiny"
 IMAGES = FIXTURES / "images"
@@ -208,7 +207,9 @@ def test_models_and_health(server, client):
 def test_detect_answers_come_with_their_objects(server, client, loaded):
     size = Image.open(IMAGES / "chelsea.jpg").size
     text, _, _, objects = ask(client, "detect cat", ["chelsea.jpg"], max_tokens=12)
-    want = objects_to_json(parse_detections(text, size))
+    alone = mp.generate(*loaded, [str(IMAGES / "chelsea.jpg")], "detect cat", max_tokens=12, logprobs=0)
+    assert text == alone.text
+    want = scored_objects(loaded[1], alone, size)
     assert want, "the tiny model's answer to this prompt has a box: the test needs one"
     assert objects == want
     assert ask(client, "detect cat", ["chelsea.jpg"], True, max_tokens=12)[3] == want

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from mlx_paligemma.detection import objects_to_json, parse_detections
-from conftest import FIXTURES
+from conftest import FIXTURES, scored_objects
 from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
 
 CAT = IMAGES / "chelsea.jpg"
@@ -98,6 +97,28 @@ def test_logprobs_off_and_without_alternatives(server, client, loaded):
     assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
+def test_beam_choices_carry_their_tokens_logprobs(server, client, loaded):
+    """A beam search's choices: each sequence's tokens with the log-probabilities the API gives them."""
+    r = create(client, max_tokens=10, n=2, logprobs=True, extra_body={"num_beams": 3})
+    want = api(loaded, max_tokens=10, num_beams=3, num_return_sequences=2, logprobs=0)
+    for c, sequence in zip(r.choices, want.sequences):
+        content = c.logprobs.content
+        assert c.message.content == sequence.text
+        np.testing.assert_allclose([e.logprob for e in content], sequence.logprobs, rtol=0, atol=1e-5)
+        assert all(e.top_logprobs == [] for e in content)
+
+
+def test_min_score_leaves_out_the_less_likely_objects(server, client, loaded):
+    size = Image.open(CAT).size
+    kw = dict(max_tokens=40, temperature=1.0, seed=2)
+    want = scored_objects(loaded[1], api(loaded, "detect cat ; dog", constrain=True, logprobs=0, **kw), size)
+    assert len({o["score"] for o in want}) > 1, "the test needs objects of different scores"
+    scores = sorted({o["score"] for o in want})
+    middle = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # between two of them
+    r = create(client, "detect cat ; dog", extra_body={"constrain": True, "min_score": middle}, **kw)
+    assert r.model_extra["objects"] == [o for o in want if o["score"] >= middle]
+
+
 def test_n_seeded_choices_equal_api_calls_with_seed_plus_i(server, client, loaded):
     sampled = dict(max_tokens=16, temperature=1.0, seed=11)
     want = [api(loaded, max_tokens=16, temperature=1.0, seed=11 + i) for i in range(3)]
@@ -172,7 +193,10 @@ BAD = [
     ("num_beams 9", with_(num_beams=9), "num_beams", "limit of 8"),
     ("num_beams 0", with_(num_beams=0), "num_beams", "num_beams must be an integer >= 1"),
     ("num_beams a string", with_(num_beams="3"), "num_beams", "num_beams must be an integer"),
-    ("beams with logprobs", with_(num_beams=2, logprobs=True), "logprobs", "beam search"),
+    ("beams with top_logprobs", with_(num_beams=2, logprobs=True, top_logprobs=2), "top_logprobs",
+     "no alternatives"),
+    ("min_score above 1", with_(min_score=1.5), "min_score", "[0, 1]"),
+    ("min_score a string", with_(min_score="0.5"), "min_score", "[0, 1]"),
     ("n above num_beams", with_(num_beams=2, n=3), "n", "at most num_beams"),
     ("beams sampled", with_(num_beams=2, temperature=0.5), "num_beams", "leave temperature at 0"),
     ("length_penalty a string", with_(num_beams=2, length_penalty="x"), "length_penalty", "finite number"),
@@ -256,9 +280,10 @@ def test_regex_choices_and_the_detect_grammar(server, client, loaded):
     size = Image.open(CAT).size
     r = create(client, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, extra_body={"constrain": True})
     text = r.choices[0].message.content
-    assert text == api(loaded, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, constrain=True)
+    alone = api(loaded, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, constrain=True, logprobs=0)
+    assert text == alone.text
     objects = r.model_extra["objects"]
-    assert objects == objects_to_json(parse_detections(text, size))
+    assert objects == scored_objects(loaded[1], alone, size)
     assert objects and all(o["label"] in ("cat", "dog") for o in objects)
     pieces = [p for p in text.split(" ; ") if p]
     complete = pieces if r.choices[0].finish_reason == "stop" else pieces[:-1]
@@ -290,9 +315,9 @@ def test_each_choice_carries_its_objects(server, client, loaded):
     r = create(client, "detect cat ; dog", n=2, extra_body={"constrain": True}, **kw)
     assert "objects" not in r.model_extra  # at the top only with one choice, where it always was
     for i, c in enumerate(r.choices):
-        want = api(loaded, "detect cat ; dog", constrain=True, **{**kw, "seed": 8 + i})
-        assert c.message.content == want
-        assert c.model_extra["objects"] == objects_to_json(parse_detections(want, size))
+        want = api(loaded, "detect cat ; dog", constrain=True, logprobs=0, **{**kw, "seed": 8 + i})
+        assert c.message.content == want.text
+        assert c.model_extra["objects"] == scored_objects(loaded[1], want, size)
     assert any(c.model_extra["objects"] for c in r.choices), "the test needs a box in an answer"
 
 

@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 from PIL import Image, ImageOps
 
 from .. import defaults
-from ..detection import has_objects
+from ..detection import check_min_score, has_objects
 from ..engine import MAX_LOGPROBS, Request
 from ..fetch import fetch, read_local, shown, unreachable
 from ..processor import InputError, cause, check_text, to_rgb
@@ -93,9 +93,10 @@ class Checked:
     urls: int = field(default=0)  # how many of the images are fetched from http(s) URLs
     n: int = 1
     logprobs: bool = False
+    min_score: float = defaults.MIN_SCORE
 
     def job(self, images, size) -> Job:
-        return Job(images, self.prompt, self.settings, self.objects, size, self.n, self.logprobs)
+        return Job(images, self.prompt, self.settings, self.objects, size, self.n, self.logprobs, self.min_score)
 
 
 def check_request(body: Any, limits: Limits) -> Checked:
@@ -131,8 +132,13 @@ def check_request(body: Any, limits: Limits) -> Checked:
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise bad(f"logprobs must be true or false, got {reprlib.repr(logprobs)}", "logprobs")
+    min_score = body.get("min_score")
+    try:
+        min_score = defaults.MIN_SCORE if min_score is None else check_min_score(min_score)
+    except InputError as e:
+        raise bad(str(e), "min_score") from None
     return Checked(prompt, sources, settings(body, limits, n, bool(logprobs)), objects, bool(stream),
-                   bool(include_usage), urls, n, bool(logprobs))
+                   bool(include_usage), urls, n, bool(logprobs), min_score)
 
 
 def prompt_and_images(messages: Any, limits: Limits):
@@ -309,9 +315,6 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
     beam_search = isinstance(beams, int) and not isinstance(beams, bool) and beams > 1
     if beam_search and n > beams:
         raise bad(f"n ({n}) must be at most num_beams ({beams}): a beam search returns its best n", "n")
-    if beam_search and logprobs:
-        raise bad("logprobs are not given for a beam search (num_beams > 1): its tokens are chosen together",
-                  "logprobs")
     out = dict(max_tokens=max_tokens, temperature=value("temperature", defaults.TEMPERATURE),
                top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
                min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
@@ -324,7 +327,8 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
         if out["seed"] is not None and n > 1:
             Request([0], seed=out["seed"] + n - 1)  # choice i is seeded seed + i
     except InputError as e:
-        raise bad(str(e), str(e).split()[0]) from None
+        name = str(e).split()[0].split("=")[0]
+        raise bad(str(e), "top_logprobs" if name == "logprobs" else name) from None
     if out["temperature"] > 2:
         raise bad(f"temperature must be in [0, 2], got {out['temperature']}", "temperature")
     given = [name for name in CONSTRAINTS if body.get(name) is not None and body[name] is not False

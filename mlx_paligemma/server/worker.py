@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from ..detection import add_masks, objects_to_json, parse_detections
+from .. import defaults
+from ..detection import add_masks, keep_confident, objects_to_json, parse_detections, token_ends
 from ..engine import Engine
 from ..processor import InputError
 
@@ -36,6 +37,7 @@ class Job:
     size: Tuple[int, int] = (0, 0)
     n: int = 1  # choices
     logprobs: bool = False  # hand out each token's log-probability (and settings["logprobs"] alternatives)
+    min_score: float = defaults.MIN_SCORE  # objects scoring less are left out
 
     @property
     def rows(self) -> int:
@@ -72,6 +74,7 @@ class Handle:
     events: "asyncio.Queue[Event]" = field(default_factory=asyncio.Queue)
     uids: Dict[int, int] = field(default_factory=dict)  # engine uid -> choice index
     texts: Dict[int, str] = field(default_factory=dict)  # each choice's answer so far, for the objects
+    tokens: Dict[int, list] = field(default_factory=dict)  # and its (token, log-probability) pairs, for their scores
     done: bool = False
 
     def put(self, event: Event) -> None:
@@ -194,6 +197,7 @@ class Worker(threading.Thread):
                 continue
             job = handle.job
             handle.texts = {i: "" for i in range(job.n)}
+            handle.tokens = {i: [] for i in range(job.n)}
             try:
                 for i, settings in enumerate(row_settings(job)):
                     uid = self.engine.submit(job.images, job.prompt, **settings)
@@ -222,16 +226,22 @@ class Worker(threading.Thread):
             if handle is None:  # cancelled while its last token was being computed
                 continue
             if out.sequences is not None:  # a beam search ends at once: its n sequences are the n choices
-                events = [Event("output", s.text, "stop" if s.tokens[-1] == self.engine.eos_id else "length",
-                                out.prompt_tokens, len(s.tokens), index=i) for i, s in enumerate(out.sequences)]
+                events, pairs = [], []
+                for i, s in enumerate(out.sequences):
+                    events.append(Event("output", s.text, "stop" if s.tokens[-1] == self.engine.eos_id else "length",
+                                        out.prompt_tokens, len(s.tokens), index=i))
+                    pairs.append(list(zip(s.tokens, s.logprobs)))
             else:
-                event = Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens,
-                              index=handle.uids[out.uid])
+                events = [Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens,
+                                index=handle.uids[out.uid])]
+                pairs = [[(out.token, out.logprob)]]
+            for event, pair in zip(events, pairs):
                 if handle.job.logprobs:
-                    event.logprobs = [self._logprob(out.token, out.logprob, out.top_logprobs or [])]
-                events = [event]
-            for event in events:
+                    top = out.top_logprobs if out.sequences is None else None
+                    event.logprobs = [self._logprob(t, v, top or []) for t, v in pair]
+            for event, pair in zip(events, pairs):
                 handle.texts[event.index] += event.text
+                handle.tokens[event.index] += pair
                 if event.finish_reason and handle.job.objects:
                     try:
                         event.objects = self._objects(handle, event.index)
@@ -248,9 +258,13 @@ class Worker(threading.Thread):
                 self._finish(handle)
 
     def _objects(self, handle: Handle, index: int) -> list:
-        """A choice's boxes (and masks, with a mask decoder) in pixels of the request's first image."""
+        """A choice's boxes (and masks, with a mask decoder) in pixels of the request's first image, scored by
+        their tokens' log-probabilities, those under the request's min_score left out."""
         size = handle.job.size
-        objects = parse_detections(handle.texts[index], size)
+        tokens, values = zip(*handle.tokens[index]) if handle.tokens[index] else ((), ())
+        ends = token_ends(tokens, self.processor.tokenizer.decode)
+        objects = keep_confident(parse_detections(handle.texts[index], size, None, ends, values),
+                                 handle.job.min_score)
         if self.mask_decoder is not None:
             add_masks(objects, self.mask_decoder, size)
         return objects_to_json(objects)
