@@ -319,7 +319,8 @@ def clock(seconds: float) -> str:
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    num_beams=args.num_beams, length_penalty=args.length_penalty, logprobs=args.logprobs or 0)
+                    num_beams=args.num_beams, length_penalty=args.length_penalty, logprobs=args.logprobs or 0,
+                    best_of=args.best_of)
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
@@ -351,7 +352,7 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
             for out in outputs:
                 entry = running[out.uid]
                 entry[2] += out.text
-                # A beam search's one output is its best sequence, tokens and log-probabilities all at once.
+                # A beam search's (or best_of's) one output is its best sequence, tokens and log-probabilities at once.
                 best = out.sequences[0] if out.sequences is not None else None
                 tokens, values = (best.tokens, best.logprobs) if best else ([out.token], [out.logprob])
                 entry[4] += tokens
@@ -424,7 +425,8 @@ def check_writable(out: Path) -> None:
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
     check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed,
-                          logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty)
+                          logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                          best_of=args.best_of)
     check_min_score(args.min_score)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -10,7 +10,7 @@ counts the generated tokens, <eos> included), and the search stops when the heur
 """
 
 from dataclasses import dataclass, field
-from typing import List, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -20,10 +20,13 @@ NEG = np.float32(-1.0e9)  # transformers' "impossible" score
 
 @dataclass
 class BeamSequence:
+    """One answer of a beam search (or of a best_of request, engine.py)."""
+
     tokens: List[int]  # the generated tokens, <eos> included when the hypothesis ended with it
     score: float  # summed log-probability / len(tokens) ** length_penalty, transformers' sequences_scores
     text: str = ""
     logprobs: List[float] = field(default_factory=list)  # each token's log-probability where it was chosen
+    finish_reason: Optional[str] = None  # "stop" (<eos>, a stop string) or "length"
 
 
 class BeamGroup:

@@ -92,6 +92,8 @@ def add_decoding_arguments(p: argparse.ArgumentParser, logprobs_help: str, const
                    "generate(num_beams=...); 1 is off")
     p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
                    help="beam search: a finished answer scores its log-probability / length ** this")
+    p.add_argument("--best-of", type=int, default=defaults.BEST_OF, metavar="N", help="big_vision's best_of_n: "
+                   "sample N answers (with --temperature; answer i seeded --seed + i) and keep the likeliest")
     p.add_argument("--logprobs", type=int, default=None, metavar="K", help=logprobs_help + " (default: off)")
     p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: each answer bitwise "
                    "what it is alone, whatever shares its decode steps (slower)")

@@ -14,5 +14,6 @@ BATCH_SIZE = 8  # rows sharing each decode step on the batch surfaces (batch_gen
 NUM_BEAMS = 1  # beam search off; transformers' defaults for the rest
 LENGTH_PENALTY = 1.0
 EARLY_STOPPING = False
+BEST_OF = 1  # big_vision's best_of_n off
 LOGPROBS = 0  # alternatives (top log-probabilities) handed out with each token; the token's own always is
 MIN_SCORE = 0.0  # detected objects kept whatever their score (the mean probability of their box and label tokens)

@@ -43,6 +43,7 @@ from .sampling import Picked, log_softmax, sample, token_logprobs, top_logprobs
 __all__ = ["Engine", "Request", "Output", "check_generation_args", "Detokenizer", "byte_ids", "FeatureCache",
            "feature_cache", "BeamSequence"]
 MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
+MAX_BEST_OF = 64  # samples of one best_of request: rows of the batch, so its cost is bounded before it starts
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
@@ -75,6 +76,9 @@ class Request:
     length_penalty: float = defaults.LENGTH_PENALTY
     early_stopping: Union[bool, str] = defaults.EARLY_STOPPING  # True, False or "never", as transformers
     num_return_sequences: int = 1
+    # big_vision's best_of_n: sample this many answers (rows sharing one prefill, row i seeded seed + i) and return
+    # the likeliest (summed log-probability, <eos> included) first, as a beam search returns its sequences.
+    best_of: int = defaults.BEST_OF
     # Given continuations, one row each (scoring): their tokens are fed, not chosen, and their log-probabilities
     # handed out. They share the prefix's keys and values.
     forced: Optional[List[List[int]]] = None
@@ -85,7 +89,8 @@ class Request:
     def __post_init__(self):
         check_generation_args(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
                               self.repetition_penalty, self.repetition_context_size, self.seed, self.logprobs,
-                              self.num_beams, self.length_penalty, self.early_stopping, self.num_return_sequences)
+                              self.num_beams, self.length_penalty, self.early_stopping, self.num_return_sequences,
+                              self.best_of)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -100,6 +105,8 @@ class Request:
                 self.forced and all(isinstance(f, list) and f and all(isinstance(t, int) for t in f)
                                     for f in self.forced)):
             raise InputError("forced must be a non-empty list of non-empty token id lists")
+        if self.best_of > 1 and (self.temperature == 0 and self.sampler is None):
+            raise InputError("best_of > 1 keeps the likeliest of several samples: give a temperature > 0")
         if self.forced is not None and self.constraint is not None:
             raise InputError("forced continuations are scored as given: they take no constraint")
 
@@ -114,7 +121,7 @@ def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.T
                           repetition_context_size=defaults.REPETITION_CONTEXT_SIZE, seed=None,
                           logprobs=defaults.LOGPROBS, num_beams=defaults.NUM_BEAMS,
                           length_penalty=defaults.LENGTH_PENALTY, early_stopping=defaults.EARLY_STOPPING,
-                          num_return_sequences=1) -> None:
+                          num_return_sequences=1, best_of=defaults.BEST_OF) -> None:
     """The one check of generation settings, for the API and every command line: one line per problem."""
     def number(name, v):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -152,12 +159,19 @@ def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.T
     number("length_penalty", length_penalty)
     if early_stopping not in (True, False, "never"):
         raise InputError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
-    if num_beams > 1 and logprobs:
-        raise InputError(f"logprobs={logprobs} with num_beams > 1: a beam search's tokens carry their own "
-                         "log-probabilities but no alternatives; leave logprobs (top alternatives) at 0")
+    integer("best_of", best_of, 1)
+    if best_of > MAX_BEST_OF:
+        raise InputError(f"best_of must be at most {MAX_BEST_OF}, got {best_of}")
+    if num_beams > 1 and best_of > 1:
+        raise InputError("num_beams and best_of are two ways of choosing among answers: give one, not both")
+    for name, n in (("num_beams", num_beams), ("best_of", best_of)):
+        if n > 1 and logprobs:
+            raise InputError(f"logprobs={logprobs} with {name} > 1: the answers' tokens carry their own "
+                             "log-probabilities but no alternatives; leave logprobs (top alternatives) at 0")
     integer("num_return_sequences", num_return_sequences, 1)
-    if num_return_sequences > num_beams:
-        raise InputError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
+    if num_return_sequences > max(num_beams, best_of):
+        raise InputError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams}) "
+                         f"or best_of ({best_of})")
 
 
 @dataclass
@@ -173,7 +187,7 @@ class Output:
     logprob: Optional[float] = None  # the token's log-probability (None on a beam search's result)
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), most likely first, when asked
     index: int = 0  # which of its request's rows (a forced continuation's position in `forced`)
-    sequences: Optional[List[BeamSequence]] = None  # beam search: the best num_return_sequences, best first
+    sequences: Optional[List[BeamSequence]] = None  # beams, best_of: the best num_return_sequences, best first
 
 
 @dataclass
@@ -192,6 +206,10 @@ class _Row:
     index: int = 0
     forced: Optional[List[int]] = None
     beams: Optional[BeamGroup] = None  # shared by the rows of one beam search
+    samples: Optional[List[Optional[BeamSequence]]] = None  # shared by the rows of a best_of: each one's answer
+    tokens: List[int] = field(default_factory=list)  # a best_of row's tokens and their log-probabilities
+    values: List[float] = field(default_factory=list)
+    finished: bool = False  # a best_of row that ended while the others go on
     constraint: Optional[Constraint] = None  # the row's own grammar state (a beam's follows its parent's)
 
 
@@ -273,21 +291,30 @@ class Engine:
         if request.forced:
             self.waiting += [_Row(uid, request, None, index=i, forced=f) for i, f in enumerate(request.forced)]
             return uid
-        detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
-        row = _Row(uid, request, detokenizer, constraint=own(request.constraint))
-        if request.sampler is None and request.temperature > 0:
-            seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
-            row.key = mx.random.key(seed)
         if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if request.best_of > 1:
+            samples = [None] * request.best_of
+            seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
+            self.waiting += [self._sampled_row(uid, request, seed + i, index=i, samples=samples)
+                             for i in range(request.best_of)]
+            return uid
+        self.waiting.append(self._sampled_row(uid, request, request.seed))
+        return uid
+
+    def _sampled_row(self, uid: int, request: Request, seed: Optional[int], **fields) -> _Row:
+        detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
+        row = _Row(uid, request, detokenizer, constraint=own(request.constraint), **fields)
+        if request.sampler is None and request.temperature > 0:
+            seed = seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
+            row.key = mx.random.key(seed)
         if request.repetition_penalty is not None or request.logit_bias:
             from mlx_lm.sample_utils import make_logits_processors
 
             row.processors = make_logits_processors(request.logit_bias, request.repetition_penalty,
                                                     request.repetition_context_size)
             row.history = mx.array(request.prompt_ids[-request.repetition_context_size:])
-        self.waiting.append(row)
-        return uid
+        return row
 
     def cancel(self, uid: int) -> None:
         """Stop a request; its row leaves the batch at the next step (a client that went away frees its row)."""
@@ -347,7 +374,7 @@ class Engine:
             outputs = []
             for batch, rows, pending in started:
                 handed = self._hand_out_all(rows, pending)
-                done = {id(r) for r, o in zip(rows, handed) if o is not None and o.finish_reason}
+                done = {id(r) for r, o in zip(rows, handed) if o is not None and o.finish_reason or r.finished}
                 batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in done])
                 outputs += [o for o in handed if o is not None]
             self.batches = [b for b in self.batches if b.rows]
@@ -535,6 +562,9 @@ class Engine:
                 continue
             out = self._hand_out(row, tokens[i])
             out.logprob, out.index = logprobs[i], row.index
+            if row.samples is not None:
+                outputs.append(self._best_of_result(row, out))
+                continue
             if row.request.logprobs:
                 k = row.request.logprobs
                 out.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k]))
@@ -551,9 +581,27 @@ class Engine:
         for r in results:
             if self.processor is not None:
                 r.text = self.processor.tokenizer.decode([t for t in r.tokens if t != self.eos_id])
+            r.finish_reason = "stop" if r.tokens[-1] == self.eos_id else "length"
         best = results[0]
-        finish = "stop" if best.tokens[-1] == self.eos_id else "length"
-        return Output(row.uid, best.tokens[-1], best.text, finish, len(row.request.prompt_ids), len(best.tokens),
+        return Output(row.uid, best.tokens[-1], best.text, best.finish_reason, len(row.request.prompt_ids),
+                      len(best.tokens), sequences=results)
+
+    def _best_of_result(self, row: _Row, out: Output) -> Optional[Output]:
+        """A best_of request hands out nothing until its last sample ends, then its samples, likeliest first."""
+        row.tokens.append(out.token)
+        row.values.append(out.logprob)
+        if not out.finish_reason:
+            return None
+        row.finished = True
+        # big_vision's score: the summed log-probability of the answer's tokens, <eos> included (stable: the first
+        # of equal scores wins, as its argmax).
+        row.samples[row.index] = BeamSequence(row.tokens, math.fsum(row.values), row.text[:row.sent], row.values,
+                                              out.finish_reason)
+        if any(s is None for s in row.samples):
+            return None
+        results = sorted(row.samples, key=lambda s: -s.score)[:row.request.num_return_sequences]
+        best = results[0]
+        return Output(row.uid, best.tokens[-1], best.text, best.finish_reason, out.prompt_tokens, len(best.tokens),
                       sequences=results)
 
     def _hand_out(self, row: _Row, token: int) -> Output:

@@ -39,7 +39,7 @@ class GenerationResponse:
     finish_reason: Optional[str] = None  # "stop" (eos, a stop string) or "length" on the last response
     logprob: Optional[float] = None  # the token's log-probability (see sampling.py); None for a beam search
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability) alternatives, with logprobs=k
-    sequences: Optional[List[BeamSequence]] = None  # beam search (one response): the best num_return_sequences
+    sequences: Optional[List[BeamSequence]] = None  # beams, best_of (one response): the best num_return_sequences
 
 
 @dataclass
@@ -104,8 +104,9 @@ def stream_generate(
     More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed, stop, and the structured
     output keywords response_format, json_schema, regex, choices, constrain) as for batch_generate. Each response
     carries its token's log-probability, and with `logprobs=k` the k most likely alternatives. A beam search
-    (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as transformers') yields one response
-    when it ends, with its best sequences. mlx-vlm's order, `(model, processor, prompt, image=...)`, is read as
+    (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as transformers') and big_vision's
+    best-of-n (`best_of=n` with a temperature: the likeliest of n samples) yield one response when they end, with
+    their best sequences. mlx-vlm's order, `(model, processor, prompt, image=...)`, is read as
     such."""
     images, prompt = neighbour_order(images, prompt, settings)
     check_keywords(stream_generate, settings)
@@ -292,7 +293,7 @@ def report_logprobs(responses: Sequence[GenerationResponse], processor, args) ->
     """--logprobs: a line a token (id, piece, log-probability, alternatives) on stderr, or with --json the same
     as one JSON object on stdout before the answer's."""
     last = responses[-1] if responses else None
-    if last is not None and last.sequences is not None:  # a beam search: its best sequence, without alternatives
+    if last is not None and last.sequences is not None:  # beams, best_of: the best sequence, without alternatives
         best = last.sequences[0]
         rows = [logprob_json(processor.tokenizer.decode, t, v, []) for t, v in zip(best.tokens, best.logprobs)]
     else:
@@ -357,7 +358,7 @@ def run(args) -> int:
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
-                    length_penalty=args.length_penalty)
+                    length_penalty=args.length_penalty, best_of=args.best_of)
     check_generation_args(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))

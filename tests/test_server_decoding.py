@@ -108,6 +108,17 @@ def test_beam_choices_carry_their_tokens_logprobs(server, client, loaded):
         assert all(e.top_logprobs == [] for e in content)
 
 
+def test_best_of_choices_are_the_likeliest_samples(server, client, loaded):
+    """best_of (extra field): its n choices are the API's best_of sequences, likeliest first, with their values."""
+    kw = dict(max_tokens=10, temperature=1.0, seed=5)
+    want = api(loaded, best_of=4, num_return_sequences=2, logprobs=0, **kw)
+    r = create(client, n=2, logprobs=True, extra_body={"best_of": 4}, **kw)
+    assert [c.message.content for c in r.choices] == [s.text for s in want.sequences]
+    for c, sequence in zip(r.choices, want.sequences):
+        assert c.finish_reason == sequence.finish_reason
+        np.testing.assert_allclose([e.logprob for e in c.logprobs.content], sequence.logprobs, rtol=0, atol=1e-5)
+
+
 def test_min_score_leaves_out_the_less_likely_objects(server, client, loaded):
     size = Image.open(CAT).size
     kw = dict(max_tokens=40, temperature=1.0, seed=2)
@@ -198,6 +209,10 @@ BAD = [
     ("min_score above 1", with_(min_score=1.5), "min_score", "[0, 1]"),
     ("min_score a string", with_(min_score="0.5"), "min_score", "[0, 1]"),
     ("n above num_beams", with_(num_beams=2, n=3), "n", "at most num_beams"),
+    ("best_of 9", with_(best_of=9, temperature=1), "best_of", "limit of 8"),
+    ("best_of greedy", with_(best_of=2), "best_of", "give a temperature > 0"),
+    ("n above best_of", with_(best_of=2, n=3, temperature=1), "n", "at most best_of"),
+    ("best_of with beams", with_(best_of=2, num_beams=2), "num_beams", "not both"),
     ("beams sampled", with_(num_beams=2, temperature=0.5), "num_beams", "leave temperature at 0"),
     ("length_penalty a string", with_(num_beams=2, length_penalty="x"), "length_penalty", "finite number"),
     ("early_stopping sometimes", with_(num_beams=2, early_stopping="sometimes"), "early_stopping", "'never'"),

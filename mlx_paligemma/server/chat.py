@@ -47,7 +47,7 @@ class Limits:
     max_parts: int = 64  # content parts of the user message
     max_logit_bias: int = 1024  # tokens in logit_bias
     max_n: int = 8  # choices of one request (rows: each counts against the queue)
-    max_beams: int = 8  # num_beams of one request (rows too)
+    max_beams: int = 8  # num_beams or best_of of one request (rows too)
     fetch_timeout: float = 10.0  # seconds for a whole image download
     allow_private_urls: bool = False  # fetch loopback/private/link-local addresses too (a trusted network)
     local_files: Optional[Path] = None  # the folder image paths may name (--allow-local-files), or none
@@ -312,18 +312,24 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
     beams = value("num_beams", defaults.NUM_BEAMS)
     if isinstance(beams, int) and not isinstance(beams, bool) and beams > limits.max_beams:
         raise bad(f"num_beams is {beams}, more than this server's limit of {limits.max_beams}", "num_beams")
+    best_of = value("best_of", defaults.BEST_OF)
+    if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > limits.max_beams:
+        raise bad(f"best_of is {best_of}, more than this server's limit of {limits.max_beams}", "best_of")
     beam_search = isinstance(beams, int) and not isinstance(beams, bool) and beams > 1
+    sampled_best = isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > 1
     if beam_search and n > beams:
         raise bad(f"n ({n}) must be at most num_beams ({beams}): a beam search returns its best n", "n")
+    if sampled_best and n > best_of:
+        raise bad(f"n ({n}) must be at most best_of ({best_of}): best_of returns its likeliest n", "n")
     out = dict(max_tokens=max_tokens, temperature=value("temperature", defaults.TEMPERATURE),
                top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
                min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
                seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits),
                logprobs=top or 0, num_beams=beams, length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
-               early_stopping=value("early_stopping", defaults.EARLY_STOPPING))
+               early_stopping=value("early_stopping", defaults.EARLY_STOPPING), best_of=best_of)
     try:
         # The engine's own checks of every setting and of their combinations (beams take no sampling).
-        Request([0], **out, num_return_sequences=n if beam_search else 1)
+        Request([0], **out, num_return_sequences=n if beam_search or sampled_best else 1)
         if out["seed"] is not None and n > 1:
             Request([0], seed=out["seed"] + n - 1)  # choice i is seeded seed + i
     except InputError as e:

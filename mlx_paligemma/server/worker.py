@@ -41,12 +41,13 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """Engine rows the request holds: its beams, or one per choice."""
-        return self.settings["num_beams"] if self.beams else self.n
+        """Engine rows the request holds: its beams or samples (best_of), or one per choice."""
+        return max(self.settings.get("num_beams", 1), self.settings.get("best_of", 1)) if self.beams else self.n
 
     @property
     def beams(self) -> bool:
-        return self.settings.get("num_beams", 1) > 1
+        """A beam search or a best_of: one engine request that returns the n choices itself."""
+        return self.settings.get("num_beams", 1) > 1 or self.settings.get("best_of", 1) > 1
 
 
 @dataclass
@@ -225,11 +226,10 @@ class Worker(threading.Thread):
             handle = self.handles.get(out.uid)
             if handle is None:  # cancelled while its last token was being computed
                 continue
-            if out.sequences is not None:  # a beam search ends at once: its n sequences are the n choices
+            if out.sequences is not None:  # a beam search (best_of) ends at once: its n sequences are the n choices
                 events, pairs = [], []
                 for i, s in enumerate(out.sequences):
-                    events.append(Event("output", s.text, "stop" if s.tokens[-1] == self.engine.eos_id else "length",
-                                        out.prompt_tokens, len(s.tokens), index=i))
+                    events.append(Event("output", s.text, s.finish_reason, out.prompt_tokens, len(s.tokens), index=i))
                     pairs.append(list(zip(s.tokens, s.logprobs)))
             else:
                 events = [Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens,
@@ -276,7 +276,7 @@ class Worker(threading.Thread):
 
 
 def row_settings(job: Job) -> List[dict]:
-    """The engine settings of each row: a beam search returns the n choices itself; n sampled rows get the seeds
+    """The engine settings of each row: a beam search (best_of) returns the n choices itself; n sampled rows get the seeds
     seed, seed+1, ... (so choice i is what a request of seed+i answers alone)."""
     if job.beams:
         return [{**job.settings, "num_return_sequences": job.n}]
