@@ -25,6 +25,7 @@ from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
 from .sampling import logprob_json
+from .scoring import MAX_CANDIDATES, score
 
 
 @dataclass
@@ -286,6 +287,10 @@ def build_parser() -> ArgumentParser:
                    "(boxes, masks) for detect/segment prompts")
     p.add_argument("--draw", metavar="OUT.png", help="save the (first) image with the answer's boxes and masks")
     add_object_arguments(p)
+    p.add_argument("--candidates", nargs="+", metavar="TEXT", default=None, help="score these answers instead of "
+                   "generating: each one's summed log-probability given image and prompt, likeliest first (default: off)")
+    p.add_argument("--exclude-eos", action="store_true", help="with --candidates: leave <eos> out of the scores "
+                   "(score a candidate as the start of an answer)")
     return p
 
 
@@ -331,6 +336,20 @@ def report_objects(text: str, image, responses: Sequence[GenerationResponse], pr
         print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
 
 
+def report_scores(model, processor, images, args) -> int:
+    """--candidates: each candidate's log-probability (scoring.score), likeliest first; with --json one object,
+    the likeliest as the answer and the candidates in the order given."""
+    scores = score(model, processor, images, args.prompt, args.candidates, include_eos=not args.exclude_eos)
+    best = max(range(len(scores)), key=lambda i: scores[i])  # the first of equal scores
+    if args.json:
+        print(json.dumps({"answer": args.candidates[best],
+                          "candidates": [{"text": c, "logprob": s} for c, s in zip(args.candidates, scores)]}))
+        return 0
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        print(f"{scores[i]:.4f}  {args.candidates[i]}")
+    return 0
+
+
 def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
     """--draw's file: an image extension PIL writes, in a folder that exists, not one of the input images;
     checked before the model loads."""
@@ -362,6 +381,10 @@ def run(args) -> int:
     check_generation_args(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))
+    if args.candidates is not None and (args.draw or args.logprobs is not None):
+        raise InputError("--candidates scores the given answers: it takes no --draw or --logprobs")
+    if args.candidates is not None and len(args.candidates) > MAX_CANDIDATES:
+        raise InputError(f"--candidates: at most {MAX_CANDIDATES}, got {len(args.candidates)}")
     if args.draw:
         check_output_image(args.draw, args.image)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
@@ -370,6 +393,8 @@ def run(args) -> int:
         raise InputError(f"--adapter-path {args.adapter_path}: no such folder")
     images = [load_image(source) for source in args.image]
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
+    if args.candidates is not None:
+        return report_scores(model, processor, images, args)
     last, text, tokens = None, "", []
     for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits,
                                 batch_invariant=args.deterministic, logprobs=args.logprobs, **settings):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from conftest import FIXTURES
 
 ROOT = Path(__file__).parent.parent
@@ -93,3 +95,30 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     assert json.loads(r.stdout)["objects"] == [o for o in want if o["score"] >= middle]
     r = run(*base, "--min-score", "1.5")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: min_score must be a number in [0, 1], got 1.5"]
+
+
+def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
+    """--candidates prints each candidate's score (mp.score's, checked against transformers in test_score),
+    likeliest first; --json gives the likeliest as the answer; --exclude-eos scores without <eos>."""
+    import json
+
+    import mlx_paligemma as mp
+
+    model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
+    prompt, candidates = "answer en is there a cat?", ["yes", "no", "a cat"]
+    loaded = mp.load(str(model))
+    base = ["-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image), "--prompt", prompt,
+            "--candidates", *candidates]
+    for more, include_eos in (([], True), (["--exclude-eos"], False)):
+        want = mp.score(*loaded, [str(image)], prompt, candidates, include_eos=include_eos)
+        r = run(*base, *more)
+        assert r.returncode == 0, r.stderr
+        order = sorted(range(3), key=lambda i: -want[i])
+        assert r.stdout.splitlines() == [f"{want[i]:.4f}  {candidates[i]}" for i in order]
+        r = run(*base, *more, "--json")
+        out = json.loads(r.stdout)
+        assert out["answer"] == candidates[order[0]] and [c["text"] for c in out["candidates"]] == candidates
+        np.testing.assert_allclose([c["logprob"] for c in out["candidates"]], want, rtol=0, atol=1e-5)
+    r = run(*base, "--draw", str(tmp_path / "x.png"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --candidates scores the given answers: it takes no --draw or --logprobs"]
