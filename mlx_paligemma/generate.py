@@ -20,7 +20,7 @@ from . import defaults
 from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, command, run_main
 from .beams import BeamSequence
 from .constraints import cli_constraint
-from .detection import check_min_score
+from .detection import check_min_score, has_objects, objects_to_json
 from .engine import Engine, Output, Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
@@ -294,46 +294,45 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def report_logprobs(responses: Sequence[GenerationResponse], processor, args) -> None:
-    """--logprobs: a line a token (id, piece, log-probability, alternatives) on stderr, or with --json the same
-    as one JSON object on stdout before the answer's."""
-    last = responses[-1] if responses else None
-    if last is not None and last.sequences is not None:  # beams, best_of: the best sequence, without alternatives
-        best = last.sequences[0]
-        rows = [logprob_json(processor.tokenizer.decode, t, v, []) for t, v in zip(best.tokens, best.logprobs)]
-    else:
-        rows = [logprob_json(processor.tokenizer.decode, r.token, r.logprob, r.top_logprobs) for r in responses]
-    if args.json:
-        print(json.dumps({"logprobs": rows}))
-        return
+def chosen(responses: Sequence[GenerationResponse]) -> Tuple[List[int], List[float]]:
+    """The answer's tokens and their log-probabilities: a beam search's (best_of's) best sequence, else the stream's."""
+    last = responses[-1]
+    if last.sequences is not None:
+        return last.sequences[0].tokens, last.sequences[0].logprobs
+    return [r.token for r in responses], [r.logprob for r in responses]
+
+
+def logprob_rows(responses: Sequence[GenerationResponse], processor) -> List[dict]:
+    """--logprobs: each token's id, piece, log-probability and alternatives (none for beams and best_of)."""
+    tops = [r.top_logprobs for r in responses] if responses[-1].sequences is None else None
+    tokens, values = chosen(responses)
+    return [logprob_json(processor.tokenizer.decode, t, v, tops[i] if tops else [])
+            for i, (t, v) in enumerate(zip(tokens, values))]
+
+
+def print_logprobs(rows: Sequence[dict]) -> None:
     for row in rows:
         alternatives = "  ".join(f"{a['text']!r} {a['logprob']:.4f}" for a in row["top_logprobs"])
         print(f"{row['token']:>7} {row['text']!r:<16} {row['logprob']:.4f}  {alternatives}", file=sys.stderr)
 
 
-def report_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> None:
-    """--json / --draw: boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored
-    by its tokens' log-probabilities, those under --min-score left out."""
-    from .detection import ObjectReader, draw_detections, has_objects, objects_to_json
+def answer_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> list:
+    """Boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored by its tokens'
+    log-probabilities, those under --min-score left out."""
+    from .detection import ObjectReader
+
+    reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
+    return reader(text, image.size, *chosen(responses))
+
+
+def draw(image, objects: list, path: str) -> None:
+    from .detection import draw_detections
     from .formats.mlx import atomic_file
     from .processor import to_rgb
 
-    objects = []
-    if has_objects(args.prompt):
-        last = responses[-1]
-        tokens, logprobs = ((last.sequences[0].tokens, last.sequences[0].logprobs) if last.sequences is not None
-                            else ([r.token for r in responses], [r.logprob for r in responses]))
-        reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
-        objects = reader(text, image.size, tokens, logprobs)
-    if args.json:
-        answer = {"answer": text}
-        if has_objects(args.prompt):
-            answer["objects"] = objects_to_json(objects)
-        print(json.dumps(answer))
-    if args.draw:
-        with atomic_file(args.draw) as tmp:
-            draw_detections(to_rgb(image), objects).save(tmp)
-        print(f"wrote {args.draw} ({len(objects)} objects)", file=sys.stderr)
+    with atomic_file(path) as tmp:
+        draw_detections(to_rgb(image), objects).save(tmp)
+    print(f"wrote {path} ({len(objects)} objects)", file=sys.stderr)
 
 
 def report_scores(model, processor, images, args) -> int:
@@ -404,10 +403,19 @@ def run(args) -> int:
             print(last.text, end="", flush=True)
     if not args.json:
         print()
-    if args.logprobs is not None:
-        report_logprobs(tokens, processor, args)
-    if args.json or args.draw:
-        report_objects(text, images[0], tokens, processor, args)
+    rows = logprob_rows(tokens, processor) if args.logprobs is not None and tokens else None
+    if rows is not None and not args.json:
+        print_logprobs(rows)
+    objects = answer_objects(text, images[0], tokens, processor, args) if has_objects(args.prompt) and tokens else []
+    if args.json:  # one object: the answer, with its objects (detect/segment) and log-probabilities when asked
+        out = {"answer": text}
+        if has_objects(args.prompt):
+            out["objects"] = objects_to_json(objects)
+        if rows is not None:
+            out["logprobs"] = rows
+        print(json.dumps(out))
+    if args.draw:
+        draw(images[0], objects, args.draw)
     if args.verbose and last is not None:
         print_stats(last, file=sys.stderr if args.json else None)
     return 0

@@ -122,3 +122,22 @@ def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
     r = run(*base, "--draw", str(tmp_path / "x.png"))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: --candidates scores the given answers: it takes no --draw or --logprobs"]
+
+
+def test_cli_json_with_logprobs_is_one_object():
+    """--json --logprobs K: stdout is one JSON object, the answer with its tokens' values (the API's)."""
+    import json
+
+    import mlx_paligemma as mp
+
+    model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
+    want = mp.generate(*mp.load(str(model)), [str(image)], "detect cat", max_tokens=8, logprobs=2)
+    r = run("-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image), "--prompt", "detect cat",
+            "--max-tokens", "8", "--json", "--logprobs", "2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) == {"answer", "objects", "logprobs"} and out["answer"] == want.text
+    assert [t["token"] for t in out["logprobs"]] == want.tokens
+    np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
+    assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
+        [[i for i, _ in top] for top in want.top_logprobs]
