@@ -38,7 +38,8 @@ from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, r
 from .constraints import cli_constraint
 from .data import Item, read_items
 from .detection import ObjectReader, check_min_score, has_objects, objects_to_json
-from .engine import Engine, check_generation_args
+from .engine import Engine
+from .request import check_generation_args
 from .processor import InputError, cause, check_text, load_image
 from .sampling import logprob_json
 

@@ -21,7 +21,8 @@ from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, c
 from .beams import BeamSequence
 from .constraints import cli_constraint
 from .detection import check_min_score, has_objects, objects_to_json
-from .engine import Engine, Output, Request, check_generation_args
+from .engine import Engine, Output
+from .request import Request, check_generation_args
 from .model import PaliGemma
 from .processor import InputError, PaliGemmaProcessor, load_image
 from .sampling import logprob_json

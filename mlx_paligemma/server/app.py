@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from ..processor import cause
 from .chat import ApiError, Checked, Limits, check_request, parse_json, read_images
-from .worker import Event, Handle, QueueFull, Worker
+from .worker import Handle, QueueFull, Worker
 
 KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
 BODY_TIMEOUT_S = 30.0  # to send the whole body: a client that trickles it is cut off

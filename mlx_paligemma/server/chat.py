@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from .. import defaults
 from ..detection import check_min_score, has_objects
-from ..engine import MAX_LOGPROBS, Request
+from ..request import MAX_LOGPROBS, Request
 from ..fetch import fetch, read_local, shown, unreachable
 from ..processor import InputError, cause, check_text, to_rgb
 from .worker import Job
