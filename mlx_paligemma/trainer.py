@@ -6,6 +6,7 @@ Data is JSONL, one example a line, in the one item format of mlx_paligemma.data:
 file or an http(s) URL; `suffix` may be a list of answers (one example each).
 Under `mlx.launch` every process takes its share of each batch (--batch-size is per process) and the gradients are
 averaged weighted by suffix tokens, so N processes train exactly as one with N times the batch; only rank 0 writes.
+Every report is also a line of ADAPTER_PATH/log.jsonl, and the curves a plot beside it (mlx_paligemma.training_log).
 """
 
 import hashlib
