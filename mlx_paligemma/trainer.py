@@ -28,7 +28,7 @@ from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from .formats.mlx import atomic_file, check_safetensors
 from .model import PaliGemma, suffix_loss
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, cause, read_json_object
-from .training_log import LOG_FILE, TrainingLog, check_trackers
+from .training_log import WRITTEN, TrainingLog, check_trackers
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -222,7 +222,7 @@ def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: adapter_path is a folder we can write, and holds no adapters we would replace unasked."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--adapter-path {folder} is a file, not a folder")
-    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, LOG_FILE) if (folder / name).exists()]
+    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, *WRITTEN) if (folder / name).exists()]
     if ours and not resume and not overwrite:
         raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
                          "them, --overwrite to replace them, or another --adapter-path")
@@ -384,13 +384,13 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
         tic = time.perf_counter()
         model.eval()  # no LoRA dropout
         loss = evaluate_loss(model, valid_set, processor, args.batch_size, args.val_batches)
+        record({"iteration": it, "val_loss": loss})  # logged before it is said: a stopped run has what it printed
         report(f"Iter {it}: val loss {loss:.3f}, val took {time.perf_counter() - tic:.1f}s")
-        record({"iteration": it, "val_loss": loss})
         if score_task is not None and rank == 0:  # the others go on to the next step and wait for rank 0 there
             tic = time.perf_counter()
             results, _ = score_task(model, processor, valid_set)
-            report(f"Iter {it}: val {results['metric']} {results['score']:.4f}, took {time.perf_counter() - tic:.1f}s")
             record({"iteration": it, "val_metrics": results})
+            report(f"Iter {it}: val {results['metric']} {results['score']:.4f}, took {time.perf_counter() - tic:.1f}s")
             if args.keep_best and (best is None or results["score"] > best):
                 best = results["score"]
                 if writes:
@@ -431,10 +431,10 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             peak = mx.get_peak_memory() / 1e9
             entry = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": schedule(it - 1).item(),
                      "steps_per_second": steps / elapsed, "tokens_per_second": tokens / elapsed, "peak_memory": peak}
+            record(entry)
             report(f"Iter {it}: train loss {entry['train_loss']:.3f}, lr {entry['learning_rate']:.3e}, "
                    f"it/s {entry['steps_per_second']:.3f}, tokens/s {entry['tokens_per_second']:.1f}, "
                    f"peak mem {peak:.3f} GB")
-            record(entry)
             losses, tokens, elapsed, steps = [], 0, 0.0, 0
         if writes and (it % args.save_every == 0 or it == args.iters):
             save_checkpoint(model, optimizer, folder, adapter_config, it, best)

@@ -16,6 +16,7 @@ from .formats.mlx import atomic_file
 from .processor import InputError, cause
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "curves.png", "tensorboard"
+WRITTEN = (LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)  # what a run replaces in ADAPTER_PATH
 TRACKERS = ("tensorboard",)
 # The history keys of a train report and the scalar names they go by in TensorBoard.
 TRAIN_SCALARS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate",
@@ -131,9 +132,9 @@ def plot_curves(entries: Sequence[dict], file: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: the process's backend is left alone
     from matplotlib.figure import Figure
 
-    def series(key, value=lambda e, k: e[k]):
-        points = [(e["iteration"], value(e, key)) for e in entries if key in e]
-        return [p[0] for p in points], [p[1] for p in points]
+    def series(key, pick=lambda value: value):
+        points = [(e["iteration"], pick(e[key])) for e in entries if key in e]
+        return [step for step, _ in points], [value for _, value in points]
 
     metrics = [e["val_metrics"] for e in entries if "val_metrics" in e]
     panels = 3 if metrics else 2
@@ -147,7 +148,7 @@ def plot_curves(entries: Sequence[dict], file: Path) -> None:
     lr.plot(*series("learning_rate"))
     lr.set_ylabel("learning rate")
     if metrics:
-        rest[0].plot(*series("val_metrics", lambda e, k: e[k]["score"]), "o-")
+        rest[0].plot(*series("val_metrics", lambda results: results["score"]), "o-")
         rest[0].set_ylabel(metrics[-1]["metric"])
     figure.axes[-1].set_xlabel("step")
     with atomic_file(file) as tmp:

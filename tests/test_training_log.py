@@ -95,10 +95,9 @@ def test_the_log_is_the_history_and_tensorboard_and_the_plot_hold_it(tmp_path):
 
 def test_resume_keeps_each_step_once_with_an_uninterrupted_runs_values(tmp_path):
     whole = train_tiny(tmp_path / "whole", 8)
-    # Cut at step 6's report (logged after the line): the checkpoint is at step 3, the log goes on to step 5 and step
-    # 6's validation, which the resumed run writes again unless the log is cut back.
-    assert train_tiny(tmp_path / "cut", 8, stop_after="Iter 6: train loss", report_to=("tensorboard",)) is None
-    assert kinds(read_log(tmp_path / "cut" / LOG_FILE))[-2:] == [(5, "train_loss"), (6, "val_loss")]
+    # Cut after step 5's report: the checkpoint is at step 3, so the log holds steps 4 and 5 twice unless cut back.
+    assert train_tiny(tmp_path / "cut", 8, stop_after="Iter 5: train loss", report_to=("tensorboard",)) is None
+    assert [e["iteration"] for e in read_log(tmp_path / "cut" / LOG_FILE) if "train_loss" in e] == [1, 2, 3, 4, 5]
     train_tiny(tmp_path / "cut", 8, resume=True, report_to=("tensorboard",))
     log = read_log(tmp_path / "cut" / LOG_FILE)
     assert kinds(log) == kinds(whole)
@@ -130,11 +129,11 @@ def test_a_killed_run_resumes_with_each_step_in_the_log_once(tmp_path, capsys):
             "--save-every", "10", "--lora-rank", "4", "--adapter-path", str(tmp_path / "adapters")]
     run = subprocess.Popen(COMMAND + options(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    guard = threading.Timer(300, run.kill)  # bounded: a run that never reaches step 13 is killed and fails below
+    guard = threading.Timer(300, run.kill)  # bounded: a run that never reaches step 12 is killed and fails below
     guard.start()
     try:
         for line in run.stdout:
-            if line.startswith("Iter 13: train loss"):  # step 12 logged, after the checkpoint at step 10
+            if line.startswith("Iter 12: train loss"):  # after the checkpoint at step 10
                 run.send_signal(signal.SIGKILL)
                 break
         run.wait()
@@ -152,6 +151,29 @@ def test_a_killed_run_resumes_with_each_step_in_the_log_once(tmp_path, capsys):
     assert [e["iteration"] for e in log if "train_loss" in e] == list(range(1, 31))
     assert [e["iteration"] for e in log if "val_loss" in e] == [1, 10, 20, 30]
     assert [e["iteration"] for e in log] == sorted(e["iteration"] for e in log)
+
+
+def test_ctrl_c_plots_the_curves_so_far(tmp_path):
+    data = write_data(tmp_path / "data")
+    run = subprocess.Popen(COMMAND + options("--data", str(data), "--iters", "1000", "--steps-per-report", "1",
+                                             "--adapter-path", str(tmp_path / "a")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    guard = threading.Timer(300, run.kill)
+    guard.start()
+    try:
+        for line in run.stdout:
+            if line.startswith("Iter 3: train loss"):
+                run.send_signal(signal.SIGINT)
+                break
+        out, err = run.communicate()
+    finally:
+        guard.cancel()
+    assert run.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    assert f"Plotted the curves to {tmp_path / 'a' / PLOT_FILE}" in out
+    assert [e["iteration"] for e in read_log(tmp_path / "a" / LOG_FILE) if "train_loss" in e][:3] == [1, 2, 3]
+    with Image.open(tmp_path / "a" / PLOT_FILE) as png:
+        assert png.format == "PNG"
 
 
 def test_an_unknown_tracker_is_a_choice_error(tmp_path, capsys):
@@ -194,16 +216,19 @@ def test_without_matplotlib_the_plot_is_skipped_in_one_line(tmp_path):
     assert len(read_log(tmp_path / "a" / LOG_FILE)) == 3 and not (tmp_path / "a" / PLOT_FILE).exists()
 
 
-def test_someones_log_in_the_adapter_path_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("name", [LOG_FILE, PLOT_FILE, f"{TENSORBOARD_DIR}/events.out.tfevents.1.theirs"])
+def test_someones_file_where_the_log_goes_is_refused(tmp_path, capsys, name):
     data = write_data(tmp_path / "data")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / LOG_FILE).write_text("my own notes\n")
+    theirs = tmp_path / "a" / name
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("my own notes\n")
     rc = lora.main(options("--data", str(data), "--adapter-path", str(tmp_path / "a")))
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'a'} already holds adapters "
-                                                               f"({LOG_FILE}): give --resume")
-    assert (tmp_path / "a" / LOG_FILE).read_text() == "my own notes\n"
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [LOG_FILE]
+                                                               f"({name.split('/')[0]}): give --resume")
+    assert theirs.read_text() == "my own notes\n"
+    assert sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*")) == sorted(
+        {name, name.split("/")[0]})
 
 
 def test_reading_a_damaged_log(tmp_path):
