@@ -73,22 +73,26 @@ class TrainingLog:
     step and goes on from there; the event files are rewritten from it."""
 
     def __init__(self, folder, start: int, report_to: Sequence[str] = ()):
-        self.folder, self.file = Path(folder), Path(folder) / LOG_FILE
-        kept = [e for e in read_log(self.file) if e["iteration"] <= start] if start and self.file.exists() else []
+        self.folder, self.file, self.report_to = Path(folder), Path(folder) / LOG_FILE, report_to
+        # Read (and a damaged log refused) now, before the first step; written at the first entry.
+        self.kept = [e for e in read_log(self.file) if e["iteration"] <= start] if start and self.file.exists() else []
+        self.out = self.writer = None
+
+    def _open(self) -> None:
+        """At the first entry, not before: under mlx.launch every entry follows a collective step, so by then each
+        process has checked the adapter folder, and none finds this run's own log there and refuses it."""
         with atomic_file(self.file) as tmp:
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.kept))
         self.out = self.file.open("a")
         events = self.folder / TENSORBOARD_DIR
         for stale in events.glob("events.out.tfevents.*"):  # what they held is in the log, up to `start`
             stale.unlink()
-        self.writer = None
-        if "tensorboard" in report_to:
+        if "tensorboard" in self.report_to:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             self.writer = EventFileWriter(str(events))
-            for entry in kept:
+            for entry in self.kept:
                 self._event(entry)
-            self.writer.flush()
 
     def _event(self, entry: dict) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
@@ -98,6 +102,8 @@ class TrainingLog:
         self.writer.add_event(Event(wall_time=time.time(), step=entry["iteration"], summary=Summary(value=values)))
 
     def write(self, entry: dict) -> None:
+        if self.out is None:
+            self._open()
         self.out.write(json.dumps(entry) + "\n")
         self.out.flush()  # to the OS at once: a killed run keeps every line written
         if self.writer is not None:
@@ -106,6 +112,8 @@ class TrainingLog:
 
     def close(self, report: Callable[[str], None] = print) -> None:
         """Close the files and plot the curves (skipped, in one line, without matplotlib)."""
+        if self.out is None:
+            return
         self.out.close()
         if self.writer is not None:
             self.writer.close()

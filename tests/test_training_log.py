@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGES = FIXTURES / "images"
 TEACH = [("chelsea.jpg", "caption en", "a cat"), ("coffee.jpg", "caption en", "a cup of coffee")]
 # How the test names each history number in TensorBoard (written here by hand, not taken from the module).
-TAGS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate", "steps_per_second": "train/steps_per_second",
-        "tokens_per_second": "train/tokens_per_second", "peak_memory": "train/peak_memory_gb", "val_loss": "val/loss"}
+TAGS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate",
+        "steps_per_second": "train/steps_per_second", "tokens_per_second": "train/tokens_per_second",
+        "peak_memory": "train/peak_memory_gb", "val_loss": "val/loss"}
 
 
 def examples():
