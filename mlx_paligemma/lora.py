@@ -28,6 +28,7 @@ from .model import PaliGemma
 from .processor import InputError
 from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, load_datasets,
                       set_trainable, train)
+from .training_log import TRACKERS, check_trackers, plot_run
 
 
 def fuse(model: PaliGemma, dequantize: bool = False) -> PaliGemma:
@@ -117,6 +118,8 @@ def build_parser() -> ArgumentParser:
                    help="with --eval-task: write the best-scoring weights to ADAPTER_PATH/best")
     p.add_argument("--steps-per-report", type=int, default=d.steps_per_report, help="steps between loss reports")
     p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    p.add_argument("--report-to", nargs="+", choices=TRACKERS, default=[], help="also send every report to these "
+                   "trackers (default: none; ADAPTER_PATH/log.jsonl and curves.png are always written)")
     p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
     p.add_argument("--seed", type=int, default=d.seed, help="LoRA initialisation, data order, dropout")
     p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --save-path")
@@ -134,6 +137,7 @@ def run(args) -> None:
     if args.fuse:  # written at the end: checked now, so that a long run does not end in a refusal
         check_new_folder(Path(args.save_path), probe=True)
     if args.data:
+        check_trackers(args.report_to)
         check_output_folder(Path(args.adapter_path), args.resume, args.overwrite)
     if not args.data:  # fuse saved adapters
         base = str(get_model_path(args.model, args.revision))
@@ -162,8 +166,13 @@ def run(args) -> None:
     total = get_total_parameters(model)  # LoRA's matrices included; quantized weights counted unpacked
     say(f"Trainable parameters: {100 * trainable / total:.3f}% ({millions(trainable)} of {millions(total)})")
     config.update(base_model=args.model, model_type="paligemma", training=asdict(targs))
-    train(model, processor, data["train"], data.get("valid"), targs, adapter_config=config,
-          report=lambda s: print(s, flush=True))
+    try:
+        train(model, processor, data["train"], data.get("valid"), targs, adapter_config=config,
+              report=lambda s: print(s, flush=True))
+    except KeyboardInterrupt:  # stopped by hand: the curves so far, from the log
+        if rank == 0:
+            plot_run(args.adapter_path, say)
+        raise
     if "test" in data:
         loss = evaluate_loss(model, data["test"], processor, args.batch_size, args.val_batches)
         say(f"Test loss {loss:.3f}, test ppl {math.exp(min(loss, 50)):.3f}")

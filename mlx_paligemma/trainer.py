@@ -6,6 +6,7 @@ Data is JSONL, one example a line, in the one item format of mlx_paligemma.data:
 file or an http(s) URL; `suffix` may be a list of answers (one example each).
 Under `mlx.launch` every process takes its share of each batch (--batch-size is per process) and the gradients are
 averaged weighted by suffix tokens, so N processes train exactly as one with N times the batch; only rank 0 writes.
+Every report is also a line of ADAPTER_PATH/log.jsonl, and the curves a plot beside it (mlx_paligemma.training_log).
 """
 
 import hashlib
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +28,7 @@ from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from .formats.mlx import atomic_file, check_safetensors
 from .model import PaliGemma, suffix_loss
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, cause, read_json_object
+from .training_log import WRITTEN, TrainingLog, check_trackers
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -174,6 +176,7 @@ class TrainingArgs:
     eval_max_tokens: int = 64
     keep_best: bool = False  # with eval_task: the best-scoring weights go to adapter_path/best
     overwrite: bool = False  # replace the adapters already in adapter_path (without it, that is refused)
+    report_to: Tuple[str, ...] = ()  # trackers fed the reports besides adapter_path/log.jsonl: tensorboard
 
 
 def check_args(args: TrainingArgs) -> None:
@@ -219,7 +222,7 @@ def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: adapter_path is a folder we can write, and holds no adapters we would replace unasked."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--adapter-path {folder} is a file, not a folder")
-    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE) if (folder / name).exists()]
+    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, *WRITTEN) if (folder / name).exists()]
     if ours and not resume and not overwrite:
         raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
                          "them, --overwrite to replace them, or another --adapter-path")
@@ -343,6 +346,7 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     writes = adapter_config is not None and rank == 0
     folder = Path(args.adapter_path)
     # Everything that could stop the run later is checked now, before the first step and before anything is written.
+    check_trackers(args.report_to)
     if adapter_config is not None:
         check_output_folder(folder, args.resume, args.overwrite)
         adapter_config = {**adapter_config, "data": data_fingerprint(train_set)}
@@ -367,6 +371,7 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
         if start >= args.iters:
             raise InputError(f"{folder} is at step {start} already: give --iters above it to train on")
         report(f"Resumed from {folder} at step {start}")
+    log = TrainingLog(folder, start, args.report_to) if writes else None
     score_task = None
     if args.eval_task:
         from .evaluate import evaluate_examples
@@ -379,19 +384,24 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
         tic = time.perf_counter()
         model.eval()  # no LoRA dropout
         loss = evaluate_loss(model, valid_set, processor, args.batch_size, args.val_batches)
+        record({"iteration": it, "val_loss": loss})  # logged before it is said: a stopped run has what it printed
         report(f"Iter {it}: val loss {loss:.3f}, val took {time.perf_counter() - tic:.1f}s")
-        history.append({"iteration": it, "val_loss": loss})
         if score_task is not None and rank == 0:  # the others go on to the next step and wait for rank 0 there
             tic = time.perf_counter()
             results, _ = score_task(model, processor, valid_set)
+            record({"iteration": it, "val_metrics": results})
             report(f"Iter {it}: val {results['metric']} {results['score']:.4f}, took {time.perf_counter() - tic:.1f}s")
-            history.append({"iteration": it, "val_metrics": results})
             if args.keep_best and (best is None or results["score"] > best):
                 best = results["score"]
                 if writes:
                     save_adapters(model, folder / "best", {**adapter_config, "best": {"iteration": it, **results}})
                     report(f"Iter {it}: best so far, saved to {folder / 'best'}")
         model.train()
+
+    def record(entry):
+        history.append(entry)
+        if log is not None:
+            log.write(entry)
 
     history, losses, tokens, elapsed, steps = [], [], 0, 0.0, 0
     model.train()
@@ -421,13 +431,15 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             peak = mx.get_peak_memory() / 1e9
             entry = {"iteration": it, "train_loss": float(np.mean(losses)), "learning_rate": schedule(it - 1).item(),
                      "steps_per_second": steps / elapsed, "tokens_per_second": tokens / elapsed, "peak_memory": peak}
+            record(entry)
             report(f"Iter {it}: train loss {entry['train_loss']:.3f}, lr {entry['learning_rate']:.3e}, "
                    f"it/s {entry['steps_per_second']:.3f}, tokens/s {entry['tokens_per_second']:.1f}, "
                    f"peak mem {peak:.3f} GB")
-            history.append(entry)
             losses, tokens, elapsed, steps = [], 0, 0.0, 0
         if writes and (it % args.save_every == 0 or it == args.iters):
             save_checkpoint(model, optimizer, folder, adapter_config, it, best)
             report(f"Iter {it}: saved to {folder}" if it < args.iters else f"Saved adapters to {folder}")
+    if log is not None:
+        log.close(report)
     model.eval()
     return history

@@ -209,3 +209,8 @@ def test_two_processes_train_as_one_with_twice_the_batch(tmp_path):
     loss = [line.split("train loss ")[1].split(",")[0] for line in one.stdout.splitlines() if "train loss" in line]
     assert loss == [line.split("train loss ")[1].split(",")[0] for line in two.stdout.splitlines()
                     if "train loss" in line]
+    # Only rank 0 writes the log: each report once, as the one-process run's.
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert [e["iteration"] for e in logs[1]] == [e["iteration"] for e in logs[0]] == [2, 4]
+    assert [e["train_loss"] for e in logs[1]] == pytest.approx([e["train_loss"] for e in logs[0]], abs=1e-5)
