@@ -1,15 +1,13 @@
-"""mlx_paligemma.fetch against real fetch targets on 127.0.0.1 (small HTTP servers in threads): the total deadline,
-the byte cap, redirects checked hop by hop, the address policy (local refused by default, allowed when asked), one
-message for every network failure, local files kept inside their root; and the surfaces that use it (load_image,
-the mask decoder download). Every target's loop is bounded, and each records what it sent, so the tests observe
-what the client did (stopped reading, never connected) instead of timing it."""
+"""mlx_paligemma.fetch against real fetch targets on 127.0.0.1 (http_targets): the total deadline, the byte cap,
+redirects checked hop by hop, the address policy (local refused by default, allowed when asked), one message for
+every network failure, local files kept inside their root; and the surfaces that use it (load_image, the mask
+decoder download)."""
 
 import io
 import os
 import socket
 import threading
 import tracemalloc
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -18,70 +16,12 @@ import mlx_paligemma as mp
 from mlx_paligemma import fetch as f
 from mlx_paligemma import mask_decoder
 from mlx_paligemma.processor import InputError, cause
-
-DRIP_BYTES = 60  # a byte every 0.25 s: 15 s in all, far beyond the 1 s deadline of the tests
-ENDLESS_CHUNKS = 20_000  # 64 KiB each: 1.3 GB at most, far beyond the caps of the tests
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (6, 4), (10, 200, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-class Targets(BaseHTTPRequestHandler):
-    hits, sent = [], {}  # paths asked for; path -> bytes (or chunks) written before the client went away
-
-    def do_GET(self):
-        Targets.hits.append(self.path)
-        if self.path.startswith("/to/"):  # /to/<url>: a redirect there
-            self.send_response(302)
-            self.send_header("Location", self.path[len("/to/"):])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if self.path == "/loop":
-            self.send_response(301)
-            self.send_header("Location", "/loop")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if self.path == "/missing":
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.end_headers()
-        Targets.sent[self.path] = 0
-        try:
-            if self.path == "/image.png":
-                self.wfile.write(png())
-            elif self.path == "/hello":
-                self.wfile.write(b"hello")
-            elif self.path == "/drip":
-                for _ in range(DRIP_BYTES):
-                    self.wfile.write(b"\xff")
-                    self.wfile.flush()
-                    Targets.sent[self.path] += 1
-                    threading.Event().wait(0.25)
-            elif self.path == "/endless":
-                for _ in range(ENDLESS_CHUNKS):
-                    self.wfile.write(b"\xff" * 65536)
-                    Targets.sent[self.path] += 1
-        except OSError:  # the client stopped reading
-            pass
-
-    def log_message(self, *args):
-        pass
-
+from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, png, serve
 
 @pytest.fixture(scope="module")
 def host():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Targets)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as url:
+        yield url
 
 
 def closed_port() -> int:

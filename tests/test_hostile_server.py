@@ -9,19 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, serve
 from test_server import EOS, IMAGES, MODEL, Server, call, check_error, data_url, image_part, png, wait_for
 
 TEXT = {"type": "text", "text": "caption en"}
 JSON_HEADERS = {"Content-Type": "application/json"}
-DRIP_BYTES, ENDLESS_CHUNKS = 60, 20_000  # the targets' bounds: 15 s of drip, 1.3 GB of stream
 
 
 def good(**kw) -> dict:
@@ -40,50 +38,10 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-class Targets(BaseHTTPRequestHandler):
-    hits, sent = [], {}
-
-    def do_GET(self):
-        Targets.hits.append(self.path)
-        if self.path.startswith("/to/"):
-            self.send_response(302)
-            self.send_header("Location", self.path[len("/to/"):])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self.send_response(200)
-        self.end_headers()
-        Targets.sent[self.path] = 0
-        try:
-            if self.path == "/cat.jpg":
-                self.wfile.write((IMAGES / "chelsea.jpg").read_bytes())
-            elif self.path == "/hello":
-                self.wfile.write(b"hello")
-            elif self.path == "/drip":
-                for _ in range(DRIP_BYTES):
-                    self.wfile.write(b"\xff")
-                    self.wfile.flush()
-                    Targets.sent[self.path] += 1
-                    threading.Event().wait(0.25)
-            elif self.path == "/endless":
-                for _ in range(ENDLESS_CHUNKS):
-                    self.wfile.write(b"\xff" * 65536)
-                    Targets.sent[self.path] += 1
-        except OSError:
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def targets():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Targets)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
