@@ -39,7 +39,8 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
 td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; vertical-align: top; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.plots img { max-width: 32%; margin-right: 1%; border: 1px solid #eee; }
+.tables { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+.plots img { width: 24%; margin-right: 0.5%; border: 1px solid #eee; }
 .example { display: flex; gap: 1.2em; border-top: 1px solid #ddd; padding: 0.8em 0; }
 .picture { position: relative; flex: 0 0 auto; width: 384px; line-height: 0; }
 .picture img { width: 100%; display: block; }
@@ -161,7 +162,7 @@ class _Page:
             if r.get(key) is not None:
                 out.append(f"{_text(key)}: {_text(r[key])}<br>")
         out.append(f"score ({_text(r['metric'])}): <b>{_number(r['score'])}</b></p>")
-        out.append("<table><tr><th>task</th><th>questions</th><th>metric</th><th>value</th></tr>")
+        out.append("<div class=tables><table><tr><th>task</th><th>questions</th><th>metric</th><th>value</th></tr>")
         per_class = []
         for task, values in r["tasks"].items():
             first = True
@@ -180,21 +181,21 @@ class _Page:
         for task in dict.fromkeys(t for t, _, _ in per_class):
             columns = [(name, value) for t, name, value in per_class if t == task]
             labels = list(dict.fromkeys(label for _, value in columns for label in value))
-            out.append(f"<h3>{_text(task)}: per class</h3><table><tr><th>class</th>"
+            out.append(f"<table><tr><th>{_text(task)}: class</th>"
                        + "".join(f"<th>{_text(PER_CLASS.get(name, name))}</th>" for name, _ in columns) + "</tr>")
             for label in labels:
                 out.append(f"<tr><td>{_text(label)}</td>" + "".join(
                     f"<td class=n>{_number(value[label]) if label in value else ''}</td>" for _, value in columns)
                     + "</tr>")
             out.append("</table>")
-        return "\n".join(out)
+        return "\n".join(out + ["</div>"])
 
     def plots(self) -> str:
         Figure = _figure_class()
         shown = []
 
         def save(name: str, draw) -> None:
-            figure = Figure(figsize=(5, 3.4), dpi=100, layout="constrained")
+            figure = Figure(figsize=(4.4, 3.2), dpi=100, layout="constrained")
             draw(figure.add_subplot())
             figure.savefig(self.folder / name, format="png")
             shown.append(name)
@@ -232,7 +233,7 @@ class _Page:
             values = [r["score"] for r in self.records if r["task"] == task]
 
             def draw_scores(ax, values=values, task=task):
-                ax.hist(values, bins=20, color="#4363d8")
+                ax.hist(values, bins=20, range=(0, max(1.0, *values)), color="#4363d8")
                 ax.set(xlabel=self.score_name(task), ylabel="questions", title=f"{task}: per-question score")
 
             save(f"scores-{task}.png", draw_scores)
