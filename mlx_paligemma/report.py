@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .detection import DetectedObject, rle_to_mask
+from .metrics import precision_recall
 from .processor import InputError
 
 MARKER = ".mlx-paligemma-report"
@@ -58,13 +59,16 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
-def _figure_class():
+def _new_figure():
+    """A matplotlib Figure on the Agg canvas: no pyplot, so no global backend or GUI is touched."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401  (the Agg backend, no pyplot)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError('the report\'s plots need matplotlib: pip install -e ".[report]"') from None
-    return Figure
+    figure = Figure(figsize=(4.4, 3.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def check_folder(folder, shown: int = SHOWN) -> Path:
@@ -72,7 +76,7 @@ def check_folder(folder, shown: int = SHOWN) -> Path:
     matplotlib present. Called before an evaluation so that it does not run for nothing."""
     if shown < 0:
         raise InputError(f"--report-examples must be 0 or more, got {shown}")
-    _figure_class()
+    _new_figure()
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise InputError(f"--report {folder}: is a file, not a folder")
@@ -85,7 +89,10 @@ def check_folder(folder, shown: int = SHOWN) -> Path:
             raise InputError(f"--report {folder}: the folder holds files and no earlier report; give a new or empty "
                              "folder")
         if entries:
-            written = set((path / MARKER).read_text(errors="replace").splitlines())
+            try:
+                written = set((path / MARKER).read_text(errors="replace").splitlines())
+            except OSError:  # a folder named like the marker: not ours
+                written = set()
             others = sorted(entries - written - {MARKER})
             if others:
                 raise InputError(f"--report {folder}: holds {others[0]!r}, which no report wrote; give a new or "
@@ -96,9 +103,12 @@ def check_folder(folder, shown: int = SHOWN) -> Path:
 def write_report(folder, results: dict, records: Sequence[dict], examples: Sequence, shown: int = SHOWN) -> Path:
     """Write the page of evaluate_examples' (results, records) into `folder`; `examples` are what was evaluated
     (their images are what the page shows). Returns the path of index.html."""
-    path = check_folder(folder, shown)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    path = Path(os.path.abspath(check_folder(folder, shown)))  # "." has a name and a parent
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    except OSError as e:
+        raise InputError(f"--report {folder}: cannot write there: {e.strerror}") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -106,13 +116,16 @@ def write_report(folder, results: dict, records: Sequence[dict], examples: Seque
         images = {e.source or e.image: e.image for e in examples if isinstance(e.source or e.image, str)}
         page = _Page(build, results, records, images)
         (build / "index.html").write_text(page.html(shown), encoding="utf-8")
-        files = sorted(str(p.relative_to(build)).split(os.sep)[0] for p in build.iterdir())
-        (build / MARKER).write_text("".join(f + "\n" for f in files))
+        (build / MARKER).write_text("".join(f"{p.name}\n" for p in sorted(build.iterdir())))
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
             os.replace(path, old / "report")
-            os.replace(build, path)
-            shutil.rmtree(old)
+            try:
+                os.replace(build, path)
+            except OSError:
+                os.replace(old / "report", path)  # the earlier report back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(build, path)
     except BaseException:
@@ -191,19 +204,16 @@ class _Page:
         return "\n".join(out + ["</div>"])
 
     def plots(self) -> str:
-        Figure = _figure_class()
         shown = []
 
         def save(name: str, draw) -> None:
-            figure = Figure(figsize=(4.4, 3.2), dpi=100, layout="constrained")
+            figure = _new_figure()
             draw(figure.add_subplot())
             figure.savefig(self.folder / name, format="png")
             shown.append(name)
 
         tasks = list(self.results["tasks"])
         for task in [t for t in tasks if t in ("detect", "segment")]:
-            from .metrics import precision_recall
-
             chosen = [r for r in self.records if r["task"] == task]
             curves = precision_recall([_objects(r, "prediction") for r in chosen],
                                       [_objects(r, "references") for r in chosen])

@@ -44,6 +44,8 @@ ANSWERS = {("chelsea.jpg", "detect cat"): f"{CAT} cat",
            ("chelsea.jpg", "caption en"): "a cat looking up",
            ("coffee.jpg", "caption en"): "a cup of tea",
            ("rocket.jpg", "caption en"): "a dog on grass"}
+SEGMENT = {"prefix": "segment cat", "suffix": CAT + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"}
+ANSWERS[("chelsea.jpg", "segment cat")] = CAT + "".join(f"<seg{100 + i:03d}>" for i in range(16)) + " cat"
 LOGPROB = -0.2  # every chosen answer's tokens: each box scores exp(-0.2)
 
 
@@ -169,6 +171,37 @@ def test_report_of_chosen_answers_worst_first(tmp_path, capsys, browser, monkeyp
     assert SCRIPT in browser.js("document.body.textContent")
     assert not (tmp_path / "report" / "images" / "00002.jpg").exists()  # the earlier report's third image is gone
     assert problems(browser) == []
+
+
+def test_report_draws_masks_over_the_image(tmp_path, capsys, browser, monkeypatch):
+    import mlx.core as mx
+    from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
+
+    mx.random.seed(0)
+    save_mask_decoder(MaskDecoder(), tmp_path / "decoder.safetensors")  # random weights: some mask
+    monkeypatch.setattr(evaluate, "generate_answers", chosen_answers)
+    monkeypatch.setattr(sys.modules[__name__], "ROWS", [{"image": "chelsea.jpg", **SEGMENT}])
+    index, predictions, _ = evaluation(tmp_path, capsys, "--mask-decoder", str(tmp_path / "decoder.safetensors"))
+    open_page(browser, index)
+    assert browser.js("document.querySelectorAll('svg image.mask.reference').length") == 1
+    assert browser.js("document.querySelectorAll('svg image.mask.prediction').length") == 1
+    assert browser.js("document.querySelectorAll('svg rect.box').length") == 2
+    # The masks' PNGs load: each drawn once more into an Image, off the page.
+    widths = browser.js("Promise.all([...document.querySelectorAll('svg image')].map((s) => new Promise((ok) => {"
+                        "const i = new Image(); i.onload = () => ok(i.naturalWidth); i.onerror = () => ok(0);"
+                        "i.src = s.getAttribute('href'); })))")
+    assert len(widths) == 2 and min(widths) > 0
+    assert problems(browser) == []
+    assert "mask IoU" in browser.js("document.querySelector('.example .score').textContent")
+    header = browser.js("[...document.querySelectorAll('th')].map((t) => t.textContent)")
+    assert "AP@[.5:.95]" in header and "mask IoU" in header
+    # The question's score is the IoU of the two masks, computed here from the decoder's masks.
+    decoder = load_mask_decoder(tmp_path / "decoder.safetensors")
+    size = Image.open(tmp_path / "chelsea.jpg").size
+    (want,), (got,) = (parse_detections(t, size, decoder)
+                       for t in (SEGMENT["suffix"], ANSWERS[("chelsea.jpg", "segment cat")]))
+    iou = (want.mask & got.mask).sum() / (want.mask | got.mask).sum()
+    assert 0 < iou < 1 and predictions[0]["score"] == pytest.approx(iou)
 
 
 def listing(folder: Path) -> dict:
