@@ -35,6 +35,7 @@ REFERENCE, PREDICTION = (26, 150, 65), (230, 25, 75)
 SCORE_NAMES = {"caption": "CIDEr", "vqa": "VQA accuracy", "ocr": "ANLS", "detect": "box mAP", "segment": "box mAP",
                "match": "exact match"}
 PER_CLASS = {"per_class_ap": "AP@[.5:.95]", "per_class": "mask IoU"}
+# {ref} and {pred}: REFERENCE and PREDICTION, filled in by _Page.html.
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
@@ -47,15 +48,15 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .picture img { width: 100%; display: block; }
 .picture svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; overflow: visible; }
 .box { fill: none; stroke-width: 2; vector-effect: non-scaling-stroke; }
-.box.reference { stroke: rgb(26, 150, 65); stroke-dasharray: 6 3; }
-.box.prediction { stroke: rgb(230, 25, 75); }
+.box.reference { stroke: rgb{ref}; stroke-dasharray: 6 3; }
+.box.prediction { stroke: rgb{pred}; }
 .label { paint-order: stroke; stroke: white; stroke-width: 3; vector-effect: non-scaling-stroke; }
-.label.reference { fill: rgb(26, 150, 65); }
-.label.prediction { fill: rgb(230, 25, 75); }
+.label.reference { fill: rgb{ref}; }
+.label.prediction { fill: rgb{pred}; }
 .text { flex: 1 1 auto; min-width: 0; }
 .text pre { white-space: pre-wrap; word-break: break-word; margin: 0.2em 0 0.6em; background: #f6f6f6; padding: 4px; }
 .score { font-weight: bold; }
-.legend .reference { color: rgb(26, 150, 65); } .legend .prediction { color: rgb(230, 25, 75); }
+.legend .reference { color: rgb{ref}; } .legend .prediction { color: rgb{pred}; }
 """
 
 
@@ -150,7 +151,7 @@ def _objects(record: dict, kind: str) -> List[DetectedObject]:
 class _Page:
     def __init__(self, folder: Path, results: dict, records: Sequence[dict], images: Dict[str, object]):
         self.folder, self.results, self.records, self.images = folder, results, list(records), images
-        self.thumbnails: Dict[str, tuple] = {}  # image source -> (file name, original width, height)
+        self.thumbnails: Dict[str, tuple] = {}  # source -> (file, original width, height, its size)
         self.masks = 0
 
     def html(self, shown: int) -> str:
@@ -159,7 +160,8 @@ class _Page:
                  "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src 'self'; "
                  "style-src 'unsafe-inline'\">",
                  f"<title>{_text('Evaluation of ' + str(self.results.get('model', 'a model')))}</title>",
-                 f"<style>{STYLE}</style></head><body>", self.summary(), self.plots(),
+                 f"<style>{STYLE.replace('{ref}', str(REFERENCE)).replace('{pred}', str(PREDICTION))}</style>",
+                 "</head><body>", self.summary(), self.plots(),
                  f"<h2>Questions, worst first ({len(self.records)})</h2>",
                  '<p class="legend">Boxes and masks: <span class="reference">reference dashed green</span>, '
                  '<span class="prediction">prediction solid red</span> (with its score).</p>']
@@ -234,7 +236,7 @@ class _Page:
             scores = [1.0 if o.score is None else o.score for r in self.records for o in _objects(r, "prediction")]
 
             def draw_box_scores(ax):
-                ax.hist(scores, bins=20, range=(0, 1), color="#e6194b")
+                ax.hist(scores, bins=20, range=(0, 1), color=[c / 255 for c in PREDICTION])
                 ax.set(xlabel="score (mean probability of the box's tokens)", ylabel="boxes",
                        title=f"predicted boxes' scores ({len(scores)})")
 
