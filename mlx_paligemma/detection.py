@@ -138,6 +138,14 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": [0] + counts if flat[0] else counts}
 
 
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """The bool (height, width) mask of an uncompressed COCO RLE as objects_to_json writes it."""
+    height, width = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1  # runs alternate, background first
+    flat = np.repeat(values, rle["counts"])
+    return flat.reshape((width, height)).T  # column-major, as _rle ran over it
+
+
 def objects_to_json(objects: Sequence[DetectedObject]) -> List[dict]:
     """JSON-ready dicts: `label`, `box` [x0, y0, x1, y1] in pixels, `score` when known, `codes` (the 16 mask codes) for segmented objects,
     and `mask` for decoded masks, as COCO's uncompressed RLE: {"size": [height, width], "counts": run lengths over

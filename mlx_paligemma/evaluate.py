@@ -1,7 +1,7 @@
 """Score a model on a JSONL set by each task's own metric (mlx_paligemma.metrics), generating through the engine.
 
     python -m mlx_paligemma.evaluate --model M [--adapter-path A] --data test.jsonl [--task auto]
-        [--output metrics.json] [--predictions preds.jsonl] [--batch-size 8] [--max-tokens 100]
+        [--output metrics.json] [--predictions preds.jsonl] [--batch-size 8] [--max-tokens 100] [--report DIR]
 
 The data is what training reads: {"image": ..., "prefix": ..., "suffix": ...} a line. Lines with the same image
 and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption set
@@ -19,9 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from . import defaults, metrics
+from . import defaults, metrics, report
 from .cli import ArgumentParser, command, run_main
-from .detection import parse_detections, token_ends
+from .detection import objects_to_json, parse_detections, token_ends
 from .processor import InputError
 from .data import Example, read_jsonl
 
@@ -87,14 +87,25 @@ def score(task: str, predictions: Sequence[str], questions: Sequence[Question], 
           token_scores: Optional[Sequence[tuple]] = None) -> dict:
     """The task's metrics for these answers. Segmentation without a mask decoder gets its box metrics and a note.
     token_scores: per answer (token_ends, logprobs), which rank detected boxes by their score."""
+    return score_questions(task, predictions, questions, mask_decoder, token_scores)[0]
+
+
+def score_questions(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None,
+                    token_scores: Optional[Sequence[tuple]] = None) -> Tuple[dict, List[float], list]:
+    """score's metrics, each question's own score by the same metric (CIDEr, VQA accuracy, ANLS, the image's box
+    mAP or mask IoU, exact match), and per question (predicted, reference) objects for detect and segment (else
+    None)."""
     refs = [q.references for q in questions]
     if task == "caption":
-        return {"cider": metrics.cider(predictions, refs), "bleu4": metrics.bleu(predictions, refs)}
+        return ({"cider": metrics.cider(predictions, refs), "bleu4": metrics.bleu(predictions, refs)},
+                metrics.cider_scores(predictions, refs), [None] * len(questions))
     if task == "vqa":
-        return {"vqa_accuracy": metrics.vqa_accuracy(predictions, refs),
-                "exact_match": metrics.exact_match(predictions, refs)}
+        return ({"vqa_accuracy": metrics.vqa_accuracy(predictions, refs),
+                 "exact_match": metrics.exact_match(predictions, refs)},
+                metrics.vqa_scores(predictions, refs), [None] * len(questions))
     if task == "ocr":
-        return {"anls": metrics.anls(predictions, refs), "cer": metrics.character_error_rate(predictions, refs)}
+        return ({"anls": metrics.anls(predictions, refs), "cer": metrics.character_error_rate(predictions, refs)},
+                metrics.anls_scores(predictions, refs), [None] * len(questions))
     if task in ("detect", "segment"):
         decoder = mask_decoder if task == "segment" else None
         sizes = [image_size(q.image) for q in questions]
@@ -103,13 +114,29 @@ def score(task: str, predictions: Sequence[str], questions: Sequence[Question], 
         reference = [[o for r in q.references for o in parse_detections(r, size, decoder)]
                      for q, size in zip(questions, sizes)]
         out = metrics.detection_scores(predicted, reference)
+        masks = task == "segment" and decoder is not None
         if task == "segment":
             if decoder is None:
                 out["note"] = "mask IoU not computed: no mask decoder (give --mask-decoder PATH to vae-oid.npz)"
             else:
                 out.update(metrics.mask_scores(predicted, reference))
-        return out
-    return {"exact_match": metrics.exact_match(predictions, refs)}
+        return out, [image_score(p, r, masks) for p, r in zip(predicted, reference)], list(zip(predicted, reference))
+    return ({"exact_match": metrics.exact_match(predictions, refs)}, metrics.exact_match_scores(predictions, refs),
+            [None] * len(questions))
+
+
+def image_score(predicted: list, reference: list, masks: bool) -> float:
+    """One image's detection score: its mask IoU (masks) or box mAP@[.5:.95]; 1 when there is nothing to find and
+    nothing is found."""
+    if not predicted and not reference:
+        return 1.0
+    if masks:
+        return metrics.mask_scores([predicted], [reference])["mask_iou"]
+    return metrics.detection_scores([predicted], [reference])["map"]
+
+
+def objects_with_scores(objects: list) -> List[dict]:
+    return [{**d, "score": o.score} for o, d in zip(objects, objects_to_json(objects))]
 
 
 def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto",
@@ -127,17 +154,23 @@ def evaluate_examples(model, processor, examples: Sequence[Example], task: str =
     answers = [g.text for g in generations]
     token_scores = [(token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
                     for g in generations]
+    records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
+               for q, a in zip(questions, answers)]
     results, primary = {}, {}
     for name in [t for t in TASKS if any(q.task == t for q in questions)]:
         chosen = [i for i, q in enumerate(questions) if q.task == name]
-        results[name] = {"questions": len(chosen),
-                         **score(name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder,
-                                 [token_scores[i] for i in chosen] if name in ("detect", "segment") else None)}
+        values, scores, objects = score_questions(
+            name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder,
+            [token_scores[i] for i in chosen] if name in ("detect", "segment") else None)
+        results[name] = {"questions": len(chosen), **values}
+        for i, value, pair in zip(chosen, scores, objects):
+            records[i]["score"] = value
+            if pair is not None:
+                records[i]["objects"] = {"prediction": objects_with_scores(pair[0]),
+                                         "references": objects_with_scores(pair[1])}
         key = PRIMARY[name] if PRIMARY[name] in results[name] else "map"  # segmentation without masks: boxes
         primary[f"{name} {key}"] = results[name][key]
     metric = next(iter(primary)) if len(primary) == 1 else f"mean of {', '.join(primary)}"
-    records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
-               for q, a in zip(questions, answers)]
     return {"tasks": results, "metric": metric, "score": sum(primary.values()) / len(primary)}, records
 
 
@@ -180,6 +213,10 @@ def build_parser() -> ArgumentParser:
                    help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--mask-decoder", metavar="PATH",
                    help="vae-oid.npz or its safetensors copy, for mask IoU (default: the cached copy, if any)")
+    p.add_argument("--report", metavar="DIR", help="write an HTML page here: metrics, plots, every question with "
+                   "its image and drawn boxes, worst first (a new or empty folder, or an earlier report)")
+    p.add_argument("--report-examples", type=int, default=report.SHOWN, metavar="N",
+                   help="--report: the worst N questions in full, the others a table row each")
     return p
 
 
@@ -192,6 +229,8 @@ def run(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not Path(args.data).is_file():
         raise InputError(f"--data: no such file {args.data}")
+    if args.report:
+        report.check_folder(args.report, args.report_examples)
     examples = read_jsonl(args.data)
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
@@ -212,6 +251,8 @@ def run(args) -> None:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
+    if args.report:
+        print(f"report: {report.write_report(args.report, results, records, examples, args.report_examples)}")
 
 
 main = command(build_parser, run)

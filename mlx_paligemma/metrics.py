@@ -72,6 +72,12 @@ def cider(predictions: Sequence[str], references: Sequence[Sequence[str]], n: in
     """CIDEr-D as pycocoevalcap's Cider (Vedantam et al. 2015): n-gram tf-idf cosine similarity for n = 1..4,
     the prediction's counts clipped to the reference's, a Gaussian penalty on the length difference, averaged over
     the references, times 10. Document frequencies are counted over the references of this set."""
+    return float(np.mean(cider_scores(predictions, references, n, sigma)))
+
+
+def cider_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], n: int = 4,
+                 sigma: float = 6.0) -> List[float]:
+    """Each prediction's CIDEr-D (their mean is `cider`), document frequencies from the references of the set."""
     tests = [_ngrams(caption_tokens(p), n) for p in predictions]
     refs = [[_ngrams(caption_tokens(r), n) for r in rs] for rs in references]
     df = Counter(gram for rs in refs for gram in set().union(*rs))
@@ -97,8 +103,8 @@ def cider(predictions: Sequence[str], references: Sequence[Sequence[str]], n: in
             nonzero = (norm != 0) & (norm_r != 0)
             sim[nonzero] /= (norm * norm_r)[nonzero]
             total += sim * math.exp(-((length - length_r) ** 2) / (2 * sigma**2))
-        scores.append(10.0 * total.mean() / len(rs))
-    return float(np.mean(scores))
+        scores.append(float(10.0 * total.mean() / len(rs)))
+    return scores
 
 
 # The VQA evaluation code's answer normalisation (VQA/PythonEvaluationTools/vqaEvaluation/vqaEval.py).
@@ -157,17 +163,27 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]
     """Mean over questions of min(#references equal to the prediction / 3, 1), after normalize_vqa_answer: VQAv2's
     accuracy over the human answers given (with one reference it is exact match after normalisation). The official
     script averages it over the 10 leave-one-out subsets of its 10 answers instead, which differs slightly."""
+    return float(np.mean(vqa_scores(predictions, references)))
+
+
+def vqa_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> List[float]:
+    """Each question's VQA accuracy (their mean is `vqa_accuracy`)."""
     scores = []
     for prediction, refs in zip(predictions, references):
         answer = normalize_vqa_answer(prediction)
         scores.append(min(sum(normalize_vqa_answer(r) == answer for r in refs) / 3, 1.0) if len(refs) > 1
                       else float(normalize_vqa_answer(refs[0]) == answer))
-    return float(np.mean(scores))
+    return scores
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Fraction of predictions equal to one of their references, surrounding whitespace ignored."""
-    return float(np.mean([p.strip() in {r.strip() for r in refs} for p, refs in zip(predictions, references)]))
+    return float(np.mean(exact_match_scores(predictions, references)))
+
+
+def exact_match_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> List[float]:
+    """1.0 for each prediction equal to one of its references (surrounding whitespace ignored), else 0.0."""
+    return [float(p.strip() in {r.strip() for r in refs}) for p, refs in zip(predictions, references)]
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -186,6 +202,11 @@ def anls(predictions: Sequence[str], references: Sequence[Sequence[str]], thresh
     """Average Normalized Levenshtein Similarity (ST-VQA, DocVQA): per question the best over its references of
     1 - distance / longer length, on lower-cased, whitespace-collapsed text, counted 0 when the normalised distance
     is `threshold` or more."""
+    return float(np.mean(anls_scores(predictions, references, threshold)))
+
+
+def anls_scores(predictions: Sequence[str], references: Sequence[Sequence[str]], threshold: float = 0.5) -> List[float]:
+    """Each question's ANLS (their mean is `anls`)."""
     def norm(s):
         return " ".join(s.lower().split())
 
@@ -196,7 +217,7 @@ def anls(predictions: Sequence[str], references: Sequence[Sequence[str]], thresh
             distance = levenshtein(p, r) / max(len(p), len(r)) if p or r else 0.0
             best = max(best, 1.0 - distance if distance < threshold else 0.0)
         scores.append(best)
-    return float(np.mean(scores))
+    return scores
 
 
 def character_error_rate(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -227,11 +248,10 @@ def matched_ious(predicted: Sequence[DetectedObject], reference: Sequence[Detect
     return ious
 
 
-def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
-                     references: Sequence[Sequence[DetectedObject]]) -> Dict[str, float]:
-    """COCO box mAP by pycocotools (boxes ranked by their `score`, the mean probability of their tokens; a box
-    without one scores 1) over the labels that have reference boxes, and the mean IoU of matched boxes.
-    {"map_50": mAP@0.5, "map": mAP@[.5:.95], "mean_iou": ..., "matched": pairs, "reference_boxes": ...}."""
+def _coco_evaluation(predictions: Sequence[Sequence[DetectedObject]],
+                     references: Sequence[Sequence[DetectedObject]]):
+    """pycocotools' COCOeval (bbox) of these boxes, accumulated, and the labels in its category order; None when
+    there is no reference box or no prediction."""
     try:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -251,21 +271,56 @@ def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
     detections = [{"image_id": i + 1, "category_id": category[o.label], "bbox": coco_box(o),
                    "score": 1.0 if o.score is None else o.score}
                   for i, objects in enumerate(predictions) for o in objects]
+    if not (ground_truth and detections):
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i + 1} for i in range(len(references))], "annotations": ground_truth,
+                        "categories": [{"id": c, "name": label} for label, c in category.items()]}
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(detections), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return evaluation, labels
+
+
+def detection_scores(predictions: Sequence[Sequence[DetectedObject]],
+                     references: Sequence[Sequence[DetectedObject]]) -> Dict[str, object]:
+    """COCO box mAP by pycocotools (boxes ranked by their `score`, the mean probability of their tokens; a box
+    without one scores 1) over the labels that have reference boxes, and the mean IoU of matched boxes.
+    {"map_50": mAP@0.5, "map": mAP@[.5:.95], "mean_iou": ..., "matched": pairs, "reference_boxes": ...,
+    "per_class_ap": {label: AP@[.5:.95]} for the labels with reference boxes}."""
     ious = [iou for p, r in zip(predictions, references) for iou in matched_ious(p, r)]
     out = {"map_50": 0.0, "map": 0.0, "mean_iou": float(np.mean(ious)) if ious else 0.0, "matched": len(ious),
-           "reference_boxes": len(ground_truth)}
-    if ground_truth and detections:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary
-            coco = COCO()
-            coco.dataset = {"images": [{"id": i + 1} for i in range(len(references))], "annotations": ground_truth,
-                            "categories": [{"id": c, "name": label} for label, c in category.items()]}
-            coco.createIndex()
-            evaluation = COCOeval(coco, coco.loadRes(detections), "bbox")
-            evaluation.evaluate()
-            evaluation.accumulate()
-            evaluation.summarize()
+           "reference_boxes": sum(len(r) for r in references),
+           "per_class_ap": {label: 0.0 for label in sorted({o.label for r in references for o in r})}}
+    evaluated = _coco_evaluation(predictions, references)
+    if evaluated is not None:
+        evaluation, labels = evaluated
         out["map"], out["map_50"] = (max(float(v), 0.0) for v in evaluation.stats[:2])
+        # precision: [IoU threshold, recall, category, area range (0: all), max detections (-1: 100)]; -1 where a
+        # class has no reference box or a recall is never reached.
+        precision = evaluation.eval["precision"][:, :, :, 0, -1]
+        for k, label in enumerate(labels):
+            if label in out["per_class_ap"]:
+                values = precision[:, :, k]
+                out["per_class_ap"][label] = float(values[values > -1].mean()) if (values > -1).any() else 0.0
     return out
+
+
+def precision_recall(predictions: Sequence[Sequence[DetectedObject]], references: Sequence[Sequence[DetectedObject]],
+                     ) -> Dict[str, tuple]:
+    """COCO's interpolated precision at IoU 0.5 at recalls 0, 0.01, ..., 1, per label with reference boxes:
+    {label: (recalls, precisions)}, a precision 0 where that recall is never reached."""
+    evaluated = _coco_evaluation(predictions, references)
+    if evaluated is None:
+        return {}
+    evaluation, labels = evaluated
+    recalls = np.asarray(evaluation.params.recThrs)
+    wanted = {o.label for r in references for o in r}
+    return {label: (recalls, np.maximum(evaluation.eval["precision"][0, :, k, 0, -1], 0.0))
+            for k, label in enumerate(labels) if label in wanted}
 
 
 def mask_scores(predictions: Sequence[Sequence[DetectedObject]],

@@ -103,9 +103,17 @@ def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(tau
     assert results["tasks"]["caption"]["questions"] == 3 and results["metric"] == "mean of caption cider, detect map"
     assert "detect" in captured.out and "cider" in captured.out and "answers" in captured.err
     predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert predictions[0] == {"image": "chelsea.jpg", "prefix": "detect cat", "task": "detect",
+    objects, score = predictions[0].pop("objects"), predictions[0].pop("score")
+    assert score == pytest.approx(1.0) and predictions[0] == {"image": "chelsea.jpg", "prefix": "detect cat", "task": "detect",
                               "prediction": "<loc0064><loc0400><loc0860><loc0900> cat",
                               "references": ["<loc0064><loc0400><loc0860><loc0900> cat"]}
+    # chelsea.jpg is 451 x 300: the box's bins (y 64, x 400, y 860, x 900) / 1024 of it.
+    box = [round(v, 2) for v in (400 / 1024 * 451, 64 / 1024 * 300, 900 / 1024 * 451, 860 / 1024 * 300)]
+    assert objects["references"] == [{"label": "cat", "box": box, "score": None}]
+    assert [(o["label"], o["box"]) for o in objects["prediction"]] == [("cat", box)]
+    assert 0 < objects["prediction"][0]["score"] <= 1
+    assert [p["task"] for p in predictions[1:] if "objects" in p] == ["detect"]  # the other detection
+    assert all(0 <= p["score"] for p in predictions[1:])
 
     write(folder / "shifted.jsonl", rows(shift=60))
     rc = evaluate.main(["--model", model, "--adapter-path", str(folder / "adapters"), "--data",

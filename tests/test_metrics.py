@@ -191,6 +191,32 @@ def test_detection_map_by_hand():
                                    [[obj("cat", (0, 0, 100, 100))], [obj("dog", (0, 0, 50, 50))]])
     assert two["map_50"] == pytest.approx(0.5) and two["reference_boxes"] == 2 and two["matched"] == 1
     assert metrics.detection_scores([[]], gt)["map"] == 0.0
+    # Per class: the cat found, the dog not; the shifted cat passes 5 of the 10 IoU thresholds.
+    assert two["per_class_ap"] == {"cat": pytest.approx(1.0), "dog": 0.0}
+    assert shifted["per_class_ap"] == {"cat": pytest.approx(0.5)}
+    assert metrics.detection_scores([[obj("bird", (0, 0, 9, 9))]], gt)["per_class_ap"] == {"cat": 0.0}
+
+
+def test_precision_recall_by_hand():
+    gt = [[obj("cat", (0, 0, 100, 100))], [obj("dog", (0, 0, 50, 50))]]
+    wrong, right = (200.0, 200.0, 300.0, 300.0), (0.0, 0.0, 100.0, 100.0)
+    ranked = [DetectedObject("cat", wrong, score=0.9), DetectedObject("cat", right, score=0.2)]
+    curves = metrics.precision_recall([ranked, []], gt)
+    assert list(curves) == ["cat", "dog"]
+    recall, precision = curves["cat"]
+    np.testing.assert_allclose(recall, np.linspace(0, 1, 101))
+    # The right box second: precision 1/2 when it is reached, at full recall, so 1/2 at every recall (interpolated).
+    np.testing.assert_allclose(precision, 0.5)
+    np.testing.assert_allclose(curves["dog"][1], 0.0)  # no dog predicted
+    assert metrics.precision_recall([[], []], gt) == {}
+
+
+def test_per_question_scores_are_the_corpus_means_parts():
+    short = 10 * np.mean([4 / math.sqrt(20), 3 / math.sqrt(12), 2 / math.sqrt(6), 1 / math.sqrt(2)]) * math.exp(-1 / 72)
+    assert metrics.cider_scores(["a b c d", "e f g h"], [["a b c d x"], ["e f g h"]]) == pytest.approx([short, 10.0])
+    assert metrics.vqa_scores(["two", "2"], [["2", "2", "two", "3"], ["2", "3", "3"]]) == pytest.approx([1, 1 / 3])
+    assert metrics.anls_scores(["hello", "abc"], [["hallo"], ["xyz"]]) == pytest.approx([0.8, 0.0])
+    assert metrics.exact_match_scores([" cat ", "dog"], [["cat"], ["cat"]]) == [1.0, 0.0]
 
 
 def test_mask_iou_by_hand():
