@@ -109,9 +109,7 @@ def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Opt
         for row in batch.to_pylist():
             item = Item(index + 1, _fields(row, index, options.image_column), where=f"{name}, row {index}")
             try:
-                item.images, labels = _images(row[options.image_column], options.image_column, folder, index,
-                                              decoded)
-                item.fields["image"] = labels[0] if len(labels) == 1 else labels
+                item.images = _images(row[options.image_column], options.image_column, folder, index, decoded)
                 if options.prompt_template is not None:
                     item.prompt = render(options.prompt_template, row)
                 elif prefix is not None:
@@ -130,9 +128,11 @@ def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Opt
 
 
 def _fields(row: dict, index: int, image_column: str) -> dict:
-    """What an output line repeats: the row's id (default its index) and every other column that is JSON text;
-    the image is named by its path or the row's index (set by the caller), never its bytes."""
-    fields = {"id": index}
+    """What an output line repeats: the row's id (default its index), its image named by its path or the row's
+    index (never its bytes), and every other column that is JSON text."""
+    value = row[image_column]
+    labels = [_label(v, index) for v in (value if isinstance(value, list) else [value])]
+    fields = {"id": index, "image": labels[0] if len(labels) == 1 else labels}
     for key, value in row.items():
         if key == image_column:
             continue
@@ -144,31 +144,40 @@ def _fields(row: dict, index: int, image_column: str) -> dict:
     return fields
 
 
-def _images(value, column: str, folder: Path, index: int, decoded: dict):
-    """(images, labels): PIL images for stored bytes, path or URL strings for the rest; each label is the image's
-    path as stored, or the row's index when it has none."""
+def _parts(value):
+    """(bytes, path) of a stored image: datasets' {"bytes", "path"}, raw bytes or a path string."""
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    else:
+        data, path = (None, value) if isinstance(value, str) else (value, None)
+    return (data if isinstance(data, (bytes, bytearray)) and data else None,
+            path if isinstance(path, str) and path else None)
+
+
+def _label(value, index: int):
+    """How lines name an image: its path as stored, or the row's index when it has none."""
+    return _parts(value)[1] or index
+
+
+def _images(value, column: str, folder: Path, index: int, decoded: dict) -> list:
+    """PIL images for stored bytes (decoded once per distinct image), path or URL strings for the rest."""
     values = value if isinstance(value, list) else [value]
     if not values:
         raise InputError(f"'{column}' holds no image")
-    images, labels = [], []
+    images = []
     for v in values:
-        data, path = (v.get("bytes"), v.get("path")) if isinstance(v, dict) else (v, None)
-        if isinstance(v, str):
-            data, path = None, v
-        if isinstance(data, (bytes, bytearray)) and data:
+        data, path = _parts(v)
+        if data is not None:
             key = hashlib.sha256(data).digest()
-            label = path if isinstance(path, str) and path else f"row {index}"
             if key not in decoded:
-                decoded[key] = image_from_bytes(bytes(data), label)
+                decoded[key] = image_from_bytes(bytes(data), path or f"row {index}")
             images.append(decoded[key])
-            labels.append(path if isinstance(path, str) and path else index)
-        elif isinstance(path, str) and path:
+        elif path is not None:
             images.append(resolve(path, folder))
-            labels.append(path)
         else:
             raise InputError(f"'{column}' must hold an image (datasets' Image, bytes, or a path), got "
                              f"{'nothing' if v is None else type(v).__name__}")
-    return images, labels
+    return images
 
 
 def _text(value, column: str) -> str:
