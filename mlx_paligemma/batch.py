@@ -51,12 +51,14 @@ PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a ter
 
 # Input.
 
+IMAGE_FOLDERS = ("folder", "jsonl-folder")  # a folder is its images, JSONL files beside them or not
+
 def read_input(source: Path, prompt: Optional[str], options: DataOptions = DataOptions(),
                split: Optional[str] = None) -> List[Item]:
     """A folder of images, a JSONL file, or any other source of mlx_paligemma.sources (its rows' stored images
     are PIL images in the items, and their lines name them by path or row index)."""
     kind = kind_of(str(source))
-    if kind == "folder":
+    if kind in IMAGE_FOLDERS:
         return folder_items(source, prompt)
     if kind == "jsonl":
         return jsonl_items(source, prompt)
@@ -440,7 +442,7 @@ def check_args(args) -> None:
     kind = kind_of(args.input)
     if kind == "missing":
         raise InputError(f"input not found: {source}")
-    if kind == "folder" and args.prompt is None:
+    if kind in IMAGE_FOLDERS and args.prompt is None:
         raise InputError("a folder input needs --prompt")
     if out.is_dir():
         raise InputError(f"--output {out} is a folder: give a file name, e.g. {out / 'answers.jsonl'}")

@@ -47,7 +47,7 @@ def load_splits(spec: str, kind: str, split: Optional[str] = None, config: Optio
     except Exception as e:  # the library's messages run to several lines; its first says what went wrong
         raise InputError(f"cannot read {spec}: {cause(e)}") from None
     if isinstance(loaded, datasets.Dataset):
-        return {split or str(loaded.split or "train"): loaded}
+        return {split or "train": loaded}  # one saved Dataset is one set, whatever split it was cut from
     return dict(loaded)
 
 

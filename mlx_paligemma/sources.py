@@ -102,15 +102,14 @@ def split_readers(spec: str, options: DataOptions = DataOptions(), split: Option
         raise InputError(f"no such file or folder {spec}, and not a hub dataset id (owner/name)")
     if kind == "folder":
         raise InputError(f"{spec} holds no data: JSONL files, parquet files or a folder written by save_to_disk")
-    if kind == "jsonl":
-        return {Path(spec).stem: lambda: _jsonl(Path(spec), prompt)}
+    if kind == "jsonl":  # a source of one set is its training data, named as datasets name it
+        return {"train": lambda: _jsonl(Path(spec), prompt)}
     if kind == "jsonl-folder":
         return {f.stem: (lambda f=f: _jsonl(f, prompt)) for f in sorted(Path(spec).glob("*.jsonl")) if f.is_file()}
     if kind == "coco":
         from .coco import coco_items
 
-        return {Path(spec).stem: lambda: coco_items(spec, options.image_folder, options.classes,
-                                                    options.classes_per_prompt)}
+        return {"train": lambda: coco_items(spec, options.image_folder, options.classes, options.classes_per_prompt)}
     from .hub_data import dataset_items, load_splits
 
     sets = load_splits(spec, kind, split, options.data_config)
@@ -160,12 +159,10 @@ def read_examples(spec: str, split: Optional[str] = None, options: DataOptions =
 
 def read_training_sets(spec: str, options: DataOptions = DataOptions(), train: str = "train",
                        valid: Optional[str] = None, test: Optional[str] = None) -> Dict[str, List[Example]]:
-    """{"train": ..., "valid": ..., "test": ...} as present: a source of one split is all training data; of several,
-    `train`, `valid` (default: valid or validation) and `test` (default: test) by name."""
+    """{"train": ..., "valid": ..., "test": ...} as present, by split name: `train`, `valid` (default: valid or
+    validation) and `test` (default: test). A file (JSONL, parquet, COCO) or a saved Dataset is one split, train."""
     readers = split_readers(spec, options)
     names = list(readers)
-    if len(names) == 1 and valid is None and test is None:
-        return {"train": examples_of(readers[names[0]](), spec)}
     chosen = {"train": choose_split(spec, names, train),
               "valid": choose_split(spec, names, valid) if valid else next((s for s in VALID_SPLITS if s in names),
                                                                            None),

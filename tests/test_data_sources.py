@@ -288,6 +288,20 @@ def test_what_a_source_is():
         sources.choose_split("d", ["train", "validation"], None)
 
 
+def test_a_jsonl_folder_gives_what_the_trainer_reads_from_it(tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl")
+    write_jsonl(folder / "valid.jsonl", ROWS[:2])
+    ours, theirs = sources.read_training_sets(str(folder)), trainer.load_datasets(folder)
+    assert ours.keys() == theirs.keys() == {"train", "valid"}
+    for k in ours:
+        assert [(e.image, e.prefix, e.suffix, e.source, e.where) for e in ours[k]] == [
+            (e.image, e.prefix, e.suffix, e.source, e.where) for e in theirs[k]]
+    (folder / "train.jsonl").unlink()
+    with pytest.raises(InputError, match=r"has no split 'train' \(its splits: valid\)"):
+        sources.read_training_sets(str(folder))
+
+
 def test_training_from_parquet_gives_the_losses_of_the_same_jsonl(tmp_path):
     data = write_jsonl(tmp_path / "jsonl" / "train.jsonl")
     image_dataset().to_parquet(str(tmp_path / "train.parquet"))  # datasets' own writer: Image as bytes and path
