@@ -61,8 +61,9 @@ def add_data_arguments(p: argparse.ArgumentParser, training: bool = False) -> No
                    "of answers")
     g.add_argument("--prompt-template", default=d.prompt_template, help='the prompt from columns instead, e.g. '
                    '"answer en {question}" (default: off)')
-    g.add_argument("--image-folder", default=d.image_folder, help="where relative image paths point (default: the "
-                   "data's folder; COCO: val2017/ beside annotations/instances_val2017.json)")
+    g.add_argument("--image-folder", default=d.image_folder, help="where a dataset's or COCO file's relative image "
+                   "paths point (default: the data's folder; COCO: val2017/ beside annotations/instances_val2017.json; "
+                   "JSONL paths are relative to their file)")
     g.add_argument("--data-config", default=d.data_config, help="a hub dataset's configuration (subset) name")
     g.add_argument("--classes", default=None, type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    metavar="A,B", help="COCO: only these categories (default: all)")
@@ -79,7 +80,9 @@ def kind_of(spec: str) -> str:
     its images), `missing` for a path that is not there."""
     path = Path(spec)
     if path.is_file():
-        return {".parquet": "parquet", ".json": "coco"}.get(path.suffix.lower(), "jsonl")
+        if path.suffix.lower() == ".json" and is_coco(path):
+            return "coco"
+        return "parquet" if path.suffix.lower() == ".parquet" else "jsonl"
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "saved"
@@ -91,6 +94,13 @@ def kind_of(spec: str) -> str:
     if HUB_ID.fullmatch(spec) and not spec.lower().endswith(FILE_ENDINGS) and not spec.startswith("."):
         return "hub"
     return "missing"
+
+
+def is_coco(file: Path) -> bool:
+    """A .json file is COCO when its images list starts near the top (after `info` and `licenses`); any other is
+    read as JSONL, as batch always read an items.json."""
+    with open(file, "rb") as f:
+        return b'"images"' in f.read(1 << 20)
 
 
 def split_readers(spec: str, options: DataOptions = DataOptions(), split: Optional[str] = None,

@@ -227,8 +227,11 @@ def test_bad_coco_annotations_are_one_line_naming_them(tmp_path, change, message
 
 
 @pytest.mark.parametrize("text, message", [
-    ("{", "is not valid JSON"), ('{"images": [], "annotations": []}', "not a COCO annotation file: no 'categories'"),
-    ('{"images": [' + "1" * 5000 + "]}", "is not valid JSON"), ("[1, 2]", "instances.json"),
+    ('{"images": [', "instances.json is not valid JSON"),
+    ('{"images": [], "annotations": []}', "not a COCO annotation file: no 'categories'"),
+    ('{"images": [' + "1" * 5000 + "]}", "instances.json is not valid JSON"),
+    ('{"images": {"id": 1}, "annotations": [], "categories": []}', "not a COCO annotation file: no 'images' list"),
+    ("[1, 2]", r"instances.json, line 1: expected an object"),  # no images: JSONL, as batch always read .json
 ])
 def test_malformed_coco_files_are_one_line(tmp_path, text, message):
     (tmp_path / "instances.json").write_text(text)
@@ -276,6 +279,12 @@ def test_without_the_datasets_library_one_line_names_the_extra(tmp_path, monkeyp
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
     with pytest.raises(InputError, match=r'pip install -e "\.\[data\]"'):
         sources.read_examples(folder)
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line_offline(tmp_path):
+    with pytest.raises(InputError, match="^cannot read someone/not-cached: ") as e:
+        sources.read_examples("someone/not-cached", "test")
+    assert "\n" not in str(e.value)
 
 
 def test_what_a_source_is():
