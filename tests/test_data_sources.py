@@ -110,6 +110,18 @@ def test_parquet_file_folder_and_glob_with_paths_bytes_and_a_template(tmp_path):
     assert len(sources.read_examples(str(tmp_path / "shards"), options=template)) == 5
 
 
+def test_rows_sharing_a_stored_image_are_one_question_named_by_row(tmp_path):
+    data = (IMAGES / "coffee.jpg").read_bytes()
+    pq.write_table(pa.table({"image": [data, data, (IMAGES / "odd.png").read_bytes()],
+                             "prefix": ["answer en what is it?"] * 3, "suffix": ["coffee", "a latte", "odd"]}),
+                   tmp_path / "vqa.parquet")
+    items = sources.read_source(str(tmp_path / "vqa.parquet"))
+    assert [i.fields["image"] for i in items] == [0, 1, 2]  # no stored path: the row's index, never the bytes
+    assert items[0].images[0] is items[1].images[0]  # decoded once
+    questions = evaluate.group_questions(sources.read_examples(str(tmp_path / "vqa.parquet")))
+    assert [q.references for q in questions] == [["coffee", "a latte"], ["odd"]]
+
+
 def test_a_stored_image_turns_upright_as_the_same_file_does(tmp_path):
     from PIL import Image
 
