@@ -53,6 +53,7 @@ PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a ter
 
 IMAGE_FOLDERS = ("folder", "jsonl-folder")  # a folder is its images, JSONL files beside them or not
 
+
 def read_input(source: Path, prompt: Optional[str], options: DataOptions = DataOptions(),
                split: Optional[str] = None) -> List[Item]:
     """A folder of images, a JSONL file, or any other source of mlx_paligemma.sources (its rows' stored images
@@ -446,7 +447,7 @@ def check_args(args) -> None:
         raise InputError("a folder input needs --prompt")
     if out.is_dir():
         raise InputError(f"--output {out} is a folder: give a file name, e.g. {out / 'answers.jsonl'}")
-    if out.exists() and source.exists() and os.path.samefile(out, source):  # the same file by inode: a hard link, a symlink
+    if out.exists() and source.exists() and os.path.samefile(out, source):  # by inode: a hard link, a symlink
         raise InputError(f"--output {out} is the input file")
     if out.exists() and not out.is_file():
         raise InputError(f"--output {out} is not a regular file")

@@ -6,7 +6,8 @@ suffix `<locY0><locX0><locY1><locX1> cat ; ...` (detection.box_tokens), the obje
 prompt's order, then in annotation order. Prompts name only classes that are in the image, so no answer is empty:
 an image without objects of the chosen classes gives no item. Crowd regions (iscrowd 1) are left out, as COCO's own
 evaluation ignores them. Masks are not used: a `segment` answer's <seg> codes come from the VQ-VAE's encoder, which
-is not published with the decoder mlx_paligemma uses, so segmentation files give detection items (said on stderr).
+mlx_paligemma does not have (only the decoder and codebook of vae-oid.npz), so segmentation files give detection
+items (said on stderr).
 
 A bad annotation (unknown category or image, a box that is not four finite numbers or lies outside its image by
 more than a pixel) is an error for its image's item, named by annotation id; a file that is not COCO JSON, a bad
@@ -129,7 +130,8 @@ def coco_items(file, image_folder=None, classes: Optional[Sequence[str]] = None,
             errors.setdefault(image["id"], f"{what}: {e}")
             continue
         tokens = box_tokens(box, (image["width"], image["height"]))
-        objects.setdefault(image["id"], {}).setdefault(a["category_id"], []).append(f"{tokens} {names[a['category_id']]}")
+        label = names[a["category_id"]]
+        objects.setdefault(image["id"], {}).setdefault(a["category_id"], []).append(f"{tokens} {label}")
     items = []
     for image in images.values():
         present = [c for c in names if c in objects.get(image["id"], {})]

@@ -4,9 +4,9 @@
         [--output metrics.json] [--predictions preds.jsonl] [--batch-size 8] [--max-tokens 100]
 
 The data is what training reads: {"image": ..., "prefix": ..., "suffix": ...} a line, or any source of
-mlx_paligemma.sources (a Hugging Face dataset, parquet files, a COCO annotation file; `--split`). Lines with the same image
-and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption set
-with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
+mlx_paligemma.sources (a Hugging Face dataset, parquet files, a COCO annotation file; `--split`). Lines with the same
+image and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption
+set with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
 `--task auto` each question's task comes from the first word of its prefix: caption, answer (VQA), ocr, detect,
 segment; any other prompt is scored by exact match.
 """
