@@ -28,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 from mlx_paligemma import lora, trainer  # noqa: E402
 from mlx_paligemma.cli import DefaultsHelpFormatter  # noqa: E402
+from mlx_paligemma.sources import read_training_sets  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "images"
 # What to teach, per image: a house-style caption and a one-word answer.
@@ -84,7 +85,7 @@ def main() -> None:
 
     out = Path(args.out)
     build_dataset(out / "data")
-    data = trainer.load_datasets(out / "data")
+    data = read_training_sets(str(out / "data"))
     print(f"dataset in {out / 'data'}: {len(data['train'])} training, {len(data['valid'])} validation examples")
 
     tic = time.perf_counter()

@@ -8,7 +8,9 @@ split across processes or machines under `mlx.launch`.
 An input line is an item of mlx_paligemma.data's format, the one training and evaluation read: {"image": path or
 URL (or a list of them), "prompt": "..." (or "prefix"), "id": ...} plus any fields of your own (a `suffix` is kept
 as one); `id` defaults to the line number, `prompt` to --prompt, paths are relative to the file. So a training or
-validation file runs as it is. A folder gives every image file in it and its subfolders, sorted by path. OUT gets
+validation file runs as it is. A folder gives every image file in it and its subfolders, sorted by path. A Hugging
+Face dataset, parquet files or a COCO annotation file (mlx_paligemma.sources, with its column flags) gives its rows,
+each with its `id` and its image's path or row index (never its bytes). OUT gets
 one line per item in input order: the item's fields (with its `id`, and `prompt` when it came from --prompt) plus
 "answer" (and with --json, on detect/segment answers, "objects"), or "error" for an item that cannot be done: a
 line that is not JSON, not UTF-8, nested too deeply, holds a lone surrogate, ... is an error line and the run
@@ -42,6 +44,7 @@ from .engine import Engine
 from .request import check_generation_args
 from .processor import InputError, cause, check_text, load_image
 from .sampling import logprob_json
+from .sources import DataOptions, add_data_arguments, data_options, kind_of, read_source
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, mlx.launch)
@@ -49,10 +52,19 @@ PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a ter
 
 # Input.
 
-def read_input(source: Path, prompt: Optional[str]) -> List[Item]:
-    if source.is_dir():
+IMAGE_FOLDERS = ("folder", "jsonl-folder")  # a folder is its images, JSONL files beside them or not
+
+
+def read_input(source: Path, prompt: Optional[str], options: DataOptions = DataOptions(),
+               split: Optional[str] = None) -> List[Item]:
+    """A folder of images, a JSONL file, or any other source of mlx_paligemma.sources (its rows' stored images
+    are PIL images in the items, and their lines name them by path or row index)."""
+    kind = kind_of(str(source))
+    if kind in IMAGE_FOLDERS:
         return folder_items(source, prompt)
-    return jsonl_items(source, prompt)
+    if kind == "jsonl":
+        return jsonl_items(source, prompt)
+    return read_source(str(source), split, options, prompt)
 
 
 def folder_items(folder: Path, prompt: str) -> List[Item]:
@@ -391,7 +403,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", default=None, help="LoRA adapters (or fine-tuned weights) written by "
                    "mlx_paligemma.lora, applied to --model")
-    p.add_argument("--input", required=True, help="a JSONL file (one item a line) or a folder of images")
+    p.add_argument("--input", required=True, help="a JSONL file (one item a line), a folder of images, a Hugging Face "
+                   "dataset (hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
     p.add_argument("--prompt", help='for items without one (required with a folder), e.g. "caption en"')
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
@@ -406,6 +419,7 @@ def build_parser() -> ArgumentParser:
                            "replaces the run's constraint)")
     p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
     add_object_arguments(p)
+    add_data_arguments(p)
     return p
 
 
@@ -434,13 +448,14 @@ def check_args(args) -> None:
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
     source, out = Path(args.input), Path(args.output)
-    if not source.exists():
+    kind = kind_of(args.input)
+    if kind == "missing":
         raise InputError(f"input not found: {source}")
-    if source.is_dir() and args.prompt is None:
+    if kind in IMAGE_FOLDERS and args.prompt is None:
         raise InputError("a folder input needs --prompt")
     if out.is_dir():
         raise InputError(f"--output {out} is a folder: give a file name, e.g. {out / 'answers.jsonl'}")
-    if out.exists() and os.path.samefile(out, source):  # the same file by inode: a hard link, a symlink
+    if out.exists() and source.exists() and os.path.samefile(out, source):  # by inode: a hard link, a symlink
         raise InputError(f"--output {out} is the input file")
     if out.exists() and not out.is_file():
         raise InputError(f"--output {out} is not a regular file")
@@ -461,7 +476,7 @@ def run(args) -> int:
     check_args(args)
     out = Path(args.output)
     try:
-        items = read_input(Path(args.input), args.prompt)
+        items = read_input(Path(args.input), args.prompt, data_options(args), args.split)
     except OSError as e:
         raise InputError(f"cannot read {args.input}: {cause(e)}") from None
     if not items:

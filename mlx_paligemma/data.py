@@ -26,10 +26,11 @@ URL_SCHEMES = ("http://", "https://")
 class Item:
     line: int  # line number in the file, from 1
     fields: dict  # the line's object with its "id" (default: the line number); what an output line repeats
-    images: List[str] = field(default_factory=list)  # paths (relative to the file's folder) or URLs
+    images: list = field(default_factory=list)  # paths (relative to the file's folder) or URLs; PIL images (datasets)
     prompt: str = ""
     suffixes: List[str] = field(default_factory=list)
     error: Optional[str] = None  # set when the line is not a usable item
+    where: str = ""  # for messages, when not "FILE, line N": "DATA, row N", "FILE, image ID" (mlx_paligemma.sources)
 
 
 def read_items(file, prompt: Optional[str] = None) -> List[Item]:
@@ -135,9 +136,15 @@ def read_jsonl(file) -> List[Example]:
         items = read_items(file)
     except OSError as e:
         raise InputError(f"cannot read {file}: {e.strerror or cause(e)}") from None
+    return examples_of(items, file)
+
+
+def examples_of(items: List[Item], name) -> List[Example]:
+    """The examples of items from any source (mlx_paligemma.sources), each image opened now; the first item that
+    is not an example stops with one line naming it (`name`, line N, or the item's own `where`)."""
     examples, downloaded = [], {}
     for item in items:
-        where = f"{file}, line {item.line}"
+        where = item.where or f"{name}, line {item.line}"
         if item.error:
             raise InputError(f"{where}: {item.error}")
         if len(item.images) != 1:
@@ -147,6 +154,9 @@ def read_jsonl(file) -> List[Example]:
         if not all(item.suffixes):
             raise InputError(f"{where}: empty suffix, nothing to learn")
         image = item.images[0]
+        if not isinstance(image, str):  # a PIL image its reader decoded (a dataset's stored bytes), checked there
+            examples += [Example(image, item.prompt, s, str(item.fields.get("image")), where) for s in item.suffixes]
+            continue
         try:
             loaded = downloaded[image] if image in downloaded else load_image(image)
         except InputError as e:
@@ -157,5 +167,5 @@ def read_jsonl(file) -> List[Example]:
         source = item.fields["image"] if isinstance(item.fields.get("image"), str) else image
         examples += [Example(loaded if url else image, item.prompt, s, source, where) for s in item.suffixes]
     if not examples:
-        raise InputError(f"{file} holds no examples")
+        raise InputError(f"{name} holds no examples")
     return examples

@@ -8,6 +8,7 @@ tokens that make its box (the four location tokens) and its label: how sure the 
 The mask codes do not count (a box's confidence should not change with whether it was asked for a mask).
 """
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -28,11 +29,25 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
 
 
+def box_tokens(box: Tuple[float, float, float, float], image_size: Tuple[int, int]) -> str:
+    """The inverse of parse_detections' reading of a box: `<locY0><locX0><locY1><locX1>` for `box` = (x0, y0, x1, y1)
+    in pixels of an image of `image_size` = (width, height). Bin b holds the coordinates from b / 1024 to
+    (b + 1) / 1024 of the side, so parsing the tokens back gives each coordinate to within one bin (the far edge,
+    1024 / 1024, goes to the last bin, 1023)."""
+    width, height = image_size
+
+    def bin_of(value: float, side: int) -> int:
+        return min(max(math.floor(value / side * 1024), 0), 1023)
+
+    x0, y0, x1, y1 = box
+    return "".join(f"<loc{bin_of(v, side):04d}>" for v, side in ((y0, height), (x0, width), (y1, height), (x1, width)))
+
 
 def has_objects(prompt: str) -> bool:
     """The one rule for which answers are boxes and masks: those to a detect or segment prompt (after any
     <image> markers); other answers are text only."""
     return prompt.split(IMAGE_TOKEN)[-1].lstrip().startswith(("detect ", "segment "))
+
 
 @dataclass
 class DetectedObject:

@@ -3,9 +3,10 @@
     python -m mlx_paligemma.evaluate --model M [--adapter-path A] --data test.jsonl [--task auto]
         [--output metrics.json] [--predictions preds.jsonl] [--batch-size 8] [--max-tokens 100] [--report DIR]
 
-The data is what training reads: {"image": ..., "prefix": ..., "suffix": ...} a line. Lines with the same image
-and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption set
-with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
+The data is what training reads: {"image": ..., "prefix": ..., "suffix": ...} a line, or any source of
+mlx_paligemma.sources (a Hugging Face dataset, parquet files, a COCO annotation file; `--split`). Lines with the same
+image and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption
+set with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
 `--task auto` each question's task comes from the first word of its prefix: caption, answer (VQA), ocr, detect,
 segment; any other prompt is scored by exact match.
 """
@@ -23,7 +24,8 @@ from . import defaults, metrics, report
 from .cli import ArgumentParser, command, run_main
 from .detection import objects_to_json, parse_detections, token_ends
 from .processor import InputError
-from .data import Example, read_jsonl
+from .data import Example
+from .sources import add_data_arguments, data_options, kind_of, read_examples
 
 TASKS = ("caption", "vqa", "ocr", "detect", "segment", "match")
 _BY_FIRST_WORD = {"caption": "caption", "answer": "vqa", "ocr": "ocr", "detect": "detect", "segment": "segment"}
@@ -199,7 +201,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", help="adapters (or fine-tuned weights) written by mlx_paligemma.lora")
-    p.add_argument("--data", required=True, help="a JSONL file: image, prefix, suffix a line")
+    p.add_argument("--data", required=True, help="a JSONL file (image, prefix, suffix a line), a Hugging Face dataset "
+                   "(hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
                    help="auto: from each prefix's first word (caption, answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
@@ -217,6 +220,7 @@ def build_parser() -> ArgumentParser:
                    "its image and drawn boxes, worst first (a new or empty folder, or an earlier report)")
     p.add_argument("--report-examples", type=int, default=report.SHOWN, metavar="N",
                    help="--report: the worst N questions in full, the others a table row each")
+    add_data_arguments(p)
     return p
 
 
@@ -227,11 +231,11 @@ def run(args) -> None:
     for name in ("batch_size", "max_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not Path(args.data).is_file():
+    if kind_of(args.data) == "missing":
         raise InputError(f"--data: no such file {args.data}")
     if args.report:
         report.check_folder(args.report, args.report_examples)
-    examples = read_jsonl(args.data)
+    examples = read_examples(args.data, args.split, data_options(args))
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
     segments = any((task_of(e.prefix) if args.task == "auto" else args.task) == "segment" for e in examples)

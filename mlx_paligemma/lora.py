@@ -8,7 +8,8 @@ or several under mlx.launch, with the training loop of mlx_paligemma.trainer; fu
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --save-path fused
     model, processor = mlx_paligemma.load("paligemma2-3b-pt-224-4bit", adapter_path="adapters")
 
-`--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.trainer for the format).
+`--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.trainer for the format), or is
+any source of mlx_paligemma.sources (a Hugging Face dataset, parquet files, a COCO annotation file) with its splits.
 LoRA adapts the decoder's linears (mlx-lm's LoRALinear, which wraps quantized layers too); attention-only and full
 fine-tuning train the weights themselves, and `--train-vision` adds the vision tower and the projector.
 """
@@ -26,8 +27,9 @@ from .cli import ArgumentParser, command, run_main
 from .formats.mlx import check_new_folder, get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
-from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, load_datasets,
-                      set_trainable, train)
+from .sources import add_data_arguments, data_options, read_training_sets
+from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, set_trainable,
+                      train)
 from .training_log import TRACKERS, check_trackers, plot_run
 
 
@@ -82,7 +84,8 @@ def build_parser() -> ArgumentParser:
                                             "attention-only or full.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id (quantized: QLoRA)")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
-    p.add_argument("--data", help="folder with train.jsonl, valid.jsonl and optional test.jsonl")
+    p.add_argument("--data", help="folder with train.jsonl, valid.jsonl and optional test.jsonl; or a Hugging Face "
+                   "dataset (hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, default="lora",
                    help="lora: adapters on the decoder's linears; attention: the decoder's attention weights; "
                         "full: the whole decoder")
@@ -126,6 +129,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--save-path", default="fused_model", help="with --fuse: the model folder to write, which must "
                    "not exist")
     p.add_argument("--dequantize", action="store_true", help="with --fuse on a quantized model: write floats")
+    add_data_arguments(p, training=True)
     return p
 
 
@@ -151,7 +155,7 @@ def run(args) -> None:
     targs = TrainingArgs(**{k: getattr(args, k) for k in asdict(TrainingArgs()) if hasattr(args, k)})
     rank = mx.distributed.init().rank()
     say = print if rank == 0 else (lambda *a, **k: None)
-    data = load_datasets(args.data)
+    data = read_training_sets(args.data, data_options(args), args.train_split, args.valid_split, args.test_split)
     say(", ".join(f"{len(v)} {k}" for k, v in data.items()) + " examples, images checked")
     model, processor = load(args.model, revision=args.revision)
     mx.random.seed(args.seed)  # the LoRA initialisation, the same in every process

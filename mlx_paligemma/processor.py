@@ -73,12 +73,27 @@ def load_image(source: ImageInput) -> Image.Image:
             return _decode(file, source)
     except InputError:
         raise
-    except Image.DecompressionBombError:  # PIL refuses twice its own limit before reading the size out to us
-        raise InputError(f"image {source} is too large: more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"cannot read image {source}: not an image format PIL reads") from None
-    except Exception as e:  # PIL raises many types; the user needs only the cause
-        raise InputError(f"cannot read image {source}: {cause(e)}") from None
+    except Exception as e:
+        raise _unreadable(e, source) from None
+
+
+def image_from_bytes(data: bytes, source: str) -> Image.Image:
+    """A PIL image from the bytes of an image file (as datasets store images), decoded, turned upright and checked
+    as load_image does a file; `source` names it in messages."""
+    try:
+        return _decode(io.BytesIO(data), source)
+    except InputError:
+        raise
+    except Exception as e:
+        raise _unreadable(e, source) from None
+
+
+def _unreadable(e: Exception, source: str) -> InputError:
+    if isinstance(e, Image.DecompressionBombError):  # PIL refuses twice its own limit before reading the size to us
+        return InputError(f"image {source} is too large: more than {2 * Image.MAX_IMAGE_PIXELS} pixels")
+    if isinstance(e, Image.UnidentifiedImageError):
+        return InputError(f"cannot read image {source}: not an image format PIL reads")
+    return InputError(f"cannot read image {source}: {cause(e)}")  # PIL raises many types; the cause is enough
 
 
 def _decode(file, source: str) -> Image.Image:

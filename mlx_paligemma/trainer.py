@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .data import Example, read_jsonl
+from .data import Example
 from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from .formats.mlx import atomic_file, check_safetensors
 from .model import PaliGemma, suffix_loss
@@ -37,15 +37,6 @@ FINE_TUNE_TYPES = ("lora", "attention", "full")
 # Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
 # (the data order and each step's random draws follow from the seed and the step).
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
-
-
-def load_datasets(folder) -> Dict[str, List[Example]]:
-    """{"train": [...], "valid": [...], "test": [...]} from the files present; train.jsonl is required."""
-    folder = Path(folder)
-    if not (folder / "train.jsonl").is_file():
-        raise InputError(f"no train.jsonl in {folder}")
-    return {name: read_jsonl(folder / f"{name}.jsonl") for name in ("train", "valid", "test")
-            if (folder / f"{name}.jsonl").is_file()}
 
 
 def make_batch(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> Dict[str, mx.array]:

@@ -13,6 +13,7 @@ from conftest import FIXTURES, MODELS, images_of
 from mlx_paligemma import lora, trainer
 from mlx_paligemma.convert import convert, quantize
 from mlx_paligemma.processor import InputError
+from mlx_paligemma.sources import read_training_sets
 
 IMAGES = FIXTURES / "images"
 # Two examples to memorise: different images, the same prompt, suffixes of different lengths.
@@ -131,7 +132,7 @@ def trained(request, tmp_path_factory):
     mx.random.seed(0)
     config = trainer.add_lora(model, rank=8)
     folder = tmp_path_factory.mktemp("trained")
-    data = trainer.load_datasets(write_data(folder / "data"))
+    data = read_training_sets(str(write_data(folder / "data")))
     args = trainer.TrainingArgs(iters=40, batch_size=2, learning_rate=1e-3, steps_per_report=10, steps_per_eval=20,
                              adapter_path=str(folder / "adapters"))
     history = trainer.train(model, processor, data["train"], data["valid"], args, adapter_config=config,
@@ -230,7 +231,7 @@ def test_cli_full_fine_tuning_with_the_vision_tower_resumes_and_fuses(tmp_path, 
     assert "vision_tower.vision_model.post_layernorm.weight" in saved
     fused, processor = mp.load(str(tmp_path / "fused"), dtype=mx.float32)
     reloaded, _ = mp.load(str(FIXTURES / "paligemma2-tiny"), dtype=mx.float32, adapter_path=str(tmp_path / "weights"))
-    batch = trainer.make_batch(processor, trainer.load_datasets(data)["valid"])
+    batch = trainer.make_batch(processor, read_training_sets(str(data))["valid"])
     np.testing.assert_allclose(np.array(logits_of(fused, batch)), np.array(logits_of(reloaded, batch)), atol=1e-5)
 
 
