@@ -216,7 +216,7 @@ def test_image_files_are_closed(tmp_path):
     (b'{"image": "\\udc00.png", "prefix": "x", "suffix": "y"}', "line 2: image '\\udc00.png' is not a usable path"),
 ])
 def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
-    from mlx_paligemma.trainer import read_jsonl
+    from mlx_paligemma.data import read_jsonl
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     file = tmp_path / "train.jsonl"

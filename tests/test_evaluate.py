@@ -8,6 +8,7 @@ import pytest
 import mlx_paligemma as mp
 from conftest import FIXTURES
 from mlx_paligemma import evaluate, trainer
+from mlx_paligemma.data import read_jsonl
 from mlx_paligemma.processor import InputError
 
 IMAGES = FIXTURES / "images"
@@ -40,7 +41,7 @@ def taught(tmp_path_factory):
     config = trainer.set_trainable(model, "full")
     args = trainer.TrainingArgs(iters=40, batch_size=5, learning_rate=3e-3, steps_per_report=40,
                                 adapter_path=str(folder / "adapters"))
-    trainer.train(model, processor, trainer.read_jsonl(data), args=args, adapter_config=config, report=lambda s: None)
+    trainer.train(model, processor, read_jsonl(data), args=args, adapter_config=config, report=lambda s: None)
     return folder, model, processor
 
 
@@ -60,7 +61,7 @@ def test_task_from_the_prefix_and_questions_from_lines():
 def test_a_list_of_suffixes_is_several_references(tmp_path):
     (tmp_path / "c.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
     data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "answer en how many?", "suffix": ["2", "two"]}])
-    examples = trainer.read_jsonl(data)
+    examples = read_jsonl(data)
     assert [e.suffix for e in examples] == ["2", "two"]
     assert evaluate.group_questions(examples)[0].references == ["2", "two"]
 
@@ -125,11 +126,11 @@ def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(tau
 
 def test_captions_score_higher_on_their_own_references_than_on_shuffled_ones(taught):
     folder, model, processor = taught
-    own, _ = evaluate.evaluate_examples(model, processor, trainer.read_jsonl(folder / "train.jsonl"), task="caption")
+    own, _ = evaluate.evaluate_examples(model, processor, read_jsonl(folder / "train.jsonl"), task="caption")
     names = list(CAPTIONS)
     shuffled = {image: CAPTIONS[names[(i + 1) % len(names)]] for i, image in enumerate(names)}
     write(folder / "shuffled.jsonl", rows(shuffled)[len(BOXES):])
-    other, _ = evaluate.evaluate_examples(model, processor, trainer.read_jsonl(folder / "shuffled.jsonl"))
+    other, _ = evaluate.evaluate_examples(model, processor, read_jsonl(folder / "shuffled.jsonl"))
     own, other = own["tasks"]["caption"], other["tasks"]["caption"]
     assert own["cider"] > other["cider"] + 1 and own["bleu4"] > other["bleu4"]
 

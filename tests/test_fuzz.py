@@ -372,7 +372,8 @@ def jsonl_line(r: random.Random) -> bytes:
 
 @pytest.mark.parametrize("i", range(CASES))
 def test_jsonl_file(i, processor, tmp_path):
-    from mlx_paligemma.trainer import make_batch, read_jsonl
+    from mlx_paligemma.data import read_jsonl
+    from mlx_paligemma.trainer import make_batch
 
     r = rng("jsonl", i)
     (tmp_path / "img.png").write_bytes((IMAGES / "gray.png").read_bytes())
