@@ -3,7 +3,8 @@
 One item a line: {"image": path or URL (or a list of them), "prompt": "caption en", "suffix": "a cat", "id": ...}
 plus any fields of your own. `prefix` is another name for `prompt` (training's word, PaliGemma's and big_vision's):
 a line may give either, or both when they are equal. `suffix` (the answer to learn or score against) is optional
-here; training needs it, and may give a list of answers (one example each). Paths are relative to the file.
+here; training needs it, and may give a list of answers (one example each). `candidates` (optional): the answers of
+a multiple-choice question, which evaluation scores and picks among. Paths are relative to the file.
 So a training or validation file can be batch-run as it is.
 
 `read_items` never raises for a bad line: whatever Python raises while reading one (not UTF-8, malformed or
@@ -15,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .processor import InputError, cause, check_text, load_image
 
@@ -29,6 +30,7 @@ class Item:
     images: list = field(default_factory=list)  # paths (relative to the file's folder) or URLs; PIL images (datasets)
     prompt: str = ""
     suffixes: List[str] = field(default_factory=list)
+    candidates: List[str] = field(default_factory=list)  # answers to choose among (multiple choice), if given
     error: Optional[str] = None  # set when the line is not a usable item
     where: str = ""  # for messages, when not "FILE, line N": "DATA, row N", "FILE, image ID" (mlx_paligemma.sources)
 
@@ -77,7 +79,7 @@ def parse_line(raw: bytes, n: int, folder: Path, prompt: Optional[str]) -> Item:
 
 
 def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):
-    """(images, prompt, suffixes) of a line's object, or InputError saying what is wrong with it."""
+    """(images, prompt, suffixes, candidates) of a line's object, or InputError saying what is wrong with it."""
     images = row.get("image")
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
@@ -102,7 +104,13 @@ def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):
         raise InputError("'suffix' must be a string or a list of strings")
     for s in suffixes:
         check_text(s, "suffix")
-    return images, text, suffixes
+    candidates = row.get("candidates", [])
+    if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates) or (
+            "candidates" in row and len(set(candidates)) < 2):
+        raise InputError("'candidates' must be a list of at least two different strings")
+    for c in candidates:
+        check_text(c, "candidate")
+    return images, text, suffixes, candidates
 
 
 def resolve(source: str, folder: Path) -> str:
@@ -127,6 +135,7 @@ class Example:
     suffix: str
     source: str = ""  # the line's `image` as written
     where: str = ""  # "FILE, line N", for messages about this example
+    candidates: Tuple[str, ...] = ()  # a multiple-choice question's answers (evaluate scores each, picks the likeliest)
 
 
 def read_jsonl(file) -> List[Example]:
@@ -155,7 +164,8 @@ def examples_of(items: List[Item], name) -> List[Example]:
             raise InputError(f"{where}: empty suffix, nothing to learn")
         image = item.images[0]
         if not isinstance(image, str):  # a PIL image its reader decoded (a dataset's stored bytes), checked there
-            examples += [Example(image, item.prompt, s, str(item.fields.get("image")), where) for s in item.suffixes]
+            examples += [Example(image, item.prompt, s, str(item.fields.get("image")), where, tuple(item.candidates))
+                         for s in item.suffixes]
             continue
         try:
             loaded = downloaded[image] if image in downloaded else load_image(image)
@@ -165,7 +175,8 @@ def examples_of(items: List[Item], name) -> List[Example]:
         if url:
             downloaded[image] = loaded
         source = item.fields["image"] if isinstance(item.fields.get("image"), str) else image
-        examples += [Example(loaded if url else image, item.prompt, s, source, where) for s in item.suffixes]
+        examples += [Example(loaded if url else image, item.prompt, s, source, where, tuple(item.candidates))
+                     for s in item.suffixes]
     if not examples:
         raise InputError(f"{name} holds no examples")
     return examples

@@ -23,15 +23,17 @@ from PIL import Image
 from . import defaults, metrics, report
 from .cli import ArgumentParser, command, run_main
 from .detection import objects_to_json, parse_detections, token_ends
+from .formats.mlx import atomic_file
 from .processor import InputError
 from .data import Example
+from .scoring import score as score_candidates
 from .sources import add_data_arguments, data_options, kind_of, read_examples
 
-TASKS = ("caption", "vqa", "ocr", "detect", "segment", "match")
+TASKS = ("caption", "vqa", "ocr", "detect", "segment", "choice", "match")
 _BY_FIRST_WORD = {"caption": "caption", "answer": "vqa", "ocr": "ocr", "detect": "detect", "segment": "segment"}
 # The metric each task is judged by (the trainer keeps the best weights by it); all are higher-is-better.
 PRIMARY = {"caption": "cider", "vqa": "vqa_accuracy", "ocr": "anls", "detect": "map", "segment": "mask_iou",
-           "match": "exact_match"}
+           "choice": "accuracy", "match": "exact_match"}
 
 
 def task_of(prefix: str) -> str:
@@ -46,16 +48,21 @@ class Question:
     references: List[str]
     task: str
     source: str
+    candidates: Tuple[str, ...] = ()  # a multiple-choice question's answers
 
 
 def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Question]:
-    """One question per (image, prefix), in order of first appearance, with every suffix given for it."""
+    """One question per (image, prefix, candidates), in order of first appearance, with every suffix given for it.
+    With `auto`, a question with candidates is multiple choice (`choice`), the others' task is their prefix's."""
     questions: Dict[tuple, Question] = {}
     for e in examples:
-        key = (e.image if isinstance(e.image, str) else id(e.image), e.prefix)
+        key = (e.image if isinstance(e.image, str) else id(e.image), e.prefix, e.candidates)
         if key not in questions:
+            if task == "choice" and not e.candidates:
+                raise InputError(f"{e.where or e.prefix}: --task choice needs 'candidates' in every line")
+            kind = ("choice" if e.candidates else task_of(e.prefix)) if task == "auto" else task
             source = e.source or (e.image if isinstance(e.image, str) else "")
-            questions[key] = Question(e.image, e.prefix, [], task_of(e.prefix) if task == "auto" else task, source)
+            questions[key] = Question(e.image, e.prefix, [], kind, source, e.candidates)
         questions[key].references.append(e.suffix)
     return list(questions.values())
 
@@ -75,6 +82,19 @@ def generate_answers(model, processor, questions: Sequence[Question], batch_size
                                   num_beams=num_beams, length_penalty=length_penalty)
         if progress is not None:
             progress(f"{len(answers)}/{len(questions)} answers, {len(answers) / (time.perf_counter() - tic):.2f}/s")
+    return answers
+
+
+def choose_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
+                   progress: Optional[Callable[[str], None]] = None) -> List[List[float]]:
+    """Multiple choice: each candidate's summed log-probability (<eos> included) given image and prefix, as
+    scoring.score gives it; the likeliest candidate is the answer."""
+    answers, tic = [], time.perf_counter()
+    for q in questions:
+        answers.append(score_candidates(model, processor, [q.image], q.prefix, list(q.candidates),
+                                        batch_size=batch_size))
+        if progress is not None and (len(answers) % 64 == 0 or len(answers) == len(questions)):
+            progress(f"{len(answers)}/{len(questions)} choices, {len(answers) / (time.perf_counter() - tic):.2f}/s")
     return answers
 
 
@@ -108,6 +128,9 @@ def score_questions(task: str, predictions: Sequence[str], questions: Sequence[Q
     if task == "ocr":
         return ({"anls": metrics.anls(predictions, refs), "cer": metrics.character_error_rate(predictions, refs)},
                 metrics.anls_scores(predictions, refs), [None] * len(questions))
+    if task == "choice":
+        return ({"accuracy": metrics.exact_match(predictions, refs)}, metrics.exact_match_scores(predictions, refs),
+                [None] * len(questions))
     if task in ("detect", "segment"):
         decoder = mask_decoder if task == "segment" else None
         sizes = [image_size(q.image) for q in questions]
@@ -151,13 +174,21 @@ def evaluate_examples(model, processor, examples: Sequence[Example], task: str =
     if task not in TASKS + ("auto",):
         raise InputError(f"unknown task {task!r}: choose from auto, {', '.join(TASKS)}")
     questions = group_questions(examples, task)
-    generations = generate_answers(model, processor, questions, batch_size, max_tokens, progress, num_beams,
-                                   length_penalty)
-    answers = [g.text for g in generations]
-    token_scores = [(token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
-                    for g in generations]
+    choices = [i for i, q in enumerate(questions) if q.task == "choice"]
+    free = [i for i, q in enumerate(questions) if q.task != "choice"]
+    generations = dict(zip(free, generate_answers(model, processor, [questions[i] for i in free], batch_size,
+                                                  max_tokens, progress, num_beams, length_penalty)))
+    scored = dict(zip(choices, choose_answers(model, processor, [questions[i] for i in choices], batch_size,
+                                              progress)))
+    answers = [generations[i].text if i in generations else
+               questions[i].candidates[max(range(len(scored[i])), key=scored[i].__getitem__)]  # the first if equal
+               for i in range(len(questions))]
+    token_scores = {i: (token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
+                    for i, g in generations.items()}
     records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
                for q, a in zip(questions, answers)]
+    for i in choices:
+        records[i]["candidates"] = [{"text": c, "logprob": v} for c, v in zip(questions[i].candidates, scored[i])]
     results, primary = {}, {}
     for name in [t for t in TASKS if any(q.task == t for q in questions)]:
         chosen = [i for i, q in enumerate(questions) if q.task == name]
@@ -204,14 +235,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", required=True, help="a JSONL file (image, prefix, suffix a line), a Hugging Face dataset "
                    "(hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
-                   help="auto: from each prefix's first word (caption, answer, ocr, detect, segment; else match)")
+                   help="auto: choice for lines with candidates, else from each prefix's first word (caption, "
+                        "answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
     p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
-                   help="beam search with this many beams (1: greedy); the published transfer settings use 2-3 "
-                        "for captions")
+                   help="beam search with this many beams (1: greedy); big_vision's transfers use 2 for COCO "
+                        "captions and 3 for TextCaps, greedy elsewhere")
     p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
                    help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--mask-decoder", metavar="PATH",
@@ -224,6 +256,27 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+def check_outputs(args) -> None:
+    """--output and --predictions, before any work: files in folders that exist, not the data nor each other (a
+    careless --predictions test.jsonl would replace the set it scores)."""
+    named = [(flag, getattr(args, flag.strip("-"))) for flag in ("--output", "--predictions")]
+    named = [(flag, Path(path)) for flag, path in named if path]
+    if len(named) == 2 and named[0][1].absolute() == named[1][1].absolute():
+        raise InputError("--output and --predictions name the same file")
+    data = Path(args.data)
+    for flag, path in named:
+        if path.is_dir() or not path.parent.is_dir():
+            raise InputError(f"{flag} {path}: give a file in a folder that exists")
+        if path.exists() and data.exists() and (path.samefile(data) or data.is_dir() and data in path.parents):
+            raise InputError(f"{flag} {path} would overwrite the data being scored")
+
+
+def write_text(path, text: str) -> None:
+    """Whole or not at all: a run stopped while writing leaves the previous file."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
 def run(args) -> None:
     from .loading import load
     from .mask_decoder import CACHE_DIR, load_mask_decoder
@@ -233,6 +286,7 @@ def run(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if kind_of(args.data) == "missing":
         raise InputError(f"--data: no such file {args.data}")
+    check_outputs(args)
     if args.report:
         report.check_folder(args.report, args.report_examples)
     examples = read_examples(args.data, args.split, data_options(args))
@@ -252,9 +306,9 @@ def run(args) -> None:
                    seconds=round(time.perf_counter() - tic, 2))
     print(format_table(results))
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.output, json.dumps(results, indent=2) + "\n")
     if args.predictions:
-        Path(args.predictions).write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
     if args.report:
         print(f"report: {report.write_report(args.report, results, records, examples, args.report_examples)}")
 

@@ -27,6 +27,7 @@ from .cli import ArgumentParser, command, run_main
 from .formats.mlx import check_new_folder, get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
+from .evaluate import TASKS
 from .sources import add_data_arguments, data_options, read_training_sets
 from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, set_trainable,
                       train)
@@ -113,7 +114,7 @@ def build_parser() -> ArgumentParser:
                    "it, or --resume, an --adapter-path holding adapters is refused)")
     p.add_argument("--val-batches", type=int, default=d.val_batches, help="batches per validation, -1: all")
     p.add_argument("--steps-per-eval", type=int, default=d.steps_per_eval, help="steps between validations")
-    p.add_argument("--eval-task", choices=("auto", "caption", "vqa", "ocr", "detect", "segment", "match"),
+    p.add_argument("--eval-task", choices=("auto",) + TASKS,
                    help="also generate for the validation set and report the task's metric (auto: from prefixes)")
     p.add_argument("--eval-max-tokens", type=int, default=d.eval_max_tokens, help="with --eval-task: most tokens "
                    "per generated answer")

@@ -33,7 +33,7 @@ SHOWN = 100  # questions shown in full; the rest are a table row each
 THUMBNAIL = 512
 REFERENCE, PREDICTION = (26, 150, 65), (230, 25, 75)
 SCORE_NAMES = {"caption": "CIDEr", "vqa": "VQA accuracy", "ocr": "ANLS", "detect": "box mAP", "segment": "box mAP",
-               "match": "exact match"}
+               "choice": "accuracy", "match": "exact match"}
 PER_CLASS = {"per_class_ap": "AP@[.5:.95]", "per_class": "mask IoU"}
 # {ref} and {pred}: REFERENCE and PREDICTION, filled in by _Page.html.
 STYLE = """

@@ -3,12 +3,13 @@
 import json
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
 from mlx_paligemma import evaluate, trainer
-from mlx_paligemma.data import read_jsonl
+from mlx_paligemma.data import Example, read_jsonl
 from mlx_paligemma.processor import InputError
 
 IMAGES = FIXTURES / "images"
@@ -199,3 +200,48 @@ def test_evaluate_help_shows_beam_defaults(capsys):
         evaluate.build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--num-beams" in out and "--length-penalty" in out and "(default: 1)" in out
+
+
+def test_multiple_choice_picks_the_likeliest_candidate(tmp_path):
+    """Lines with candidates are multiple choice: the answer is the candidate mp.score rates highest (its values
+    checked against transformers in test_score), the metric the fraction answered right."""
+    model, processor = mp.load(str(FIXTURES / "paligemma2-tiny"))
+    image = str(IMAGES / "chelsea.jpg")
+    rows = [("answer en is there a cat?", ["yes", "no"]), ("answer en what colour is it?", ["red", "green", "a blue"]),
+            ("answer en how many?", ["1", "2"])]
+    scores = [mp.score(model, processor, [image], p, c) for p, c in rows]
+    likeliest = [c[int(np.argmax(s))] for (_, c), s in zip(rows, scores)]
+    # References: right for the first two questions, wrong for the third.
+    truth = [likeliest[0], likeliest[1], next(c for c in rows[2][1] if c != likeliest[2])]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"image": image, "prefix": p, "suffix": t, "candidates": c}) + "\n"
+                            for (p, c), t in zip(rows, truth)))
+    results, records = evaluate.evaluate_examples(model, processor, read_jsonl(data))
+    assert results["tasks"]["choice"]["accuracy"] == pytest.approx(2 / 3)
+    assert [r["prediction"] for r in records] == likeliest and [r["task"] for r in records] == ["choice"] * 3
+    for r, s in zip(records, scores):
+        np.testing.assert_allclose([c["logprob"] for c in r["candidates"]], s, rtol=0, atol=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": image, "prefix": "answer en ?", "suffix": "a", "candidates": ["a"]}) + "\n")
+    with pytest.raises(InputError, match="line 1: 'candidates' must be a list of at least two different strings"):
+        read_jsonl(bad)
+    with pytest.raises(InputError, match="--task choice needs 'candidates'"):
+        evaluate.evaluate_examples(model, processor, [Example(image, "caption en", "a")], task="choice")
+
+
+def test_outputs_never_replace_the_data(tmp_path, capsys):
+    """--predictions or --output naming the data file (or each other, or a folder) is one line before any work, and
+    the data is unchanged."""
+    (tmp_path / "c.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
+    data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "caption en", "suffix": "a cat"}])
+    before = data.read_bytes()
+    base = ["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data)]
+    cases = [(["--predictions", str(data)], f"error: --predictions {data} would overwrite the data being scored"),
+             (["--output", str(data)], f"error: --output {data} would overwrite the data being scored"),
+             (["--output", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "m.json")],
+              "error: --output and --predictions name the same file"),
+             (["--output", str(tmp_path)], f"error: --output {tmp_path}: give a file in a folder that exists")]
+    for argv, message in cases:
+        assert evaluate.main(base + argv) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.jpg", "d.jsonl"]
