@@ -53,10 +53,16 @@ def evaluation(folder: Path, capsys, *options):
     """evaluate with --report and --predictions on ROWS over examples/images: (page, predictions, stdout)."""
     for name in ("chelsea.jpg", "coffee.jpg", "rocket.jpg"):
         shutil.copy(ROOT / "examples" / "images" / name, folder / name)
-    data = folder / "test.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    rc = evaluate.main(["--model", MODEL, "--data", str(data), "--max-tokens", "12", "--report",
-                        str(folder / "report"), "--predictions", str(folder / "p.jsonl"), *options])
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "paligemma2-tiny").symlink_to(Path(MODEL).resolve())
+    # Run from the folder with its own names, as a user would: the page (and its screenshot) shows them.
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        rc = evaluate.main(["--model", "paligemma2-tiny", "--data", "test.jsonl", "--max-tokens", "12", "--report",
+                            "report", "--predictions", "p.jsonl", *options])
+    finally:
+        os.chdir(here)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return folder / "report" / "index.html", [json.loads(line) for line in (folder / "p.jsonl").open()], captured.out
