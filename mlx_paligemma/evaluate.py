@@ -23,7 +23,7 @@ from PIL import Image
 from . import defaults, metrics, report
 from .cli import ArgumentParser, command, run_main
 from .detection import objects_to_json, parse_detections, token_ends
-from .formats.mlx import atomic_file
+from .formats.atomic import atomic_file
 from .processor import InputError
 from .data import Example
 from .scoring import score as score_candidates

@@ -17,9 +17,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cli import ArgumentParser, command, run_main
+from .formats.atomic import atomic_folder
 from .formats.hf import to_transformers
-from .formats.mlx import (atomic_folder, build_model, copy_side_files, dequantize, get_model_path, load_config,
-                          load_weights, save_weights, upload)
+from .formats.mlx import (build_model, copy_side_files, dequantize, get_model_path, load_config, load_weights,
+                          save_weights, upload)
 from .processor import InputError, Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}

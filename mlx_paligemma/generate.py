@@ -328,7 +328,7 @@ def answer_objects(text: str, image, responses: Sequence[GenerationResponse], pr
 
 def draw(image, objects: list, path: str) -> None:
     from .detection import draw_detections
-    from .formats.mlx import atomic_file
+    from .formats.atomic import atomic_file
     from .processor import to_rgb
 
     with atomic_file(path) as tmp:

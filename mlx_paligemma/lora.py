@@ -24,7 +24,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .cli import ArgumentParser, command, run_main
-from .formats.mlx import check_new_folder, get_model_path, load_weights, quantize_as_stored, write_model_folder
+from .formats.atomic import check_new_folder
+from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .model import PaliGemma
 from .processor import InputError
 from .evaluate import TASKS

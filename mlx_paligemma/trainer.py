@@ -25,7 +25,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data import Example
 from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
-from .formats.mlx import atomic_file, check_safetensors
+from .formats.atomic import atomic_file
+from .formats.mlx import check_safetensors
 from .model import PaliGemma, suffix_loss
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, cause, read_json_object
 from .training_log import WRITTEN, TrainingLog, check_trackers

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .formats.mlx import atomic_file
+from .formats.atomic import atomic_file
 from .processor import InputError, cause
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "curves.png", "tensorboard"

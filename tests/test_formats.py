@@ -18,7 +18,7 @@ import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
 from mlx_paligemma.convert import convert, main
 from mlx_paligemma.formats import big_vision
-from mlx_paligemma.formats.mlx import partial_path
+from mlx_paligemma.formats.atomic import partial_path
 from mlx_paligemma.processor import Tokenizer
 
 PACKAGE = Path(mp.__file__).parent

@@ -9,7 +9,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..processor import InputError, read_json_object
-from .mlx import atomic_file, check_safetensors
+from .atomic import atomic_file
+from .mlx import check_safetensors
 
 ADAPTER_FILE, CONFIG_FILE = "adapters.safetensors", "adapter_config.json"
 
