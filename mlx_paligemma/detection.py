@@ -8,7 +8,6 @@ tokens that make its box (the four location tokens) and its label: how sure the 
 The mask codes do not count (a box's confidence should not change with whether it was asked for a mask).
 """
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -30,14 +29,14 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 
 
 def box_tokens(box: Tuple[float, float, float, float], image_size: Tuple[int, int]) -> str:
-    """The inverse of parse_detections' reading of a box: `<locY0><locX0><locY1><locX1>` for `box` = (x0, y0, x1, y1)
-    in pixels of an image of `image_size` = (width, height). Bin b holds the coordinates from b / 1024 to
-    (b + 1) / 1024 of the side, so parsing the tokens back gives each coordinate to within one bin (the far edge,
-    1024 / 1024, goes to the last bin, 1023)."""
+    """`<locY0><locX0><locY1><locX1>` for `box` = (x0, y0, x1, y1) in pixels of an image of `image_size` = (width,
+    height), as big_vision writes PaliGemma's training targets (pp/proj/paligemma: round(v / side * 1023), clipped
+    to 0..1023; round half to even, as tf.round). parse_detections reads a bin back as b / 1024 of the side (the
+    published demos' rule), so a written box parses back within 1.5 bins."""
     width, height = image_size
 
     def bin_of(value: float, side: int) -> int:
-        return min(max(math.floor(value / side * 1024), 0), 1023)
+        return min(max(round(value / side * 1023), 0), 1023)
 
     x0, y0, x1, y1 = box
     return "".join(f"<loc{bin_of(v, side):04d}>" for v, side in ((y0, height), (x0, width), (y1, height), (x1, width)))
