@@ -1,11 +1,12 @@
-"""The cost of beam search and of batch-invariant decoding beside greedy, and how often a seeded answer changes
+"""The cost of beam search, best-of-n and batch-invariant decoding beside greedy, and how often a seeded answer changes
 with the batch it shares outside that mode.
 
     python benchmarks/decoding.py speed --model tests/fixtures/paligemma2-tiny --prompts 8 --tokens 24
     python benchmarks/decoding.py seeded --model tests/fixtures/paligemma2-tiny --prompts 400 --tokens 24
 
-`speed`: tokens/s of batch_generate on the same prompts (8 rows share the steps): greedy, beams 2/3/5 (a beam
-search counts the tokens of its best answer, as it returns them) and greedy with batch_invariant=True; medians
+`speed`: tokens/s of batch_generate on the same prompts (8 rows share the steps): greedy, beams 2/3/5 and best_of
+2/4 (a beam search or a best_of counts the tokens of its best answer, as it returns them) and greedy with
+batch_invariant=True; medians
 of --rounds timed runs after a warm-up. `seeded`: the same seeded sampled prompts (seed i for prompt i) decoded
 with batch sizes 1 and 8, and how many answers differ, in the default mode and in batch_invariant mode.
 """
@@ -49,6 +50,7 @@ def decode(model, processor, items, tokens, batch_size=8, batch_invariant=False,
 def speed(args, model, processor):
     items = jobs(args.prompts)
     modes = [("greedy", {}, False)] + [(f"beams {n}", dict(num_beams=n), False) for n in (2, 3, 5)]
+    modes += [(f"best_of {n} (temperature 1)", dict(best_of=n, temperature=1.0, seed=0), False) for n in (2, 4)]
     modes += [("greedy, batch_invariant", {}, True)]
     print(f"{args.prompts} prompts, {args.tokens} tokens at most, batch size 8, {args.model}")
     print("| decoding | tokens/s | x greedy |\n|---|---|---|")
