@@ -4,9 +4,9 @@ PaliGemma uses the last hidden state of every patch: no pooling head, no CLS tok
 
 In half precision (bfloat16, float16) the residual stream between the layers is kept in float32, and only the
 LayerNorms' outputs, which feed the matmuls, are rounded to the weights' dtype. transformers rounds the stream after
-every add (54 in So400m/14), and at a magnitude of a few units each rounding costs more than a matmul's: that is
-most of its vision features' error. The tower runs once per image, so this costs no decoding time. In float32
-every cast here is a no-op.
+every add (54 in So400m/14), and at a magnitude of a few units each rounding costs more than a matmul's: with the
+two fixes below, this halves the features' error (docs/SPEED.md). The tower runs once per image, so it costs no
+decoding time. In float32 every cast here is a no-op.
 """
 
 from dataclasses import dataclass
