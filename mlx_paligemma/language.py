@@ -15,11 +15,13 @@ import mlx.nn as nn
 
 ATTENTION_CHUNK = 1024  # queries per attention block during prefill
 
-# Half precision (bfloat16, float16) keeps float32 where transformers does, and in the two fused spots below where
-# float32 costs nothing; in float32 every cast here is a no-op. Left as they are: matmuls (MLX accumulates in float32
-# and rounds once, as PyTorch does), the residual stream (in the model's dtype in both), the embedding scale (rounded
-# to the dtype in both, see embed), RoPE (mx.fast.rope takes cos/sin from float32 angles, as transformers does) and
-# the fused attention of Gemma 1 (softmax in float32, as transformers' eager attention).
+# Half precision (bfloat16, float16) keeps float32 where transformers does, and where float32 costs no kernel more:
+# the residual stream between the layers (transformers rounds it after each of a layer's two adds; here only the
+# norms' outputs, which feed the matmuls, are rounded, see RMSNorm and DecoderLayer) and the two fused spots below.
+# The stream is one vector per token, so decoding, bound by reading the weights, does not slow. In float32 every
+# cast here is a no-op. Left as they are: matmuls (MLX accumulates in float32 and rounds once, as PyTorch does), the
+# embedding scale (rounded to the dtype in both, see embed), RoPE (cos/sin from float32 angles rounded to the dtype,
+# as transformers does) and the fused attention of Gemma 1 (softmax in float32, as transformers' eager attention).
 
 
 @partial(mx.compile, shapeless=True)
@@ -31,7 +33,8 @@ def gelu_times(gate: mx.array, up: mx.array) -> mx.array:
 
 @partial(mx.compile, shapeless=True)
 def soft_cap(x: mx.array, cap: float) -> mx.array:
-    # cap * tanh(x / cap) in float32, one fused kernel: transformers rounds after each of the three steps.
+    # cap * tanh(x / cap) in float32, one fused kernel: transformers rounds after each of the three steps. Returns
+    # float32.
     return mx.tanh(x.astype(mx.float32) / cap) * cap
 
 
@@ -116,9 +119,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        # As transformers: normalised and scaled by (1 + w) in float32, rounded once to x's dtype. In bfloat16,
-        # 1 + w would drop w's low bits, and MLX's kernel rounds the normalised x before scaling.
-        return self.float32(x).astype(x.dtype)
+        # As transformers: normalised and scaled by (1 + w) in float32, rounded once, to the weights' dtype (the
+        # stream x is float32, the matmuls that follow take the model's dtype). In bfloat16, 1 + w would drop w's
+        # low bits, and MLX's kernel rounds the normalised x before scaling.
+        return self.float32(x).astype(self.weight.dtype)
 
     def float32(self, x: mx.array) -> mx.array:
         return mx.fast.rms_norm(x, 1.0 + self.weight.astype(mx.float32), self.eps)
@@ -212,11 +216,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, positions, mask, cache):
         r = self.self_attn(self.input_layernorm(x), positions, mask, cache)
         if self.is_gemma2:
-            # The post-norms' float32 outputs join the residual stream before the one rounding (transformers
-            # rounds the norm's output, then the sum): as many kernels, one rounding fewer per norm.
-            h = (x + self.post_attention_layernorm.float32(r)).astype(x.dtype)
+            # The post-norms' float32 outputs join the float32 stream unrounded (transformers rounds the norm's
+            # output, then the sum).
+            h = x + self.post_attention_layernorm.float32(r)
             m = self.mlp(self.pre_feedforward_layernorm(h))
-            return (h + self.post_feedforward_layernorm.float32(m)).astype(x.dtype)
+            return h + self.post_feedforward_layernorm.float32(m)
         h = x + r
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -281,6 +285,7 @@ class LanguageModel(nn.Module):
     def forward(self, h: mx.array, cache: Optional[List[Any]], positions: mx.array,
                 mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0) -> mx.array:
         """The decoder stack and the head, given the positions and the mask of each attention window."""
+        h = h.astype(mx.float32)  # the residual stream (see the note at the top)
         masks = {}
         for i, layer in enumerate(self.model.layers):
             window = layer.self_attn.window
@@ -292,5 +297,7 @@ class LanguageModel(nn.Module):
         logits = self.model.embed_tokens.as_linear(self.model.norm(h))
         cap = self.config.final_logit_softcapping
         if cap is not None:
-            logits = soft_cap(logits, cap).astype(logits.dtype)
+            # Left in float32: rounding to bfloat16 would move each logit by up to half a step (0.016 at 4-8),
+            # and what reads them (softmax, log-probabilities, the loss) computes in float32.
+            logits = soft_cap(logits, cap)
         return logits
