@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .data import Item, resolve
-from .detection import box_tokens
+from .detection import SEPARATOR, box_tokens
 from .processor import InputError, cause, read_json_object
 
 BORDER = 1.0  # pixels a box may stick out of its image (COCO's float boxes round past the edge) before it is an error
@@ -140,8 +140,8 @@ def coco_items(file, image_folder=None, classes: Optional[Sequence[str]] = None,
         step = classes_per_prompt or max(len(present), 1)
         for start in range(0, max(len(present), 1), step):
             group = present[start:start + step]
-            prompt = "detect " + " ; ".join(names[c] for c in group)
-            suffix = " ; ".join(o for c in group for o in objects[image["id"]][c])
+            prompt = "detect " + SEPARATOR.join(names[c] for c in group)
+            suffix = SEPARATOR.join(o for c in group for o in objects[image["id"]][c])
             fields = {"id": len(items) + 1, "image": image["file_name"], "image_id": image["id"], "prompt": prompt,
                       "suffix": suffix}
             item = Item(len(items) + 1, fields, prompt=prompt, suffixes=[suffix],

@@ -26,13 +26,13 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from .detection import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATOR
 from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, Tokenizer, cause, read_json_object
 
-# PaliGemma's detect/segment answer, as mlx_paligemma.detection reads it: objects joined by " ; ", each four
-# <locNNNN> bins (y0, x0, y1, x1, 0..1023), for segment then 16 <segNNN> codes (0..127), then " " and the label.
+# PaliGemma's detect/segment answer, in detection's terms (LOC_BINS, SEG_CODES, MASK_CODES, SEPARATOR): objects
+# joined by " ; ", each four <locNNNN> bins (y0, x0, y1, x1, 0..1023), for segment then 16 <segNNN> codes (0..127),
+# then " " and the label.
 # The reader drops a box of no area, so the grammar asks y0 < y1 and x0 < x1.
-SEPARATOR = " ; "
-N_CODES = 16
 _LABEL_FORBIDDEN = re.compile(r"[;<\n]")  # the reader's label ends at ';' or '<'; an answer is one line
 # Between JSON tokens: compact or pretty-printed, but bounded (llguidance's default, any run of whitespace, lets a
 # model that drifts into whitespace never finish).
@@ -80,8 +80,8 @@ class _Vocabulary:
         self._keys = [b for b, _ in self._sorted]
         self._longest = max(map(len, self._keys))
         self.eos_id = tokenizer.eos_id
-        self.loc = self._range(tokenizer, "<loc{:04d}>", 1024)
-        self.seg = self._range(tokenizer, "<seg{:03d}>", 128)
+        self.loc = self._range(tokenizer, "<loc{:04d}>", LOC_BINS)
+        self.seg = self._range(tokenizer, "<seg{:03d}>", SEG_CODES)
 
     def spellings(self, forced: bytes) -> List[int]:
         """Text tokens whose bytes begin `forced` or begin with it."""
@@ -161,7 +161,7 @@ class Constraint:
         (a box is written loc tokens in a row, so the run's length says which bin comes next)."""
         loc, k = self._vocab.loc, len(self._run) % 4
         if k < 2:
-            mask[loc + 1023] = False
+            mask[loc + LOC_BINS - 1] = False
         else:
             mask[loc:loc + self._run[k - 2] + 1] = False
 
@@ -170,7 +170,7 @@ class Constraint:
         if self._matcher.is_stopped():
             return  # the <eos> that ends the row
         loc = self._vocab.loc
-        if self._boxes and loc is not None and loc <= token < loc + 1024:
+        if self._boxes and loc is not None and loc <= token < loc + LOC_BINS:
             self._run = (self._run if len(self._run) < 4 else []) + [token - loc]
         else:
             self._run = []
@@ -236,13 +236,13 @@ def task_grammar(task: str, labels: Sequence[str], vocab: _Vocabulary) -> str:
     if vocab.loc is None or (task == "segment" and vocab.seg is None):
         raise InputError(f"constrain=True: this tokenizer has no <loc>{'/<seg>' if task == 'segment' else ''} "
                          "tokens, so it cannot write a detect/segment answer")
-    codes = f' " "? seg{{{N_CODES}}}' if task == "segment" else ""
+    codes = f' " "? seg{{{MASK_CODES}}}' if task == "segment" else ""
     label = " | ".join(json.dumps(" " + l, ensure_ascii=False) for l in labels)
     return "\n".join([
         f"start: (object ({json.dumps(SEPARATOR)} object)*)?",
         f"object: loc loc loc loc{codes} label",
-        f"loc: <[{vocab.loc}-{vocab.loc + 1023}]>",
-        *([f"seg: <[{vocab.seg}-{vocab.seg + 127}]>"] if task == "segment" else []),
+        f"loc: <[{vocab.loc}-{vocab.loc + LOC_BINS - 1}]>",
+        *([f"seg: <[{vocab.seg}-{vocab.seg + SEG_CODES - 1}]>"] if task == "segment" else []),
         f"label: {label}",
     ])
 

@@ -20,6 +20,11 @@ from . import defaults
 from .mask_decoder import MaskDecoder, paste_mask, pixel_box
 from .processor import IMAGE_TOKEN, InputError
 
+# The answer format, the one place it is stated (constraints' grammar and coco's writer take it from here).
+LOC_BINS = 1024  # <loc0000>..<loc1023>: a coordinate's bin
+SEG_CODES = 128  # <seg000>..<seg127>: the mask decoder's codebook
+MASK_CODES = 16  # <seg> codes of one mask
+SEPARATOR = " ; "  # between objects, and between the classes of a detect prompt
 # Seg tokens are matched in any number so that a mask cut short is seen (and the object dropped), not taken for a label.
 _OBJECT = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*((?:<seg\d{3}>\s*)*)([^;<]*)")
 _SEG = re.compile(r"<seg(\d{3})>")
@@ -36,7 +41,7 @@ def box_tokens(box: Tuple[float, float, float, float], image_size: Tuple[int, in
     width, height = image_size
 
     def bin_of(value: float, side: int) -> int:
-        return min(max(round(value / side * 1023), 0), 1023)
+        return min(max(round(value / side * (LOC_BINS - 1)), 0), LOC_BINS - 1)
 
     x0, y0, x1, y1 = box
     return "".join(f"<loc{bin_of(v, side):04d}>" for v, side in ((y0, height), (x0, width), (y1, height), (x1, width)))
@@ -81,11 +86,12 @@ def parse_detections(text: str, image_size: Tuple[int, int], mask_decoder: Optio
     width, height = image_size
     objects = []
     for m in _OBJECT.finditer(text):
-        y0, x0, y1, x1 = (int(v) / 1024 for v in m.group(1, 2, 3, 4))
+        y0, x0, y1, x1 = (int(v) / LOC_BINS for v in m.group(1, 2, 3, 4))
         box = (min(x0 * width, width), min(y0 * height, height), min(x1 * width, width), min(y1 * height, height))
         codes = tuple(int(c) for c in _SEG.findall(m.group(5)))
         label = m.group(6).strip()
-        if (codes and (len(codes) != 16 or max(codes) > 127)) or box[2] <= box[0] or box[3] <= box[1] or not label:
+        if ((codes and (len(codes) != MASK_CODES or max(codes) >= SEG_CODES)) or box[2] <= box[0] or box[3] <= box[1]
+                or not label):
             continue
         score = None
         if logprobs is not None and ends is not None:
