@@ -20,11 +20,12 @@ from . import defaults
 from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, command, run_main
 from .beams import BeamSequence
 from .constraints import cli_constraint
-from .detection import check_min_score, has_objects, objects_to_json
+from .detection import ObjectReader, check_min_score, draw_detections, has_objects, objects_to_json
+from .formats.atomic import atomic_file
 from .engine import Engine, Output
 from .request import Request, check_generation_args
 from .model import PaliGemma
-from .processor import InputError, PaliGemmaProcessor, load_image
+from .processor import InputError, PaliGemmaProcessor, load_image, to_rgb
 from .sampling import logprob_json
 from .scoring import MAX_CANDIDATES, score
 
@@ -164,8 +165,8 @@ def answer(responses: Sequence, logprobs: Optional[int], num_return_sequences: i
     last = responses[-1] if responses else None
     if logprobs is not None:
         beam = last is not None and last.sequences is not None
-        return Generation(text, list(last.sequences[0].tokens) if beam else [r.token for r in responses],
-                          list(last.sequences[0].logprobs) if beam else [r.logprob for r in responses],
+        tokens, values = chosen(responses) if responses else ([], [])
+        return Generation(text, list(tokens), list(values),
                           [] if beam or not logprobs else [r.top_logprobs for r in responses],
                           last.finish_reason if last else None, last.sequences if beam else None)
     if num_return_sequences > 1:
@@ -296,7 +297,8 @@ def build_parser() -> ArgumentParser:
 
 
 def chosen(responses: Sequence[GenerationResponse]) -> Tuple[List[int], List[float]]:
-    """The answer's tokens and their log-probabilities: a beam search's (best_of's) best sequence, else the stream's."""
+    """The answer's tokens and their log-probabilities (from generate's responses or the engine's outputs): a beam
+    search's (best_of's) best sequence, else the stream's."""
     last = responses[-1]
     if last.sequences is not None:
         return last.sequences[0].tokens, last.sequences[0].logprobs
@@ -320,17 +322,11 @@ def print_logprobs(rows: Sequence[dict]) -> None:
 def answer_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> list:
     """Boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored by its tokens'
     log-probabilities, those under --min-score left out."""
-    from .detection import ObjectReader
-
     reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
     return reader(text, image.size, *chosen(responses))
 
 
 def draw(image, objects: list, path: str) -> None:
-    from .detection import draw_detections
-    from .formats.atomic import atomic_file
-    from .processor import to_rgb
-
     with atomic_file(path) as tmp:
         draw_detections(to_rgb(image), objects).save(tmp)
     print(f"wrote {path} ({len(objects)} objects)", file=sys.stderr)
