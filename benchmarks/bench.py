@@ -52,8 +52,8 @@ def backend() -> str:
 
 def write_checkpoint(name: str, folder: Path) -> None:
     """Random bfloat16 weights of the real shapes, named and laid out as on the hub."""
-    from mlx_paligemma.loading import load_config
-    from mlx_paligemma.model import PaliGemma
+    from mlx_paligemma.formats.loading import load_config
+    from mlx_paligemma.models.paligemma import PaliGemma
 
     spec = MODELS[name]
     tokenizer = json.loads((TOKENIZER / "tokenizer.json").read_text())

@@ -1,4 +1,4 @@
-"""Per-step cost of structured output's masks (mlx_paligemma.constraints): microseconds to build the (B, vocab)
+"""Per-step cost of structured output's masks (mlx_paligemma.generation.constraints): microseconds to build the (B, vocab)
 mask of a batch, for a JSON schema, a regex and the detect grammar, at batch 1 and 8; with --compare, the mask
 cost of llguidance, xgrammar and outlines-core (those installed) on the same byte tables of both tokenizer kinds.
 
@@ -30,8 +30,8 @@ import mlx_paligemma  # noqa: E402,F401  (before mlx: it may load a faster BLAS 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_paligemma.constraints import make_constraint, masks  # noqa: E402
-from mlx_paligemma.processor import PaliGemmaProcessor  # noqa: E402
+from mlx_paligemma.generation.constraints import make_constraint, masks
+from mlx_paligemma.processing.processor import PaliGemmaProcessor
 
 TINY = ROOT / "tests" / "fixtures" / "paligemma-tiny"
 SCHEMA = {"type": "object", "properties": {
@@ -85,7 +85,7 @@ def ours(args):
 
 
 def table(processor):
-    from mlx_paligemma.constraints import vocabulary
+    from mlx_paligemma.generation.constraints import vocabulary
 
     vocab = vocabulary(processor.tokenizer)
     return [vocab.ll.decode_bytes([i]) if not vocab.ll.is_special_token(i) else b"" for i in range(vocab.size)]
@@ -175,7 +175,7 @@ def compare(args):
 
 
 def engine(args):
-    from mlx_paligemma.engine import Engine
+    from mlx_paligemma.generation.engine import Engine
 
     model, processor = mlx_paligemma.load(args.model)
     images = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.*"))

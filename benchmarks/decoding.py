@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mlx_paligemma as mp  # noqa: E402  (before mlx: it may load a faster BLAS on Linux)
-from mlx_paligemma.engine import Engine  # noqa: E402
+from mlx_paligemma.generation.engine import Engine
 
 IMAGES = sorted((ROOT / "tests" / "fixtures" / "images").glob("*.*"))
 PROMPTS = ["caption en", "describe en", "answer en what is this?", "ocr", "detect cat ; dog"]

@@ -98,7 +98,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import openai
 
-    from mlx_paligemma.loading import get_model_path
+    from mlx_paligemma.formats.loading import get_model_path
 
     eos = json.loads((get_model_path(args.model) / "config.json").read_text()).get("eos_token_id", 1)
     eos = eos[0] if isinstance(eos, list) else eos

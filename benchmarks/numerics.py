@@ -94,7 +94,7 @@ def write(name: str, folder: Path) -> None:
 
     from PIL import Image
     from mlx_paligemma.formats.mlx import load_config
-    from mlx_paligemma.processor import PaliGemmaProcessor
+    from mlx_paligemma.processing.processor import PaliGemmaProcessor
 
     proc = PaliGemmaProcessor.from_pretrained(folder, load_config(folder))
     batch = proc(images=[Image.open(IMAGE)], text=PROMPT, suffix=SUFFIX)

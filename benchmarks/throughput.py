@@ -107,7 +107,7 @@ def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
 
 def ours_decode(model_path: str, tokens: int, size: int) -> dict:
     """Tokens/s of the decode steps alone (prefill and the first token excluded), `size` rows sharing each step."""
-    from mlx_paligemma.engine import Request
+    from mlx_paligemma.generation.engine import Request
 
     model, processor = mp.load(model_path)
     inputs = [processor(images=im, text="caption en") for im in photos(size)]

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
 from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
-from mlx_paligemma.processor import to_rgb  # noqa: E402
-from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
+from mlx_paligemma.processing.images import to_rgb
+from mlx_paligemma.tasks.detection import draw_detections, objects_to_json, parse_detections
 
 
 def main() -> None:

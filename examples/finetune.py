@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_paligemma as mp  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from mlx_paligemma import lora, trainer  # noqa: E402
+from mlx_paligemma import lora
+from mlx_paligemma.training import trainer
 from mlx_paligemma.cli import DefaultsHelpFormatter  # noqa: E402
-from mlx_paligemma.sources import read_training_sets  # noqa: E402
+from mlx_paligemma.data.sources import read_training_sets
 
 IMAGES = Path(__file__).resolve().parent / "images"
 # What to teach, per image: a house-style caption and a one-word answer.

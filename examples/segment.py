@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_paligemma as mp  # noqa: E402
 from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
-from mlx_paligemma.processor import to_rgb  # noqa: E402
-from mlx_paligemma.detection import draw_detections, objects_to_json, parse_detections  # noqa: E402
-from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder  # noqa: E402
+from mlx_paligemma.processing.images import to_rgb
+from mlx_paligemma.tasks.detection import draw_detections, objects_to_json, parse_detections
+from mlx_paligemma.formats.mask_decoder import fetch_vae_oid, load_mask_decoder
 
 
 def main() -> None:

@@ -32,11 +32,16 @@ import mlx.core as _mx  # noqa: E402
 if _blas_note and _mx.default_device() == _mx.cpu:
     print(f"mlx_paligemma: {_blas_note}", file=sys.stderr)
 
-from .engine import Engine  # noqa: E402
-from .generate import Generation, batch_generate, generate, generate_step, stream_generate  # noqa: E402
-from .loading import load  # noqa: E402
-from .processor import InputError, PaliGemmaProcessor, load_image  # noqa: E402
-from .scoring import score  # noqa: E402
+# The command module first: importing `mlx_paligemma.generate` (the module) later would rebind the package's
+# attribute `generate` to it and hide the function, as in mlx-lm, whose layout this follows.
+from . import generate as _generate_command  # noqa: E402, F401
+from .errors import InputError  # noqa: E402
+from .formats.loading import load  # noqa: E402
+from .generation.api import Generation, batch_generate, generate, generate_step, stream_generate  # noqa: E402
+from .generation.engine import Engine  # noqa: E402
+from .generation.scoring import score  # noqa: E402
+from .processing.images import load_image  # noqa: E402
+from .processing.processor import PaliGemmaProcessor  # noqa: E402
 
 __all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor",
            "InputError", "load_image", "Generation", "score"]

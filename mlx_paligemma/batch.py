@@ -5,18 +5,18 @@ split across processes or machines under `mlx.launch`.
     python -m mlx_paligemma.batch --model M --input photos/ --output captions.jsonl --prompt "caption en"
     mlx.launch -n 2 --backend ring --python PY -- -m mlx_paligemma.batch --model M --input IN --output OUT
 
-An input line is an item of mlx_paligemma.data's format, the one training and evaluation read: {"image": path or
+An input line is an item of mlx_paligemma.data.items's format, the one training and evaluation read: {"image": path or
 URL (or a list of them), "prompt": "..." (or "prefix"), "id": ...} plus any fields of your own (a `suffix` is kept
 as one); `id` defaults to the line number, `prompt` to --prompt, paths are relative to the file. So a training or
 validation file runs as it is. A folder gives every image file in it and its subfolders, sorted by path. A Hugging
-Face dataset, parquet files or a COCO annotation file (mlx_paligemma.sources, with its column flags) gives its rows,
+Face dataset, parquet files or a COCO annotation file (mlx_paligemma.data.sources, with its column flags) gives its rows,
 each with its `id` and its image's path or row index (never its bytes). OUT gets
 one line per item in input order: the item's fields (with its `id`, and `prompt` when it came from --prompt) plus
 "answer" (and with --json, on detect/segment answers, "objects"), or "error" for an item that cannot be done: a
 line that is not JSON, not UTF-8, nested too deeply, holds a lone surrogate, ... is an error line and the run
 goes on.
 
-OUT is this runner's own or nothing (mlx_paligemma.batch_output): a rerun of the same command skips what OUT holds
+OUT is this runner's own or nothing (mlx_paligemma.data.outputs): a rerun of the same command skips what OUT holds
 and appends the rest, and any other existing file (and the input itself, by inode: hard links, symlinks) is refused
 before anything is cut or appended. Under mlx.launch the items are dealt out round-robin to the ranks; each rank
 appends its finished items to its own part file beside OUT (on its own machine) and at the end rank 0 gathers them
@@ -34,16 +34,17 @@ import numpy as np
 
 from . import defaults
 from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, run_main
-from .batch_output import (OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file,
-                           part_files)
-from .constraints import cli_constraint
-from .data import Item, read_items
-from .detection import ObjectReader, check_min_score, has_objects, objects_to_json
-from .engine import Engine
-from .request import check_generation_args
-from .processor import InputError, cause, check_text, load_image
-from .sampling import logprob_json
-from .sources import DataOptions, add_data_arguments, data_options, kind_of, read_source
+from .data.outputs import OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file, part_files
+from .generation.constraints import cli_constraint
+from .data.items import Item, read_items
+from .tasks.detection import ObjectReader, check_min_score, objects_to_json
+from .processing.answer_format import has_objects
+from .generation.engine import Engine
+from .generation.request import check_generation_args
+from .errors import InputError, cause, check_text
+from .processing.images import load_image
+from .generation.sampling import logprob_json
+from .data.sources import DataOptions, add_data_arguments, data_options, kind_of, read_source
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, mlx.launch)
 
@@ -55,7 +56,7 @@ IMAGE_FOLDERS = ("folder", "jsonl-folder")  # a folder is its images, JSONL file
 
 def read_input(source: Path, prompt: Optional[str], options: DataOptions = DataOptions(),
                split: Optional[str] = None) -> List[Item]:
-    """A folder of images, a JSONL file, or any other source of mlx_paligemma.sources (its rows' stored images
+    """A folder of images, a JSONL file, or any other source of mlx_paligemma.data.sources (its rows' stored images
     are PIL images in the items, and their lines name them by path or row index)."""
     kind = kind_of(str(source))
     if kind in IMAGE_FOLDERS:
@@ -328,7 +329,7 @@ def run(args) -> int:
     else:
         sink = PartOutput(part_file(out, rank), items)
     if todo:
-        from .loading import load
+        from .formats.loading import load
 
         model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
         progress.tic = time.monotonic()  # rates count generation, not loading

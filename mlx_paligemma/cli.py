@@ -9,7 +9,7 @@ import sys
 from typing import Callable, Optional
 
 from . import defaults
-from .processor import InputError
+from .errors import InputError
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -16,7 +16,8 @@ from .formats import big_vision
 from .formats.atomic import atomic_folder
 from .formats.mlx import (AFFINE_BITS, MODES, build_model, check_quantization, get_model_path, load_weights,
                           parse_config, quantize, read_config, upload, write_folder)
-from .processor import InputError, Tokenizer, read_json_object
+from .errors import InputError, read_json_object
+from .processing.processor import Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 

@@ -21,7 +21,8 @@ from .formats.atomic import atomic_folder
 from .formats.hf import to_transformers
 from .formats.mlx import (build_model, copy_side_files, dequantize, get_model_path, load_config, load_weights,
                           save_weights, upload)
-from .processor import InputError, Tokenizer
+from .errors import InputError
+from .processing.processor import Tokenizer
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 

@@ -1,5 +1,5 @@
 """Fine-tuning from the command line: LoRA / QLoRA (the default), attention-only and full fine-tuning, on one process
-or several under mlx.launch, with the training loop of mlx_paligemma.trainer; fusing adapters into a model folder.
+or several under mlx.launch, with the training loop of mlx_paligemma.training.trainer; fusing adapters into a model folder.
 
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --data my_data --iters 200
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224 --data my_data --fine-tune-type full --train-vision
@@ -8,8 +8,8 @@ or several under mlx.launch, with the training loop of mlx_paligemma.trainer; fu
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --save-path fused
     model, processor = mlx_paligemma.load("paligemma2-3b-pt-224-4bit", adapter_path="adapters")
 
-`--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.trainer for the format), or is
-any source of mlx_paligemma.sources (a Hugging Face dataset, parquet files, a COCO annotation file) with its splits.
+`--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.training.trainer for the format), or is
+any source of mlx_paligemma.data.sources (a Hugging Face dataset, parquet files, a COCO annotation file) with its splits.
 LoRA adapts the decoder's linears (mlx-lm's LoRALinear, which wraps quantized layers too); attention-only and full
 fine-tuning train the weights themselves, and `--train-vision` adds the vision tower and the projector.
 """
@@ -26,13 +26,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .cli import ArgumentParser, command, run_main
 from .formats.atomic import check_new_folder
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
-from .model import PaliGemma
-from .processor import InputError
-from .evaluate import TASKS
-from .sources import add_data_arguments, data_options, read_training_sets
-from .trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss, set_trainable,
-                      train)
-from .training_log import TRACKERS, check_trackers, plot_run
+from .models.paligemma import PaliGemma
+from .errors import InputError
+from .tasks.evaluation import TASKS
+from .data.sources import add_data_arguments, data_options, read_training_sets
+from .training.trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss,
+    set_trainable, train)
+from .training.log import TRACKERS, check_trackers, plot_run
 
 
 def fuse(model: PaliGemma, dequantize: bool = False) -> PaliGemma:
@@ -136,7 +136,7 @@ def build_parser() -> ArgumentParser:
 
 
 def run(args) -> None:
-    from .loading import load
+    from .formats.loading import load
 
     if not args.data and not args.fuse:
         raise InputError("nothing to do: give --data to train, or --fuse to merge saved adapters")

@@ -45,7 +45,7 @@ def images_of(case):
 def scored_objects(processor, generation, size, mask_decoder=None):
     """The objects_to_json of a Generation (generate(..., logprobs=0)) about an image of `size`, each scored by its
     tokens' log-probabilities: what every surface returning objects should give for that answer."""
-    from mlx_paligemma.detection import objects_to_json, parse_detections, token_ends
+    from mlx_paligemma.tasks.detection import objects_to_json, parse_detections, token_ends
 
     ends = token_ends(generation.tokens, processor.tokenizer.decode)
     return objects_to_json(parse_detections(generation.text, size, mask_decoder, ends, generation.logprobs))

@@ -87,7 +87,7 @@ def test_answers_equal_generate_and_bad_items_get_error_lines(complete, model):
         images = line["image"] if isinstance(line["image"], list) else [line["image"]]
         expected = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS)
         assert line["answer"] == expected, line
-        from mlx_paligemma.detection import objects_to_json, parse_detections, token_ends
+        from mlx_paligemma.tasks.detection import objects_to_json, parse_detections, token_ends
 
         size = Image.open(data.parent / images[0]).size
         if line["prompt"].startswith("detect "):  # objects only on detect/segment answers, scored by their tokens
@@ -120,10 +120,10 @@ def test_folder_input(tmp_path, model):
 
 
 def test_an_image_with_several_prompts_is_encoded_once(tmp_path, monkeypatch):
-    from mlx_paligemma.engine import feature_cache
+    from mlx_paligemma.generation.engine import feature_cache
 
     loaded = mp.load(str(MODEL))  # a model of its own, with a feature cache of its own
-    monkeypatch.setattr("mlx_paligemma.loading.load", lambda path, **kw: loaded)
+    monkeypatch.setattr("mlx_paligemma.formats.loading.load", lambda path, **kw: loaded)
     write_dataset(tmp_path)
     prompts = ["caption en", "ocr", "answer en what is this?", "detect cat"]
     lines = [{"image": "chelsea.jpg", "prompt": p} for p in prompts] + [{"image": ["coffee.jpg", "chelsea.jpg"]}]
@@ -134,9 +134,9 @@ def test_an_image_with_several_prompts_is_encoded_once(tmp_path, monkeypatch):
 
 
 def test_segment_objects_get_masks_as_generate_json_prints_them(vae, tmp_path):
-    from mlx_paligemma.detection import ObjectReader, objects_to_json, parse_detections
-    from mlx_paligemma.mask_decoder import load_mask_decoder
-    from mlx_paligemma.processor import InputError
+    from mlx_paligemma.tasks.detection import ObjectReader, objects_to_json, parse_detections
+    from mlx_paligemma.formats.mask_decoder import load_mask_decoder
+    from mlx_paligemma.errors import InputError
 
     _, folder = vae
     text = f"<loc0256><loc0512><loc0768><loc1000>{SEG16} cat ; <loc0000><loc0000><loc0100><loc0100> dog"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from mlx_paligemma.engine import Engine
+from mlx_paligemma.generation.engine import Engine
 
 IMAGES = [str(FIXTURES / "images" / f) for f in ("chelsea.jpg", "coffee.jpg", "gray.png", "odd.png")]
 # What is checked, and what shares the steps with it: prompts of several lengths, one with two images, a beam

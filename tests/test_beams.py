@@ -12,7 +12,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma.engine import Engine
+from mlx_paligemma.generation.engine import Engine
 
 BEAMS = json.loads((FIXTURES / "reference" / "cases.json").read_text())["beams"]
 SETTINGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequences")

@@ -14,7 +14,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma.engine import Engine
+from mlx_paligemma.generation.engine import Engine
 
 SAMPLED = dict(max_tokens=10, temperature=1.0, seed=3)
 N = 4

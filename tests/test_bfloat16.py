@@ -11,7 +11,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma import language, vision
+from mlx_paligemma.models import language, vision
 
 
 @pytest.fixture(scope="module")

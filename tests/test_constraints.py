@@ -1,4 +1,4 @@
-"""Structured output: the masks of mlx_paligemma.constraints keep the tiny random checkpoints' answers (noise
+"""Structured output: the masks of mlx_paligemma.generation.constraints keep the tiny random checkpoints' answers (noise
 otherwise) inside a JSON schema, a regex, a list of choices and the detect/segment grammar, on both tokenizer kinds.
 
 The decode loop here is the test's own, a few lines, only to drive the mask with the model's real logits (the
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import mlx_paligemma as mp
-from mlx_paligemma.constraints import make_constraint, masks
-from mlx_paligemma.detection import parse_detections
-from mlx_paligemma.processor import InputError, PaliGemmaProcessor
+from mlx_paligemma.generation.constraints import make_constraint, masks
+from mlx_paligemma.tasks.detection import parse_detections
+from mlx_paligemma.errors import InputError
+from mlx_paligemma.processing.processor import PaliGemmaProcessor
 
 from conftest import FIXTURES, MODELS
 
@@ -92,7 +93,7 @@ def check_schema(value):
 
 
 def check_detect(text, classes, segment=False):
-    """The whole answer is objects joined by ' ; ', each parsed by mlx_paligemma.detection with its label among
+    """The whole answer is objects joined by ' ; ', each parsed by mlx_paligemma.tasks.detection with its label among
     the prompt's classes and ordered bins."""
     pieces = [p for p in text.split(" ; ")] if text else []
     objects = parse_detections(text, (1024, 1024))

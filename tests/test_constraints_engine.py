@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import mlx_paligemma as mp
-from mlx_paligemma.constraints import _literal
-from mlx_paligemma.engine import Engine
-from mlx_paligemma.generate import batch_generate, generate
-from mlx_paligemma.processor import InputError
+from mlx_paligemma.generation.constraints import _literal
+from mlx_paligemma.generation.engine import Engine
+from mlx_paligemma.generation.api import batch_generate, generate
+from mlx_paligemma.errors import InputError
 
 from conftest import FIXTURES
 from test_constraints import REGEX, SCHEMA, check_detect, check_schema, image
@@ -195,7 +195,7 @@ def test_batch_runner_per_item_constraint(tmp_path):
 
 def test_unconstrained_batches_build_no_mask(loaded, monkeypatch):
     """The free path is today's: no mask is built (or asked for) unless a row of the step has a constraint."""
-    import mlx_paligemma.engine as engine_module
+    import mlx_paligemma.generation.engine as engine_module
 
     model, processor = loaded
     calls = []

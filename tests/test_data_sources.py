@@ -13,9 +13,14 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma import batch, detection, evaluate, lora, sources, trainer
-from mlx_paligemma.data import read_jsonl
-from mlx_paligemma.processor import InputError, load_image
+from mlx_paligemma import batch, evaluate, lora
+from mlx_paligemma.processing import answer_format
+from mlx_paligemma.tasks import detection, evaluation
+from mlx_paligemma.data import sources
+from mlx_paligemma.training import trainer
+from mlx_paligemma.data.items import read_jsonl
+from mlx_paligemma.errors import InputError
+from mlx_paligemma.processing.images import load_image
 
 datasets = pytest.importorskip("datasets")
 pa = pytest.importorskip("pyarrow")
@@ -118,7 +123,7 @@ def test_rows_sharing_a_stored_image_are_one_question_named_by_row(tmp_path):
     items = sources.read_source(str(tmp_path / "vqa.parquet"))
     assert [i.fields["image"] for i in items] == [0, 1, 2]  # no stored path: the row's index, never the bytes
     assert items[0].images[0] is items[1].images[0]  # decoded once
-    questions = evaluate.group_questions(sources.read_examples(str(tmp_path / "vqa.parquet")))
+    questions = evaluation.group_questions(sources.read_examples(str(tmp_path / "vqa.parquet")))
     assert [q.references for q in questions] == [["coffee", "a latte"], ["odd"]]
 
 
@@ -147,7 +152,7 @@ def test_box_tokens_by_hand():
              ((0.5, 0.2, 0.99, 1), (1, 1), "<loc0205><loc0512><loc1023><loc1013>"),
              ((0.0009, 0.9, 0.5, 0.95), (1, 1), "<loc0921><loc0001><loc0972><loc0512>")]
     for box, size, tokens in cases:
-        assert detection.box_tokens(box, size) == tokens
+        assert answer_format.box_tokens(box, size) == tokens
 
 
 @pytest.mark.parametrize("size", [(1, 1), (7, 3), (451, 300), (600, 400), (4000, 3000), (17, 2000)])
@@ -159,7 +164,7 @@ def test_parsing_written_boxes_gives_them_back_within_a_bin(size):
         y0, y1 = sorted(rng.uniform(0, height, 2))
         if x1 - x0 < 2 * width / 1024 or y1 - y0 < 2 * height / 1024:  # a box within one bin has no area to parse
             continue
-        [parsed] = detection.parse_detections(detection.box_tokens((x0, y0, x1, y1), size) + " cat", size)
+        [parsed] = detection.parse_detections(answer_format.box_tokens((x0, y0, x1, y1), size) + " cat", size)
         # Written over 1023 steps (big_vision), read as b / 1024: half a bin of rounding and up to one of scale.
         bins = 1.5 * np.array([width, height, width, height]) / 1024
         assert np.all(np.abs(np.array(parsed.box) - [x0, y0, x1, y1]) <= bins + 1e-9), (parsed.box, (x0, y0, x1, y1))

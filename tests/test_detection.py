@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_paligemma.detection import DetectedObject, add_masks, draw_detections, objects_to_json, parse_detections
-from mlx_paligemma.mask_decoder import fetch_vae_oid, load_mask_decoder, paste_mask, save_mask_decoder
+from mlx_paligemma.tasks.detection import DetectedObject, add_masks, draw_detections, objects_to_json, parse_detections
+from mlx_paligemma.formats.mask_decoder import fetch_vae_oid, load_mask_decoder, save_mask_decoder
+from mlx_paligemma.models.mask_decoder import paste_mask
 
 # The decoder's part of Google's vae-oid.npz: PyTorch names and layouts (Conv2d OIHW, ConvTranspose2d IOHW).
 VAE_SHAPES = {"_vq_vae._embedding": (128, 512), "decoder.0.weight": (128, 512, 1, 1), "decoder.0.bias": (128,)}

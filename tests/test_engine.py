@@ -7,8 +7,9 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma.engine import Detokenizer, Engine, byte_ids
-from mlx_paligemma.processor import InputError, PaliGemmaProcessor
+from mlx_paligemma.generation.engine import Detokenizer, Engine, byte_ids
+from mlx_paligemma.errors import InputError
+from mlx_paligemma.processing.processor import PaliGemmaProcessor
 
 GENERATION_CASES = ["single", "gray", "rgba", "odd", "two_images", "batch"]
 
@@ -292,7 +293,7 @@ def test_compiled_decode_sees_new_layers_and_weights():
     as a full forward pass without cache (the suffix causal, token_type_ids 1) computes them."""
     from mlx.utils import tree_map_with_path
 
-    from mlx_paligemma import trainer
+    from mlx_paligemma.training import trainer
 
     model, processor = mp.load(str(FIXTURES / "paligemma2-tiny"))
     inputs = processor(images=str(FIXTURES / "images" / "chelsea.jpg"), text="caption en")

@@ -139,7 +139,7 @@ def test_cli_arguments_are_checked_with_one_line(args, message, capsys, monkeypa
 
 @pytest.mark.parametrize("content", [b"", b"not a zip at all", b"PK\x03\x04broken"])
 def test_damaged_mask_decoder_is_one_line(tmp_path, content):
-    from mlx_paligemma.mask_decoder import load_mask_decoder
+    from mlx_paligemma.formats.mask_decoder import load_mask_decoder
 
     for name in ("vae.npz", "vae.safetensors"):
         (tmp_path / name).write_bytes(content)
@@ -216,7 +216,7 @@ def test_image_files_are_closed(tmp_path):
     (b'{"image": "\\udc00.png", "prefix": "x", "suffix": "y"}', "line 2: image '\\udc00.png' is not a usable path"),
 ])
 def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
-    from mlx_paligemma.data import read_jsonl
+    from mlx_paligemma.data.items import read_jsonl
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     file = tmp_path / "train.jsonl"

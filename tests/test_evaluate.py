@@ -8,9 +8,11 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma import evaluate, trainer
-from mlx_paligemma.data import Example, read_jsonl
-from mlx_paligemma.processor import InputError
+from mlx_paligemma import evaluate
+from mlx_paligemma.tasks import evaluation
+from mlx_paligemma.training import trainer
+from mlx_paligemma.data.items import Example, read_jsonl
+from mlx_paligemma.errors import InputError
 
 IMAGES = FIXTURES / "images"
 BOXES = {"chelsea.jpg": ("<loc0064><loc0400><loc0860><loc0900>", "cat"),
@@ -47,16 +49,16 @@ def taught(tmp_path_factory):
 
 
 def test_task_from_the_prefix_and_questions_from_lines():
-    assert [evaluate.task_of(p) for p in ("caption en", "answer en what?", "ocr", "detect cat ; dog", "segment cat",
+    assert [evaluation.task_of(p) for p in ("caption en", "answer en what?", "ocr", "detect cat ; dog", "segment cat",
                                           "describe en", "")] == [
         "caption", "vqa", "ocr", "detect", "segment", "match", "match"]
     examples = [trainer.Example("a.jpg", "caption en", "one"), trainer.Example("b.jpg", "caption en", "two"),
                 trainer.Example("a.jpg", "caption en", "three"), trainer.Example("a.jpg", "answer en what?", "x")]
-    questions = evaluate.group_questions(examples)
+    questions = evaluation.group_questions(examples)
     assert [(q.image, q.prefix, q.references, q.task) for q in questions] == [
         ("a.jpg", "caption en", ["one", "three"], "caption"), ("b.jpg", "caption en", ["two"], "caption"),
         ("a.jpg", "answer en what?", ["x"], "vqa")]
-    assert [q.task for q in evaluate.group_questions(examples, "ocr")] == ["ocr"] * 3
+    assert [q.task for q in evaluation.group_questions(examples, "ocr")] == ["ocr"] * 3
 
 
 def test_a_list_of_suffixes_is_several_references(tmp_path):
@@ -64,30 +66,31 @@ def test_a_list_of_suffixes_is_several_references(tmp_path):
     data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "answer en how many?", "suffix": ["2", "two"]}])
     examples = read_jsonl(data)
     assert [e.suffix for e in examples] == ["2", "two"]
-    assert evaluate.group_questions(examples)[0].references == ["2", "two"]
+    assert evaluation.group_questions(examples)[0].references == ["2", "two"]
 
 
 def test_scores_without_a_model():
-    questions = [evaluate.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [BOXES["chelsea.jpg"][0] + " cat"],
+    questions = [evaluation.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [BOXES["chelsea.jpg"][0] + " cat"],
                                    "segment", "")]
-    out = evaluate.score("segment", [BOXES["chelsea.jpg"][0] + " cat"], questions)
+    out = evaluation.score_answers("segment", [BOXES["chelsea.jpg"][0] + " cat"], questions)
     assert out["map"] == pytest.approx(1.0) and "no mask decoder" in out["note"]
-    assert evaluate.score("ocr", ["abc"], [evaluate.Question("", "ocr", ["abd"], "ocr", "")]) == {
+    assert evaluation.score_answers("ocr", ["abc"], [evaluation.Question("", "ocr", ["abd"], "ocr", "")]) == {
         "anls": pytest.approx(2 / 3), "cer": pytest.approx(1 / 3)}
 
 
 def test_segmentation_masks_through_the_mask_decoder(tmp_path):
-    from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
+    from mlx_paligemma.models.mask_decoder import MaskDecoder
+    from mlx_paligemma.formats.mask_decoder import load_mask_decoder, save_mask_decoder
 
     mx.random.seed(0)
     save_mask_decoder(MaskDecoder(), tmp_path / "decoder.safetensors")  # random weights: some mask
     decoder = load_mask_decoder(tmp_path / "decoder.safetensors")
     answer = BOXES["chelsea.jpg"][0] + "".join(f"<seg{i:03d}>" for i in range(16)) + " cat"
     other = BOXES["chelsea.jpg"][0] + "".join(f"<seg{100 + i:03d}>" for i in range(16)) + " cat"
-    question = evaluate.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [answer], "segment", "")
-    same = evaluate.score("segment", [answer], [question], decoder)
+    question = evaluation.Question(str(IMAGES / "chelsea.jpg"), "segment cat", [answer], "segment", "")
+    same = evaluation.score_answers("segment", [answer], [question], decoder)
     assert same["mask_iou"] == pytest.approx(1.0) and same["per_class"] == {"cat": pytest.approx(1.0)}
-    assert evaluate.score("segment", [other], [question], decoder)["mask_iou"] < 1.0
+    assert evaluation.score_answers("segment", [other], [question], decoder)["mask_iou"] < 1.0
 
 
 def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(taught, tmp_path, capsys):
@@ -127,11 +130,11 @@ def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(tau
 
 def test_captions_score_higher_on_their_own_references_than_on_shuffled_ones(taught):
     folder, model, processor = taught
-    own, _ = evaluate.evaluate_examples(model, processor, read_jsonl(folder / "train.jsonl"), task="caption")
+    own, _ = evaluation.evaluate_examples(model, processor, read_jsonl(folder / "train.jsonl"), task="caption")
     names = list(CAPTIONS)
     shuffled = {image: CAPTIONS[names[(i + 1) % len(names)]] for i, image in enumerate(names)}
     write(folder / "shuffled.jsonl", rows(shuffled)[len(BOXES):])
-    other, _ = evaluate.evaluate_examples(model, processor, read_jsonl(folder / "shuffled.jsonl"))
+    other, _ = evaluation.evaluate_examples(model, processor, read_jsonl(folder / "shuffled.jsonl"))
     own, other = own["tasks"]["caption"], other["tasks"]["caption"]
     assert own["cider"] > other["cider"] + 1 and own["bleu4"] > other["bleu4"]
 
@@ -153,7 +156,7 @@ def test_bad_arguments_end_with_one_line(tmp_path, capsys, argv, message):
 def test_unknown_task_is_refused(loaded):
     model, processor = loaded
     with pytest.raises(InputError, match="unknown task 'captions'"):
-        evaluate.evaluate_examples(model, processor, [trainer.Example(str(IMAGES / "chelsea.jpg"), "caption en", "a")],
+        evaluation.evaluate_examples(model, processor, [trainer.Example(str(IMAGES / "chelsea.jpg"), "caption en", "a")],
                                    task="captions")
 
 
@@ -162,7 +165,7 @@ def test_object_score_is_mean_probability_of_box_and_label_tokens():
     separator and the other object's tokens do not count."""
     import numpy as np
 
-    from mlx_paligemma.detection import parse_detections, token_ends
+    from mlx_paligemma.tasks.detection import parse_detections, token_ends
 
     _, processor = mp.load(str(FIXTURES / "paligemma-tiny"))
     text = "<loc0064><loc0400><loc0860><loc0900> cat ; <loc0100><loc0200><loc0700><loc0800> cup"
@@ -182,8 +185,8 @@ def test_object_score_is_mean_probability_of_box_and_label_tokens():
 
 def test_map_ranks_boxes_by_score():
     """COCO AP with one reference box and two guesses: the right one ranked first gives AP 1, second 0.5."""
-    from mlx_paligemma.detection import DetectedObject
-    from mlx_paligemma.metrics import detection_scores
+    from mlx_paligemma.tasks.detection import DetectedObject
+    from mlx_paligemma.tasks.metrics import detection_scores
 
     truth = [[DetectedObject("cat", (10.0, 10.0, 50.0, 50.0))]]
     right, wrong = (10.0, 10.0, 50.0, 50.0), (60.0, 60.0, 90.0, 90.0)
@@ -216,7 +219,7 @@ def test_multiple_choice_picks_the_likeliest_candidate(tmp_path):
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps({"image": image, "prefix": p, "suffix": t, "candidates": c}) + "\n"
                             for (p, c), t in zip(rows, truth)))
-    results, records = evaluate.evaluate_examples(model, processor, read_jsonl(data))
+    results, records = evaluation.evaluate_examples(model, processor, read_jsonl(data))
     assert results["tasks"]["choice"]["accuracy"] == pytest.approx(2 / 3)
     assert [r["prediction"] for r in records] == likeliest and [r["task"] for r in records] == ["choice"] * 3
     for r, s in zip(records, scores):
@@ -226,7 +229,7 @@ def test_multiple_choice_picks_the_likeliest_candidate(tmp_path):
     with pytest.raises(InputError, match="line 1: 'candidates' must be a list of at least two different strings"):
         read_jsonl(bad)
     with pytest.raises(InputError, match="--task choice needs 'candidates'"):
-        evaluate.evaluate_examples(model, processor, [Example(image, "caption en", "a")], task="choice")
+        evaluation.evaluate_examples(model, processor, [Example(image, "caption en", "a")], task="choice")
 
 
 def test_outputs_never_replace_the_data(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""mlx_paligemma.fetch against real fetch targets on 127.0.0.1 (http_targets): the total deadline, the byte cap,
+"""mlx_paligemma.processing.fetch against real fetch targets on 127.0.0.1 (http_targets): the total deadline, the byte cap,
 redirects checked hop by hop, the address policy (local refused by default, allowed when asked), one message for
 every network failure, local files kept inside their root; and the surfaces that use it (load_image, the mask
 decoder download)."""
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from mlx_paligemma import fetch as f
-from mlx_paligemma import mask_decoder
-from mlx_paligemma.processor import InputError, cause
+from mlx_paligemma.processing import fetch as f
+from mlx_paligemma.formats import mask_decoder
+from mlx_paligemma.errors import InputError, cause
 from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, png, serve
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from PIL import Image
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, MODELS
-from mlx_paligemma.processor import InputError
+from mlx_paligemma.errors import InputError
 
 CASES = int(os.environ.get("PALIGEMMA_FUZZ_CASES", "40"))
 SEED = os.environ.get("PALIGEMMA_FUZZ_SEED", "0")
@@ -372,8 +372,8 @@ def jsonl_line(r: random.Random) -> bytes:
 
 @pytest.mark.parametrize("i", range(CASES))
 def test_jsonl_file(i, processor, tmp_path):
-    from mlx_paligemma.data import read_jsonl
-    from mlx_paligemma.trainer import make_batch
+    from mlx_paligemma.data.items import read_jsonl
+    from mlx_paligemma.training.trainer import make_batch
 
     r = rng("jsonl", i)
     (tmp_path / "img.png").write_bytes((IMAGES / "gray.png").read_bytes())

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FIXTURES
 from mlx_paligemma import batch, lora
-from mlx_paligemma.processor import InputError
+from mlx_paligemma.errors import InputError
 
 ROOT = Path(__file__).parent.parent
 MODEL = FIXTURES / "paligemma2-tiny"
@@ -165,7 +165,7 @@ def test_a_line_lost_in_the_middle_is_refused_before_anything_is_cut(tmp_path, c
 
 
 def test_evaluate_and_training_read_the_same_items_naming_file_and_line(tmp_path):
-    from mlx_paligemma.data import read_jsonl
+    from mlx_paligemma.data.items import read_jsonl
 
     data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "caption en", "suffix": "a cat"},
                               b'{"image": "chelsea.jpg", "prefix": "x\\ud800", "suffix": "y"}'])

@@ -3,9 +3,9 @@
 import mlx.core as mx
 import numpy as np
 
-from mlx_paligemma.language import TextConfig
-from mlx_paligemma.model import ModelConfig, PaliGemma
-from mlx_paligemma.vision import VisionConfig
+from mlx_paligemma.models.language import TextConfig
+from mlx_paligemma.models.paligemma import ModelConfig, PaliGemma
+from mlx_paligemma.models.vision import VisionConfig
 
 
 def head_dim_32_model() -> PaliGemma:
@@ -45,7 +45,7 @@ def test_engine_quantized_cache_equals_mlx_lm_quantized_cache():
     padded batch with rows joining."""
     from mlx.utils import tree_map_with_path
 
-    from mlx_paligemma.engine import Engine, Request
+    from mlx_paligemma.generation.engine import Engine, Request
 
     mx.random.seed(1)
     model = head_dim_32_model()

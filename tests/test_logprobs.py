@@ -6,7 +6,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import images_of
-from mlx_paligemma.generate import Generation
+from mlx_paligemma.generation.api import Generation
 
 GENERATION = ["single", "gray", "rgba", "odd", "two_images"]
 K = 5

@@ -10,10 +10,11 @@ from mlx.utils import tree_flatten
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, MODELS, images_of
-from mlx_paligemma import lora, trainer
+from mlx_paligemma import lora
+from mlx_paligemma.training import trainer
 from mlx_paligemma.convert import convert, quantize
-from mlx_paligemma.processor import InputError
-from mlx_paligemma.sources import read_training_sets
+from mlx_paligemma.errors import InputError
+from mlx_paligemma.data.sources import read_training_sets
 
 IMAGES = FIXTURES / "images"
 # Two examples to memorise: different images, the same prompt, suffixes of different lengths.
@@ -89,7 +90,7 @@ def test_lora_gradients_match_finite_differences(model_name, quantized):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model_name):
-    from mlx_paligemma.language import DecoderLayer
+    from mlx_paligemma.models.language import DecoderLayer
 
     model, processor = fresh(model_name)
     trainer.add_lora(model)

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from mlx_paligemma import metrics
-from mlx_paligemma.detection import DetectedObject
+from mlx_paligemma.tasks import metrics
+from mlx_paligemma.tasks.detection import DetectedObject
 
 CAPTIONS = ["A cat sitting on a red sofa.", "two dogs play in the snow", "a man riding a horse on the beach",
             "a cup of coffee", "an astronaut in a suit"]

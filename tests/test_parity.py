@@ -6,7 +6,7 @@ import pytest
 
 from conftest import images_of
 from mlx_paligemma import generate_step
-from mlx_paligemma.model import suffix_loss
+from mlx_paligemma.models.paligemma import suffix_loss
 
 CASES = ["single", "gray", "rgba", "odd", "two_images", "batch", "suffix"]
 
@@ -109,7 +109,7 @@ def test_decode_skips_special_and_padded_vocabulary_ids(loaded):
 
 
 def test_prefill_in_query_chunks_is_exact(loaded, reference, monkeypatch):
-    import mlx_paligemma.language as language
+    import mlx_paligemma.models.language as language
 
     model, _ = loaded
     inputs = [mx.array(reference[f"batch/{k}"]) for k in ("input_ids", "pixel_values", "attention_mask")]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import mlx_paligemma as mp
-import mlx_paligemma.processor as processing
+import mlx_paligemma.processing.images as images_module
 from conftest import FIXTURES
 
 
@@ -199,13 +199,13 @@ def test_a_file_gives_the_pixels_of_the_image_opened_from_it(processor, tmp_path
 
 def test_pixel_limit(monkeypatch, tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
-    monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 399)
+    monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 399)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not PIL's two-line warning
         assert "20x20 pixels, more than the limit of 399" in refused(mp.load_image, tmp_path / "big.png")
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # beyond PIL's limit: PIL warns, we refuse
         assert "more than the limit of 399" in refused(mp.load_image, tmp_path / "big.png")
-        monkeypatch.setattr(processing, "MAX_IMAGE_PIXELS", 10**9)
+        monkeypatch.setattr(images_module, "MAX_IMAGE_PIXELS", 10**9)
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # beyond twice PIL's limit: PIL refuses before we look
         assert "too large: more than 200 pixels" in refused(mp.load_image, tmp_path / "big.png")
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)

@@ -20,8 +20,10 @@ from PIL import Image
 import mlx_paligemma as mp
 from browser import Browser
 from conftest import FIXTURES
-from mlx_paligemma import evaluate, report
-from mlx_paligemma.detection import parse_detections
+from mlx_paligemma import evaluate
+from mlx_paligemma.tasks import evaluation as evaluation_module
+from mlx_paligemma.tasks import report
+from mlx_paligemma.tasks.detection import parse_detections
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(FIXTURES / "paligemma2-tiny")
@@ -69,7 +71,7 @@ def evaluation(folder: Path, capsys, *options):
 
 
 def chosen_answers(model, processor, questions, *args, **kwargs):
-    """evaluate.generate_answers with ANSWERS for answers, their tokens each of log-probability LOGPROB."""
+    """evaluation_module.generate_answers with ANSWERS for answers, their tokens each of log-probability LOGPROB."""
     out = []
     for q in questions:
         text = ANSWERS[(Path(q.image).name, q.prefix)]
@@ -147,7 +149,7 @@ def test_report_of_the_tiny_model(tmp_path, capsys, browser):
 
 
 def test_report_of_chosen_answers_worst_first(tmp_path, capsys, browser, monkeypatch):
-    monkeypatch.setattr(evaluate, "generate_answers", chosen_answers)
+    monkeypatch.setattr(evaluation_module, "generate_answers", chosen_answers)
     index, predictions, out = evaluation(tmp_path, capsys)
     by_question = {(p["image"], p["prefix"]): p for p in predictions}
     assert by_question[("chelsea.jpg", "detect cat")]["score"] == pytest.approx(1.0)
@@ -181,11 +183,12 @@ def test_report_of_chosen_answers_worst_first(tmp_path, capsys, browser, monkeyp
 
 def test_report_draws_masks_over_the_image(tmp_path, capsys, browser, monkeypatch):
     import mlx.core as mx
-    from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
+    from mlx_paligemma.models.mask_decoder import MaskDecoder
+    from mlx_paligemma.formats.mask_decoder import load_mask_decoder, save_mask_decoder
 
     mx.random.seed(0)
     save_mask_decoder(MaskDecoder(), tmp_path / "decoder.safetensors")  # random weights: some mask
-    monkeypatch.setattr(evaluate, "generate_answers", chosen_answers)
+    monkeypatch.setattr(evaluation_module, "generate_answers", chosen_answers)
     monkeypatch.setattr(sys.modules[__name__], "ROWS", [{"image": "chelsea.jpg", **SEGMENT}])
     index, predictions, _ = evaluation(tmp_path, capsys, "--mask-decoder", str(tmp_path / "decoder.safetensors"))
     open_page(browser, index)

@@ -13,7 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma.generate import generate_step
+from mlx_paligemma.generation.api import generate_step
 
 IMAGE = str(FIXTURES / "images" / "chelsea.jpg")
 PROMPT = "caption en"

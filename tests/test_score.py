@@ -8,7 +8,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma.scoring import candidate_tokens, token_logprobs
+from mlx_paligemma.generation.scoring import candidate_tokens, token_logprobs
 
 SCORES = json.loads((FIXTURES / "reference" / "cases.json").read_text())["scores"]
 

@@ -345,7 +345,7 @@ def test_token_bytes_join_to_the_decoded_text(tmp_path, kind):
     import random
     import shutil
 
-    from mlx_paligemma.processor import Tokenizer
+    from mlx_paligemma.processing.processor import Tokenizer
     from mlx_paligemma.server.worker import piece
 
     shutil.copy(FIXTURES / "paligemma-tiny" / kind, tmp_path / kind)

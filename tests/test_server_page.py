@@ -19,10 +19,11 @@ from PIL import Image
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma.detection import objects_to_json, parse_detections
+from mlx_paligemma.tasks.detection import objects_to_json, parse_detections
 from mlx_paligemma.formats.mlx import write_model_folder
-from mlx_paligemma.mask_decoder import MaskDecoder, load_mask_decoder, save_mask_decoder
-from mlx_paligemma.model import suffix_loss
+from mlx_paligemma.models.mask_decoder import MaskDecoder
+from mlx_paligemma.formats.mask_decoder import load_mask_decoder, save_mask_decoder
+from mlx_paligemma.models.paligemma import suffix_loss
 from browser import Browser
 from test_server import Server, message
 
@@ -31,7 +32,7 @@ IMAGE = FIXTURES / "images" / "chelsea.jpg"
 BOX = "<loc0100><loc0200><loc0800><loc0900>"
 SEG = "".join(f"<seg{i:03d}>" for i in (5, 17, 33, 2, 90, 101, 64, 12, 7, 77, 120, 3, 45, 88, 9, 31))
 TAUGHT = {"detect cat": BOX + " cat", "segment cat": BOX + SEG + " cat"}
-RED = [230, 25, 75]  # the first colour of the page's (and detection.py's) palette
+RED = [230, 25, 75]  # the first colour of the page's (and tasks/detection.py's) palette
 SCREENSHOT = os.environ.get("MLX_PALIGEMMA_SCREENSHOT")  # where to keep the page's picture (examples/server-page.png)
 
 

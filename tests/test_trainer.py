@@ -13,10 +13,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma import trainer
+from mlx_paligemma.training import trainer
 from mlx_paligemma.convert import quantize
 from mlx_paligemma.formats.adapters import ADAPTER_FILE, CONFIG_FILE
-from mlx_paligemma.processor import InputError
+from mlx_paligemma.errors import InputError
 
 IMAGES = FIXTURES / "images"
 TEACH = [("chelsea.jpg", "caption en", "a cat"), ("coffee.jpg", "caption en", "a cup of coffee"),

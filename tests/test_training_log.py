@@ -15,9 +15,10 @@ from PIL import Image
 
 import mlx_paligemma as mp
 from conftest import FIXTURES
-from mlx_paligemma import lora, trainer
-from mlx_paligemma.processor import InputError
-from mlx_paligemma.training_log import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR, read_log
+from mlx_paligemma import lora
+from mlx_paligemma.training import trainer
+from mlx_paligemma.errors import InputError
+from mlx_paligemma.training.log import LOG_FILE, PLOT_FILE, TENSORBOARD_DIR, read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = FIXTURES / "images"

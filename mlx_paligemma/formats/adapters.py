@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..processor import InputError, read_json_object
+from ..errors import InputError, read_json_object
 from .atomic import atomic_file
 from .mlx import check_safetensors
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..processor import InputError
+from ..errors import InputError
 
 
 def _partial_parts(path: Path) -> tuple:

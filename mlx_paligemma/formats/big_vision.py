@@ -19,8 +19,9 @@ from typing import Dict, Iterator, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..model import ModelConfig
-from ..processor import InputError, Tokenizer, cause
+from ..models.paligemma import ModelConfig
+from ..errors import InputError, cause
+from ..processing.processor import Tokenizer
 
 IMG, LLM = "img/Transformer/encoderblock/", "llm/layers/"
 

@@ -6,9 +6,9 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from ..language import GemmaModel
-from ..model import ModelConfig
-from ..processor import Tokenizer
+from ..models.language import GemmaModel
+from ..models.paligemma import ModelConfig
+from ..processing.processor import Tokenizer
 
 TORCH_DTYPES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 

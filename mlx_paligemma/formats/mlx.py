@@ -16,10 +16,10 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..language import TextConfig
-from ..model import ModelConfig, PaliGemma
-from ..processor import InputError, read_json_object
-from ..vision import VisionConfig
+from ..models.language import TextConfig
+from ..models.paligemma import ModelConfig, PaliGemma
+from ..errors import InputError, read_json_object
+from ..models.vision import VisionConfig
 from .atomic import atomic_folder
 
 # Files a checkpoint needs; everything else in a hub repo (original .npz, gguf, ...) is skipped.

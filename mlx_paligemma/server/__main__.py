@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import defaults
 from ..cli import ArgumentParser
-from ..processor import InputError
+from ..errors import InputError
 from .chat import Limits
 
 HEAD_TIMEOUT_S = 10.0  # a connection must send a whole request head this soon after it opens or its last answer
@@ -179,8 +179,8 @@ def main(argv=None) -> int:
         from .app import make_app
     except ImportError as e:
         raise InputError(f'the server needs starlette and uvicorn ({e}): pip install "mlx-paligemma[server]"') from None
-    from ..loading import load
-    from ..mask_decoder import fetch_vae_oid, load_mask_decoder
+    from ..formats.loading import load
+    from ..formats.mask_decoder import fetch_vae_oid, load_mask_decoder
     from .worker import Worker
 
     mask_decoder = None

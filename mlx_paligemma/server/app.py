@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..processor import cause
+from ..errors import cause
 from .chat import ApiError, Checked, Limits, check_request, parse_json, read_images
 from .worker import Handle, QueueFull, Worker
 

@@ -7,7 +7,7 @@ request without fetching or decoding anything (every field's type and every limi
 and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
 tokenizing, the stop strings (count and length: the engine's search per token grows with their length), the images
 (count, bytes, pixels, and each cut to the model's input size at once, so a waiting request holds little memory),
-max_tokens, n and num_beams (rows, counted against the queue), and each fetch (mlx_paligemma.fetch: deadline, byte
+max_tokens, n and num_beams (rows, counted against the queue), and each fetch (mlx_paligemma.processing.fetch: deadline, byte
 cap, address policy). Constraints are checked for shape here; the engine compiles them and names what is wrong
 inside one (a 400 from the worker, before any decoding).
 """
@@ -26,10 +26,12 @@ from typing import Any, List, Optional
 from PIL import Image, ImageOps
 
 from .. import defaults
-from ..detection import check_min_score, has_objects
-from ..request import MAX_LOGPROBS, Request
-from ..fetch import fetch, read_local, shown, unreachable
-from ..processor import InputError, cause, check_text, to_rgb
+from ..tasks.detection import check_min_score
+from ..processing.answer_format import has_objects
+from ..generation.request import MAX_LOGPROBS, Request
+from ..processing.fetch import fetch, read_local, shown, unreachable
+from ..errors import InputError, cause, check_text
+from ..processing.images import to_rgb
 from .worker import Job
 
 

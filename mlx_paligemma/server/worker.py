@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from .. import defaults
-from ..detection import add_masks, keep_confident, objects_to_json, parse_detections, token_ends
-from ..engine import Engine
-from ..processor import InputError
+from ..tasks.detection import add_masks, keep_confident, objects_to_json, parse_detections, token_ends
+from ..generation.engine import Engine
+from ..errors import InputError
 
 
 class QueueFull(Exception):

@@ -13,9 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from . import defaults
+from .. import defaults
 from .constraints import Constraint
-from .processor import InputError
+from ..errors import InputError
 
 MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
 MAX_BEST_OF = 64  # samples of one best_of request: rows of the batch, so its cost is bounded before it starts

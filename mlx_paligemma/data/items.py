@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from .processor import InputError, cause, check_text, load_image
+from ..errors import InputError, cause, check_text
+from ..processing.images import load_image
 
 URL_SCHEMES = ("http://", "https://")
 
@@ -32,7 +33,7 @@ class Item:
     suffixes: List[str] = field(default_factory=list)
     candidates: List[str] = field(default_factory=list)  # answers to choose among (multiple choice), if given
     error: Optional[str] = None  # set when the line is not a usable item
-    where: str = ""  # for messages, when not "FILE, line N": "DATA, row N", "FILE, image ID" (mlx_paligemma.sources)
+    where: str = ""  # for messages, when not "FILE, line N": "DATA, row N", "FILE, image ID" (mlx_paligemma.data.sources)
 
 
 def read_items(file, prompt: Optional[str] = None) -> List[Item]:
@@ -149,7 +150,7 @@ def read_jsonl(file) -> List[Example]:
 
 
 def examples_of(items: List[Item], name) -> List[Example]:
-    """The examples of items from any source (mlx_paligemma.sources), each image opened now; the first item that
+    """The examples of items from any source (mlx_paligemma.data.sources), each image opened now; the first item that
     is not an example stops with one line naming it (`name`, line N, or the item's own `where`)."""
     examples, downloaded = [], {}
     for item in items:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Union
 from urllib.parse import urljoin, urlsplit
 
-from .processor import InputError
+from ..errors import InputError
 
 FETCH_TIMEOUT = 30.0  # seconds for a whole download, lookup to last byte
 MAX_FETCH_BYTES = 64 * 2**20  # an image URL's body

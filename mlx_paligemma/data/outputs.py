@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-from .data import Item
-from .processor import InputError
+from .items import Item
+from ..errors import InputError
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
 

@@ -9,10 +9,10 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .formats.adapters import apply_adapters
-from .formats.mlx import build_model, dequantize, get_model_path, load_config, load_weights
-from .model import PaliGemma
-from .processor import PaliGemmaProcessor
+from .adapters import apply_adapters
+from .mlx import build_model, dequantize, get_model_path, load_config, load_weights
+from ..models.paligemma import PaliGemma
+from ..processing.processor import PaliGemmaProcessor
 
 
 def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, lazy: bool = False,

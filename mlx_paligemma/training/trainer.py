@@ -1,7 +1,7 @@
 """The one training loop: data, what trains (LoRA, attention-only, full), schedule, data-parallel gradient averaging,
 checkpoints and resume, and the validation hooks (loss, and the task's own metric through mlx_paligemma.evaluate).
 
-Data is JSONL, one example a line, in the one item format of mlx_paligemma.data: {"image": "images/cat.jpg",
+Data is JSONL, one example a line, in the one item format of mlx_paligemma.data.items: {"image": "images/cat.jpg",
 "prefix": "caption en", "suffix": "a cat"} (`prompt` for `prefix` works too), with `image` a path relative to the
 file or an http(s) URL; `suffix` may be a list of answers (one example each).
 Under `mlx.launch` every process takes its share of each batch (--batch-size is per process) and the gradients are
@@ -23,13 +23,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .data import Example
-from .formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
-from .formats.atomic import atomic_file
-from .formats.mlx import check_safetensors
-from .model import PaliGemma, suffix_loss
-from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, cause, read_json_object
-from .training_log import WRITTEN, TrainingLog, check_trackers
+from ..data.items import Example
+from ..formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
+from ..formats.atomic import atomic_file
+from ..formats.mlx import check_safetensors
+from ..models.paligemma import PaliGemma, suffix_loss
+from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor
+from ..errors import InputError, cause, read_json_object
+from .log import WRITTEN, TrainingLog, check_trackers
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -366,7 +367,7 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     log = TrainingLog(folder, start, args.report_to) if writes else None
     score_task = None
     if args.eval_task:
-        from .evaluate import evaluate_examples
+        from ..tasks.evaluation import evaluate_examples
 
         score_task = partial(evaluate_examples, task=args.eval_task, batch_size=args.batch_size,
                              max_tokens=args.eval_max_tokens)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .model import PaliGemma
+from ..models.paligemma import PaliGemma
 
 
 class FeatureCache:

@@ -11,9 +11,9 @@ the log-probability of its token at each step, the same values generation report
 import math
 from typing import List, Optional, Sequence
 
-from . import defaults
+from .. import defaults
 from .engine import Engine
-from .processor import InputError
+from ..errors import InputError
 
 MAX_CANDIDATES = 1024  # candidates one call may score: the work is bounded before it starts
 

@@ -4,8 +4,8 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 
-from .language import prefix_lm_mask
-from .model import PaliGemma
+from ..models.language import prefix_lm_mask
+from ..models.paligemma import PaliGemma
 from .sampling import Picked
 
 KV_BLOCK = 256  # buffer positions are added this many at a time, so a compiled step sees few distinct shapes

@@ -1,4 +1,4 @@
-"""The record of a training run beside its adapters: the reports of mlx_paligemma.trainer.train (the dicts it
+"""The record of a training run beside its adapters: the reports of mlx_paligemma.training.trainer.train (the dicts it
 returns as history) as JSON lines in ADAPTER_PATH/log.jsonl, the same scalars as TensorBoard event files in
 ADAPTER_PATH/tensorboard (--report-to tensorboard), and a plot of the curves in ADAPTER_PATH/curves.png.
 
@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .formats.atomic import atomic_file
-from .processor import InputError, cause
+from ..formats.atomic import atomic_file
+from ..errors import InputError, cause
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "curves.png", "tensorboard"
 WRITTEN = (LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)  # what a run replaces in ADAPTER_PATH

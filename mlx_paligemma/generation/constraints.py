@@ -26,8 +26,9 @@ from typing import List, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from .detection import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATOR
-from .processor import IMAGE_TOKEN, InputError, PaliGemmaProcessor, Tokenizer, cause, read_json_object
+from ..processing.answer_format import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATOR
+from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor, Tokenizer
+from ..errors import InputError, cause, read_json_object
 
 # PaliGemma's detect/segment answer, in detection's terms (LOC_BINS, SEG_CODES, MASK_CODES, SEPARATOR): objects
 # joined by " ; ", each four <locNNNN> bins (y0, x0, y1, x1, 0..1023), for segment then 16 <segNNN> codes (0..127),

@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .detection import DetectedObject
-from .processor import InputError
+from ..errors import InputError
 
 # The tokens pycocoevalcap's PTBTokenizer drops after tokenizing. Brackets it keeps: the Java tokenizer writes them
 # -LRB-, -RSB-, ... and lower-cases them with -lowerCase, so its list (upper case) never matches them.

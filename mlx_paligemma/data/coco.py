@@ -2,7 +2,7 @@
 
 Each image with objects of the chosen classes gives one item per group of its classes: prefix `detect cat ; dog`
 (the classes present in the image, in the file's category order, `classes_per_prompt` at a time; 0: all in one),
-suffix `<locY0><locX0><locY1><locX1> cat ; ...` (detection.box_tokens), the objects of the prompt's classes in the
+suffix `<locY0><locX0><locY1><locX1> cat ; ...` (answer_format.box_tokens), the objects of the prompt's classes in the
 prompt's order, then in annotation order. Prompts name only classes that are in the image, so no answer is empty:
 an image without objects of the chosen classes gives no item. Crowd regions (iscrowd 1) are left out, as COCO's own
 evaluation ignores them. Masks are not used: a `segment` answer's <seg> codes come from the VQ-VAE's encoder, which
@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .data import Item, resolve
-from .detection import SEPARATOR, box_tokens
-from .processor import InputError, cause, read_json_object
+from .items import Item, resolve
+from ..processing.answer_format import SEPARATOR, box_tokens
+from ..errors import InputError, cause, read_json_object
 
 BORDER = 1.0  # pixels a box may stick out of its image (COCO's float boxes round past the edge) before it is an error
 

@@ -1,7 +1,7 @@
 """Hugging Face datasets as items: a hub id, a folder written by `save_to_disk`, or parquet files (a file, a folder, a
 glob), read through the `datasets` library (the `data` extra: pip install -e ".[data]").
 
-Columns are taken by name (mlx_paligemma.sources.DataOptions). The image column holds what datasets store: its Image
+Columns are taken by name (mlx_paligemma.data.sources.DataOptions). The image column holds what datasets store: its Image
 feature, which parquet and arrow keep as {"bytes", "path"}, raw bytes, or path strings relative to the data's folder
 (or http(s) URLs), one image or a list of them. Rows are read as stored (arrow), so images are never decoded twice:
 stored bytes are decoded here, once per distinct image, and checked as files are (pixel limit, EXIF orientation);
@@ -15,8 +15,9 @@ import string
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .data import Item, resolve
-from .processor import InputError, cause, check_text, image_from_bytes
+from .items import Item, resolve
+from ..errors import InputError, cause, check_text
+from ..processing.images import image_from_bytes
 
 # The prefix column's other name, as in JSONL: a dataset with "prompt" but no "prefix" column needs no flag.
 PREFIX_ALIAS = "prompt"

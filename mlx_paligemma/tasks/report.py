@@ -26,7 +26,7 @@ from PIL import Image
 
 from .detection import DetectedObject, rle_to_mask
 from .metrics import precision_recall
-from .processor import InputError
+from ..errors import InputError
 
 MARKER = ".mlx-paligemma-report"
 SHOWN = 100  # questions shown in full; the rest are a table row each

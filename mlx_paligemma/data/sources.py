@@ -2,11 +2,11 @@
 and read_examples / read_training_sets on it) and one set of flags (add_data_arguments).
 
 A source (`--data`, batch's `--input`) is any of:
-- a JSONL file (mlx_paligemma.data), or a folder of them, one split per file (train.jsonl, valid.jsonl, test.jsonl);
+- a JSONL file (mlx_paligemma.data.items), or a folder of them, one split per file (train.jsonl, valid.jsonl, test.jsonl);
 - a folder written by datasets' `Dataset.save_to_disk` (one split) or `DatasetDict.save_to_disk` (its splits);
 - parquet files: a file, a glob ("data/*.parquet": one split), or a folder (splits named by the files, as on the hub);
-- a COCO annotation file (a .json of images, annotations, categories): detect examples (mlx_paligemma.coco);
-- a Hugging Face hub dataset id, `owner/name` (mlx_paligemma.hub_data): downloaded once by datasets, then cached.
+- a COCO annotation file (a .json of images, annotations, categories): detect examples (mlx_paligemma.data.coco);
+- a Hugging Face hub dataset id, `owner/name` (mlx_paligemma.data.hub): downloaded once by datasets, then cached.
 Dataset columns are mapped by --image-column, --prefix-column (a "prompt" column serves when there is no "prefix"),
 --suffix-column or --prompt-template; relative image paths are read from --image-folder (default: the data's own
 folder; for COCO its layout, val2017/ beside annotations/).
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .data import Example, Item, examples_of, read_items
-from .processor import InputError, cause
+from .items import Example, Item, examples_of, read_items
+from ..errors import InputError, cause
 
 # A hub id is owner/name; a name that ends like a file is a missing file, not a dataset to look for on the hub.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -120,7 +120,7 @@ def split_readers(spec: str, options: DataOptions = DataOptions(), split: Option
         from .coco import coco_items
 
         return {"train": lambda: coco_items(spec, options.image_folder, options.classes, options.classes_per_prompt)}
-    from .hub_data import dataset_items, load_splits
+    from .hub import dataset_items, load_splits
 
     sets = load_splits(spec, kind, split, options.data_config)
     if options.image_folder is not None:

@@ -33,11 +33,12 @@ import numpy as np
 
 from .beams import BeamGroup, BeamSequence
 from .constraints import Constraint, apply_masks, make_constraint
-from .detokenizer import Detokenizer, byte_ids
+from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
 from .kv_buffers import Batch, decode_step, round_up
-from .model import PaliGemma
-from .processor import InputError, PaliGemmaProcessor
+from ..models.paligemma import PaliGemma
+from ..errors import InputError
+from ..processing.processor import PaliGemmaProcessor
 from .request import Request
 from .sampling import Picked, log_softmax, sample, token_logprobs, top_logprobs
 
