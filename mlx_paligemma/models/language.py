@@ -153,13 +153,7 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, **rope)
         k = mx.fast.rope(k, self.head_dim, **rope)
         if cache is not None:
-            cached_k, cached_v = cache.update_and_fetch(k, v)
-            if not isinstance(cached_k, tuple):
-                k, v = cached_k, cached_v
-            elif cache.offset > L:
-                # mlx-lm's quantized cache returns (packed, scales, biases); the prefix, when it is the whole
-                # input, still attends to itself in full precision above.
-                k, v = (mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (cached_k, cached_v))
+            k, v = cache.update_and_fetch(k, v)
         # Long prefixes (4096+ image tokens at 896 px) are attended in query chunks: every chunk still sees all
         # keys, so the bidirectional prefix is exact, and the score matrix stays chunk x keys in memory.
         chunks = []

@@ -93,17 +93,14 @@ class PaliGemma(nn.Module):
             prefix = None
         return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)
 
-    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                   left_padding: Optional[List[int]] = None) -> List[Any]:
-        """mlx-lm's KV caches: the growing one, its batch form for rows left-padded by `left_padding` (rows can
-        then leave and join), or the quantized one (kv_bits 4 or 8) to hold long prompts in less memory.
-        Sliding-window layers keep every key too: the prefix is attended to in full even when longer than the
-        window, and the mask applies the window to later tokens."""
-        from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache
+    def make_cache(self, left_padding: Optional[List[int]] = None) -> List[Any]:
+        """mlx-lm's KV caches: the growing one, or its batch form for rows left-padded by `left_padding` (rows can
+        then leave and join). Sliding-window layers keep every key too: the prefix is attended to in full even when
+        longer than the window, and the mask applies the window to later tokens. (The engine's quantized KV
+        buffers, kv_bits, are its own: generation/kv_buffers.py.)"""
+        from mlx_lm.models.cache import BatchKVCache, KVCache
 
         layers = self.language_model.model.layers
-        if kv_bits:
-            return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in layers]
         if left_padding is not None:
             return [BatchKVCache(left_padding) for _ in layers]
         return [KVCache() for _ in layers]
