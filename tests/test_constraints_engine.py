@@ -88,8 +88,13 @@ def test_every_constrained_answer_parses_over_seeds(loaded, form):
     model, processor = loaded
     prompt = PROMPTS.get(form, "describe the picture")
     requests = [(prompt, image(s), dict(max_tokens=100, temperature=1.0, seed=s, **FORMS[form])) for s in range(6)]
+    ended = 0
     for (text, finish) in run_engine(model, processor, requests):
         check(form, text, finish, prompt)
+        ended += finish == "stop"
+    # Only answers that ended are judged: at least two of the six must (measured: 2 of 6 segment answers end
+    # within 100 tokens on paligemma-tiny, 4-6 of 6 on every other form and fixture).
+    assert ended >= 2
 
 
 def test_constraint_the_greedy_answer_meets_changes_nothing(loaded):
@@ -160,10 +165,10 @@ def test_generate_cli_flags(tmp_path, model_name):
     assert r.stdout.strip() in CHOICES
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
-    r = cli(*common, "--prompt", "caption en", "--json-schema", str(schema), "--temperature", "1", "--seed", "3")
+    # Seed 4: an answer that ends within 100 tokens on both fixtures, so the schema is judged on each.
+    r = cli(*common, "--prompt", "caption en", "--json-schema", str(schema), "--temperature", "1", "--seed", "4")
     assert r.returncode == 0, r.stderr
-    if r.stdout.strip().endswith("}"):
-        check_schema(json.loads(r.stdout))
+    check_schema(json.loads(r.stdout))
     r = cli(*common, "--prompt", "detect cat ; dog", "--constrain", "--json")
     assert r.returncode == 0, r.stderr
     check_detect(json.loads(r.stdout)["answer"], ["cat", "dog"])
