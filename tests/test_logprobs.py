@@ -14,8 +14,8 @@ K = 5
 
 def check(gen, reference, name, row):
     expected_tokens = reference[f"{name}/generated"][row].tolist()
-    assert gen.tokens == expected_tokens[: len(gen.tokens)]
-    n = len(gen.tokens)
+    assert gen.tokens == expected_tokens  # every one: the reference's answers hold no eos within max_tokens
+    n = len(expected_tokens)
     np.testing.assert_allclose(gen.logprobs, reference[f"{name}/token_logprobs"][row, :n], atol=1e-4, rtol=0)
     ours_values = np.array([[v for _, v in top] for top in gen.top_logprobs])
     np.testing.assert_allclose(ours_values, reference[f"{name}/top_logprobs"][row, :n], atol=1e-4, rtol=0)
