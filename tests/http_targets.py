@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 CAT = Path(__file__).parent / "fixtures" / "images" / "chelsea.jpg"
@@ -26,10 +27,13 @@ class Targets(BaseHTTPRequestHandler):
     """/to/<url>: a redirect there; /loop: a redirect to itself; /missing: 404; /image.png, /cat.jpg, /hello:
     their bytes; /drip: a byte every 0.25 s; /endless: 64 KiB chunks until the client stops reading."""
 
-    hits, sent = [], {}  # paths asked for; path -> bytes (or chunks) written before the client went away
+    # Paths asked for; path -> bytes (or chunks) written before the client went away. Both are replaced for each
+    # test (fresh_targets); a request still being served writes to the record of the test that made it.
+    hits, sent = [], {}
 
     def do_GET(self):
-        Targets.hits.append(self.path)
+        hits, sent = Targets.hits, Targets.sent
+        hits.append(self.path)
         if self.path.startswith("/to/") or self.path == "/loop":
             self.send_response(302 if self.path.startswith("/to/") else 301)
             self.send_header("Location", self.path[len("/to/"):] if self.path.startswith("/to/") else "/loop")
@@ -41,7 +45,7 @@ class Targets(BaseHTTPRequestHandler):
             return
         self.send_response(200)
         self.end_headers()
-        Targets.sent[self.path] = 0
+        sent[self.path] = 0
         try:
             if self.path == "/image.png":
                 self.wfile.write(png())
@@ -53,17 +57,24 @@ class Targets(BaseHTTPRequestHandler):
                 for _ in range(DRIP_BYTES):
                     self.wfile.write(b"\xff")
                     self.wfile.flush()
-                    Targets.sent[self.path] += 1
+                    sent[self.path] += 1
                     threading.Event().wait(0.25)
             elif self.path == "/endless":
                 for _ in range(ENDLESS_CHUNKS):
                     self.wfile.write(b"\xff" * 65536)
-                    Targets.sent[self.path] += 1
+                    sent[self.path] += 1
         except OSError:  # the client stopped reading
             pass
 
     def log_message(self, *args):
         pass
+
+
+@pytest.fixture(autouse=True)
+def fresh_targets():
+    """What the targets were asked and sent, recorded from each test's start: imported by the test modules that
+    use the targets, so no test reads another's requests (the server itself may serve a whole module)."""
+    Targets.hits, Targets.sent = [], {}
 
 
 @contextmanager

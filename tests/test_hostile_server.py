@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, serve
+from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, serve  # noqa: F401 (autouse: per test)
 from test_server import EOS, IMAGES, MODEL, Server, call, check_error, data_url, image_part, png, wait_for
 
 TEXT = {"type": "text", "text": "caption en"}
@@ -32,10 +32,15 @@ def only(*parts, **kw) -> dict:
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    """A process's resident memory: /proc on Linux, ps where there is no /proc (macOS: its rss is in KiB too)."""
+    status = Path(f"/proc/{pid}/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, check=True).stdout
+    return int(out.strip()) / 1024
 
 
 @pytest.fixture(scope="module")
