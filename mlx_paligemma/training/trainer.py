@@ -27,10 +27,11 @@ from ..data.items import Example
 from ..formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from ..formats.atomic import atomic_file
 from ..formats.mlx import check_safetensors
+from ..formats.ownership import FILE, check_names
 from ..models.paligemma import PaliGemma, suffix_loss
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor
 from ..errors import InputError, cause, read_json_object
-from .log import WRITTEN, TrainingLog, check_trackers
+from .log import OWNED as LOG_OWNED, TrainingLog, check_trackers
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -39,6 +40,10 @@ FINE_TUNE_TYPES = ("lora", "attention", "full")
 # Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
 # (the data order and each step's random draws follow from the seed and the step).
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
+BEST_DIR = "best"  # --keep-best: the best-scoring adapters
+# What a run owns in ADAPTER_PATH (formats.ownership): these files, best/ with adapter files only, and the log's.
+OWNED = {ADAPTER_FILE: FILE, CONFIG_FILE: FILE, OPTIMIZER_FILE: FILE, STATE_FILE: FILE,
+         BEST_DIR: lambda name: name in (ADAPTER_FILE, CONFIG_FILE), **LOG_OWNED}
 
 
 def make_batch(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> Dict[str, mx.array]:
@@ -212,13 +217,15 @@ def save_checkpoint(model, optimizer, folder: Path, config: dict, step: int, bes
 
 
 def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: adapter_path is a folder we can write, and holds no adapters we would replace unasked."""
+    """Before any work: adapter_path is a folder we can write, holds no adapters we would replace unasked, and where
+    a run writes (its files, `best/`, the TensorBoard folder, at every depth) holds nothing a run did not write."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"--adapter-path {folder} is a file, not a folder")
-    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, *WRITTEN) if (folder / name).exists()]
+    ours = [name for name in OWNED if (folder / name).exists() or (folder / name).is_symlink()]
     if ours and not resume and not overwrite:
         raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
                          "them, --overwrite to replace them, or another --adapter-path")
+    check_names(folder, OWNED, f"--adapter-path {folder}", "training run")
     try:  # a real write, not os.access: root passes access checks on read-only file systems
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -387,8 +394,8 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             if args.keep_best and (best is None or results["score"] > best):
                 best = results["score"]
                 if writes:
-                    save_adapters(model, folder / "best", {**adapter_config, "best": {"iteration": it, **results}})
-                    report(f"Iter {it}: best so far, saved to {folder / 'best'}")
+                    save_adapters(model, folder / BEST_DIR, {**adapter_config, "best": {"iteration": it, **results}})
+                    report(f"Iter {it}: best so far, saved to {folder / BEST_DIR}")
         model.train()
 
     def record(entry):
