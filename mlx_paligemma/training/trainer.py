@@ -27,29 +27,29 @@ from ..data.items import Example
 from ..formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from ..formats.atomic import atomic_file
 from ..formats.mlx import check_safetensors
-from ..formats.ownership import FILE, check_names
 from ..models.paligemma import PaliGemma, suffix_loss
+from ..processing.images import load_image
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor
 from ..errors import InputError, cause, read_json_object
-from .log import OWNED as LOG_OWNED, TrainingLog, check_trackers
+from .log import TrainingLog, check_trackers
+from .output import BEST_DIR, OPTIMIZER_FILE, STATE_FILE, check_output_folder
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 LAYER_GROUPS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
 FINE_TUNE_TYPES = ("lora", "attention", "full")
-# Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
-# (the data order and each step's random draws follow from the seed and the step).
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
-BEST_DIR = "best"  # --keep-best: the best-scoring adapters
-# What a run owns in ADAPTER_PATH (formats.ownership): these files, best/ with adapter files only, and the log's.
-OWNED = {ADAPTER_FILE: FILE, CONFIG_FILE: FILE, OPTIMIZER_FILE: FILE, STATE_FILE: FILE,
-         BEST_DIR: lambda name: name in (ADAPTER_FILE, CONFIG_FILE), **LOG_OWNED}
 
 
 def make_batch(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> Dict[str, mx.array]:
-    """Processor output for examples: left padded, token_type_ids 1 on the suffix, labels -100 off it."""
-    return processor(images=[[e.image] for e in examples], text=[e.prefix for e in examples],
-                     suffix=[e.suffix for e in examples])
+    """Processor output for examples: left padded, token_type_ids 1 on the suffix, labels -100 off it. An image
+    damaged past its header (the data set's check reads headers) is named by its example's file and line."""
+    images = []
+    for e in examples:
+        try:
+            images.append([load_image(e.image)])
+        except InputError as error:
+            raise InputError(f"{e.where}: {error}") from None
+    return processor(images=images, text=[e.prefix for e in examples], suffix=[e.suffix for e in examples])
 
 
 def check_examples(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> None:
@@ -214,25 +214,6 @@ def save_checkpoint(model, optimizer, folder: Path, config: dict, step: int, bes
         mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)))
     with atomic_file(folder / STATE_FILE) as tmp:
         tmp.write_text(json.dumps({"step": step, "best_score": best}))
-
-
-def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: adapter_path is a folder we can write, holds no adapters we would replace unasked, and where
-    a run writes (its files, `best/`, the TensorBoard folder, at every depth) holds nothing a run did not write."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--adapter-path {folder} is a file, not a folder")
-    ours = [name for name in OWNED if (folder / name).exists() or (folder / name).is_symlink()]
-    if ours and not resume and not overwrite:
-        raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
-                         "them, --overwrite to replace them, or another --adapter-path")
-    check_names(folder, OWNED, f"--adapter-path {folder}", "training run")
-    try:  # a real write, not os.access: root passes access checks on read-only file systems
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to --adapter-path {folder}: {e.strerror or cause(e)}") from None
 
 
 def data_fingerprint(examples: Sequence[Example]) -> str:
