@@ -20,10 +20,9 @@ import bisect
 import json
 import re
 import reprlib
+import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -327,7 +326,7 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
             if stray:
                 raise InputError(f"label {stray[0]!r} is not among the prompt's classes {classes}")
             classes = list(labels)
-        what, boxes = f"the {task} grammar", True
+        what, boxes = f"{task} grammar", True
         grammar = None
     else:
         return None
@@ -343,24 +342,28 @@ def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes
     ll = _llguidance()
     now = limits.LIMITS  # read at each call: the server's flags set them at start-up
     parser = ll.LLParserLimits(max_grammar_size=now.max_grammar_size, max_lexer_states=now.max_lexer_states,
-                               step_lexer_fuel=now.step_lexer_fuel, step_max_items=now.step_max_items,
-                               verbose_errors=False)
+                               initial_lexer_fuel=now.initial_lexer_fuel, step_lexer_fuel=now.step_lexer_fuel,
+                               step_max_items=now.step_max_items, verbose_errors=False)
     matcher = ll.LLMatcher(vocab.ll, grammar, log_level=0, limits=parser)
     if matcher.is_error():
         raise InputError(f"bad {what}: {_reason(matcher.get_error())}")
     constraint = Constraint(matcher, vocab, vocab_size, boxes)
-    tic = time.perf_counter()
     mask = constraint.allowed_np()  # the first mask finds a grammar that can write nothing at all
-    seconds = time.perf_counter() - tic
     if matcher.is_error():
         raise InputError(f"the {what} matches no answer ({_reason(matcher.get_error())})")
-    if seconds > now.mask_seconds:  # paid again at every token, by every row of the batch waiting on it
-        raise InputError(f"the {what} takes {seconds:.2f} s a token to follow, more than the limit of "
-                         f"{now.mask_seconds:g} s: give a simpler one")
     trial = constraint.copy()
     first = int(np.flatnonzero(mask)[0])
-    if first != vocab.eos_id and not trial._matcher.consume_token(first):
+    if first == vocab.eos_id or trial._matcher.is_stopped():
+        return constraint
+    if not trial._matcher.consume_token(first):
         raise InputError(f"the {what} fails at its first token: {_reason(trial._matcher.get_error())}")
+    # The second mask is what every later token costs (the first builds the lexer's start, once).
+    tic = time.perf_counter()
+    trial.allowed_np()
+    seconds = time.perf_counter() - tic
+    if seconds > now.mask_seconds:  # paid at every token, with every row of the batch waiting on it
+        raise InputError(f"the {what} takes {seconds:.2f} s a token to follow, more than the limit of "
+                         f"{now.mask_seconds:g} s: give a simpler one")
     return constraint
 
 
@@ -392,20 +395,37 @@ def _grammar(build, what: str) -> str:
         raise InputError(f"bad {what}: {cause(e)[:300]}") from None
 
 
-# Grammars compile on these threads, so that a caller waits at most compile_seconds (llguidance releases the GIL
-# while it builds a grammar); two at a time, so a flood of costly grammars queues instead of taking every
-# core. One that runs past its deadline finishes within the parser limits, its result dropped.
-_COMPILERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+# Grammars compile on threads of their own, so that a caller waits at most compile_seconds (llguidance releases the
+# GIL while it builds a grammar); four at a time, so a flood of costly grammars queues instead of taking every core.
+# One that runs past its deadline finishes within the parser limits, its result dropped; its thread is a daemon, so
+# it never holds up the process's exit.
+_COMPILING = threading.BoundedSemaphore(4)
 
 
 def compile_with_deadline(build, what: str):
     seconds = limits.LIMITS.compile_seconds
-    future = _COMPILERS.submit(build)
-    try:
-        return future.result(timeout=seconds)
-    except FuturesTimeout:
-        future.cancel()
-        raise InputError(f"the {what} takes more than {seconds:g} s to compile: give a simpler one") from None
+    deadline = time.monotonic() + seconds
+    if not _COMPILING.acquire(timeout=seconds):
+        raise InputError(f"the {what} could not start compiling within {seconds:g} s (others are compiling): try "
+                         "again")
+    result = {}
+
+    def run():
+        try:
+            result["value"] = build()
+        except BaseException as e:  # handed to the caller, raised there
+            result["error"] = e
+        finally:
+            _COMPILING.release()
+
+    thread = threading.Thread(target=run, name="grammar", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    if thread.is_alive():
+        raise InputError(f"the {what} takes more than {seconds:g} s to compile: give a simpler one")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def cli_constraint(args) -> dict:
