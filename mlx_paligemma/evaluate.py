@@ -12,6 +12,7 @@ segment; any other prompt is scored by exact match.
 """
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,12 @@ from pathlib import Path
 from . import defaults
 from .tasks import report
 from .cli import ArgumentParser, command, run_main
-from .formats.atomic import atomic_file
+from .formats.atomic import atomic_file, check_writable
 from .errors import InputError
+from .generation.scoring import MAX_CANDIDATES, candidate_tokens
+from .processing.processor import IMAGE_TOKEN
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
+from .tasks.metrics import check_coco_tools
 from .data.sources import add_data_arguments, data_options, kind_of, read_examples
 
 
@@ -83,11 +87,42 @@ def check_outputs(args) -> None:
     if len(named) == 2 and named[0][1].absolute() == named[1][1].absolute():
         raise InputError("--output and --predictions name the same file")
     data = Path(args.data)
+    folder = Path(os.path.abspath(args.report)) if args.report else None
     for flag, path in named:
         if path.is_dir() or not path.parent.is_dir():
             raise InputError(f"{flag} {path}: give a file in a folder that exists")
         if path.exists() and data.exists() and (path.samefile(data) or data.is_dir() and data in path.parents):
             raise InputError(f"{flag} {path} would overwrite the data being scored")
+        if folder is not None and folder in Path(os.path.abspath(path)).parents:
+            raise InputError(f"{flag} {path} is inside the --report folder, which the report replaces whole: give "
+                             "a file outside it")
+        if path.exists() and not path.is_file():
+            raise InputError(f"{flag} {path} exists and is not a regular file")
+        check_writable(path, flag)
+
+
+def check_examples(processor, examples) -> None:
+    """Before the first answer, every question against the model's length (its prompt and the image's tokens,
+    with room for an answer; each candidate after them), naming the file and line."""
+    limit, seq = processor.max_length, processor.image_seq_length
+    if limit is None:
+        return
+    seen = set()
+    for e in examples:
+        if (e.prefix, e.candidates) in seen:
+            continue
+        seen.add((e.prefix, e.candidates))
+        prompt = seq + len(processor.tokenizer.encode(processor.build_prompt(e.prefix, 1).replace(IMAGE_TOKEN, "")))
+        if prompt >= limit:
+            raise InputError(f"{e.where}: the prompt is {prompt} tokens with the image's {seq}, no room for an answer "
+                             f"in the model's {limit}")
+        if len(e.candidates) > MAX_CANDIDATES:
+            raise InputError(f"{e.where}: {len(e.candidates)} candidates, more than {MAX_CANDIDATES}")
+        for number, candidate in enumerate(e.candidates, 1):
+            n = prompt + len(candidate_tokens(processor, candidate))
+            if n > limit:
+                raise InputError(f"{e.where}: candidate {number} makes {n} tokens with the prompt and the image's "
+                                 f"{seq}, more than the model's {limit}")
 
 
 def write_text(path, text: str) -> None:
@@ -109,6 +144,9 @@ def run(args) -> None:
     if args.report:
         report.check_folder(args.report, args.report_examples)
     examples = read_examples(args.data, args.split, data_options(args))
+    tasks = {args.task} if args.task != "auto" else {"choice" if e.candidates else task_of(e.prefix) for e in examples}
+    if tasks & {"detect", "segment"}:
+        check_coco_tools()  # the metrics need it after every answer: said before the first
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
     segments = any((task_of(e.prefix) if args.task == "auto" else args.task) == "segment" for e in examples)
@@ -117,6 +155,7 @@ def run(args) -> None:
             raise InputError(f"--mask-decoder: no such file {path}")
         decoder = load_mask_decoder(path)
     model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
+    check_examples(processor, examples)
     tic = time.perf_counter()
     results, records = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
                                          decoder, progress=lambda s: print(s, file=sys.stderr, flush=True),

@@ -4,7 +4,6 @@
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Sequence
@@ -15,7 +14,7 @@ from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, c
 from .generation.constraints import cli_constraint
 from .tasks.detection import ObjectReader, check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
-from .formats.atomic import atomic_file
+from .formats.atomic import atomic_file, check_writable
 from .generation.request import check_generation_args
 from .errors import InputError
 from .processing.images import load_image, to_rgb
@@ -118,12 +117,11 @@ def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
             raise InputError(f"--draw {path}: folder {out.parent} does not exist")
         if out.is_dir():
             raise InputError(f"--draw {path} is a folder")
-        if not os.access(out.parent, os.W_OK):
-            raise InputError(f"--draw {path}: folder {out.parent} is not writable")
         if any(Path(i).exists() and out.exists() and out.samefile(i) for i in inputs):
             raise InputError(f"--draw {path} would overwrite the input image")
     except OSError as e:
         raise InputError(f"--draw {path}: {e.strerror or e}") from None
+    check_writable(out, "--draw")
 
 
 def run(args) -> int:
@@ -136,8 +134,14 @@ def run(args) -> int:
     check_generation_args(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))
-    if args.candidates is not None and (args.draw or args.logprobs is not None):
-        raise InputError("--candidates scores the given answers: it takes no --draw or --logprobs")
+    if args.candidates is not None:
+        ignored = [flag for flag, given in (
+            ("--draw", args.draw), ("--logprobs", args.logprobs is not None), ("--num-beams", args.num_beams != 1),
+            ("--best-of", args.best_of != 1), ("--regex", args.regex is not None),
+            ("--json-schema", args.json_schema is not None), ("--choices", args.choices is not None),
+            ("--constrain", args.constrain)) if given]
+        if ignored:
+            raise InputError(f"--candidates scores the given answers: it takes no {ignored[0]}")
     if args.candidates is not None and len(args.candidates) > MAX_CANDIDATES:
         raise InputError(f"--candidates: at most {MAX_CANDIDATES}, got {len(args.candidates)}")
     if args.draw:

@@ -6,11 +6,13 @@ others, and a rerun works. Refusals are one `error:` line naming the file (and l
 """
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -412,3 +414,201 @@ def test_batch_applies_adapters_and_names_a_damaged_adapter_file(checkpoint, tmp
     capsys.readouterr()
     assert run_batch(data, tmp_path / "out2.jsonl", "--adapter-path", str(damaged)) == 1
     assert one_error_line(capsys).startswith(f"error: {damaged / 'adapter_config.json'} is not valid JSON")
+
+
+# Reads bounded before the work: regular files only, size caps, one line naming the file.
+
+def test_bounded_reads_refuse_fifos_devices_folders_and_big_files(tmp_path):
+    from mlx_paligemma.errors import read_bounded, read_json_object
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # no writer: opening it to read would block
+    cases = {fifo: f"cannot read {fifo}: it is a FIFO, not a regular file",
+             tmp_path: f"cannot read {tmp_path}: it is a folder, not a regular file"}
+    if Path("/dev/zero").exists():
+        cases[Path("/dev/zero")] = "cannot read /dev/zero: it is a device or socket, not a regular file"
+    for path, message in cases.items():
+        with pytest.raises(InputError) as e:
+            read_bounded(path, 100)
+        assert str(e.value) == message
+    (tmp_path / "big.json").write_text("{}" + " " * 200)
+    with pytest.raises(InputError, match=r"big.json is 202 bytes or more, more than the limit of 100$"):
+        read_json_object(tmp_path / "big.json", 100)
+    assert read_json_object(tmp_path / "big.json", 202) == {}
+
+
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "big"])
+def test_a_json_schema_file_that_never_ends_is_one_line_before_the_model_loads(tmp_path, capsys, what):
+    generate = importlib.import_module("mlx_paligemma.generate")  # the package's `generate` is the function
+    from mlx_paligemma.limits import MAX_SCHEMA_FILE_BYTES
+
+    if what == "/dev/zero" and not Path(what).exists():
+        pytest.skip("needs /dev/zero (Linux, macOS)")
+    path = Path(what) if what == "/dev/zero" else tmp_path / what
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "big":
+        path.write_text('{"type": "string", "description": "' + "x" * MAX_SCHEMA_FILE_BYTES + '"}')
+    rc = generate.main(["--model", "missing-model-never-loaded", "--image", str(IMAGES / "chelsea.jpg"), "--prompt",
+                        "caption en", "--json-schema", str(path)])
+    line = one_error_line(capsys)
+    assert rc == 1 and line.startswith(f"error: cannot read --json-schema {path}: " if what != "big"
+                                       else f"error: --json-schema {path} is ")
+
+
+def test_a_jsonl_line_over_the_limit_is_its_items_error_and_the_rest_are_read(tmp_path, monkeypatch):
+    from mlx_paligemma.data import items as items_module
+
+    monkeypatch.setattr(items_module, "MAX_LINE_BYTES", 200)
+    good = json.dumps({"image": "chelsea.jpg", "prompt": "caption en"})
+    long = json.dumps({"image": "chelsea.jpg", "prompt": "x" * 500})
+    (tmp_path / "d.jsonl").write_text("\n".join([good, long, good, "x" * 1000]) + "\n" + good)
+    read = items_module.read_items(tmp_path / "d.jsonl")
+    assert [(i.line, i.error) for i in read] == [
+        (1, None), (2, "the line is longer than the limit of 200 bytes"), (3, None),
+        (4, "the line is longer than the limit of 200 bytes"), (5, None)]
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(InputError, match="it is a FIFO, not a regular file"):
+        items_module.read_items(tmp_path / "fifo.jsonl")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of a PNG declaring this size (its pixels never follow): what a header check reads."""
+    chunk = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + b"\x08\x02\0\0\0"
+    end = (0).to_bytes(4, "big") + b"IEND" + zlib.crc32(b"IEND").to_bytes(4, "big")
+    return b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big") + end
+
+
+def test_a_bad_last_row_is_named_before_any_image_is_decoded(tmp_path, monkeypatch):
+    """The whole set is checked (fields, then each image file's header) before an image is decoded: a large set
+    whose last row is bad is named at once."""
+    from mlx_paligemma.data import items as items_module
+
+    shutil.copy(IMAGES / "chelsea.jpg", tmp_path / "chelsea.jpg")
+    rows = [json.dumps({"image": "chelsea.jpg", "prefix": "caption en", "suffix": "a cat"})] * 3000
+    (tmp_path / "t.jsonl").write_text("\n".join(rows + ['{"image": "chelsea.jpg", "prefix": "caption en"}']) + "\n")
+
+    def no_decoding(*_):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(items_module, "load_image", no_decoding)
+    with pytest.raises(InputError) as e:
+        items_module.read_jsonl(tmp_path / "t.jsonl")
+    assert str(e.value) == f"{tmp_path / 't.jsonl'}, line 3001: 'suffix' is missing: nothing to learn or score against"
+    (tmp_path / "t.jsonl").write_text("\n".join(rows + ['{"image": "gone.jpg", "prefix": "c", "suffix": "s"}']) + "\n")
+    with pytest.raises(InputError, match=r"t.jsonl, line 3001: image not found: .*gone.jpg$"):
+        items_module.read_jsonl(tmp_path / "t.jsonl")
+    (tmp_path / "bomb.png").write_bytes(png_header(100000, 100000))
+    (tmp_path / "t.jsonl").write_text("\n".join(rows + ['{"image": "bomb.png", "prefix": "c", "suffix": "s"}']) + "\n")
+    with pytest.raises(InputError, match=r"line 3001: image .*bomb.png is (100000x100000 pixels, more than|too large)"):
+        items_module.read_jsonl(tmp_path / "t.jsonl")
+    monkeypatch.undo()
+    (tmp_path / "t.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    assert [e.image for e in items_module.read_jsonl(tmp_path / "t.jsonl")] == [str(tmp_path / "chelsea.jpg")] * 3
+
+
+def test_an_image_damaged_past_its_header_is_named_by_its_line_when_training_reads_it(tmp_path):
+    from mlx_paligemma.data.items import read_jsonl
+    from mlx_paligemma.training.trainer import make_batch
+
+    data = (IMAGES / "chelsea.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 3])
+    (tmp_path / "t.jsonl").write_text(json.dumps({"image": "cut.jpg", "prefix": "caption en", "suffix": "a"}) + "\n")
+    examples = read_jsonl(tmp_path / "t.jsonl")  # the header reads
+    import mlx_paligemma as mp
+    _, processor = mp.load(str(MODEL))
+    with pytest.raises(InputError, match=rf"^{tmp_path / 't.jsonl'}, line 1: cannot read image "):
+        make_batch(processor, examples)
+
+
+@pytest.mark.parametrize("declared", [(4510, 3000), (10**12, 10**12), (300, 451)])
+def test_a_coco_size_that_is_not_the_files_is_the_images_error(tmp_path, declared):
+    from mlx_paligemma.data.coco import coco_items
+
+    shutil.copy(IMAGES / "chelsea.jpg", tmp_path / "chelsea.jpg")  # 451 x 300
+    coco = {"images": [{"id": 1, "file_name": "chelsea.jpg", "width": declared[0], "height": declared[1]}],
+            "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [10, 10, 100, 100]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    items = coco_items(tmp_path / "c.json")
+    assert [i.error for i in items] == [f"image chelsea.jpg is 451x300 pixels, but its entry declares "
+                                        f"{declared[0]}x{declared[1]}: its boxes would be scaled wrong"]
+    coco["images"][0].update(width=451, height=300)
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    assert [i.error for i in coco_items(tmp_path / "c.json")] == [None]
+
+
+def test_a_row_with_neither_bytes_nor_path_says_so(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from mlx_paligemma.data.hub import dataset_items
+    from mlx_paligemma.data.sources import DataOptions
+
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": None, "path": None}], "prefix": ["c"], "suffix": ["s"]})
+    [item] = dataset_items(ds, "d", tmp_path, DataOptions())
+    assert item.error == "'image' must hold an image (datasets' Image, bytes, or a path), got an image with neither " \
+                         "bytes nor a path"
+
+
+def test_a_broken_parquet_is_our_one_line_alone(tmp_path, capsys):
+    pytest.importorskip("datasets")
+    from mlx_paligemma import evaluate
+
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not parquet at all")
+    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(tmp_path / "broken.parquet")])
+    assert rc == 1 and one_error_line(capsys).startswith(f"error: cannot read {tmp_path / 'broken.parquet'}: ")
+
+
+# Late checks made early: what would fail after the work is refused before it.
+
+def test_evaluate_refuses_predictions_inside_the_report_before_work(tmp_path, capsys):
+    from mlx_paligemma import evaluate
+
+    data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "caption en", "suffix": "a cat"}])
+    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data), "--report",
+                        str(tmp_path / "D"), "--predictions", str(tmp_path / "D" / "p.jsonl")])
+    assert rc == 1 and one_error_line(capsys) == (
+        f"error: --predictions {tmp_path / 'D' / 'p.jsonl'}: give a file in a folder that exists")
+    (tmp_path / "D").mkdir()
+    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data), "--report",
+                        str(tmp_path / "D"), "--predictions", str(tmp_path / "D" / "p.jsonl")])
+    assert rc == 1 and one_error_line(capsys) == (
+        f"error: --predictions {tmp_path / 'D' / 'p.jsonl'} is inside the --report folder, which the report "
+        "replaces whole: give a file outside it")
+    assert os.listdir(tmp_path / "D") == []
+
+
+def test_evaluate_of_detections_without_pycocotools_stops_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from mlx_paligemma import evaluate
+
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails as when it is not installed
+    data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "detect cat", "suffix": "<loc0001> cat"}])
+    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data)])
+    assert rc == 1 and one_error_line(capsys) == ("error: detection metrics need pycocotools: pip install "
+                                                  "'mlx-paligemma[eval]'")
+
+
+def test_a_candidate_too_long_for_the_model_is_named_before_the_first_answer(tmp_path, capsys, monkeypatch):
+    from mlx_paligemma import evaluate
+    from mlx_paligemma.tasks import evaluation
+
+    monkeypatch.setattr(evaluation, "batch_generate", None, raising=False)
+    rows = [{"image": "chelsea.jpg", "prompt": "answer en what is it?", "suffix": "cat", "candidates": ["cat", "dog"]},
+            {"image": "chelsea.jpg", "prompt": "answer en what is it?", "suffix": "cat",
+             "candidates": ["cat", "a" + " a" * 9000]}]
+    data = dataset(tmp_path, rows)
+    rc = evaluate.main(["--model", str(MODEL), "--data", str(data)])
+    line = one_error_line(capsys)
+    assert rc == 1 and line.startswith(f"error: {data}, line 2: candidate 2 makes ") and line.endswith(
+        "tokens with the prompt and the image's 16, more than the model's 8192"), line
+
+
+def test_generate_refuses_an_unwritable_draw_and_ignored_flags_before_loading(tmp_path, capsys):
+    generate = importlib.import_module("mlx_paligemma.generate")  # the package's `generate` is the function
+
+    base = ["--model", "missing-model-never-loaded", "--image", str(IMAGES / "chelsea.jpg"), "--prompt", "detect cat"]
+    if Path("/proc").is_dir():  # Linux: a folder that takes no new file, whoever runs the test
+        assert generate.main([*base, "--draw", "/proc/x.png"]) == 1
+        assert one_error_line(capsys).startswith("error: --draw /proc/x.png: cannot write there: ")
+    for flag in (["--regex", "a+"], ["--num-beams", "2"]):
+        assert generate.main([*base, "--candidates", "a", "b", *flag]) == 1
+        assert one_error_line(capsys) == f"error: --candidates scores the given answers: it takes no {flag[0]}"

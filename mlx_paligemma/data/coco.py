@@ -10,7 +10,8 @@ mlx_paligemma does not have (only the decoder and codebook of vae-oid.npz), so s
 items (said on stderr).
 
 A bad annotation (unknown category or image, a box that is not four finite numbers or lies outside its image by
-more than a pixel) is an error for its image's item, named by annotation id; a file that is not COCO JSON, a bad
+more than a pixel) is an error for its image's item, named by annotation id, and so is an image whose file is not
+the size its entry declares (read from the file's header); a file that is not COCO JSON, a bad
 image entry or category is one line for the whole file. Boxes within a pixel of the border are clamped to it.
 """
 
@@ -22,6 +23,8 @@ from typing import Dict, List, Optional, Sequence
 from .items import Item, resolve
 from ..processing.answer_format import SEPARATOR, box_tokens
 from ..errors import InputError, cause, read_json_object
+from ..limits import MAX_ANNOTATION_BYTES
+from ..processing.images import image_size
 
 BORDER = 1.0  # pixels a box may stick out of its image (COCO's float boxes round past the edge) before it is an error
 
@@ -41,7 +44,7 @@ def is_whole(value) -> bool:
 
 def _load(file: Path) -> dict:
     try:
-        coco = read_json_object(file)
+        coco = read_json_object(file, MAX_ANNOTATION_BYTES)
     except InputError:
         raise
     except Exception as e:  # ValueError for an integer of more than 4300 digits, MemoryError, ...
@@ -97,6 +100,19 @@ def _box(annotation: dict, image: dict):
     return max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
 
 
+def check_size(path: str, image: dict) -> None:
+    """The entry's width and height are the file's (read from its header): boxes are scaled by them, so a wrong
+    size would give every box of the image wrong <loc> bins without a word. A file that cannot be read is left to
+    the reader of the image, which names it."""
+    try:
+        size = image_size(path)
+    except InputError:
+        return
+    if size != (image["width"], image["height"]):
+        raise InputError(f"image {image['file_name']} is {size[0]}x{size[1]} pixels, but its entry declares "
+                         f"{image['width']}x{image['height']}: its boxes would be scaled wrong")
+
+
 def coco_items(file, image_folder=None, classes: Optional[Sequence[str]] = None,
                classes_per_prompt: int = 0) -> List[Item]:
     """Detect items of a COCO annotation file, images in `image_folder` (default: default_image_folder)."""
@@ -148,6 +164,7 @@ def coco_items(file, image_folder=None, classes: Optional[Sequence[str]] = None,
                         where=f"{file}, image {image['id']} ({image['file_name']})")
             try:
                 item.images = [resolve(image["file_name"], folder)]
+                check_size(item.images[0], image)
             except InputError as e:
                 item.error = str(e)
             item.error = errors.get(image["id"], item.error)

@@ -32,10 +32,27 @@ def datasets_library():
     return datasets
 
 
-def load_splits(spec: str, kind: str, split: Optional[str] = None, config: Optional[str] = None) -> Dict[str, object]:
+def load_splits(spec: str, kind: str, split: Optional[str] = None, config: Optional[str] = None,
+                verbose: bool = False) -> Dict[str, object]:
     """{split name: datasets.Dataset} of a saved folder, parquet files or a hub id (`kind`, from sources.kind_of).
-    A hub id asked for one split downloads only that one; one cached already needs no network."""
+    A hub id asked for one split downloads only that one; one cached already needs no network. The library's own
+    progress bars and log lines are quiet unless `verbose`: a broken file is our one line, not theirs before it."""
     datasets = datasets_library()
+    if verbose:
+        return _load_splits(datasets, spec, kind, split, config)
+    logging = datasets.utils.logging
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity(logging.CRITICAL + 10)  # above every level the library logs at
+    logging.disable_progress_bar()
+    try:
+        return _load_splits(datasets, spec, kind, split, config)
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _load_splits(datasets, spec: str, kind: str, split: Optional[str], config: Optional[str]) -> Dict[str, object]:
     try:
         if kind == "saved":
             loaded = datasets.load_from_disk(spec)
@@ -176,8 +193,9 @@ def _images(value, column: str, folder: Path, index: int, decoded: dict) -> list
         elif path is not None:
             images.append(resolve(path, folder))
         else:
-            raise InputError(f"'{column}' must hold an image (datasets' Image, bytes, or a path), got "
-                             f"{'nothing' if v is None else type(v).__name__}")
+            got = ("an image with neither bytes nor a path" if isinstance(v, dict) and {"bytes", "path"} & set(v)
+                   else "nothing" if v is None else type(v).__name__)
+            raise InputError(f"'{column}' must hold an image (datasets' Image, bytes, or a path), got {got}")
     return images
 
 

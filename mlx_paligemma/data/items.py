@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..errors import InputError, cause, check_text
-from ..processing.images import load_image
+from ..errors import InputError, cause, check_text, open_regular
+from ..limits import MAX_LINE_BYTES
+from ..processing.images import image_size, load_image
 
 URL_SCHEMES = ("http://", "https://")
 
@@ -37,14 +38,26 @@ class Item:
 
 
 def read_items(file, prompt: Optional[str] = None) -> List[Item]:
-    """One item per non-blank line of `file`; `prompt` for lines without one. Only reading the file itself can
-    raise (OSError): lines are split on b"\\n" alone, as they are written (json.dumps escapes it, never the other
-    characters str.splitlines takes for line ends)."""
+    """One item per non-blank line of `file`; `prompt` for lines without one. The file is streamed, a line at most
+    MAX_LINE_BYTES (a longer one is its item's error, skipped without being held); only reading the file itself can
+    raise: OSError, or InputError for what is not a regular file (a FIFO would block, /dev/zero never ends). Lines
+    are split on b"\\n" alone, as they are written (json.dumps escapes it, never the other characters
+    str.splitlines takes for line ends)."""
     file = Path(file)
     items = []
-    for n, raw in enumerate(file.read_bytes().split(b"\n"), 1):
-        if raw.strip():
-            items.append(parse_line(raw, n, file.parent, prompt))
+    with os.fdopen(open_regular(file), "rb") as f:
+        for n in range(1, 1 << 62):  # until the end of the file
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):  # the rest of the line, read and dropped
+                    raw = f.readline(1 << 20)
+                items.append(Item(n, {"id": n}, error=f"the line is longer than the limit of {MAX_LINE_BYTES} bytes"))
+                continue
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            if raw.strip():
+                items.append(parse_line(raw, n, file.parent, prompt))
     return items
 
 
@@ -140,8 +153,8 @@ class Example:
 
 
 def read_jsonl(file) -> List[Example]:
-    """Every line parsed and its image opened now, so a bad line stops the run before training, naming the line.
-    A URL is downloaded once however many lines name it."""
+    """Every line parsed and its image checked now (see examples_of), so a bad line stops the run before training,
+    naming the line."""
     try:
         items = read_items(file)
     except OSError as e:
@@ -150,9 +163,11 @@ def read_jsonl(file) -> List[Example]:
 
 
 def examples_of(items: List[Item], name) -> List[Example]:
-    """The examples of items from any source (mlx_paligemma.data.sources), each image opened now; the first item that
-    is not an example stops with one line naming it (`name`, line N, or the item's own `where`)."""
-    examples, downloaded = [], {}
+    """The examples of items from any source (mlx_paligemma.data.sources); the first item that is not an example
+    stops with one line naming it (`name`, line N, or the item's own `where`). Every item is checked before any
+    image is decoded, so a bad last row of a large set is named at once: its fields, then each image file's header
+    (it exists, is an image PIL reads, within the pixel limit; its pixels are decoded once, when it is used). A URL
+    is downloaded (once however many lines name it) after every other check."""
     for item in items:
         where = item.where or f"{name}, line {item.line}"
         if item.error:
@@ -164,20 +179,26 @@ def examples_of(items: List[Item], name) -> List[Example]:
         if not all(item.suffixes):
             raise InputError(f"{where}: empty suffix, nothing to learn")
         image = item.images[0]
-        if not isinstance(image, str):  # a PIL image its reader decoded (a dataset's stored bytes), checked there
-            examples += [Example(image, item.prompt, s, str(item.fields.get("image")), where, tuple(item.candidates))
-                         for s in item.suffixes]
-            continue
-        try:
-            loaded = downloaded[image] if image in downloaded else load_image(image)
-        except InputError as e:
-            raise InputError(f"{where}: {e}") from None
-        url = image.startswith(URL_SCHEMES)
-        if url:
-            downloaded[image] = loaded
-        source = item.fields["image"] if isinstance(item.fields.get("image"), str) else image
-        examples += [Example(loaded if url else image, item.prompt, s, source, where, tuple(item.candidates))
-                     for s in item.suffixes]
+        if isinstance(image, str) and not image.startswith(URL_SCHEMES):
+            try:
+                image_size(image)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+    examples, downloaded = [], {}
+    for item in items:
+        where = item.where or f"{name}, line {item.line}"
+        image = item.images[0]
+        if isinstance(image, str) and image.startswith(URL_SCHEMES):
+            try:
+                image = downloaded[image] if image in downloaded else downloaded.setdefault(image, load_image(image))
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+            source = item.fields["image"] if isinstance(item.fields.get("image"), str) else item.images[0]
+        elif isinstance(image, str):
+            source = item.fields["image"] if isinstance(item.fields.get("image"), str) else image
+        else:  # a PIL image its reader decoded (a dataset's stored bytes), checked there
+            source = str(item.fields.get("image"))
+        examples += [Example(image, item.prompt, s, source, where, tuple(item.candidates)) for s in item.suffixes]
     if not examples:
         raise InputError(f"{name} holds no examples")
     return examples

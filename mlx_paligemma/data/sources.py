@@ -38,6 +38,7 @@ class DataOptions:
     data_config: Optional[str] = None  # a hub dataset's configuration (subset)
     classes: Optional[List[str]] = None  # COCO: only these categories; None: all
     classes_per_prompt: int = 0  # COCO: classes named in one detect prompt; 0: all of an image's
+    verbose: bool = False  # the datasets library's own progress bars and log lines (quiet by default)
 
 
 def add_data_arguments(p: argparse.ArgumentParser, training: bool = False) -> None:
@@ -67,6 +68,8 @@ def add_data_arguments(p: argparse.ArgumentParser, training: bool = False) -> No
     g.add_argument("--data-config", default=d.data_config, help="a hub dataset's configuration (subset) name")
     g.add_argument("--classes", default=None, type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                    metavar="A,B", help="COCO: only these categories (default: all)")
+    g.add_argument("--data-verbose", dest="verbose", action="store_true", help="show the datasets library's own "
+                   "progress bars and log lines (default: only our one line when a source cannot be read)")
     g.add_argument("--classes-per-prompt", type=int, default=d.classes_per_prompt, help="COCO: classes named in "
                    "one detect prompt, 0: all those in the image")
 
@@ -122,7 +125,7 @@ def split_readers(spec: str, options: DataOptions = DataOptions(), split: Option
         return {"train": lambda: coco_items(spec, options.image_folder, options.classes, options.classes_per_prompt)}
     from .hub import dataset_items, load_splits
 
-    sets = load_splits(spec, kind, split, options.data_config)
+    sets = load_splits(spec, kind, split, options.data_config, options.verbose)
     if options.image_folder is not None:
         folder = Path(options.image_folder)
     elif kind == "hub":

@@ -72,6 +72,21 @@ def check_new_folder(out: Path, probe: bool = False) -> None:
             raise InputError(f"cannot write {out}: {e.strerror or e}") from None
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Before the work, for a file written at its end: not a folder or a device, and its folder takes a new file
+    (a real write beside it, removed at once: root passes os.access on read-only file systems, and /proc takes no
+    new files)."""
+    path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise InputError(f"{what} {path}: exists and is not a regular file")
+    probe = partial_path(path)
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write there: {e.strerror or e}") from None
+
+
 @contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """A fresh folder to write into, renamed to `out` when the block succeeds and removed when it fails; made

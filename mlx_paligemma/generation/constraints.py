@@ -19,6 +19,9 @@ The engine calls `masks(constraints, vocab_size)` before sampling and `Constrain
 import bisect
 import json
 import re
+import reprlib
+import threading
+import time
 import weakref
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -29,6 +32,8 @@ import numpy as np
 from ..processing.answer_format import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATOR
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor, Tokenizer
 from ..errors import InputError, cause, read_json_object
+from .. import limits
+from ..limits import MAX_SCHEMA_FILE_BYTES
 
 # PaliGemma's detect/segment answer, in detection's terms (LOC_BINS, SEG_CODES, MASK_CODES, SEPARATOR): objects
 # joined by " ; ", each four <locNNNN> bins (y0, x0, y1, x1, 0..1023), for segment then 16 <segNNN> codes (0..127),
@@ -79,7 +84,7 @@ class _Vocabulary:
         skip = set(special)
         self._sorted = sorted((b, i) for i, b in enumerate(tokens) if b and i not in skip)
         self._keys = [b for b, _ in self._sorted]
-        self._longest = max(map(len, self._keys))
+        self.longest = max(map(len, self._keys))
         self.eos_id = tokenizer.eos_id
         self.loc = self._range(tokenizer, "<loc{:04d}>", LOC_BINS)
         self.seg = self._range(tokenizer, "<seg{:03d}>", SEG_CODES)
@@ -87,7 +92,7 @@ class _Vocabulary:
     def spellings(self, forced: bytes) -> List[int]:
         """Text tokens whose bytes begin `forced` or begin with it."""
         ids = []
-        for n in range(1, min(len(forced), self._longest) + 1):
+        for n in range(1, min(len(forced), self.longest) + 1):
             i = bisect.bisect_left(self._keys, forced[:n])
             while i < len(self._keys) and self._keys[i] == forced[:n]:
                 ids.append(self._sorted[i][1])
@@ -142,7 +147,8 @@ class Constraint:
         _llguidance().numpy.fill_next_token_bitmask(self._matcher, self._bits)
         n = min(self._vocab.size, self.vocab_size)
         mask[:n] = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:n]
-        forced = self._matcher.compute_ff_bytes()
+        # No token is longer than the vocabulary's longest: looking further ahead would find nothing more.
+        forced = self._matcher.compute_ff_bytes()[:self._vocab.longest + 1]
         if forced:
             # Where the grammar fixes the next bytes, llguidance allows only the first token of their canonical
             # tokenization; a model may spell them otherwise (<loc0798> where "<loc07" is forced, or a byte token
@@ -176,7 +182,8 @@ class Constraint:
         else:
             self._run = []
         if not self._matcher.consume_token(token):
-            raise ValueError(f"token {token} is not allowed here: {self._matcher.get_error()}")
+            # The matcher's message may quote the grammar (the request's own input): its first line says enough.
+            raise InputError(f"the constraint fails at token {token}: {cause(RuntimeError(self._matcher.get_error()))}")
 
 
 def masks(constraints: Sequence[Optional[Constraint]], vocab_size: int) -> Optional[mx.array]:
@@ -282,17 +289,25 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
             raise InputError(f"a json schema is a JSON object, not a {type(schema).__name__}")
         if "x-guidance" not in schema:  # llguidance's own options, when the schema gives none
             schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-        grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema)
+        _check_bytes("the json schema", len(_schema_text(schema).encode("utf-8", "surrogatepass")))
+        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_json_schema(_schema_text(schema)), what)
     elif regex is not None:
-        what = f"regex {regex!r}"
         if not isinstance(regex, str):
             raise InputError(f"regex must be a string, not {type(regex).__name__}")
-        grammar = _llguidance().LLMatcher.grammar_from_regex(regex)
+        _check_bytes("the regex", len(regex.encode("utf-8", "surrogatepass")))
+        what = f"regex {reprlib.repr(regex)}"
+        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_regex(regex), what)
     elif choices is not None:
         what = "choices"
-        if isinstance(choices, str) or not all(isinstance(c, str) and c for c in choices) or not choices:
+        if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices or not all(
+                isinstance(c, str) and c for c in choices):
             raise InputError("choices must be a non-empty list of non-empty strings")
-        grammar = _llguidance().LLMatcher.grammar_from_regex("|".join(map(_literal, choices)))
+        if len(choices) > limits.LIMITS.max_choices:
+            raise InputError(f"choices has {len(choices)} strings, more than the limit of "
+                             f"{limits.LIMITS.max_choices}")
+        _check_bytes("the choices", sum(len(c.encode("utf-8", "surrogatepass")) for c in choices))
+        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_regex("|".join(map(_literal, choices))),
+                           what)
     elif constrain:
         task = task_labels(prompt)
         if task is None:
@@ -311,31 +326,113 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
             if stray:
                 raise InputError(f"label {stray[0]!r} is not among the prompt's classes {classes}")
             classes = list(labels)
-        what, boxes = f"the {task} grammar", True
+        what, boxes = f"{task} grammar", True
         grammar = None
     else:
         return None
     vocab = vocabulary(processor.tokenizer)
     if grammar is None:
         grammar = task_grammar(task, list(dict.fromkeys(classes)), vocab)
-    matcher = _llguidance().LLMatcher(vocab.ll, grammar, log_level=0)
+    return compile_with_deadline(lambda: _compile(grammar, what, vocab, vocab_size, boxes), what)
+
+
+def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes: bool) -> Constraint:
+    """The matcher of a grammar within the parser limits, its first mask, and one step on a copy: a grammar that
+    fails at the first token (a limit it reaches only then) is refused here, before it is queued."""
+    ll = _llguidance()
+    now = limits.LIMITS  # read at each call: the server's flags set them at start-up
+    parser = ll.LLParserLimits(max_grammar_size=now.max_grammar_size, max_lexer_states=now.max_lexer_states,
+                               initial_lexer_fuel=now.initial_lexer_fuel, step_lexer_fuel=now.step_lexer_fuel,
+                               step_max_items=now.step_max_items, verbose_errors=False)
+    matcher = ll.LLMatcher(vocab.ll, grammar, log_level=0, limits=parser)
     if matcher.is_error():
-        # llguidance's regex errors are drawings over several lines; their "error: ..." line names the problem.
-        lines = [l.strip() for l in matcher.get_error().splitlines()]
-        reason = next((l[len("error: "):] for l in lines if l.startswith("error: ")), lines[0])
-        raise InputError(f"bad {what}: {reason}")
+        raise InputError(f"bad {what}: {_reason(matcher.get_error())}")
     constraint = Constraint(matcher, vocab, vocab_size, boxes)
-    constraint.allowed_np()  # the first mask finds a grammar that can write nothing at all
+    mask = constraint.allowed_np()  # the first mask finds a grammar that can write nothing at all
     if matcher.is_error():
-        raise InputError(f"the {what} matches no answer")
+        raise InputError(f"the {what} matches no answer ({_reason(matcher.get_error())})")
+    trial = constraint.copy()
+    first = int(np.flatnonzero(mask)[0])
+    if first == vocab.eos_id or trial._matcher.is_stopped():
+        return constraint
+    if not trial._matcher.consume_token(first):
+        raise InputError(f"the {what} fails at its first token: {_reason(trial._matcher.get_error())}")
+    # The second mask is what every later token costs (the first builds the lexer's start, once).
+    tic = time.perf_counter()
+    trial.allowed_np()
+    seconds = time.perf_counter() - tic
+    if seconds > now.mask_seconds:  # paid at every token, with every row of the batch waiting on it
+        raise InputError(f"the {what} takes {seconds:.2f} s a token to follow, more than the limit of "
+                         f"{now.mask_seconds:g} s: give a simpler one")
     return constraint
+
+
+def _reason(error: str) -> str:
+    """llguidance's message in one line: regex errors are drawings over several lines whose "error: ..." line
+    names the problem; others end with the parser's state (the grammar itself), which is dropped."""
+    lines = [l.strip() for l in error.splitlines() if l.strip()] or ["unknown error"]
+    return next((l[len("error: "):] for l in lines if l.startswith("error: ")), lines[0])[:300]
+
+
+def _schema_text(schema: dict) -> str:
+    try:
+        return json.dumps(schema, allow_nan=False)
+    except (ValueError, TypeError, RecursionError) as e:
+        raise InputError(f"the json schema cannot be read: {cause(e)}") from None
+
+
+def _check_bytes(what: str, n: int) -> None:
+    if n > limits.LIMITS.max_constraint_bytes:
+        raise InputError(f"{what} is {n} bytes, more than the limit of {limits.LIMITS.max_constraint_bytes}")
+
+
+def _grammar(build, what: str) -> str:
+    """llguidance's grammar of a schema or regex; what it cannot take (a number past float range such as
+    `"minimum": 1e400`) is a bad input, not a fault."""
+    try:
+        return build()
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise InputError(f"bad {what}: {cause(e)[:300]}") from None
+
+
+# Grammars compile on threads of their own, so that a caller waits at most compile_seconds (llguidance releases the
+# GIL while it builds a grammar); four at a time, so a flood of costly grammars queues instead of taking every core.
+# One that runs past its deadline finishes within the parser limits, its result dropped; its thread is a daemon, so
+# it never holds up the process's exit.
+_COMPILING = threading.BoundedSemaphore(4)
+
+
+def compile_with_deadline(build, what: str):
+    seconds = limits.LIMITS.compile_seconds
+    deadline = time.monotonic() + seconds
+    if not _COMPILING.acquire(timeout=seconds):
+        raise InputError(f"the {what} could not start compiling within {seconds:g} s (others are compiling): try "
+                         "again")
+    result = {}
+
+    def run():
+        try:
+            result["value"] = build()
+        except BaseException as e:  # handed to the caller, raised there
+            result["error"] = e
+        finally:
+            _COMPILING.release()
+
+    thread = threading.Thread(target=run, name="grammar", daemon=True)
+    thread.start()
+    thread.join(max(deadline - time.monotonic(), 0))
+    if thread.is_alive():
+        raise InputError(f"the {what} takes more than {seconds:g} s to compile: give a simpler one")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def cli_constraint(args) -> dict:
     """--json-schema FILE / --regex / --choices a,b,c / --constrain as the API's keywords (the schema file read
     now, before the model loads)."""
     if args.json_schema is not None:
-        return {"json_schema": read_json_object(Path(args.json_schema))}
+        return {"json_schema": read_json_object(Path(args.json_schema), MAX_SCHEMA_FILE_BYTES, "--json-schema")}
     if args.regex is not None:
         return {"regex": args.regex}
     if args.choices is not None:

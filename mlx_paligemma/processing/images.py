@@ -60,6 +60,35 @@ def load_image(source: ImageInput) -> Image.Image:
         raise _unreadable(e, source) from None
 
 
+def image_size(path) -> tuple:
+    """(width, height) of an image file as load_image would give it (upright by its EXIF tag), read from its header
+    without decoding the pixels, within the pixel limit: the cheap check of a whole data set before the work."""
+    path = str(path)
+    source = path if path.isprintable() else repr(path)[1:-1]
+    try:
+        if Path(path).is_dir():
+            raise InputError(f"{source} is a folder, not an image")
+        if not Path(path).is_file():
+            raise InputError(f"image not found: {source}")
+        with open(path, "rb") as file, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)
+            width, height = image.size
+            if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # turned a quarter: exif_transpose swaps them
+                width, height = height, width
+    except InputError:
+        raise
+    except Exception as e:
+        raise _unreadable(e, source) from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"image {source} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS} "
+                         "(mlx_paligemma.processing.images.MAX_IMAGE_PIXELS)")
+    return width, height
+
+
+ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+
+
 def image_from_bytes(data: bytes, source: str) -> Image.Image:
     """A PIL image from the bytes of an image file (as datasets store images), decoded, turned upright and checked
     as load_image does a file; `source` names it in messages."""

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .. import defaults
+from .. import limits as process_limits
 from ..cli import ArgumentParser
 from ..errors import InputError
 from .chat import Limits
@@ -65,6 +66,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-image-bytes", type=positive(int), default=d.max_image_bytes,
                    help="per image, encoded, from a data URL, a URL or a file")
     p.add_argument("--max-body-bytes", type=positive(int), default=32 * 2**20, help="per request")
+    c = process_limits.LIMITS
+    p.add_argument("--max-choices", type=positive(int), default=c.max_choices, help="strings in `choices`")
+    p.add_argument("--max-constraint-bytes", type=positive(int), default=c.max_constraint_bytes,
+                   help="UTF-8 bytes of a regex, of the choices together, or of a JSON schema")
+    p.add_argument("--compile-seconds", type=positive(float), default=c.compile_seconds,
+                   help="time to compile a constraint's grammar and take its first step")
+    p.add_argument("--mask-seconds", type=positive(float), default=c.mask_seconds,
+                   help="time a constraint's token mask may take (measured on its first)")
+    p.add_argument("--decode-budget-bytes", type=positive(int), default=c.decode_budget_bytes,
+                   help="memory that image decoding takes at most, all requests together")
     p.add_argument("--fetch-timeout", type=positive(float), default=d.fetch_timeout,
                    help="seconds for the whole download of an image URL: lookup, connection and every byte")
     p.add_argument("--allow-private-urls", action="store_true",
@@ -187,6 +198,9 @@ def main(argv=None) -> int:
     if args.mask_decoder:
         mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
+    process_limits.configure(max_choices=args.max_choices, max_constraint_bytes=args.max_constraint_bytes,
+                     compile_seconds=args.compile_seconds, mask_seconds=args.mask_seconds,
+                     decode_budget_bytes=args.decode_budget_bytes)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,

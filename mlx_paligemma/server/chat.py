@@ -14,16 +14,12 @@ inside one (a 400 from the worker, before any decoding).
 
 import base64
 import binascii
-import io
 import json
 import reprlib
-import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from PIL import Image, ImageOps
 
 from .. import defaults
 from ..tasks.detection import check_min_score
@@ -31,7 +27,7 @@ from ..processing.answer_format import has_objects
 from ..generation.request import MAX_LOGPROBS, Request
 from ..processing.fetch import fetch, read_local, shown, unreachable
 from ..errors import InputError, cause, check_text
-from ..processing.images import to_rgb
+from . import decoding
 from .worker import Job
 
 
@@ -244,41 +240,14 @@ def read_image(url: str, limits: Limits):
     return decode_image(data, shown(url), limits)
 
 
-# Images decoded at once: the peak memory of decoding is DECODING x max_image_pixels x 4 bytes, however many
-# requests arrive together (each image is cut to the model's input size before the next one starts).
-DECODING = threading.BoundedSemaphore(2)
-
-
 def decode_image(data: bytes, where: str, limits: Limits):
-    """Decoded in full now (a damaged image fails here), upright by its EXIF tag, as processor.load_image does
-    for files, with this server's pixel limit; then cut to the model's input size by exactly the processor's own
-    first steps (to_rgb, bicubic), so answers are unchanged. (image, its size as sent)."""
-    with DECODING:
-        image = _decode(data, where, limits)
-        size = image.size
-        if limits.image_size:
-            image = to_rgb(image).resize((limits.image_size, limits.image_size), Image.BICUBIC)
-    return image, size
-
-
-def _decode(data: bytes, where: str, limits: Limits) -> Image.Image:
+    """(the image at the model's input size, its size as sent): server.decoding's, its refusals as 400s."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > limits.max_image_pixels:
-                raise ApiError(400, f"image {where} is {image.width}x{image.height} pixels, more than this server's "
-                                    f"limit of {limits.max_image_pixels}", param="messages", code="too_many_pixels")
-            image.load()
-        return ImageOps.exif_transpose(image)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError:
-        raise ApiError(400, f"image {where} has too many pixels", param="messages", code="too_many_pixels") from None
-    except Image.UnidentifiedImageError:
-        raise bad(f"image {where} does not decode: not an image format PIL reads", "messages") from None
-    except Exception as e:  # PIL raises many types for broken data
-        raise bad(f"image {where} does not decode: {cause(e)}", "messages") from None
+        return decoding.decode_image(data, where, limits.max_image_pixels, limits.image_size)
+    except decoding.TooManyPixels as e:
+        raise ApiError(400, str(e), param="messages", code="too_many_pixels") from None
+    except InputError as e:
+        raise bad(str(e), "messages") from None
 
 
 CONSTRAINTS = ("response_format", "regex", "choices", "constrain")

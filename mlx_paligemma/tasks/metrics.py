@@ -248,15 +248,21 @@ def matched_ious(predicted: Sequence[DetectedObject], reference: Sequence[Detect
     return ious
 
 
+def check_coco_tools() -> None:
+    """pycocotools imports, or one line naming the extra: called before an evaluation of detections starts."""
+    try:
+        import pycocotools.cocoeval  # noqa: F401
+    except ImportError:
+        raise InputError("detection metrics need pycocotools: pip install 'mlx-paligemma[eval]'") from None
+
+
 def _coco_evaluation(predictions: Sequence[Sequence[DetectedObject]],
                      references: Sequence[Sequence[DetectedObject]]):
     """pycocotools' COCOeval (bbox) of these boxes, accumulated, and the labels in its category order; None when
     there is no reference box or no prediction."""
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError:
-        raise InputError("detection metrics need pycocotools: pip install 'mlx-paligemma[eval]'") from None
+    check_coco_tools()
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
     labels = sorted({o.label for objects in (*predictions, *references) for o in objects})
     category = {label: i + 1 for i, label in enumerate(labels)}

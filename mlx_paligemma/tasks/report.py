@@ -10,8 +10,9 @@ score (see evaluate.score_questions), the worst `shown` in full (the image with 
 dashed green and the predicted ones solid red, as SVG over the image, the prediction beside the references), the
 others a line each in a table.
 
-A folder is only written over when it holds nothing but a report written here earlier (the marker file lists its
-files); the new report is built beside it and moved into place, so a failed run leaves the old one.
+A folder is only written over when it holds nothing but a report written here earlier, at every depth (the marker
+file lists every file and folder it wrote: formats.ownership); the new report is built beside it and moved into
+place, so a failed run leaves the old one.
 """
 
 import html
@@ -27,6 +28,7 @@ from PIL import Image
 from .detection import DetectedObject, rle_to_mask
 from .metrics import precision_recall
 from ..errors import InputError
+from ..formats.ownership import check_manifest_folder, manifest_text
 
 MARKER = ".mlx-paligemma-report"
 SHOWN = 100  # questions shown in full; the rest are a table row each
@@ -90,14 +92,7 @@ def check_folder(folder, shown: int = SHOWN) -> Path:
             raise InputError(f"--report {folder}: the folder holds files and no earlier report; give a new or empty "
                              "folder")
         if entries:
-            try:
-                written = set((path / MARKER).read_text(errors="replace").splitlines())
-            except OSError:  # a folder named like the marker: not ours
-                written = set()
-            others = sorted(entries - written - {MARKER})
-            if others:
-                raise InputError(f"--report {folder}: holds {others[0]!r}, which no report wrote; give a new or "
-                                 "empty folder")
+            check_manifest_folder(path, MARKER, f"--report {folder}", "report")
     return path
 
 
@@ -117,7 +112,7 @@ def write_report(folder, results: dict, records: Sequence[dict], examples: Seque
         images = {e.source or e.image: e.image for e in examples if isinstance(e.source or e.image, str)}
         page = _Page(build, results, records, images)
         (build / "index.html").write_text(page.html(shown), encoding="utf-8")
-        (build / MARKER).write_text("".join(f"{p.name}\n" for p in sorted(build.iterdir())))
+        (build / MARKER).write_text(manifest_text(build, MARKER))
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
             os.replace(path, old / "report")
@@ -209,9 +204,13 @@ class _Page:
         shown = []
 
         def save(name: str, draw) -> None:
-            figure = _new_figure()
-            draw(figure.add_subplot())
-            figure.savefig(self.folder / name, format="png")
+            import matplotlib
+
+            # Labels come from the data: drawn as text, never read as math (`$\undefinedmacro{$` raised) or TeX.
+            with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+                figure = _new_figure()
+                draw(figure.add_subplot())
+                figure.savefig(self.folder / name, format="png")
             shown.append(name)
 
         tasks = list(self.results["tasks"])

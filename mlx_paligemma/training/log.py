@@ -13,10 +13,20 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from ..formats.atomic import atomic_file
+from ..formats.ownership import FILE, MARK_SUFFIX
 from ..errors import InputError, cause
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "curves.png", "tensorboard"
-WRITTEN = (LOG_FILE, PLOT_FILE, TENSORBOARD_DIR)  # what a run replaces in ADAPTER_PATH
+EVENTS = "events.out.tfevents."  # how TensorBoard names event files; ours also end in MARK_SUFFIX
+
+
+def ours(name: str) -> bool:
+    """An event file this package wrote (TensorBoard reads any name holding `tfevents`)."""
+    return name.startswith(EVENTS) and name.endswith(MARK_SUFFIX)
+
+
+# What a run owns in ADAPTER_PATH, for formats.ownership.check_names.
+OWNED = {LOG_FILE: FILE, PLOT_FILE: FILE, TENSORBOARD_DIR: ours}
 TRACKERS = ("tensorboard",)
 # The history keys of a train report and the scalar names they go by in TensorBoard.
 TRAIN_SCALARS = {"train_loss": "train/loss", "learning_rate": "train/learning_rate",
@@ -73,7 +83,7 @@ class TrainingLog:
     step and goes on from there; the event files are rewritten from it."""
 
     def __init__(self, folder, start: int, report_to: Sequence[str] = ()):
-        self.folder, self.file, self.report_to = Path(folder), Path(folder) / LOG_FILE, report_to
+        self.folder, self.file, self.report_to, self.start = Path(folder), Path(folder) / LOG_FILE, report_to, start
         # Read (and a damaged log refused) now, before the first step; written at the first entry.
         self.kept = [e for e in read_log(self.file) if e["iteration"] <= start] if start and self.file.exists() else []
         self.out = self.writer = None
@@ -85,12 +95,17 @@ class TrainingLog:
             tmp.write_text("".join(json.dumps(e) + "\n" for e in self.kept))
         self.out = self.file.open("a")
         events = self.folder / TENSORBOARD_DIR
-        for stale in events.glob("events.out.tfevents.*"):  # what they held is in the log, up to `start`
-            stale.unlink()
+        # Our event files are rewritten from the log (up to `start`) when this run reports to TensorBoard, and
+        # dropped with the rest of a run that a new one replaces; a resumed run that does not report to TensorBoard
+        # leaves them as they are. Files of other tools are never touched (refused before the run when present).
+        if "tensorboard" in self.report_to or not self.start:
+            for stale in (events.iterdir() if events.is_dir() else ()):
+                if ours(stale.name):
+                    stale.unlink()
         if "tensorboard" in self.report_to:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self.writer = EventFileWriter(str(events))
+            self.writer = EventFileWriter(str(events), filename_suffix=MARK_SUFFIX)
             for entry in self.kept:
                 self._event(entry)
 

@@ -28,23 +28,28 @@ from ..formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from ..formats.atomic import atomic_file
 from ..formats.mlx import check_safetensors
 from ..models.paligemma import PaliGemma, suffix_loss
+from ..processing.images import load_image
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor
 from ..errors import InputError, cause, read_json_object
-from .log import WRITTEN, TrainingLog, check_trackers
+from .log import TrainingLog, check_trackers
+from .output import BEST_DIR, OPTIMIZER_FILE, STATE_FILE, check_output_folder
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 LAYER_GROUPS = {"attention": ATTENTION, "mlp": MLP, "all": ATTENTION + MLP}
 FINE_TUNE_TYPES = ("lora", "attention", "full")
-# Written beside the adapters at every save, to resume from: optimizer state, and the step in trainer_state.json
-# (the data order and each step's random draws follow from the seed and the step).
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
 
 
 def make_batch(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> Dict[str, mx.array]:
-    """Processor output for examples: left padded, token_type_ids 1 on the suffix, labels -100 off it."""
-    return processor(images=[[e.image] for e in examples], text=[e.prefix for e in examples],
-                     suffix=[e.suffix for e in examples])
+    """Processor output for examples: left padded, token_type_ids 1 on the suffix, labels -100 off it. An image
+    damaged past its header (the data set's check reads headers) is named by its example's file and line."""
+    images = []
+    for e in examples:
+        try:
+            images.append([load_image(e.image)])
+        except InputError as error:
+            raise InputError(f"{e.where}: {error}") from None
+    return processor(images=images, text=[e.prefix for e in examples], suffix=[e.suffix for e in examples])
 
 
 def check_examples(processor: PaliGemmaProcessor, examples: Sequence[Example]) -> None:
@@ -211,23 +216,6 @@ def save_checkpoint(model, optimizer, folder: Path, config: dict, step: int, bes
         tmp.write_text(json.dumps({"step": step, "best_score": best}))
 
 
-def check_output_folder(folder: Path, resume: bool, overwrite: bool) -> None:
-    """Before any work: adapter_path is a folder we can write, and holds no adapters we would replace unasked."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--adapter-path {folder} is a file, not a folder")
-    ours = [name for name in (ADAPTER_FILE, CONFIG_FILE, STATE_FILE, *WRITTEN) if (folder / name).exists()]
-    if ours and not resume and not overwrite:
-        raise InputError(f"{folder} already holds adapters ({', '.join(ours)}): give --resume to go on training "
-                         "them, --overwrite to replace them, or another --adapter-path")
-    try:  # a real write, not os.access: root passes access checks on read-only file systems
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to --adapter-path {folder}: {e.strerror or cause(e)}") from None
-
-
 def data_fingerprint(examples: Sequence[Example]) -> str:
     """What the checkpoint was trained on, to refuse resuming on other data: a hash of every example in order."""
     digest = hashlib.sha256()
@@ -387,8 +375,8 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             if args.keep_best and (best is None or results["score"] > best):
                 best = results["score"]
                 if writes:
-                    save_adapters(model, folder / "best", {**adapter_config, "best": {"iteration": it, **results}})
-                    report(f"Iter {it}: best so far, saved to {folder / 'best'}")
+                    save_adapters(model, folder / BEST_DIR, {**adapter_config, "best": {"iteration": it, **results}})
+                    report(f"Iter {it}: best so far, saved to {folder / BEST_DIR}")
         model.train()
 
     def record(entry):

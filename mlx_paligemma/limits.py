@@ -1,0 +1,47 @@
+"""The limits on what users hand in, the one place every surface takes them from: each bounds a cost (memory, time)
+before the work starts. The server's flags set the structured-output and image-decoding ones (`configure`, at
+start-up; docs/SERVER.md lists the flags); docs/ERRORS.md says what each refusal reads.
+"""
+
+from dataclasses import dataclass, replace
+
+MiB = 1 << 20
+
+# Files read whole (config, index and schema files; COCO annotation files): regular files only, at most this big.
+MAX_JSON_FILE_BYTES = 64 * MiB
+MAX_SCHEMA_FILE_BYTES = 1 * MiB  # --json-schema FILE
+MAX_ANNOTATION_BYTES = 1024 * MiB  # COCO instances_*.json (train2017's is 448 MB)
+MAX_LINE_BYTES = 4 * MiB  # one line of a JSONL data set; a longer line is that item's error
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Structured output: checked before the grammar is compiled...
+    max_choices: int = 10_000  # strings in `choices`
+    max_constraint_bytes: int = 1 * MiB  # UTF-8 bytes of a regex, of the choices together, of a schema's JSON
+    # ... then while it compiles (llguidance's parser limits) ...
+    max_grammar_size: int = 200_000  # symbols of the compiled grammar (llguidance's default 500,000)
+    max_lexer_states: int = 50_000  # lexer states it may build, ~1-2 kB each (llguidance's default 250,000)
+    # Work building a regex's first expressions (~50 a microsecond; llguidance's default 1,000,000): at 100,000 a
+    # regex such as ((a{100}){100}){100} fails in well under a second instead of taking 13 s over its first mask,
+    # and usual grammars (10,000 choices, a 60-field schema, the detect grammar) are untouched.
+    initial_lexer_fuel: int = 100_000
+    compile_seconds: float = 2.0  # wall time to compile a grammar and take its first step
+    # ... and at every step: the work of one token mask, bounded by llguidance (its defaults: about 15 ms and
+    # 2.5 ms at most) and measured on the second mask (a usual grammar's takes well under a millisecond).
+    step_lexer_fuel: int = 200_000
+    step_max_items: int = 50_000
+    mask_seconds: float = 0.1
+    # The server's image decoding, all requests together: the bytes that the images decoding at one time may take
+    # (each weighed from its header before a pixel is decoded; one that alone weighs more is refused).
+    decode_budget_bytes: int = 400 * 10**6
+
+
+LIMITS = Limits()
+
+
+def configure(**changes) -> Limits:
+    """Set some limits for the whole process (the server's flags, at start-up); returns the new limits."""
+    global LIMITS
+    LIMITS = replace(LIMITS, **changes)
+    return LIMITS
