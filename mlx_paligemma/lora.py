@@ -5,7 +5,7 @@ or several under mlx.launch, with the training loop of mlx_paligemma.training.tr
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224 --data my_data --fine-tune-type full --train-vision
     python -m mlx_paligemma.lora --model M --data my_data --resume      # on from the last checkpoint in --adapter-path
     mlx.launch -n 2 --backend ring --python $(which python) -- -m mlx_paligemma.lora --model M --data D --batch-size 2
-    python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --save-path fused
+    python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --output fused
     model, processor = mlx_paligemma.load("paligemma2-3b-pt-224-4bit", adapter_path="adapters")
 
 `--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.training.trainer for the format), or is
@@ -127,9 +127,9 @@ def build_parser() -> ArgumentParser:
                    "trackers (default: none; ADAPTER_PATH/log.jsonl and curves.png are always written)")
     p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
     p.add_argument("--seed", type=int, default=d.seed, help="LoRA initialisation, data order, dropout")
-    p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --save-path")
-    p.add_argument("--save-path", default="fused_model", help="with --fuse: the model folder to write, which must "
-                   "not exist")
+    p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --output")
+    p.add_argument("--output", "--save-path", dest="save_path", metavar="OUTPUT", default="fused_model",
+                   help="with --fuse: the model folder to write, which must not exist")
     p.add_argument("--dequantize", action="store_true", help="with --fuse on a quantized model: write floats")
     add_data_arguments(p, training=True)
     return p
