@@ -33,8 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, plural,
-                  run_main)
+from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, message,
+                  plural, require, run_main)
 from .data.outputs import OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file, part_files
 from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
@@ -302,6 +302,8 @@ def check_args(args) -> None:
     if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
         raise InputError(f"adapter folder not found: {args.adapter_path}")
     cli_constraint(args)  # a bad --json-schema file is named before the model loads
+    if args.json_schema or args.regex or args.choices or args.constrain:
+        require("structured", "structured output")
 
 
 def run(args) -> int:
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
     try:
         return run(build_parser().parse_args(argv))
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to go on", file=sys.stderr)

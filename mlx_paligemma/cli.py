@@ -5,6 +5,7 @@ Set MLX_PALIGEMMA_DEBUG=1 to see the traceback instead.
 
 import argparse
 import difflib
+import importlib.util
 import os
 import sys
 from typing import Callable, List, Optional
@@ -72,6 +73,19 @@ def did_you_mean(unknown: List[str], flags: List[str]) -> str:
     return ""
 
 
+# Each extra of pyproject.toml and the modules it brings.
+EXTRAS = {"server": ("starlette", "uvicorn"), "eval": ("pycocotools",), "report": ("matplotlib",),
+          "structured": ("llguidance",), "data": ("datasets",), "tracking": ("tensorboard",)}
+
+
+def require(extra: str, what: str) -> None:
+    """Before any work: the extra's modules are importable, or one line naming them and the one install line (it
+    works from an index, and in a clone once `pip install -e .` has run)."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f'{what} needs {" and ".join(missing)}: pip install "mlx-paligemma[{extra}]"')
+
+
 def plural(n: int, word: str) -> str:
     """`1 error`, `2 errors`."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -95,10 +109,15 @@ def command(build_parser: Callable[[], argparse.ArgumentParser],
         try:
             return run_args(build_parser().parse_args(argv)) or 0
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message(e)}", file=sys.stderr)
             return 1
 
     return main
+
+
+def message(e: InputError) -> str:
+    """An error's line as a command line says it: its hint naming a flag where the Python one names a keyword."""
+    return getattr(e, "on_command_line", None) or str(e)
 
 
 def run_main(main: Callable[[], Optional[int]]) -> None:
@@ -110,7 +129,7 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
     except InputError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

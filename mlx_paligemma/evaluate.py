@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import defaults
 from .tasks import report
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, command, require, run_main
 from .formats.atomic import atomic_file
 from .errors import InputError
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
@@ -107,8 +107,11 @@ def run(args) -> None:
         raise InputError(f"--data: no such file {args.data}")
     check_outputs(args)
     if args.report:
+        require("report", "--report")
         report.check_folder(args.report, args.report_examples)
     examples = read_examples(args.data, args.split, data_options(args))
+    if {task_of(e.prefix) if args.task == "auto" else args.task for e in examples} & {"detect", "segment"}:
+        require("eval", "detection metrics")  # before any answer is generated
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
     segments = any((task_of(e.prefix) if args.task == "auto" else args.task) == "segment" for e in examples)

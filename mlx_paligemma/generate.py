@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 from . import defaults
 from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command, plural,
-                  run_main)
+                  require, run_main)
 from .generation.constraints import cli_constraint
 from .tasks.detection import ObjectReader, check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
@@ -128,6 +128,8 @@ def run(args) -> int:
     check_generation_args(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))
+    if args.json_schema or args.regex or args.choices or args.constrain:
+        require("structured", "structured output")
     if args.candidates is not None and (args.draw or args.logprobs is not None):
         raise InputError("--candidates scores the given answers: it takes no --draw or --logprobs")
     if args.candidates is not None and len(args.candidates) > MAX_CANDIDATES:

@@ -141,3 +141,59 @@ def test_cli_json_with_logprobs_is_one_object():
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
     assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
         [[i for i, _ in top] for top in want.top_logprobs]
+
+
+# What a failed fetch says: its cause to the person who asked (command lines, Python), nothing to a server's clients.
+
+def fetch_error(url, monkeypatch):
+    import pytest
+
+    from mlx_paligemma.errors import InputError
+    from mlx_paligemma.processing.images import load_image
+
+    monkeypatch.setenv("MLX_PALIGEMMA_ALLOW_PRIVATE_URLS", "1")
+    with pytest.raises(InputError) as e:
+        load_image(url)
+    return str(e.value)
+
+
+def test_a_failed_fetch_tells_its_cause(monkeypatch):
+    import socket
+
+    from http_targets import serve
+
+    with serve() as base:
+        assert fetch_error(f"{base}/missing", monkeypatch).endswith(": HTTP 404 Not Found")
+        assert ": not an image (" in fetch_error(f"{base}/hello", monkeypatch)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert fetch_error(f"http://127.0.0.1:{port}/x.jpg", monkeypatch).endswith(
+        f": 127.0.0.1:{port} refused the connection")
+
+    def no_such_name(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    assert "the name photos.example was not resolved" in fetch_error("http://photos.example/x.jpg", monkeypatch)
+
+
+def test_a_failed_fetch_is_too_large_or_late(monkeypatch):
+    from http_targets import serve
+    from mlx_paligemma.errors import InputError
+    from mlx_paligemma.processing.fetch import fetch
+
+    monkeypatch.setenv("MLX_PALIGEMMA_ALLOW_PRIVATE_URLS", "1")
+    with serve() as base:
+        for path, kwargs, said in [("/endless", dict(max_bytes=100_000), "more than 100000 bytes"),
+                                   ("/drip", dict(timeout=0.5), "not all of it within 0.5 s")]:
+            try:
+                fetch(base + path, tell=True, **kwargs)
+            except InputError as e:
+                assert str(e).endswith(said), e
+            else:
+                raise AssertionError(f"{path} was fetched")
+            try:
+                fetch(base + path, **kwargs)  # as the server fetches for its clients: the reason is not told
+            except InputError as e:
+                assert "the reason is not told" in str(e) and said not in str(e)
