@@ -197,3 +197,60 @@ def test_a_failed_fetch_is_too_large_or_late(monkeypatch):
                 fetch(base + path, **kwargs)  # as the server fetches for its clients: the reason is not told
             except InputError as e:
                 assert "the reason is not told" in str(e) and said not in str(e)
+
+
+# One vocabulary: --model, --data, --output on every command where they mean something, the old names kept.
+
+def parsed(module, argv):
+    import importlib
+
+    return vars(importlib.import_module(f"mlx_paligemma.{module}").build_parser().parse_args(argv))
+
+
+def test_the_same_flags_on_every_command():
+    assert parsed("convert", ["--model", "m", "--output", "o"]) == \
+        parsed("convert", ["--hf-path", "m", "--mlx-path", "o"])
+    assert parsed("export", ["--model", "m", "--output", "o"]) == parsed("export", ["--model", "m", "--out", "o"])
+    assert parsed("batch", ["--model", "m", "--data", "d", "--output", "o"]) == \
+        parsed("batch", ["--model", "m", "--input", "d", "--output", "o"])
+    assert parsed("lora", ["--model", "m", "--fuse", "--output", "f"])["save_path"] == "f"
+    assert parsed("lora", ["--model", "m", "--fuse", "--save-path", "f"])["save_path"] == "f"
+    assert parsed("evaluate", ["--model", "m", "--data", "d", "--output", "o"])["output"] == "o"
+    generate = ["--model", "m", "--image", "i", "--prompt", "p"]
+    batch = ["--model", "m", "--data", "d", "--output", "o"]
+    assert parsed("generate", generate + ["--temp", "0.7"])["temperature"] == 0.7
+    for module, base in (("generate", generate), ("batch", batch)):  # batch samples as generate does
+        got = parsed(module, base + ["--min-p", "0.1", "--repetition-penalty", "1.1", "--repetition-context-size", "9",
+                                     "--top-k", "5", "--top-p", "0.9", "--temp", "0.5", "--seed", "3"])
+        assert (got["min_p"], got["repetition_penalty"], got["repetition_context_size"], got["top_k"], got["top_p"],
+                got["temperature"], got["seed"]) == (0.1, 1.1, 9, 5, 0.9, 0.5, 3)
+
+
+def test_no_abbreviations_and_the_flag_meant():
+    import importlib
+
+    import pytest
+
+    from mlx_paligemma.errors import InputError
+
+    base = ["--model", "m", "--image", "i", "--prompt", "p"]
+    for wrong, meant in [("--adapter", "--adapter-path"), ("--max-new-tokens", "--max-tokens"), ("--top_p", "--top-p"),
+                         ("--do-sample", "--temperature"), ("--tempreature", "--temperature")]:
+        with pytest.raises(InputError, match=f"unrecognized arguments: {wrong} x \\(did you mean {meant}\\?\\)"):
+            parsed("generate", base + [wrong, "x"])
+    with pytest.raises(InputError, match=r"unrecognized arguments: --out x \(did you mean --output\?\)"):
+        parsed("convert", ["--model", "m", "--output", "o", "--out", "x"])
+    for module in ("generate", "batch", "evaluate", "lora", "convert", "export", "server.__main__"):
+        assert importlib.import_module(f"mlx_paligemma.{module}").build_parser().allow_abbrev is False
+
+
+def test_package_lists_its_commands_and_plurals():
+    from mlx_paligemma.cli import plural
+
+    r = run("-m", "mlx_paligemma")
+    assert r.returncode == 0
+    assert all(f"python -m mlx_paligemma.{c} " in r.stdout
+               for c in ("generate", "batch", "server", "evaluate", "lora", "convert", "export"))
+    r = run("-m", "mlx_paligemma", "nope")
+    assert r.returncode == 1 and r.stderr.startswith("error: no command 'nope'")
+    assert (plural(1, "error"), plural(0, "error"), plural(2, "object")) == ("1 error", "0 errors", "2 objects")
