@@ -83,7 +83,8 @@ def require(extra: str, what: str) -> None:
     works from an index, and in a clone once `pip install -e .` has run)."""
     missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
     if missing:
-        raise InputError(f'{what} needs {" and ".join(missing)}: pip install "mlx-paligemma[{extra}]"')
+        verb = "is" if len(missing) == 1 else "are"
+        raise InputError(f'{" and ".join(missing)} {verb} needed for {what}: pip install "mlx-paligemma[{extra}]"')
 
 
 def plural(n: int, word: str) -> str:

@@ -23,12 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, command, require, run_main
 from .formats.atomic import check_new_folder
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .models.paligemma import PaliGemma
 from .errors import InputError
-from .tasks.evaluation import TASKS
+from .tasks.evaluation import TASKS, task_of
 from .data.sources import add_data_arguments, data_options, read_training_sets
 from .training.trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss,
     set_trainable, train)
@@ -159,6 +159,9 @@ def run(args) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     data = read_training_sets(args.data, data_options(args), args.train_split, args.valid_split, args.test_split)
     say(", ".join(f"{len(v)} {k}" for k, v in data.items()) + " examples, images checked")
+    tasks = {args.eval_task if args.eval_task != "auto" else task_of(e.prefix) for e in data.get("valid", [])}
+    if args.eval_task and tasks & {"detect", "segment"}:
+        require("eval", "--eval-task's detection metrics")  # before the first step, not at the first evaluation
     model, processor = load(args.model, revision=args.revision)
     mx.random.seed(args.seed)  # the LoRA initialisation, the same in every process
     if args.fine_tune_type == "lora":

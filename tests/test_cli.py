@@ -254,3 +254,26 @@ def test_package_lists_its_commands_and_plurals():
     r = run("-m", "mlx_paligemma", "nope")
     assert r.returncode == 1 and r.stderr.startswith("error: no command 'nope'")
     assert (plural(1, "error"), plural(0, "error"), plural(2, "object")) == ("1 error", "0 errors", "2 objects")
+
+
+def test_a_missing_extra_stops_a_command_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib
+    import importlib.util
+    import json
+
+    from mlx_paligemma.formats import loading
+
+    evaluate, generate = (importlib.import_module(f"mlx_paligemma.{m}") for m in ("evaluate", "generate"))
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pycocotools", "llguidance") else real(name, *a))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model loaded")))
+    (tmp_path / "c.jpg").write_bytes((FIXTURES / "images" / "chelsea.jpg").read_bytes())
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "c.jpg", "prefix": "detect cat", "suffix": "x"}) + "\n")
+    assert evaluate.main(["--model", "m", "--data", str(tmp_path / "d.jsonl")]) == 1
+    assert capsys.readouterr().err == \
+        'error: pycocotools is needed for detection metrics: pip install "mlx-paligemma[eval]"\n'
+    assert generate.main(["--model", "m", "--image", str(tmp_path / "c.jpg"), "--prompt", "x", "--regex", "a"]) == 1
+    assert capsys.readouterr().err == \
+        'error: llguidance is needed for structured output: pip install "mlx-paligemma[structured]"\n'
