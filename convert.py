@@ -1,4 +1,4 @@
-"""Convert a PaliGemma checkpoint to MLX: `python convert.py --hf-path ID_OR_DIR_OR_NPZ --mlx-path OUT [-q]`."""
+"""Convert a PaliGemma checkpoint to MLX: `python convert.py --model ID_OR_DIR_OR_NPZ --output OUT [-q]`."""
 
 from mlx_paligemma.cli import run_main
 from mlx_paligemma.convert import main

@@ -1,7 +1,7 @@
 """Detect objects in a photo with PaliGemma, print them as JSON and draw them.
 
     python examples/detect.py --model google/paligemma2-3b-mix-224
-    python examples/detect.py --model M --image examples/images/coffee.jpg --objects "cup ; saucer" --out coffee.png
+    python examples/detect.py --model M --image examples/images/coffee.jpg --objects "cup ; saucer" --output coffee.png
 
 The model answers `detect cat ; dog` with `<locY0><locX0><locY1><locX1> label` per object, separated by " ; ";
 `parse_detections` turns that into boxes in pixels of the photo.
@@ -21,12 +21,13 @@ from mlx_paligemma.tasks.detection import draw_detections, objects_to_json, pars
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder of a mix (or detection fine-tuned) checkpoint")
     p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"),
                    help="path or URL")
     p.add_argument("--objects", default="cat", help='what to find; several separated by " ; "')
-    p.add_argument("--out", default="detections.png", help="the drawing")
+    p.add_argument("--output", "--out", dest="out", default="detections.png", help="the drawing")
     args = p.parse_args()
 
     image = to_rgb(mp.load_image(args.image))

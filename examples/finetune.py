@@ -68,9 +68,11 @@ def answers(model, processor, data, max_tokens: int) -> list:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder; a quantized MLX folder makes it QLoRA")
-    p.add_argument("--out", default="finetune_example", help="folder for the data, adapters and fused model")
+    p.add_argument("--output", "--out", dest="out", default="finetune_example",
+                   help="folder for the data, adapters and fused model")
     p.add_argument("--iters", type=int, default=60, help="training steps")
     p.add_argument("--batch-size", type=int, default=2, help="examples a step")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="peak rate")

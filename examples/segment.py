@@ -24,7 +24,7 @@ from mlx_paligemma.formats.mask_decoder import fetch_vae_oid, load_mask_decoder
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="hub id or folder of a mix (or segmentation fine-tuned) checkpoint")
     p.add_argument("--image", default=str(Path(__file__).resolve().parent / "images" / "chelsea.jpg"),
@@ -33,7 +33,7 @@ def main() -> None:
     # --mask-decoder as on generate, batch and the server (and as the mask decoder's messages name it).
     p.add_argument("--mask-decoder", "--vae", dest="mask_decoder", default=None,
                    help="vae-oid.npz or its safetensors copy; none: big_vision's, downloaded once and cached")
-    p.add_argument("--out", default="segmentation.png", help="the drawing")
+    p.add_argument("--output", "--out", dest="out", default="segmentation.png", help="the drawing")
     args = p.parse_args()
 
     image = to_rgb(mp.load_image(args.image))

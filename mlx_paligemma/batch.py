@@ -33,7 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import defaults
-from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, run_main
+from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, message,
+                  plural, require, run_main)
 from .data.outputs import OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file, part_files
 from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
@@ -150,7 +151,8 @@ class Progress:
         if self.tty:
             self.show(end="\n")
         elapsed, items_s, tokens_s = self.rates()
-        print(f"{self.label}{self.items} items ({self.items - self.errors} answers, {self.errors} errors) in "
+        print(f"{self.label}{plural(self.items, 'item')} ({plural(self.items - self.errors, 'answer')}, "
+              f"{plural(self.errors, 'error')}) in "
               f"{clock(elapsed)}: {items_s:.2f} items/s, {tokens_s:.1f} tokens/s", file=sys.stderr, flush=True)
 
 
@@ -164,8 +166,9 @@ def clock(seconds: float) -> str:
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    num_beams=args.num_beams, length_penalty=args.length_penalty, logprobs=args.logprobs or 0,
-                    best_of=args.best_of)
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                    repetition_context_size=args.repetition_context_size, num_beams=args.num_beams,
+                    length_penalty=args.length_penalty, logprobs=args.logprobs or 0, best_of=args.best_of)
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
@@ -235,16 +238,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", default=None, help="LoRA adapters (or fine-tuned weights) written by "
                    "mlx_paligemma.lora, applied to --model")
-    p.add_argument("--input", required=True, help="a JSONL file (one item a line), a folder of images, a Hugging Face "
-                   "dataset (hub id, save_to_disk folder, parquet files) or a COCO annotation file")
+    p.add_argument("--data", "--input", dest="input", metavar="DATA", required=True,
+                   help="a JSONL file (one item a line), a folder of images, a Hugging Face dataset (hub id, "
+                   "save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
     p.add_argument("--prompt", help='for items without one (required with a folder), e.g. "caption en"')
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="items decoded together")
-    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling, 1: off")
-    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample from the k likeliest, 0: off")
-    p.add_argument("--seed", type=int, default=None, help="with --temperature: item i samples with seed + i")
+    add_sampling_arguments(p, seed_help="with --temperature: item i samples with seed + i")
     add_decoding_arguments(p, logprobs_help='add "logprobs" to each line: every token\'s log-probability and '
                            "its K likeliest alternatives (0: none)",
                            constraint_note=' (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
@@ -271,7 +272,9 @@ def check_writable(out: Path) -> None:
 
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
-    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed,
+    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty,
+                          repetition_context_size=args.repetition_context_size, seed=args.seed,
                           logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
                           best_of=args.best_of)
     check_min_score(args.min_score)
@@ -299,6 +302,8 @@ def check_args(args) -> None:
     if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
         raise InputError(f"adapter folder not found: {args.adapter_path}")
     cli_constraint(args)  # a bad --json-schema file is named before the model loads
+    if args.json_schema or args.regex or args.choices or args.constrain:
+        require("structured", "structured output")
 
 
 def run(args) -> int:
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
     try:
         return run(build_parser().parse_args(argv))
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to go on", file=sys.stderr)

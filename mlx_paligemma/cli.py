@@ -4,9 +4,11 @@ Set MLX_PALIGEMMA_DEBUG=1 to see the traceback instead.
 """
 
 import argparse
+import difflib
+import importlib.util
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from . import defaults
 from .errors import InputError
@@ -25,18 +27,69 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return help + " (default: %(default)s)"
 
 
+# Flags people bring from transformers, mlx-lm and mlx-vlm, and ours for them (where a command has ours).
+NEIGHBOURS = {"--max-new-tokens": "--max-tokens", "--max-length": "--max-tokens", "--do-sample": "--temperature",
+              "--num-return-sequences": "--best-of", "--adapter-file": "--adapter-path", "--adapters": "--adapter-path",
+              "--hf-model": "--model", "--model-path": "--model", "--images": "--image", "--out": "--output",
+              "--save-dir": "--output", "--input-dir": "--data", "--dataset": "--data"}
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with every default shown in --help, the usage line naming the command as it is typed
-    (`python -m mlx_paligemma.generate`, or the `mlx-paligemma-generate` console script), and a bad option
-    reported as one InputError line instead of usage lines and exit code 2."""
+    (`python -m mlx_paligemma.generate`, or the `mlx-paligemma-generate` console script), no abbreviated flags
+    (a mistyped `--adapter` is an error, not `--adapter-path`), an unknown flag answered with the likeliest one meant,
+    and a bad option reported as one InputError line instead of usage lines and exit code 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("prog", command_name(sys._getframe(1).f_globals.get("__spec__")))
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{did_you_mean(unknown, self.flags())}")
+        return args
+
+    def flags(self) -> List[str]:
+        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
 
     def error(self, message: str):
         raise InputError(f"{message} (see --help)")
+
+
+def did_you_mean(unknown: List[str], flags: List[str]) -> str:
+    """` (did you mean --max-tokens?)` for the first unknown flag that resembles one of `flags`, else ``."""
+    for word in unknown:
+        name = word.split("=", 1)[0].replace("_", "-")
+        if not name.startswith("-"):
+            continue
+        name = "--" + name.lstrip("-")
+        meant = NEIGHBOURS.get(name) if NEIGHBOURS.get(name) in flags else None
+        meant = meant or next(iter(difflib.get_close_matches(name, flags, n=1, cutoff=0.6)), None)
+        if meant:
+            return f" (did you mean {meant}?)"
+    return ""
+
+
+# Each extra of pyproject.toml and the modules it brings.
+EXTRAS = {"server": ("starlette", "uvicorn"), "eval": ("pycocotools",), "report": ("matplotlib",),
+          "structured": ("llguidance",), "data": ("datasets",), "tracking": ("tensorboard",)}
+
+
+def require(extra: str, what: str) -> None:
+    """Before any work: the extra's modules are importable, or one line naming them and the one install line (it
+    works from an index, and in a clone once `pip install -e .` has run)."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise InputError(f'{" and ".join(missing)} {verb} needed for {what}: pip install "mlx-paligemma[{extra}]"')
+
+
+def plural(n: int, word: str) -> str:
+    """`1 error`, `2 errors`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def command_name(spec) -> Optional[str]:
@@ -57,10 +110,15 @@ def command(build_parser: Callable[[], argparse.ArgumentParser],
         try:
             return run_args(build_parser().parse_args(argv)) or 0
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {message(e)}", file=sys.stderr)
             return 1
 
     return main
+
+
+def message(e: InputError) -> str:
+    """An error's line as a command line says it: its hint naming a flag where the Python one names a keyword."""
+    return getattr(e, "on_command_line", None) or str(e)
 
 
 def run_main(main: Callable[[], Optional[int]]) -> None:
@@ -72,7 +130,7 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
     except InputError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message(e)}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -84,6 +142,20 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
         print(f"error: unexpected {type(e).__name__}: {cause} (MLX_PALIGEMMA_DEBUG=1 shows where)", file=sys.stderr)
         code = 2
     sys.exit(code or 0)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The sampling options, the same on generate and batch."""
+    p.add_argument("--temperature", "--temp", type=float, default=defaults.TEMPERATURE, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling; 1 is off")
+    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample among the k likeliest; 0 is off")
+    p.add_argument("--min-p", type=float, default=defaults.MIN_P, help="drop tokens below min_p x the likeliest; "
+                   "0 is off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop "
+                   "(default: off)")
+    p.add_argument("--repetition-context-size", type=int, default=defaults.REPETITION_CONTEXT_SIZE,
+                   help="tokens the repetition penalty looks back on")
+    p.add_argument("--seed", type=int, default=None, help=seed_help)
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser, logprobs_help: str, constraint_note: str = "") -> None:

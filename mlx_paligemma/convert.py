@@ -1,7 +1,9 @@
 """A checkpoint (Hugging Face hub id or folder, or a big_vision .npz) -> MLX folder, optionally quantized.
 
-    python convert.py --hf-path google/paligemma2-3b-pt-224 --mlx-path paligemma2-3b-4bit -q
-    python convert.py --hf-path pt_3b_224.bf16.npz --tokenizer google/paligemma-3b-pt-224 --mlx-path pg-3b-224
+    python -m mlx_paligemma.convert --model google/paligemma2-3b-pt-224 --output paligemma2-3b-4bit -q
+    python -m mlx_paligemma.convert --model pt_3b_224.bf16.npz --tokenizer google/paligemma-3b-pt-224 --output pg-3b-224
+
+`--hf-path` and `--mlx-path` (mlx-lm's names) are the same as `--model` and `--output`.
 """
 
 import json
@@ -84,10 +86,11 @@ def build_parser() -> ArgumentParser:
 
     p = ArgumentParser(description="Convert a PaliGemma checkpoint (Hugging Face or big_vision .npz) to "
                                             "MLX, optionally quantized.")
-    p.add_argument("--hf-path", required=True, help="hub id or folder of a Hugging Face checkpoint, or a "
-                                                    "big_vision .npz")
-    p.add_argument("--mlx-path", required=True, help="output folder (must not exist)")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --hf-path (or --tokenizer)")
+    p.add_argument("--model", "--hf-path", dest="hf_path", metavar="MODEL", required=True,
+                   help="hub id or folder of a Hugging Face checkpoint, or a big_vision .npz")
+    p.add_argument("--output", "--mlx-path", dest="mlx_path", metavar="OUTPUT", required=True,
+                   help="output folder (must not exist)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model (or --tokenizer)")
     p.add_argument("--tokenizer", default=None, help="for a .npz: folder or hub id with the tokenizer and "
                                                      "processor files")
     p.add_argument("--config", default=None, help="for a .npz: a config.json to use instead of the one inferred "

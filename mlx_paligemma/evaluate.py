@@ -20,13 +20,12 @@ from pathlib import Path
 
 from . import defaults
 from .tasks import report
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, command, require, run_main
 from .formats.atomic import atomic_file, check_writable
 from .errors import InputError
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens
 from .processing.processor import IMAGE_TOKEN
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
-from .tasks.metrics import check_coco_tools
 from .data.sources import add_data_arguments, data_options, kind_of, read_examples
 
 
@@ -142,11 +141,12 @@ def run(args) -> None:
         raise InputError(f"--data: no such file {args.data}")
     check_outputs(args)
     if args.report:
+        require("report", "--report")
         report.check_folder(args.report, args.report_examples)
     examples = read_examples(args.data, args.split, data_options(args))
     tasks = {args.task} if args.task != "auto" else {"choice" if e.candidates else task_of(e.prefix) for e in examples}
     if tasks & {"detect", "segment"}:
-        check_coco_tools()  # the metrics need it after every answer: said before the first
+        require("eval", "detection metrics")  # the metrics need it after every answer: said before the first
     decoder = None
     path = args.mask_decoder or (CACHE_DIR / "vae-oid.npz")
     segments = any((task_of(e.prefix) if args.task == "auto" else args.task) == "segment" for e in examples)

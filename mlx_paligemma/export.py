@@ -2,7 +2,7 @@
 (`PaliGemmaForConditionalGeneration.from_pretrained`, `AutoProcessor.from_pretrained`), for vLLM, TGI or
 transformers itself.
 
-    python -m mlx_paligemma.export --model fused_model --out paligemma-finetuned-hf [--dtype bfloat16]
+    python -m mlx_paligemma.export --model fused_model --output paligemma-finetuned-hf [--dtype bfloat16]
 
 A quantized model is dequantized (with a warning): the values its quantized layers compute with, in the
 float dtype of its scales. Written atomically, like convert.
@@ -58,7 +58,8 @@ def export(model: str, out: str, dtype: Optional[str] = None, revision: Optional
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Export a PaliGemma model to a transformers checkpoint folder.")
     p.add_argument("--model", required=True, help="folder or hub id of any model mlx_paligemma loads")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--output", "--out", dest="out", metavar="OUTPUT", required=True,
+                   help="output folder (must not exist)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the model's stored float dtype")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--upload-repo", default=None, help="hub repo to upload the result to")

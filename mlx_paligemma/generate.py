@@ -10,7 +10,8 @@ from typing import List, Sequence
 
 
 from . import defaults
-from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, command, run_main
+from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command, plural,
+                  require, run_main)
 from .generation.constraints import cli_constraint
 from .tasks.detection import ObjectReader, check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
@@ -36,16 +37,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", required=True, help='the task: "caption en", "describe en", "ocr", '
                    '"answer en QUESTION", "detect cat ; dog", "segment cat"')
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=defaults.TEMPERATURE, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling; 1 is off")
-    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample among the k likeliest; 0 is off")
-    p.add_argument("--min-p", type=float, default=defaults.MIN_P, help="drop tokens below min_p x the likeliest; "
-                   "0 is off")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop "
-                   "(default: off)")
-    p.add_argument("--repetition-context-size", type=int, default=defaults.REPETITION_CONTEXT_SIZE,
-                   help="tokens the repetition penalty looks back on")
-    p.add_argument("--seed", type=int, default=None, help="random seed of sampling (default: a fresh one)")
+    add_sampling_arguments(p, seed_help="random seed of sampling (default: a fresh one)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="quantize the KV cache, for long "
                    "prompts (default: off)")
     add_decoding_arguments(p, logprobs_help="print each token's log-probability and its K likeliest "
@@ -87,7 +79,7 @@ def answer_objects(text: str, image, responses: Sequence[GenerationResponse], pr
 def draw(image, objects: list, path: str) -> None:
     with atomic_file(path) as tmp:
         draw_detections(to_rgb(image), objects).save(tmp)
-    print(f"wrote {path} ({len(objects)} objects)", file=sys.stderr)
+    print(f"wrote {path} ({plural(len(objects), 'object')})", file=sys.stderr)
 
 
 def report_scores(model, processor, images, args) -> int:
@@ -134,6 +126,8 @@ def run(args) -> int:
     check_generation_args(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))
+    if args.json_schema or args.regex or args.choices or args.constrain:
+        require("structured", "structured output")
     if args.candidates is not None:
         ignored = [flag for flag, given in (
             ("--draw", args.draw), ("--logprobs", args.logprobs is not None), ("--num-beams", args.num_beams != 1),

@@ -5,7 +5,7 @@ or several under mlx.launch, with the training loop of mlx_paligemma.training.tr
     python -m mlx_paligemma.lora --model paligemma2-3b-pt-224 --data my_data --fine-tune-type full --train-vision
     python -m mlx_paligemma.lora --model M --data my_data --resume      # on from the last checkpoint in --adapter-path
     mlx.launch -n 2 --backend ring --python $(which python) -- -m mlx_paligemma.lora --model M --data D --batch-size 2
-    python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --save-path fused
+    python -m mlx_paligemma.lora --model paligemma2-3b-pt-224-4bit --adapter-path adapters --fuse --output fused
     model, processor = mlx_paligemma.load("paligemma2-3b-pt-224-4bit", adapter_path="adapters")
 
 `--data` holds train.jsonl, valid.jsonl and optionally test.jsonl (see mlx_paligemma.training.trainer for the format), or is
@@ -23,12 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, command, require, run_main
 from .formats.atomic import check_new_folder
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .models.paligemma import PaliGemma
 from .errors import InputError
-from .tasks.evaluation import TASKS
+from .tasks.evaluation import TASKS, task_of
 from .data.sources import add_data_arguments, data_options, read_training_sets
 from .training.trainer import (FINE_TUNE_TYPES, TrainingArgs, add_lora, check_output_folder, evaluate_loss,
     set_trainable, train)
@@ -127,9 +127,9 @@ def build_parser() -> ArgumentParser:
                    "trackers (default: none; ADAPTER_PATH/log.jsonl and curves.png are always written)")
     p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
     p.add_argument("--seed", type=int, default=d.seed, help="LoRA initialisation, data order, dropout")
-    p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --save-path")
-    p.add_argument("--save-path", default="fused_model", help="with --fuse: the model folder to write, which must "
-                   "not exist")
+    p.add_argument("--fuse", action="store_true", help="write the model with the adapters merged to --output")
+    p.add_argument("--output", "--save-path", dest="save_path", metavar="OUTPUT", default="fused_model",
+                   help="with --fuse: the model folder to write, which must not exist")
     p.add_argument("--dequantize", action="store_true", help="with --fuse on a quantized model: write floats")
     add_data_arguments(p, training=True)
     return p
@@ -159,6 +159,9 @@ def run(args) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     data = read_training_sets(args.data, data_options(args), args.train_split, args.valid_split, args.test_split)
     say(", ".join(f"{len(v)} {k}" for k, v in data.items()) + " examples, images checked")
+    tasks = {args.eval_task if args.eval_task != "auto" else task_of(e.prefix) for e in data.get("valid", [])}
+    if args.eval_task and tasks & {"detect", "segment"}:
+        require("eval", "--eval-task's detection metrics")  # before the first step, not at the first evaluation
     model, processor = load(args.model, revision=args.revision)
     mx.random.seed(args.seed)  # the LoRA initialisation, the same in every process
     if args.fine_tune_type == "lora":

@@ -141,3 +141,139 @@ def test_cli_json_with_logprobs_is_one_object():
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
     assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
         [[i for i, _ in top] for top in want.top_logprobs]
+
+
+# What a failed fetch says: its cause to the person who asked (command lines, Python), nothing to a server's clients.
+
+def fetch_error(url, monkeypatch):
+    import pytest
+
+    from mlx_paligemma.errors import InputError
+    from mlx_paligemma.processing.images import load_image
+
+    monkeypatch.setenv("MLX_PALIGEMMA_ALLOW_PRIVATE_URLS", "1")
+    with pytest.raises(InputError) as e:
+        load_image(url)
+    return str(e.value)
+
+
+def test_a_failed_fetch_tells_its_cause(monkeypatch):
+    import socket
+
+    from http_targets import serve
+
+    with serve() as base:
+        assert fetch_error(f"{base}/missing", monkeypatch).endswith(": HTTP 404 Not Found")
+        assert ": not an image (" in fetch_error(f"{base}/hello", monkeypatch)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert fetch_error(f"http://127.0.0.1:{port}/x.jpg", monkeypatch).endswith(
+        f": 127.0.0.1:{port} refused the connection")
+
+    def no_such_name(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    assert "the name photos.example was not resolved" in fetch_error("http://photos.example/x.jpg", monkeypatch)
+
+
+def test_a_failed_fetch_is_too_large_or_late(monkeypatch):
+    from http_targets import serve
+    from mlx_paligemma.errors import InputError
+    from mlx_paligemma.processing.fetch import fetch
+
+    monkeypatch.setenv("MLX_PALIGEMMA_ALLOW_PRIVATE_URLS", "1")
+    with serve() as base:
+        for path, kwargs, said in [("/endless", dict(max_bytes=100_000), "more than 100000 bytes"),
+                                   ("/drip", dict(timeout=0.5), "not all of it within 0.5 s")]:
+            try:
+                fetch(base + path, tell=True, **kwargs)
+            except InputError as e:
+                assert str(e).endswith(said), e
+            else:
+                raise AssertionError(f"{path} was fetched")
+            try:
+                fetch(base + path, **kwargs)  # as the server fetches for its clients: the reason is not told
+            except InputError as e:
+                assert "the reason is not told" in str(e) and said not in str(e)
+
+
+# One vocabulary: --model, --data, --output on every command where they mean something, the old names kept.
+
+def parsed(module, argv):
+    import importlib
+
+    return vars(importlib.import_module(f"mlx_paligemma.{module}").build_parser().parse_args(argv))
+
+
+def test_the_same_flags_on_every_command():
+    assert parsed("convert", ["--model", "m", "--output", "o"]) == \
+        parsed("convert", ["--hf-path", "m", "--mlx-path", "o"])
+    assert parsed("export", ["--model", "m", "--output", "o"]) == parsed("export", ["--model", "m", "--out", "o"])
+    assert parsed("batch", ["--model", "m", "--data", "d", "--output", "o"]) == \
+        parsed("batch", ["--model", "m", "--input", "d", "--output", "o"])
+    assert parsed("lora", ["--model", "m", "--fuse", "--output", "f"])["save_path"] == "f"
+    assert parsed("lora", ["--model", "m", "--fuse", "--save-path", "f"])["save_path"] == "f"
+    assert parsed("evaluate", ["--model", "m", "--data", "d", "--output", "o"])["output"] == "o"
+    generate = ["--model", "m", "--image", "i", "--prompt", "p"]
+    batch = ["--model", "m", "--data", "d", "--output", "o"]
+    assert parsed("generate", generate + ["--temp", "0.7"])["temperature"] == 0.7
+    for module, base in (("generate", generate), ("batch", batch)):  # batch samples as generate does
+        got = parsed(module, base + ["--min-p", "0.1", "--repetition-penalty", "1.1", "--repetition-context-size", "9",
+                                     "--top-k", "5", "--top-p", "0.9", "--temp", "0.5", "--seed", "3"])
+        assert (got["min_p"], got["repetition_penalty"], got["repetition_context_size"], got["top_k"], got["top_p"],
+                got["temperature"], got["seed"]) == (0.1, 1.1, 9, 5, 0.9, 0.5, 3)
+
+
+def test_no_abbreviations_and_the_flag_meant():
+    import importlib
+
+    import pytest
+
+    from mlx_paligemma.errors import InputError
+
+    base = ["--model", "m", "--image", "i", "--prompt", "p"]
+    for wrong, meant in [("--adapter", "--adapter-path"), ("--max-new-tokens", "--max-tokens"), ("--top_p", "--top-p"),
+                         ("--do-sample", "--temperature"), ("--tempreature", "--temperature")]:
+        with pytest.raises(InputError, match=f"unrecognized arguments: {wrong} x \\(did you mean {meant}\\?\\)"):
+            parsed("generate", base + [wrong, "x"])
+    with pytest.raises(InputError, match=r"unrecognized arguments: --out x \(did you mean --output\?\)"):
+        parsed("convert", ["--model", "m", "--output", "o", "--out", "x"])
+    for module in ("generate", "batch", "evaluate", "lora", "convert", "export", "server.__main__"):
+        assert importlib.import_module(f"mlx_paligemma.{module}").build_parser().allow_abbrev is False
+
+
+def test_package_lists_its_commands_and_plurals():
+    from mlx_paligemma.cli import plural
+
+    r = run("-m", "mlx_paligemma")
+    assert r.returncode == 0
+    assert all(f"python -m mlx_paligemma.{c} " in r.stdout
+               for c in ("generate", "batch", "server", "evaluate", "lora", "convert", "export"))
+    r = run("-m", "mlx_paligemma", "nope")
+    assert r.returncode == 1 and r.stderr.startswith("error: no command 'nope'")
+    assert (plural(1, "error"), plural(0, "error"), plural(2, "object")) == ("1 error", "0 errors", "2 objects")
+
+
+def test_a_missing_extra_stops_a_command_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib
+    import importlib.util
+    import json
+
+    from mlx_paligemma.formats import loading
+
+    evaluate, generate = (importlib.import_module(f"mlx_paligemma.{m}") for m in ("evaluate", "generate"))
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pycocotools", "llguidance") else real(name, *a))
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model loaded")))
+    (tmp_path / "c.jpg").write_bytes((FIXTURES / "images" / "chelsea.jpg").read_bytes())
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "c.jpg", "prefix": "detect cat", "suffix": "x"}) + "\n")
+    assert evaluate.main(["--model", "m", "--data", str(tmp_path / "d.jsonl")]) == 1
+    assert capsys.readouterr().err == \
+        'error: pycocotools is needed for detection metrics: pip install "mlx-paligemma[eval]"\n'
+    assert generate.main(["--model", "m", "--image", str(tmp_path / "c.jpg"), "--prompt", "x", "--regex", "a"]) == 1
+    assert capsys.readouterr().err == \
+        'error: llguidance is needed for structured output: pip install "mlx-paligemma[structured]"\n'

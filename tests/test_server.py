@@ -337,8 +337,15 @@ ERRORS = [
      "more than this server's limit of 32768 bytes"),
     ("prompt over the context", only(image_part(png(8, 8)), {"type": "text", "text": "a " * 8300}), 400,
      "more than the model's 8192"),
-    ("unknown model", with_(model="gpt-4o"), 404, "'gpt-4o' is not served here"),
 ]
+
+
+def test_a_request_naming_another_model_is_answered_by_the_one_served(server):
+    status, body = call(server.url + "/v1/chat/completions", with_(model="mlx-community/paligemma2-3b-mix-224-bf16"),
+                        AUTH)
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == call(server.url + "/v1/chat/completions", good(), AUTH)[1][
+        "choices"][0]["message"]["content"]
 
 
 def check_error(status, body, want_status, words):

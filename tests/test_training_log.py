@@ -203,7 +203,7 @@ def test_report_to_without_tensorboard_is_one_line_and_writes_nothing(tmp_path):
                           env=shim(tmp_path / "shim", "tensorboard"))
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and lines == ['error: --report-to tensorboard needs the tensorboard package: '
-                                              'pip install -e ".[tracking]"'], done.stderr
+                                              'pip install "mlx-paligemma[tracking]"'], done.stderr
     assert "Iter" not in done.stdout and not (tmp_path / "a").exists()
 
 
@@ -213,7 +213,7 @@ def test_without_matplotlib_the_plot_is_skipped_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300, env=shim(tmp_path / "shim", "matplotlib"))
     assert done.returncode == 0, done.stderr
     skipped = [line for line in done.stdout.splitlines() if "urves" in line]
-    assert skipped == [f'Curves not plotted: no matplotlib (pip install -e ".[report]"); the log is '
+    assert skipped == [f'Curves not plotted: no matplotlib (pip install "mlx-paligemma[report]"); the log is '
                        f'{tmp_path / "a" / LOG_FILE}']
     assert len(read_log(tmp_path / "a" / LOG_FILE)) == 3 and not (tmp_path / "a" / PLOT_FILE).exists()
 

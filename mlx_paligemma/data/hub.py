@@ -1,5 +1,5 @@
 """Hugging Face datasets as items: a hub id, a folder written by `save_to_disk`, or parquet files (a file, a folder, a
-glob), read through the `datasets` library (the `data` extra: pip install -e ".[data]").
+glob), read through the `datasets` library (the `data` extra: pip install "mlx-paligemma[data]").
 
 Columns are taken by name (mlx_paligemma.data.sources.DataOptions). The image column holds what datasets store: its Image
 feature, which parquet and arrow keep as {"bytes", "path"}, raw bytes, or path strings relative to the data's folder
@@ -27,8 +27,8 @@ def datasets_library():
     try:
         import datasets
     except ImportError:
-        raise InputError('Hugging Face datasets and parquet files need the datasets library: pip install -e ".[data]"'
-                         ) from None
+        raise InputError('Hugging Face datasets and parquet files need the datasets library: '
+                         'pip install "mlx-paligemma[data]"') from None
     return datasets
 
 

@@ -66,6 +66,16 @@ def save_mask_decoder(model: MaskDecoder, path: Union[str, Path]) -> None:
     mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
 
 
+class NoMaskDecoder(InputError):
+    """The mask decoder could not be downloaded: the message names the keyword that gives a local copy (Python),
+    `on_command_line` the flag."""
+
+    def __init__(self, reason):
+        super().__init__(f"cannot download the mask decoder ({reason}); give a local copy with mask_decoder=PATH")
+        self.on_command_line = (f"cannot download the mask decoder ({reason}); give a local copy with "
+                                "--mask-decoder PATH")
+
+
 def fetch_vae_oid(cache_dir: Union[str, Path] = CACHE_DIR) -> Path:
     """Path to vae-oid.npz, downloaded from big_vision's public bucket on first use."""
     path = Path(cache_dir) / "vae-oid.npz"
@@ -76,15 +86,13 @@ def fetch_vae_oid(cache_dir: Union[str, Path] = CACHE_DIR) -> Path:
     try:
         with open(part, "wb") as file:
             done = 0
-            for chunk in fetch_chunks(VAE_OID_URL, timeout=VAE_OID_TIMEOUT, max_bytes=VAE_OID_MAX_BYTES):
+            for chunk in fetch_chunks(VAE_OID_URL, timeout=VAE_OID_TIMEOUT, max_bytes=VAE_OID_MAX_BYTES, tell=True):
                 file.write(chunk)
                 done += len(chunk)
                 print(f"\rdownloading {VAE_OID_URL}: {done / 1e6:.1f} MB", end="", file=sys.stderr, flush=True)
     except (InputError, OSError) as e:
         part.unlink(missing_ok=True)
-        reason = e if isinstance(e, InputError) else e.strerror
-        raise InputError(f"cannot download the mask decoder ({reason}); give a local copy with --mask-decoder PATH") \
-            from None
+        raise NoMaskDecoder(e if isinstance(e, InputError) else e.strerror) from None
     print(file=sys.stderr)  # ends the progress line
     part.replace(path)  # only a complete download takes the cached name
     return path

@@ -9,9 +9,10 @@ weights) and every local file the server reads: one deadline, one byte cap and o
   IPv6 included), and the connection goes to an address that was checked (no second lookup that a DNS server could
   answer differently). Each redirect is checked the same way. `allow_private=True`, or the environment variable
   MLX_PALIGEMMA_ALLOW_PRIVATE_URLS=1, lifts the address rule (not the scheme rule) for a trusted network.
-- A failure after the policy check is one message whatever happened (refused, timed out, an HTTP error, too large,
-  not an image), so the reply cannot tell a closed port from an open one: a server cannot be used to map its
-  network.
+- A failure after the policy check says what happened (the name not resolved, the connection refused, no answer
+  in time, an HTTP status, too large) when asked with `tell=True`: to the person at the keyboard, on the command
+  lines and in the Python API. Otherwise (the server, answering others) it is one message whatever happened, so
+  the reply cannot tell a closed port from an open one: a server cannot be used to map its network.
 
 Why the standard library's http.client and not httpx: connecting to the checked address is the crux, and
 http.client takes a socket we opened ourselves (to the IP, TLS verified against the URL's host name), in a few
@@ -41,13 +42,17 @@ CHUNK = 1 << 16
 
 
 class FetchError(InputError):
-    """A URL that could not be fetched: one line, the same whatever the network said."""
+    """A URL that could not be fetched: one line, with its reason or (tell=False) the same whatever happened."""
 
 
-def unreachable(url: str, timeout: float, max_bytes: int) -> FetchError:
-    """The one message for every failure after the policy check (and for fetched bytes that are not an image)."""
-    return FetchError(f"could not fetch {shown(url)}: no image within {timeout:g} s and {max_bytes} bytes (refused, "
-                      "unreachable, timed out, an HTTP error, too large or not an image: the reason is not told)")
+def unreachable(url: str, timeout: float, max_bytes: int, reason: Optional[str] = None) -> FetchError:
+    """`reason` told, or without one the one neutral message for every failure after the policy check (and for
+    fetched bytes that are not an image)."""
+    if reason is not None:
+        return FetchError(f"could not fetch {shown(url)}: {reason}")
+    return FetchError(f"could not fetch {shown(url)}: nothing usable within {timeout:g} s and {max_bytes} bytes "
+                      "(refused, unreachable, timed out, an HTTP error, too large or not an image: the reason is not "
+                      "told)")
 
 
 def shown(url: str) -> str:
@@ -95,13 +100,20 @@ def resolve(host: str, port: int, deadline: float) -> List[tuple]:
     thread = threading.Thread(target=lookup, daemon=True, name="mlx-paligemma-dns")
     thread.start()
     thread.join(max(deadline - time.monotonic(), 0))
-    if not result or isinstance(result[0], Exception):
-        raise OSError("name lookup failed or timed out")
+    if not result:
+        raise _Unreachable(f"the name {host} was not resolved within the deadline")
+    if isinstance(result[0], Exception):
+        raise _Unreachable(f"the name {host} was not resolved ({result[0].__class__.__name__}: "
+                           f"{' '.join(str(result[0]).split())[:100]})")
     return [(family, addr) for family, _, _, _, addr in result[0]]
 
 
 class _Unreachable(Exception):
-    """Any failure inside a fetch after the policy check; fetch_chunks turns it into the one neutral message."""
+    """Any failure inside a fetch after the policy check, with its reason; fetch_chunks tells it or not."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _target(url: str, allow_private: bool, deadline: float, hint: str):
@@ -117,10 +129,7 @@ def _target(url: str, allow_private: bool, deadline: float, hint: str):
         raise InputError(f"{shown(url)} is not a valid URL: no host")
     port = port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        addresses = resolve(host, port, deadline)
-    except OSError:
-        raise _Unreachable() from None
+    addresses = resolve(host, port, deadline)
     if not allow_private:
         refused = [a[0] for _, a in addresses if not is_public(a[0])]
         if refused:
@@ -130,7 +139,8 @@ def _target(url: str, allow_private: bool, deadline: float, hint: str):
     return host, port, parts.scheme == "https", path, addresses
 
 
-def _connect(host: str, https: bool, addresses: List[tuple], deadline: float) -> socket.socket:
+def _connect(host: str, port: int, https: bool, addresses: List[tuple], deadline: float) -> socket.socket:
+    reason = f"no answer from {host}:{port} in time"
     for family, address in addresses:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -139,25 +149,31 @@ def _connect(host: str, https: bool, addresses: List[tuple], deadline: float) ->
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.settimeout(remaining)
             sock.connect(address)
-        except OSError:
+        except socket.timeout:
             sock.close()
+            continue
+        except OSError as e:
+            sock.close()
+            reason = f"{host}:{port} refused the connection" if isinstance(e, ConnectionRefusedError) else \
+                f"cannot connect to {host}:{port} ({e.strerror or type(e).__name__})"
             continue
         if https:
             try:
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            except (OSError, ValueError):
+            except (OSError, ValueError) as e:
                 sock.close()
-                raise _Unreachable() from None
+                raise _Unreachable(f"TLS with {host} failed ({' '.join(str(e).split())[:150]})") from None
         return sock
-    raise _Unreachable()
+    raise _Unreachable(reason)
 
 
 def fetch_chunks(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_FETCH_BYTES,
                  allow_private: Optional[bool] = None, user_agent: str = "mlx-paligemma",
-                 hint: str = f"{ALLOW_PRIVATE_ENV}=1") -> Iterator[bytes]:
+                 hint: str = f"{ALLOW_PRIVATE_ENV}=1", tell: bool = False) -> Iterator[bytes]:
     """The body of `url`, chunk by chunk, within `timeout` seconds in all and `max_bytes` bytes, following up to
     MAX_REDIRECTS redirects (each checked). InputError names a refused URL (`hint`: how the caller allows local
-    addresses); FetchError is every other failure."""
+    addresses); FetchError is every other failure, with its reason when `tell`, else (a server answering others)
+    one message whatever happened."""
     if allow_private is None:
         allow_private = allow_private_default()
     deadline = time.monotonic() + timeout
@@ -165,7 +181,7 @@ def fetch_chunks(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_
     try:
         for _ in range(MAX_REDIRECTS + 1):
             host, port, https, path, addresses = _target(current, allow_private, deadline, hint)
-            sock = _connect(host, https, addresses, deadline)
+            sock = _connect(host, port, https, addresses, deadline)
             expired = threading.Event()
 
             def cut(sock=sock):  # the watchdog: a read blocked past the deadline returns at once
@@ -187,37 +203,45 @@ def fetch_chunks(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_
                     current = urljoin(current, response.getheader("Location"))
                     continue
                 if response.status != 200:
-                    raise _Unreachable()
+                    raise _Unreachable(f"HTTP {response.status} {response.reason}".strip())
                 length = response.getheader("Content-Length")
+                too_large = f"more than {max_bytes} bytes"
                 if length is not None and length.strip().isdigit() and int(length) > max_bytes:
-                    raise _Unreachable()
+                    raise _Unreachable(f"{too_large} ({int(length)})")
                 size = 0
                 while True:
                     chunk = response.read1(CHUNK)
                     if expired.is_set():
-                        raise _Unreachable()
+                        raise _Unreachable(f"not all of it within {timeout:g} s")
                     if not chunk:
                         break
                     size += len(chunk)
                     if size > max_bytes:
-                        raise _Unreachable()
+                        raise _Unreachable(too_large)
                     yield chunk
                 return
+            except OSError as e:
+                if expired.is_set():
+                    raise _Unreachable(f"not all of it within {timeout:g} s") from None
+                raise _Unreachable(f"the connection failed ({e.strerror or type(e).__name__})") from None
             finally:
                 watchdog.cancel()
                 connection.close()
-        raise _Unreachable()  # too many redirects
+        raise _Unreachable(f"more than {MAX_REDIRECTS} redirects")
     except InputError:  # a refused scheme or address, at the first hop or a redirect's
         raise
-    except (_Unreachable, OSError, http.client.HTTPException, ValueError):
-        raise unreachable(url, timeout, max_bytes) from None
+    except _Unreachable as e:
+        raise unreachable(url, timeout, max_bytes, e.reason if tell else None) from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:150]}"
+        raise unreachable(url, timeout, max_bytes, reason if tell else None) from None
 
 
 def fetch(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_FETCH_BYTES,
           allow_private: Optional[bool] = None, user_agent: str = "mlx-paligemma",
-          hint: str = f"{ALLOW_PRIVATE_ENV}=1") -> bytes:
+          hint: str = f"{ALLOW_PRIVATE_ENV}=1", tell: bool = False) -> bytes:
     """The whole body of `url` (see fetch_chunks)."""
-    return b"".join(fetch_chunks(url, timeout, max_bytes, allow_private, user_agent, hint))
+    return b"".join(fetch_chunks(url, timeout, max_bytes, allow_private, user_agent, hint, tell))
 
 
 def read_local(path: Union[str, Path], root: Union[str, Path], max_bytes: int) -> bytes:

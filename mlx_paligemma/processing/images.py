@@ -40,13 +40,15 @@ def load_image(source: ImageInput) -> Image.Image:
     if "://" in path:
         from .fetch import FETCH_TIMEOUT, MAX_FETCH_BYTES, fetch, unreachable
 
-        data = fetch(path)  # within fetch.FETCH_TIMEOUT and MAX_FETCH_BYTES, public addresses only by default
+        # Within fetch.FETCH_TIMEOUT and MAX_FETCH_BYTES, public addresses only by default; a failure tells its
+        # reason, to the person who asked (the server, answering others, fetches on its own and does not tell).
+        data = fetch(path, tell=True)
         try:
             return _decode(io.BytesIO(data), source)
         except InputError:
             raise
-        except Exception:  # fetched bytes that are not an image: the same message as an unreachable URL
-            raise unreachable(path, FETCH_TIMEOUT, MAX_FETCH_BYTES) from None
+        except Exception as e:  # fetched bytes that are not an image
+            raise unreachable(path, FETCH_TIMEOUT, MAX_FETCH_BYTES, f"not an image ({cause(e)})") from None
     try:
         if Path(path).is_dir():
             raise InputError(f"{source} is a folder, not an image")

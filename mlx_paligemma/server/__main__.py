@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import defaults
 from .. import limits as process_limits
-from ..cli import ArgumentParser
+from ..cli import ArgumentParser, require
 from ..errors import InputError
 from .chat import Limits
 
@@ -184,12 +184,10 @@ def main(argv=None) -> int:
         local_files = Path(args.allow_local_files).resolve()
         if not local_files.is_dir():
             raise InputError(f"--allow-local-files {args.allow_local_files}: not a folder")
-    try:
-        import uvicorn
+    require("server", "the server")
+    import uvicorn
 
-        from .app import make_app
-    except ImportError as e:
-        raise InputError(f'the server needs starlette and uvicorn ({e}): pip install "mlx-paligemma[server]"') from None
+    from .app import make_app
     from ..formats.loading import load
     from ..formats.mask_decoder import fetch_vae_oid, load_mask_decoder
     from .worker import Worker

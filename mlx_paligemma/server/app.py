@@ -57,6 +57,13 @@ class _Stream(StreamingResponse):
             self.on_close()
 
 
+def served(model_id: str, asked) -> str:
+    """The name of the model that answers a request naming `asked` (None when it names none): the one this server
+    serves, whatever the name (as mlx-lm's server with one model does), so that a client written for a hub id runs
+    against a local folder too."""
+    return model_id
+
+
 def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[str] = None,
              max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None) -> Starlette:
     """`body_budget`: bytes of request bodies held at once (read, or being checked; 8 bodies by default); a
@@ -107,11 +114,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     def prepare(data: bytes) -> Checked:
         """Everything that needs no image, in a thread (a large body takes a while to parse)."""
         body = parse_json(data)
-        model = body.get("model") if isinstance(body, dict) else None
-        if isinstance(model, str) and model not in ("", model_id):
-            raise ApiError(404, f"model {model[:200]!r} is not served here; this server serves {model_id!r} "
-                                "(GET /v1/models)", param="model", code="model_not_found")
-        return check_request(body, limits)
+        checked = check_request(body, limits)  # a body that is not an object, or a `model` not a string, ends here
+        return checked, served(model_id, body.get("model"))
 
     async def index(request: Request):
         return HTMLResponse(page)
@@ -128,7 +132,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         check_key(request)
         held = [0]
         try:
-            checked = await run_in_threadpool(prepare, await read_body(request, held))
+            checked, model = await run_in_threadpool(prepare, await read_body(request, held))
             if checked.urls:  # a download may take its whole deadline: such requests have threads of their own
                 if fetching.available_tokens < 1:
                     raise busy(f"{FETCHING} requests are downloading images")
@@ -149,7 +153,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         except BaseException:
             worker.cancel(handle)
             raise
-        reply = Reply(handle, model_id)
+        reply = Reply(handle, model)
         if checked.stream:
             return _Stream(reply.events(checked.include_usage), on_close=lambda: worker.cancel(handle))
         try:

@@ -54,8 +54,8 @@ def check_trackers(names: Sequence[str]) -> None:
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
         except ImportError:
-            raise InputError('--report-to tensorboard needs the tensorboard package: pip install -e ".[tracking]"') \
-                from None
+            raise InputError('--report-to tensorboard needs the tensorboard package: '
+                             'pip install "mlx-paligemma[tracking]"') from None
 
 
 def read_log(file: Path) -> List[dict]:
@@ -144,7 +144,8 @@ def plot_run(folder, report: Callable[[str], None] = print) -> None:
     try:
         plot_curves(entries, folder / PLOT_FILE)
     except ImportError:
-        report(f'Curves not plotted: no matplotlib (pip install -e ".[report]"); the log is {folder / LOG_FILE}')
+        report(f'Curves not plotted: no matplotlib (pip install "mlx-paligemma[report]"); '
+               f'the log is {folder / LOG_FILE}')
         return
     report(f"Plotted the curves to {folder / PLOT_FILE}")
 
