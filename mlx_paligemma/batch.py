@@ -1,9 +1,9 @@
 """Answer a prompt about every item of a JSONL file or a folder of images, into a JSONL file; resumable, and
 split across processes or machines under `mlx.launch`.
 
-    python -m mlx_paligemma.batch --model M --input items.jsonl --output answers.jsonl [--prompt "caption en"]
-    python -m mlx_paligemma.batch --model M --input photos/ --output captions.jsonl --prompt "caption en"
-    mlx.launch -n 2 --backend ring --python PY -- -m mlx_paligemma.batch --model M --input IN --output OUT
+    python -m mlx_paligemma.batch --model M --data items.jsonl --output answers.jsonl [--prompt "caption en"]
+    python -m mlx_paligemma.batch --model M --data photos/ --output captions.jsonl --prompt "caption en"
+    mlx.launch -n 2 --backend ring --python PY -- -m mlx_paligemma.batch --model M --data IN --output OUT
 
 An input line is an item of mlx_paligemma.data.items's format, the one training and evaluation read: {"image": path or
 URL (or a list of them), "prompt": "..." (or "prefix"), "id": ...} plus any fields of your own (a `suffix` is kept

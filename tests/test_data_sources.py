@@ -297,7 +297,7 @@ def test_bad_dataset_columns_are_one_line(tmp_path, columns, options, message):
 def test_without_the_datasets_library_one_line_names_the_extra(tmp_path, monkeypatch):
     folder = saved(tmp_path, {"image": [CHELSEA], "prefix": ["ocr"], "suffix": ["x"]})
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
-    with pytest.raises(InputError, match=r'pip install -e "\.\[data\]"'):
+    with pytest.raises(InputError, match=r'pip install "mlx-paligemma\[data\]"'):
         sources.read_examples(folder)
 
 

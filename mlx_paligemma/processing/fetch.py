@@ -203,7 +203,7 @@ def fetch_chunks(url: str, timeout: float = FETCH_TIMEOUT, max_bytes: int = MAX_
                     current = urljoin(current, response.getheader("Location"))
                     continue
                 if response.status != 200:
-                    raise _Unreachable(f"HTTP {response.status} {response.reason}".strip())
+                    raise _Unreachable(f"HTTP {response.status} {shown(response.reason or '')[:80]}".strip())
                 length = response.getheader("Content-Length")
                 too_large = f"more than {max_bytes} bytes"
                 if length is not None and length.strip().isdigit() and int(length) > max_bytes:
