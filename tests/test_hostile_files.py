@@ -612,3 +612,13 @@ def test_generate_refuses_an_unwritable_draw_and_ignored_flags_before_loading(tm
     for flag in (["--regex", "a+"], ["--num-beams", "2"]):
         assert generate.main([*base, "--candidates", "a", "b", *flag]) == 1
         assert one_error_line(capsys) == f"error: --candidates scores the given answers: it takes no {flag[0]}"
+
+
+def test_evaluate_refuses_a_report_folder_it_cannot_write_before_work(tmp_path, capsys):
+    from mlx_paligemma import evaluate
+
+    if not Path("/proc").is_dir():
+        pytest.skip("needs Linux: /proc takes no new file, whoever runs the test")
+    data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "caption en", "suffix": "a cat"}])
+    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data), "--report", "/proc/report"])
+    assert rc == 1 and one_error_line(capsys).startswith("error: --report /proc/report: cannot write there: ")

@@ -106,11 +106,20 @@ def test_decode_cost_is_read_from_the_header(configured):
     rgb = Image.open(io.BytesIO(encoded("RGB", (700, 500))))
     rgba = Image.open(io.BytesIO(encoded("RGBA", (700, 500))))
     gray16 = Image.open(io.BytesIO(encoded("I;16", (700, 500))))
-    assert decoding.decode_cost(rgb) == 700 * 500 * 4  # decoded as it is, resized without a copy
-    assert decoding.decode_cost(rgba) == 700 * 500 * (4 + 20)
-    assert decoding.decode_cost(gray16) == 700 * 500 * (2 + 36)
-    configured(decode_budget_bytes=700 * 500 * 4 - 1)
-    with pytest.raises(decoding.TooManyPixels, match=r"takes about 1 MB to decode, more than this server's budget "):
+    # A PNG's EXIF may follow its pixels: a turned copy is counted. The pixels are not decoded to find out.
+    assert decoding.decode_cost(rgb) == 700 * 500 * (4 + 4) and rgb.tile  # tile: still to be decoded
+    assert decoding.decode_cost(rgba) == 700 * 500 * (4 + 4 + 20)
+    assert decoding.decode_cost(gray16) == 700 * 500 * (2 + 2 + 36)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (700, 500)).save(jpeg, "JPEG")
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (700, 500)).save(turned, "JPEG", exif=exif)
+    assert decoding.decode_cost(Image.open(jpeg)) == 700 * 500 * 4  # decoded as it is, resized without a copy
+    assert decoding.decode_cost(Image.open(turned)) == 700 * 500 * 8
+    configured(decode_budget_bytes=700 * 500 * 8 - 1)
+    with pytest.raises(decoding.TooManyPixels, match=r"takes about 3 MB to decode, more than this server's budget "):
         decoding.decode_image(encoded("RGB", (700, 500)), "1", 10**9, 224)
 
 
@@ -126,7 +135,7 @@ def test_decoding_equals_the_processors_steps():
 
 def test_concurrent_decodes_stay_within_the_budget(configured, monkeypatch):
     data = encoded("RGB", (500, 400))
-    cost = 500 * 400 * 4
+    cost = 500 * 400 * 8
     configured(decode_budget_bytes=3 * cost)  # three at a time at most
     seen, lock = [], threading.Lock()
     inner = decoding._loaded
@@ -145,12 +154,13 @@ def test_concurrent_decodes_stay_within_the_budget(configured, monkeypatch):
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux: reads the server's memory in /proc")
 def test_an_image_flood_stays_within_the_decode_budget():
-    """8 clients, 4 PNGs of 4000x4000 each (small on the wire), against a 100 MB budget: the server's peak memory
-    grows by no more than the budget and the images it keeps (each cut to 224 x 224), and it answers them all."""
+    """8 clients, 4 PNGs of 3000x3000 each (small on the wire; 72 MB each to decode), against a 100 MB budget: the
+    server's peak memory grows by no more than the budget and the images it keeps (each cut to 224 x 224), and it
+    answers them all."""
     from test_server import Server, call
 
     buffer = io.BytesIO()
-    Image.new("RGB", (4000, 4000), (120, 30, 200)).save(buffer, "PNG")
+    Image.new("RGB", (3000, 3000), (120, 30, 200)).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     server = Server(MODEL, "--decode-budget-bytes", str(100 * 10**6), "--max-tokens-limit", "4")
     try:

@@ -4,6 +4,7 @@ any work, and left byte-identical."""
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -121,7 +122,8 @@ def test_overwrite_replaces_only_our_event_files_and_refuses_others(tmp_path, ca
 
 @pytest.mark.parametrize("name, kind, made", [(TENSORBOARD_DIR, "a file", "file"), (PLOT_FILE, "a folder", "dir"),
                                                ("adapters.safetensors", "a folder", "dir"),
-                                               ("best", "a file", "file")])
+                                               ("best", "a file", "file"),
+                                               ("log.jsonl", "a FIFO, device or socket", "fifo")])
 def test_overwrite_over_a_name_of_the_wrong_kind_is_one_line_before_training(tmp_path, capsys, name, kind, made):
     data = write_data(tmp_path / "data")
     adapters = tmp_path / "a"
@@ -129,6 +131,8 @@ def test_overwrite_over_a_name_of_the_wrong_kind_is_one_line_before_training(tmp
     if made == "dir":
         (adapters / name).mkdir()
         (adapters / name / "inside.txt").write_text("mine\n")
+    elif made == "fifo":
+        os.mkfifo(adapters / name)  # reading it would block
     else:
         (adapters / name).write_text("mine\n")
     before = snapshot(adapters)

@@ -107,4 +107,4 @@ def _kind(path: Path) -> str:
         return "a link"
     if path.is_dir():
         return "a folder"
-    return "a file" if path.is_file() else "not a regular file"
+    return "a file" if path.is_file() else "a FIFO, device or socket"

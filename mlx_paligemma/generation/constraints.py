@@ -429,8 +429,10 @@ def compile_with_deadline(build, what: str):
 
 
 def cli_constraint(args) -> dict:
-    """--json-schema FILE / --regex / --choices a,b,c / --constrain as the API's keywords (the schema file read
-    now, before the model loads)."""
+    """--json-schema FILE / --regex / --choices a,b,c / --constrain as the API's keywords (the schema file read,
+    and llguidance imported, now: before the model loads)."""
+    if any(v is not None for v in (args.json_schema, args.regex, args.choices)) or args.constrain:
+        _llguidance()
     if args.json_schema is not None:
         return {"json_schema": read_json_object(Path(args.json_schema), MAX_SCHEMA_FILE_BYTES, "--json-schema")}
     if args.regex is not None:

@@ -93,6 +93,14 @@ def check_folder(folder, shown: int = SHOWN) -> Path:
                              "folder")
         if entries:
             check_manifest_folder(path, MARKER, f"--report {folder}", "report")
+    parent = Path(os.path.abspath(path)).parent  # where the report is built and moved into place at the end
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"--report {folder}: cannot write there: {e.strerror or e}") from None
     return path
 
 
