@@ -49,6 +49,9 @@ class Request:
     # big_vision's best_of_n: sample this many answers (rows sharing one prefill, row i seeded seed + i) and return
     # the likeliest (summed log-probability, <eos> included) first, as a beam search returns its sequences.
     best_of: int = defaults.BEST_OF
+    # n answers sampled side by side (rows sharing one prefill, row i seeded seed + i, so choice i is what seed + i
+    # answers alone), each handed out as it is made, as OpenAI's n.
+    n: int = 1
     # Given continuations, one row each (scoring): their tokens are fed, not chosen, and their log-probabilities
     # handed out. They share the prefix's keys and values.
     forced: Optional[List[List[int]]] = None
