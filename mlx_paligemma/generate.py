@@ -13,14 +13,14 @@ from typing import List, Sequence
 from . import defaults
 from .cli import ArgumentParser, add_decoding_arguments, add_object_arguments, command, run_main
 from .generation.constraints import cli_constraint
-from .tasks.detection import ObjectReader, check_min_score, draw_detections, objects_to_json
+from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
 from .formats.atomic import atomic_file
 from .generation.request import check_generation_args
 from .errors import InputError
 from .processing.images import load_image, to_rgb
 from .generation.sampling import logprob_json
-from .generation.api import GenerationResponse, chosen, print_stats, stream_generate
+from .api import GenerationResult, generate, print_stats
 from .generation.scoring import MAX_CANDIDATES, score
 
 
@@ -64,25 +64,17 @@ def build_parser() -> ArgumentParser:
 
 
 
-def logprob_rows(responses: Sequence[GenerationResponse], processor) -> List[dict]:
+def logprob_rows(answer: GenerationResult, processor) -> List[dict]:
     """--logprobs: each token's id, piece, log-probability and alternatives (none for beams and best_of)."""
-    tops = [r.top_logprobs for r in responses] if responses[-1].sequences is None else None
-    tokens, values = chosen(responses)
-    return [logprob_json(processor.tokenizer.decode, t, v, tops[i] if tops else [])
-            for i, (t, v) in enumerate(zip(tokens, values))]
+    tops = answer.top_logprobs or [[]] * len(answer.tokens)
+    return [logprob_json(processor.tokenizer.decode, t, v, top)
+            for t, v, top in zip(answer.tokens, answer.logprobs, tops)]
 
 
 def print_logprobs(rows: Sequence[dict]) -> None:
     for row in rows:
         alternatives = "  ".join(f"{a['text']!r} {a['logprob']:.4f}" for a in row["top_logprobs"])
         print(f"{row['token']:>7} {row['text']!r:<16} {row['logprob']:.4f}  {alternatives}", file=sys.stderr)
-
-
-def answer_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> list:
-    """Boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored by its tokens'
-    log-probabilities, those under --min-score left out."""
-    reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
-    return reader(text, image.size, *chosen(responses))
 
 
 def draw(image, objects: list, path: str) -> None:
@@ -150,21 +142,19 @@ def run(args) -> int:
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
     if args.candidates is not None:
         return report_scores(model, processor, images, args)
-    last, text, tokens = None, "", []
-    for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits,
-                                batch_invariant=args.deterministic, logprobs=args.logprobs, **settings):
-        text += last.text
-        tokens.append(last)
-        if not args.json:  # with --json, stdout is the JSON alone
-            print(last.text, end="", flush=True)
+    printed = (lambda piece: print(piece, end="", flush=True)) if not args.json else None  # --json: the JSON alone
+    answer = generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, batch_invariant=args.deterministic,
+                      logprobs=args.logprobs, mask_decoder=args.mask_decoder or True, min_score=args.min_score,
+                      on_text=printed, **settings)
     if not args.json:
         print()
-    rows = logprob_rows(tokens, processor) if args.logprobs is not None and tokens else None
+    rows = logprob_rows(answer, processor) if args.logprobs is not None and answer.tokens else None
     if rows is not None and not args.json:
         print_logprobs(rows)
-    objects = answer_objects(text, images[0], tokens, processor, args) if has_objects(args.prompt) and tokens else []
-    if args.json:  # one object: the answer, with its objects (detect/segment) and log-probabilities when asked
-        out = {"answer": text}
+    objects = answer.objects or []
+    if args.json:  # one object: the answer, how it ended, its objects (detect/segment) and log-probabilities
+        out = {"answer": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+               "generation_tokens": answer.generation_tokens}
         if has_objects(args.prompt):
             out["objects"] = objects_to_json(objects)
         if rows is not None:
@@ -172,8 +162,8 @@ def run(args) -> int:
         print(json.dumps(out))
     if args.draw:
         draw(images[0], objects, args.draw)
-    if args.verbose and last is not None:
-        print_stats(last, file=sys.stderr if args.json else None)
+    if args.verbose:
+        print_stats(answer, file=sys.stderr if args.json else None)
     return 0
 
 

@@ -75,7 +75,7 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     from PIL import Image
 
     import mlx_paligemma as mp
-    from conftest import scored_objects
+    from conftest import hand_objects
 
     model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
     settings = ["--max-tokens", "40", "--temperature", "1", "--seed", "2", "--constrain"]
@@ -84,12 +84,13 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     loaded = mp.load(str(model))
     alone = mp.generate(*loaded, [str(image)], "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2,
                         constrain=True, logprobs=0)
-    want = scored_objects(loaded[1], alone, Image.open(image).size)
+    want = hand_objects(loaded[1], alone, Image.open(image).size)
     scores = sorted({o["score"] for o in want})
     assert len(scores) > 1, "the test needs objects of different scores"
     r = run(*base)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want}
+    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want, "finish_reason": alone.finish_reason,
+                                    "prompt_tokens": alone.prompt_tokens, "generation_tokens": len(alone.tokens)}
     middle = (scores[0] + scores[1]) / 2
     r = run(*base, "--min-score", str(middle))
     assert json.loads(r.stdout)["objects"] == [o for o in want if o["score"] >= middle]
@@ -136,7 +137,8 @@ def test_cli_json_with_logprobs_is_one_object():
             "--max-tokens", "8", "--json", "--logprobs", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"answer", "objects", "logprobs"} and out["answer"] == want.text
+    assert set(out) == {"answer", "objects", "logprobs", "finish_reason", "prompt_tokens", "generation_tokens"}
+    assert out["answer"] == want.text and out["generation_tokens"] == len(want.tokens) == 8
     assert [t["token"] for t in out["logprobs"]] == want.tokens
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
     assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \

@@ -65,9 +65,9 @@ def test_batch_generate_equals_generate_alone(loaded, cases):
     items = prompts_of(cases)
     images = [i for _, _, i, _ in items]
     prompts = [t for _, _, _, t in items]
-    alone = [mp.generate(model, processor, i, t, max_tokens=10) for i, t in zip(images, prompts)]
-    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=4) == alone
-    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=1) == alone
+    alone = [mp.generate(model, processor, i, t, max_tokens=10).text for i, t in zip(images, prompts)]
+    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=4).texts == alone
+    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=1).texts == alone
 
 
 def test_seeded_sampling_is_the_same_in_any_batch(loaded, cases):
@@ -84,8 +84,8 @@ def test_seeded_sampling_is_the_same_in_any_batch(loaded, cases):
     alone = {i: sampled(1, [i])[i] for i in range(4)}
     assert sampled(4, [0, 1, 2, 3]) == alone
     assert sampled(2, [3, 1, 0, 2]) == alone
-    greedy = mp.generate(model, processor, items[0][2], items[0][3], max_tokens=8)
-    texts = {mp.generate(model, processor, items[0][2], items[0][3], temperature=1.5, seed=s, max_tokens=8)
+    greedy = mp.generate(model, processor, items[0][2], items[0][3], max_tokens=8).text
+    texts = {mp.generate(model, processor, items[0][2], items[0][3], temperature=1.5, seed=s, max_tokens=8).text
              for s in range(4)}
     assert len(texts | {greedy}) > 1, "sampling must change the answer of a random model"
 
@@ -96,7 +96,7 @@ def test_unseeded_sampling_follows_mx_random_seed(loaded, cases):
     answers = []
     for _ in range(2):
         mx.random.seed(3)
-        answers.append(mp.generate(model, processor, images, text, temperature=1.0, max_tokens=8))
+        answers.append(mp.generate(model, processor, images, text, temperature=1.0, max_tokens=8).text)
     assert answers[0] == answers[1]
 
 
@@ -114,14 +114,14 @@ def test_image_features_computed_once_per_distinct_image(loaded, cases):
     assert cache.images_encoded - before == 2
     # A later question about the same image through generate skips the vision tower too, with the same answer.
     first = tokens[uids[0]]
-    answer = mp.generate(model, processor, image, prompts[0], max_tokens=6)
+    answer = mp.generate(model, processor, image, prompts[0], max_tokens=6).text
     assert cache.images_encoded - before == 2
     assert answer == processor.decode(first)
     # New weights for the vision tower invalidate what was computed with the old ones.
     vision = model.vision_tower.parameters()
     try:
         model.vision_tower.update(mp_tree_map(lambda w: w * 1, vision))
-        mp.generate(model, processor, image, prompts[0], max_tokens=1)
+        mp.generate(model, processor, image, prompts[0], max_tokens=1).text
         assert cache.images_encoded - before == 3
     finally:
         model.vision_tower.update(vision)
@@ -136,10 +136,10 @@ def mp_tree_map(fn, tree):
 def test_stop_strings_end_the_row_and_are_not_shown(loaded, cases):
     model, processor = loaded
     _, _, images, text = prompts_of(cases)[0]
-    full = mp.generate(model, processor, images, text, max_tokens=12)
+    full = mp.generate(model, processor, images, text, max_tokens=12).text
     assert len(full) > 4
     stop = full[2:4]
-    cut = mp.generate(model, processor, images, text, max_tokens=12, stop=[stop, "never appears"])
+    cut = mp.generate(model, processor, images, text, max_tokens=12, stop=[stop, "never appears"]).text
     assert cut == full[: full.index(stop)]
 
 
@@ -168,7 +168,7 @@ def test_quantized_kv_cache_in_the_engine(loaded, cases):
     prompts = [t for _, _, _, t in items]
     # The fixtures' head size is 16: the quantized cache needs groups of 32, so it is refused with one line.
     with pytest.raises(InputError, match="head size divisible by 32"):
-        mp.batch_generate(model, processor, images, prompts, kv_bits=8)
+        mp.batch_generate(model, processor, images, prompts, kv_bits=8).texts
 
 
 def test_detokenizer_equals_decoding_everything(loaded):
@@ -215,7 +215,7 @@ def test_bad_settings_are_one_line(loaded, settings, message):
     model, processor = loaded
     image = str(FIXTURES / "images" / "chelsea.jpg")
     with pytest.raises(InputError, match=message) as e:
-        mp.batch_generate(model, processor, [image], ["caption en"], **settings)
+        mp.batch_generate(model, processor, [image], ["caption en"], **settings).texts
     assert "\n" not in str(e.value)
 
 
@@ -242,7 +242,7 @@ def test_batch_generate_names_the_bad_prompt(loaded, tmp_path):
     model, processor = loaded
     image = str(FIXTURES / "images" / "chelsea.jpg")
     with pytest.raises(InputError, match=r"prompt 1: image not found"):
-        mp.batch_generate(model, processor, [image, str(tmp_path / "missing.jpg")], ["caption en", "ocr"])
+        mp.batch_generate(model, processor, [image, str(tmp_path / "missing.jpg")], ["caption en", "ocr"]).texts
 
 
 def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
@@ -265,7 +265,7 @@ def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
 
     monkeypatch.setattr(generate_module, "wired_limit", recording)
     _, _, images, text = prompts_of(cases)[0]
-    mp.generate(model, processor, images, text, max_tokens=3)
+    mp.generate(model, processor, images, text, max_tokens=3).text
     assert calls == ["enter", "exit"]
 
 
@@ -299,7 +299,7 @@ def test_compiled_decode_sees_new_layers_and_weights():
     inputs = processor(images=str(FIXTURES / "images" / "chelsea.jpg"), text="caption en")
 
     def engine_tokens():
-        return [int(t[0]) for t in mp.generate_step(model, inputs["input_ids"], inputs["pixel_values"], max_tokens=6)]
+        return [int(t[0]) for t in mp.generate_tokens(model, inputs["input_ids"], inputs["pixel_values"], max_tokens=6)]
 
     base = engine_tokens()
     trainer.add_lora(model, rank=4)

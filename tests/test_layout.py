@@ -12,7 +12,7 @@ PACKAGE = Path(mp.__file__).parent
 # Floors, bottom first (docs/LAYOUT.md draws them). A module imports only its own floor or lower ones; a command
 # imports no other command.
 FLOORS = [{"errors", "defaults"}, {"models"}, {"processing"}, {"formats"}, {"data"}, {"generation"}, {"tasks"},
-          {"training"}, {"cli"}, {"generate", "batch", "evaluate", "lora", "convert", "export", "server"},
+          {"training"}, {"api"}, {"cli"}, {"generate", "batch", "evaluate", "lora", "convert", "export", "server"},
           {"__init__", "__main__"}]
 COMMANDS = FLOORS[-2]
 

@@ -42,6 +42,7 @@ class Output:
     logprob: Optional[float] = None  # the token's log-probability (None on a beam search's or best_of's result)
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), most likely first, when asked
     index: int = 0  # which of its request's rows (a choice of n, a forced continuation's position in `forced`)
+    answer: Optional[BeamSequence] = None  # on a streamed row's last output: that row's (choice's) whole answer
     result: Optional[Result] = None  # on the request's last output: its answer
 
     @property

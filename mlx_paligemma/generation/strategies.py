@@ -185,9 +185,12 @@ class Sampled(Strategy):
 
     def hand_out(self, row: Row, token: int, logprob: float, top: Top) -> Optional[Output]:
         out = self._take(row, token, logprob, top)
-        if out.finish_reason and self._end(row, out.finish_reason):
-            sequences = [self.sequence(r) for r in self.rows]
-            out.result = result_of(self.uid, sequences, len(self.request.prompt_ids), sequences[0])
+        if out.finish_reason:
+            last = self._end(row, out.finish_reason)
+            out.answer = self.sequence(row)
+            if last:
+                sequences = [self.sequence(r) for r in self.rows]
+                out.result = result_of(self.uid, sequences, len(self.request.prompt_ids), sequences[0])
         return out
 
     def sequence(self, row: Row) -> BeamSequence:
