@@ -38,7 +38,10 @@ def loaded():
 
 def api(loaded, prompt="caption en", image=CAT, **kw):
     model, processor = loaded
-    return mp.generate(model, processor, [str(image)], prompt, **kw).text
+    result = mp.generate(model, processor, [str(image)], prompt, **kw)
+    if "logprobs" in kw:  # the whole result: tokens, log-probabilities, sequences
+        return result
+    return result.texts if kw.get("num_return_sequences", 1) > 1 else result.text
 
 
 def create(client, prompt="caption en", image=CAT, **kw):
