@@ -10,13 +10,12 @@ GenerationResult, a BatchResponse indexes and iterates as the list of results, a
 `generate_tokens`: it never was mlx-lm's generate_step) warns and runs.
 """
 
-import difflib
 import inspect
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +28,7 @@ from .generation.beams import BeamSequence
 from .generation.engine import Engine, Output
 from .generation.request import Request
 from .generation.runs import run_all
+from .generation.settings import Settings, check_settings
 from .models.paligemma import PaliGemma
 from .processing.answer_format import has_objects
 from .processing.images import load_image
@@ -134,12 +134,10 @@ def _piece(out: Output, **timing) -> GenerationResult:
                             **timing)
 
 
-def _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings
+def _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings: Settings
             ) -> Generator[Tuple[GenerationResult, Output], None, None]:
-    if settings.get("logprobs") is None:
-        settings.pop("logprobs", None)
     engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=batch_invariant)
-    engine.submit(images, prompt, **settings)
+    engine.submit(images, prompt, settings)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -169,9 +167,9 @@ def stream_generate(model: PaliGemma, processor: PaliGemmaProcessor, images=None
     piece when they end, with their best sequences. mlx-vlm's order, `(model, processor, prompt, image=...)`, is
     read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
-    check_keywords(stream_generate, settings)
-    for piece, _ in _stream(model, processor, images, prompt, kv_bits, batch_invariant,
-                            dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)):
+    settings = checked(stream_generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                             top_k=top_k))
+    for piece, _ in _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings):
         yield piece
 
 
@@ -188,13 +186,13 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     own constraint or sampler fails while decoding raises its InputError. mlx-vlm's order, `generate(model,
     processor, "caption en", image=img)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
-    check_keywords(generate, settings)
+    settings = checked(generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                      top_k=top_k))
     loaded = _images(images)
     reader = _reader(processor, prompt, mask_decoder, min_score)
     last = final = None
     for last, out in _stream(model, processor, loaded if images is not None else None, prompt, kv_bits,
-                             batch_invariant, dict(settings, max_tokens=max_tokens, temperature=temperature,
-                                                   top_p=top_p, top_k=top_k)):
+                             batch_invariant, settings):
         final = out.result or final
         if on_text is not None:
             on_text(last.text)
@@ -228,9 +226,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     the cost of decoding requests side by side rather than together. Images are read as their rows are about to
     join, so a long list streams through in bounded memory; a bad image or prompt raises InputError naming its
     index, and a prompt whose own constraint or sampler fails while decoding raises it, the others done."""
-    check_keywords(batch_generate, settings)
-    if settings.get("logprobs") is None:
-        settings.pop("logprobs", None)
+    settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature))
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=batch_invariant)
@@ -240,8 +236,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
         try:
             loaded = _images(images[i])
             sizes[i] = loaded[0].size if loaded else None
-            return engine.submit(loaded if images[i] is not None else None, prompts[i], max_tokens=max_tokens,
-                                 temperature=temperature, **settings)
+            return engine.submit(loaded if images[i] is not None else None, prompts[i], settings)
         except InputError as e:
             raise InputError(f"prompt {i}: {e}", param=e.param) from None
 
@@ -314,28 +309,13 @@ def generate_step(*args, **kwargs) -> Generator[mx.array, None, None]:
     return generate_tokens(*args, **kwargs)
 
 
-# What **settings may hold: the engine's per-request settings (Request's fields, less those given as ids/arrays or
-# built by Engine.submit), and submit's constraint keywords.
-CONSTRAINTS = ["response_format", "json_schema", "regex", "choices", "constrain"]
-SETTINGS = sorted({f.name for f in fields(Request)} - {"prompt_ids", "pixel_values", "image_features", "stop_at_eos",
-                                                       "sampler", "forced", "constraint"} | set(CONSTRAINTS))
-# Names people bring from transformers, mlx-lm and mlx-vlm, and ours.
-NEIGHBOURS = {"max_new_tokens": "max_tokens", "temp": "temperature", "do_sample": "temperature (0 is greedy, > 0 "
-              "samples)", "image_path": "images", "top_logprobs": "logprobs", "random_seed": "seed",
-              "stop_strings": "stop", "stop_sequences": "stop", "guided_regex": "regex", "guided_choice": "choices",
-              "guided_json": "json_schema", "num_return_sequence": "num_return_sequences"}
-
-
-def check_keywords(function, settings: dict) -> None:
-    """A misspelt or foreign keyword (`temp=`, `max_new_tokens=`) is one InputError line saying what to write,
-    not a TypeError."""
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        name = unknown[0]
-        named = [p for p in inspect.signature(function).parameters if p not in ("model", "processor", "settings")]
-        close = NEIGHBOURS.get(name) or next(iter(difflib.get_close_matches(name, named + SETTINGS, 1, 0.6)), None)
-        hint = f": did you mean {close}?" if close else f"; see help({function.__name__})"
-        raise InputError(f"{function.__name__}() got an unknown keyword {name}{hint}", param=name)
+def checked(function, settings: dict) -> Settings:
+    """The one check of the settings (a misspelt or foreign keyword, `temp=` or `max_new_tokens=`, is one line
+    saying what to write, not a TypeError)."""
+    if settings.get("logprobs") is None:
+        settings.pop("logprobs", None)
+    known = [p for p in inspect.signature(function).parameters if p not in ("model", "processor", "settings")]
+    return check_settings(f"{function.__name__}()", known, **settings)
 
 
 def neighbour_order(images, prompt, settings: dict):

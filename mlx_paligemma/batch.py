@@ -42,7 +42,7 @@ from .tasks.detection import ObjectReader, check_min_score, objects_to_json
 from .processing.answer_format import has_objects
 from .generation.engine import Engine
 from .generation.runs import run_all
-from .generation.request import check_generation_args
+from .generation.settings import check_settings
 from .errors import InputError, cause, check_text
 from .processing.images import load_image
 from .generation.sampling import logprob_json
@@ -257,9 +257,9 @@ def check_writable(out: Path) -> None:
 
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
-    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed,
-                          logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                          best_of=args.best_of)
+    check_settings(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, logprobs=args.logprobs or 0, num_beams=args.num_beams,
+                   length_penalty=args.length_penalty, best_of=args.best_of)
     check_min_score(args.min_score)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -16,7 +16,7 @@ from .generation.constraints import cli_constraint
 from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
 from .formats.atomic import atomic_file
-from .generation.request import check_generation_args
+from .generation.settings import check_settings
 from .errors import InputError
 from .processing.images import load_image, to_rgb
 from .generation.sampling import logprob_json
@@ -125,7 +125,7 @@ def run(args) -> int:
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty, best_of=args.best_of)
-    check_generation_args(**settings, logprobs=args.logprobs or 0)
+    check_settings(**settings, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
     settings.update(cli_constraint(args))
     if args.candidates is not None and (args.draw or args.logprobs is not None):

@@ -39,6 +39,7 @@ from ..models.paligemma import PaliGemma
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
 from .request import Request
+from .settings import Settings, check_settings
 from .results import Output, Result
 from .sampling import Picked, log_softmax, token_logprobs, top_logprobs
 from .strategies import Row, strategy_for
@@ -91,25 +92,26 @@ class Engine:
 
     # Requests in, cancellations.
 
-    def submit(self, images=None, prompt: str = "", response_format=None, json_schema=None, regex=None,
-               choices=None, constrain: bool = False, **settings) -> int:
+    def submit(self, images=None, prompt: str = "", settings: Optional[Settings] = None, **given) -> int:
         """Queue a prompt about one or more images (PIL images, paths or URLs; a list for several). The images are
-        read and the prompt checked now, so a bad request fails here with one InputError line. At most one of
-        response_format (OpenAI's), json_schema, regex, choices or constrain=True (the detect/segment grammar)
-        keeps the answer inside it (see constraints.make_constraint); a bad one fails here too."""
+        read and the prompt checked now, so a bad request fails here with one InputError line. `settings` (checked
+        by check_settings) or the keywords themselves say how to answer; at most one of response_format (OpenAI's),
+        json_schema, regex, choices or constrain=True (the detect/segment grammar) keeps the answer inside it (see
+        constraints.make_constraint); a bad one fails here too. `forced`, `stop_at_eos` and `sampler` go to the
+        Request as they are."""
         if self.processor is None:
             raise InputError("this engine has no processor: submit token ids with add()")
         if not isinstance(prompt, str):
-            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(constrain, bool):
-            raise InputError(f"constrain must be true or false, got {constrain!r}")
+            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}", param="prompt")
+        more = {k: given.pop(k) for k in ("forced", "stop_at_eos", "sampler") if k in given}
+        settings = settings if settings is not None else check_settings("submit()", **given)
         constraint = make_constraint(self.processor, self.model.config.text_config.vocab_size, prompt,
-                                     response_format, json_schema, regex, choices, constrain)
+                                     **settings.constraint())
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=[images], text=prompt)
         pixels = np.array(inputs["pixel_values"]) if len(images) else None
-        return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixel_values=pixels,
-                                constraint=constraint, **settings))
+        return self.add(Request.of(np.array(inputs["input_ids"])[0].tolist(), settings, pixel_values=pixels,
+                                   constraint=constraint, **more))
 
     def add(self, request: Request) -> int:
         """Queue a request already in token ids. Its rows (beams, samples, choices, forced continuations) come and go
