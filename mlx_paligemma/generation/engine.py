@@ -287,7 +287,7 @@ class Engine:
             logits = apply_masks(logits, constraints, lambda i, e: rows[i].strategy.fail(e, rows[i].constraint.field))
         logprobs = log_softmax(logits)
         parents = list(range(len(rows)))
-        if all(r.strategy.greedy(r) for r in rows):
+        if all(r.strategy.greedy for r in rows):
             tokens = mx.argmax(logits, axis=-1)
         # Rows given one sampler callable (generate_tokens') are sampled together by it.
         elif (shared := rows[0].request.sampler) is not None and all(r.request.sampler is shared and not r.processors

@@ -10,7 +10,7 @@ out, and the one Result (results.py) the request ends with.
 - Forced: one row per given continuation (scoring): its tokens are fed, not chosen.
 
 All of a request's rows share one prefill of its prompt (the engine copies its keys and values). The engine asks a
-strategy `greedy(row)` (may the batch's one argmax pick for it), `pick` (its rows' tokens), `room(row)` and
+strategy `greedy` (may the batch's one argmax pick for it), `pick` (its rows' tokens), `room(row)` and
 `hand_out`. Whatever a request's own parts raise (its constraint, sampler, processors) is its `fail`: the request
 ends alone, with the error in its Result, and the batch goes on.
 """
@@ -68,20 +68,15 @@ class Strategy:
     """A request's rows and how they decode. `engine` gives eos_id, context, processor and byte_ids."""
 
     forgiving = False  # a row may be handed a token its grammar forbids (beams: a -inf candidate that never wins)
+    greedy = False  # its rows may be picked by the batch's one argmax
 
     def __init__(self, engine, uid: int, request: Request):
         self.engine, self.uid, self.request = engine, uid, request
         self.rows: List[Row] = []
         self.error: Optional[Exception] = None
         self.ended = False  # its Result was handed out
-
-    @property
-    def limit(self) -> int:
-        """Tokens the request may make: its max_tokens, within the model's context."""
-        return min(self.request.max_tokens, self.engine.context - len(self.request.prompt_ids))
-
-    def greedy(self, row: Row) -> bool:
-        return False
+        # Tokens the request may make: its max_tokens, within the model's context.
+        self.limit = min(request.max_tokens, engine.context - len(request.prompt_ids))
 
     def pick(self, members: List[Tuple[int, Row]], logits: mx.array, logprobs: mx.array, tokens: list,
              parents: List[int]) -> None:
@@ -134,6 +129,7 @@ class Sampled(Strategy):
         if count > 1 and seed is None:
             seed = fresh_seed()
         self.rows = [self._row(i, seed + i if count > 1 else seed) for i in range(count)]
+        self.greedy = request.sampler is None and request.temperature == 0 and not self.rows[0].processors
 
     def _row(self, index: int, seed: Optional[int]) -> Row:
         request, engine = self.request, self.engine
@@ -149,9 +145,6 @@ class Sampled(Strategy):
                                                     request.repetition_context_size)
             row.history = mx.array(request.prompt_ids[-request.repetition_context_size:])
         return row
-
-    def greedy(self, row: Row) -> bool:
-        return self.request.sampler is None and self.request.temperature == 0 and not row.processors
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
         for i, row in members:
