@@ -318,8 +318,10 @@ def test_rows_end_when_the_context_is_full(loaded, cases):
     model, processor = loaded
     _, _, images, text = prompts_of(cases)[0]
     engine = Engine(model, processor, batch_size=2)
+    prompt = len(processor(images=[images], text=text)["input_ids"][0])
+    engine.context = prompt + 3  # as if max_position_embeddings were that
     uid = engine.submit(images, text, max_tokens=10, logit_bias={processor.tokenizer.eos_id: -1e9})
-    engine.context = len(engine.waiting[0].request.prompt_ids) + 3  # as if max_position_embeddings were that
+    assert len(engine.waiting[0].request.prompt_ids) == prompt
     outputs = []
     with engine.running():
         while engine.has_work:
