@@ -348,3 +348,29 @@ def test_padding_left_by_a_long_row_is_dropped_and_tokens_stay_exact(loaded, cas
                 lengths.append(engine.batch.length)
     assert max(lengths) > 300 and min(lengths) < 100, "the padding was dropped"
     assert tokens == expected
+
+
+def test_n_choices_share_one_prefill_and_are_each_seeds_answer(loaded, cases, monkeypatch):
+    """n=4 is one request of 4 rows: its prompt goes through the decoder once (as best_of's), and choice i is what
+    the same prompt answers alone with seed + i."""
+    model, processor = loaded
+    _, _, images, text = prompts_of(cases)[0]
+    settings = dict(max_tokens=8, temperature=1.5, top_k=50)
+    alone = []
+    for i in range(4):
+        engine = Engine(model, processor, batch_size=4)
+        uid = engine.submit(images, text, seed=7 + i, **settings)
+        alone.append(run(engine)[0][uid])
+    prefills = []
+    real = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, rows: prefills.append(len(rows)) or real(self, rows))
+    engine = Engine(model, processor, batch_size=8)
+    engine.submit(images, text, seed=7, n=4, **settings)
+    with engine.running():
+        while engine.has_work:
+            results = [o.result for o in engine.step() if o.result is not None]
+            if results:
+                result = results[0]
+    assert prefills == [4]  # one prefill, its keys and values copied to the 4 rows
+    assert [s.tokens for s in result.sequences] == alone
+    assert len(set(map(tuple, alone))) > 1, "the seeds must give different answers for this to mean anything"
