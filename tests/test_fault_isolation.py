@@ -182,3 +182,50 @@ def test_the_server_answers_the_poisoned_request_a_400_and_the_others_theirs(loa
         assert server.health()["active"] == 0
     finally:
         server.stop()
+
+
+def test_an_engine_fault_fails_the_running_requests_without_quoting_them(loaded, monkeypatch):
+    """The model thread's catch-all is for faults of the engine itself: its message names none of the requests'
+    input (another client's prompt or grammar), and the worker goes on with a fresh engine."""
+    import asyncio
+
+    from PIL import Image
+
+    from mlx_paligemma.server.worker import Job, Worker
+
+    model, processor = loaded
+    worker = Worker(model, processor, batch_size=4)
+    real = Engine.step
+    calls = []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("SECRET prompt text inside an engine fault")
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+
+    async def ask(prompt):
+        handle = worker.submit(Job([Image.open(CAT)], prompt, {"max_tokens": 6}), asyncio.get_running_loop())
+        events = []
+        for _ in range(100):  # bounded: accepted, pieces, the last or an error
+            events.append(await asyncio.wait_for(handle.events.get(), 60))
+            if events[-1].kind == "error" or events[-1].finish_reason:
+                return events
+        raise AssertionError("no end")
+
+    async def main():
+        worker.start()
+        try:
+            failed = await ask("caption en SECRET")
+            ok = await ask("caption en")
+        finally:
+            worker.shutdown()
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert failed[-1].kind == "error" and failed[-1].status == 500
+    assert "SECRET" not in failed[-1].message and "\n" not in failed[-1].message
+    assert ok[-1].finish_reason and "".join(e.text for e in ok) == mp.generate(*loaded, CAT, "caption en",
+                                                                             max_tokens=6).text

@@ -17,7 +17,7 @@ MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
 MAX_BEST_OF = 64  # samples of one best_of (or n) request: rows of the batch, so its cost is bounded before it starts
 CONSTRAINTS = ("response_format", "json_schema", "regex", "choices", "constrain")
 # Names people bring from transformers, mlx-lm, mlx-vlm and vLLM, and what we call them.
-NEIGHBOURS = {"max_new_tokens": "max_tokens", "temp": "temperature", "do_sample": "temperature",
+NEIGHBOURS = {"max_new_tokens": "max_tokens", "max_length": "max_tokens", "temp": "temperature", "do_sample": "temperature",
               "top_logprobs": "logprobs", "random_seed": "seed", "stop_strings": "stop", "stop_sequences": "stop",
               "guided_regex": "regex", "guided_choice": "choices", "guided_json": "json_schema",
               "image_path": "images", "num_return_sequence": "num_return_sequences"}
