@@ -34,7 +34,7 @@ from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
-from .kv_buffers import Batch, decode_step, round_up
+from .kv_buffers import KVBuffers, decode_step, round_up
 from ..models.paligemma import PaliGemma
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
@@ -51,6 +51,33 @@ CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to 
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
 # prefill grow with it, and a batch of 448 or 896 px prompts prefilled at once would add gigabytes to the peak.
 PREFILL_TOKENS = 2048
+
+
+class Batch:
+    """The running rows, their keys and values, and the token each has picked and not yet handed out."""
+
+    def __init__(self, rows: List[Row], kv: KVBuffers, picked: Optional[Picked] = None):
+        self.rows, self.kv, self.picked = rows, kv, picked
+
+    @property
+    def length(self) -> int:
+        return self.kv.length
+
+    def keep(self, indices: List[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return  # the owner drops an empty batch
+        index = mx.array(indices, dtype=mx.int32)
+        self.kv.take(indices, index)
+        if self.picked is not None:
+            self.picked = self.picked.take(index)
+
+    def extend(self, other: "Batch") -> None:
+        self.kv.extend(other.kv)
+        self.rows += other.rows
+        self.picked = self.picked.concat(other.picked)
 
 
 class Engine:
@@ -248,7 +275,7 @@ class Engine:
 
         keys, values = zip(*((buffers(k), buffers(v)) for k, v in (c.keys_and_values() for c in cache)))
         padding = [left_padding[i] for i in copies.tolist()]
-        batch = Batch(rows, list(keys), list(values), padding, length, None)
+        batch = Batch(rows, KVBuffers(list(keys), list(values), padding, length))
         # Every beam starts from the same prefix: no keys and values to move after the first step.
         batch.picked, _ = self._sample(rows, logits[:, -1][copies])
         return batch
@@ -265,14 +292,15 @@ class Engine:
         return mx.stack(features) if features else None
 
     def _decode(self, batch: Batch) -> Picked:
-        batch.reserve()
+        kv = batch.kv
+        kv.reserve()
         step = decode_step(self.model, self.kv_bits, self.kv_group_size)
-        logits, batch.keys, batch.values = step(batch.picked.tokens, mx.array(batch.length),
-                                                mx.array(batch.left_padding), batch.keys, batch.values)
-        batch.length += 1
+        logits, kv.keys, kv.values = step(batch.picked.tokens, mx.array(kv.length), mx.array(kv.left_padding),
+                                          kv.keys, kv.values)
+        kv.length += 1
         picked, parents = self._sample(batch.rows, logits)
         if parents != list(range(len(batch.rows))):
-            batch.copy_rows(parents)  # beams continue other beams: their keys and values come along
+            kv.copy_rows(parents)  # beams continue other beams: their keys and values come along
         return picked
 
     def _sample(self, rows: List[Row], logits: mx.array) -> Tuple[Picked, List[int]]:
