@@ -97,7 +97,7 @@ class Strategy:
         """The request's own fault ends it (the first one counts): an InputError naming its field."""
         if self.error is None:
             self.error = error if isinstance(error, InputError) else InputError(
-                f"{what or 'decoding'} failed while decoding: {cause(error)}"[:500], param=what)
+                f"{what or 'the request'} failed while decoding: {cause(error)}"[:500], param=what)
 
     def failed(self, row: Row) -> Optional[Output]:
         """A failed request's one output: its error; every row of it ends."""
