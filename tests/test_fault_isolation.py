@@ -229,3 +229,13 @@ def test_an_engine_fault_fails_the_running_requests_without_quoting_them(loaded,
     assert "SECRET" not in failed[-1].message and "\n" not in failed[-1].message
     assert ok[-1].finish_reason and "".join(e.text for e in ok) == mp.generate(*loaded, CAT, "caption en",
                                                                              max_tokens=6).text
+
+
+@pytest.mark.parametrize("schema", [{"type": "number", "minimum": 10**400}, '{"type": "number", "minimum": 1e400}'])
+def test_a_schema_llguidance_cannot_take_is_the_requests_fault(loaded, schema):
+    """A number past float range in a schema was a 500 (an unexpected ValueError): it is one InputError line
+    naming json_schema, before any decoding."""
+    with pytest.raises(mp.InputError) as e:
+        mp.generate(*loaded, CAT, "caption en", max_tokens=4, json_schema=schema)
+    assert e.value.param == "json_schema" and str(e.value).startswith("bad json schema: ")
+    assert "\n" not in str(e.value)
