@@ -125,11 +125,16 @@ def run(args) -> int:
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty, best_of=args.best_of)
-    check_settings(**settings, logprobs=args.logprobs or 0)
+    constraint = cli_constraint(args)
+    check_settings(**settings, **constraint, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
-    settings.update(cli_constraint(args))
+    settings.update(constraint)
     if args.candidates is not None and (args.draw or args.logprobs is not None):
         raise InputError("--candidates scores the given answers: it takes no --draw or --logprobs")
+    ignored = [flag for flag, given in (("--num-beams", args.num_beams > 1), ("--best-of", args.best_of > 1),
+                                        (f"--{next(iter(constraint), '').replace('_', '-')}", constraint)) if given]
+    if args.candidates is not None and ignored:
+        raise InputError(f"--candidates scores the given answers as they are: it takes no {ignored[0]}")
     if args.candidates is not None and len(args.candidates) > MAX_CANDIDATES:
         raise InputError(f"--candidates: at most {MAX_CANDIDATES}, got {len(args.candidates)}")
     if args.draw:

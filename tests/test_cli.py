@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import FIXTURES
 
@@ -143,3 +144,15 @@ def test_cli_json_with_logprobs_is_one_object():
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
     assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
         [[i for i, _ in top] for top in want.top_logprobs]
+
+
+@pytest.mark.parametrize("flags, named", [(["--regex", "a+"], "--regex"), (["--num-beams", "2"], "--num-beams"),
+                                          (["--constrain"], "--constrain")])
+def test_candidates_refuse_the_flags_they_would_ignore(flags, named):
+    """--candidates scores the given answers: a constraint or a way of choosing among answers is refused in one
+    line before the model loads, not silently ignored."""
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / "paligemma2-tiny"), "--image",
+            str(FIXTURES / "images" / "chelsea.jpg"), "--prompt", "answer en is there a cat?", "--candidates", "yes",
+            "no", *flags)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: --candidates scores the given answers as they are: it takes no {named}"]

@@ -239,3 +239,4 @@ def test_a_schema_llguidance_cannot_take_is_the_requests_fault(loaded, schema):
         mp.generate(*loaded, CAT, "caption en", max_tokens=4, json_schema=schema)
     assert e.value.param == "json_schema" and str(e.value).startswith("bad json schema: ")
     assert "\n" not in str(e.value)
+
