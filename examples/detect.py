@@ -4,7 +4,7 @@
     python examples/detect.py --model M --image examples/images/coffee.jpg --objects "cup ; saucer" --output coffee.png
 
 The model answers `detect cat ; dog` with `<locY0><locX0><locY1><locX1> label` per object, separated by " ; ";
-`parse_detections` turns that into boxes in pixels of the photo.
+`generate` reads them into `.objects`, boxes in pixels of the photo.
 """
 
 import argparse
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_paligemma as mp  # noqa: E402
 from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
 from mlx_paligemma.processing.images import to_rgb
-from mlx_paligemma.tasks.detection import draw_detections, objects_to_json, parse_detections
+from mlx_paligemma.tasks.detection import draw_detections, objects_to_json
 
 
 def main() -> None:
@@ -32,9 +32,9 @@ def main() -> None:
 
     image = to_rgb(mp.load_image(args.image))
     model, processor = mp.load(args.model)
-    text = mp.generate(model, processor, images=image, prompt=f"detect {args.objects}", max_tokens=64)
-    print(f"answer: {text!r}", file=sys.stderr)
-    objects = parse_detections(text, image.size)
+    result = mp.generate(model, processor, images=image, prompt=f"detect {args.objects}", max_tokens=64)
+    print(f"answer: {result.text!r}", file=sys.stderr)
+    objects = result.objects  # scored by their tokens' log-probabilities
     print(json.dumps(objects_to_json(objects), indent=2))
     draw_detections(image, objects).save(args.out)
     print(f"{len(objects)} object(s) drawn on {args.out}", file=sys.stderr)

@@ -64,7 +64,7 @@ def build_dataset(folder: Path) -> None:
 
 
 def answers(model, processor, data, max_tokens: int) -> list:
-    return [mp.generate(model, processor, e.image, e.prefix, max_tokens=max_tokens) for e in data]
+    return [mp.generate(model, processor, e.image, e.prefix, max_tokens=max_tokens).text for e in data]
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_paligemma as mp  # noqa: E402
 from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
 from mlx_paligemma.processing.images import to_rgb
-from mlx_paligemma.tasks.detection import draw_detections, objects_to_json, parse_detections
+from mlx_paligemma.tasks.detection import draw_detections, objects_to_json
 from mlx_paligemma.formats.mask_decoder import fetch_vae_oid, load_mask_decoder
 
 
@@ -40,9 +40,10 @@ def main() -> None:
     decoder = load_mask_decoder(args.mask_decoder or fetch_vae_oid())
     model, processor = mp.load(args.model)
     # 4 box tokens + 16 mask codes + a label and separator per object.
-    text = mp.generate(model, processor, images=image, prompt=f"segment {args.objects}", max_tokens=128)
-    print(f"answer: {text!r}", file=sys.stderr)
-    objects = parse_detections(text, image.size, mask_decoder=decoder)
+    result = mp.generate(model, processor, images=image, prompt=f"segment {args.objects}", max_tokens=128,
+                         mask_decoder=decoder)
+    print(f"answer: {result.text!r}", file=sys.stderr)
+    objects = result.objects
     print(json.dumps(objects_to_json(objects)))
     draw_detections(image, objects).save(args.out)
     print(f"{len(objects)} object(s) drawn on {args.out}", file=sys.stderr)

@@ -37,12 +37,13 @@ if _blas_note and _mx.default_device() == _mx.cpu:
 from . import generate as _generate_command  # noqa: E402, F401
 from .errors import InputError  # noqa: E402
 from .formats.loading import load  # noqa: E402
-from .generation.api import Generation, batch_generate, generate, generate_step, stream_generate  # noqa: E402
+from .api import (BatchResponse, Generation, GenerationResult, batch_generate, generate, generate_step,  # noqa: E402
+                  generate_tokens, stream_generate)
 from .generation.engine import Engine  # noqa: E402
 from .generation.scoring import score  # noqa: E402
 from .processing.images import load_image  # noqa: E402
 from .processing.processor import PaliGemmaProcessor  # noqa: E402
 
-__all__ = ["load", "generate", "generate_step", "stream_generate", "batch_generate", "Engine", "PaliGemmaProcessor",
-           "InputError", "load_image", "Generation", "score"]
+__all__ = ["load", "generate", "generate_tokens", "generate_step", "stream_generate", "batch_generate", "Engine",
+           "PaliGemmaProcessor", "InputError", "load_image", "GenerationResult", "BatchResponse", "Generation", "score"]
 __version__ = "0.1.0"

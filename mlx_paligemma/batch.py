@@ -26,6 +26,7 @@ through mx.distributed and appends them to OUT in input order, so OUT is the sam
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -41,7 +42,8 @@ from .data.items import Item, read_items
 from .tasks.detection import ObjectReader, check_min_score, objects_to_json
 from .processing.answer_format import has_objects
 from .generation.engine import Engine
-from .generation.request import check_generation_args
+from .generation.runs import run_all
+from .generation.settings import check_settings
 from .errors import InputError, cause, check_text
 from .processing.images import load_image
 from .generation.sampling import logprob_json
@@ -164,7 +166,9 @@ def clock(seconds: float) -> str:
 # The run.
 
 def generate_all(model, processor, items: List[Item], todo: List[int], sink, progress: Progress, args) -> None:
-    """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`."""
+    """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`: its answer,
+    or an error line when the item cannot be done (a bad image or setting, or its own constraint failing while it
+    is decoded); the other items go on."""
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, num_beams=args.num_beams,
@@ -172,53 +176,35 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
-    running = {}  # uid -> [index, size of the first image, answer so far, --logprobs entries, tokens, logprobs]
-    queue = iter(todo)
-    with engine.running():
-        while True:
-            # About one batch waits: its images are read at submit, so the whole dataset is never in memory.
-            while len(engine.waiting) < args.batch_size:
-                index = next(queue, None)
-                if index is None:
-                    break
-                item = items[index]
-                # A seed per item, so that sampled answers do not depend on which items share a batch or a rank.
-                seed = None if args.seed is None else args.seed + index
-                try:
-                    if item.error:
-                        raise InputError(item.error)
-                    images = [load_image(source) for source in item.images]
-                    uid = engine.submit(images, item.prompt, seed=seed, **settings, **item_constraint(item, run))
-                except InputError as e:
-                    sink.add(index, line_of(item, error=str(e)))
-                    progress.update(items=1, errors=1)
-                    continue
-                running[uid] = [index, images[0].size, "", [], [], []]
-            if not engine.has_work:
-                break
-            outputs = engine.step()
-            for out in outputs:
-                entry = running[out.uid]
-                entry[2] += out.text
-                # A beam search's (or best_of's) one output is its best sequence, tokens and log-probabilities at once.
-                best = out.sequences[0] if out.sequences is not None else None
-                tokens, values = (best.tokens, best.logprobs) if best else ([out.token], [out.logprob])
-                entry[4] += tokens
-                entry[5] += values
-                if args.logprobs is not None:
-                    tops = [out.top_logprobs] if best is None else [[]] * len(tokens)
-                    entry[3] += [logprob_json(processor.tokenizer.decode, t, v, top)
-                                 for t, v, top in zip(tokens, values, tops)]
-                if out.finish_reason:
-                    index, size, text, logprobs, tokens, values = running.pop(out.uid)
-                    result = {"answer": text}
-                    if args.logprobs is not None:
-                        result["logprobs"] = logprobs
-                    if objects is not None and has_objects(items[index].prompt):
-                        result["objects"] = objects_to_json(objects(text, size, tokens, values))
-                    sink.add(index, line_of(items[index], **result))
-                    progress.update(items=1)
-            progress.update(tokens=len(outputs))
+    sizes = {}
+
+    def submit(index: int) -> int:
+        item = items[index]
+        if item.error:
+            raise InputError(item.error)
+        images = [load_image(source) for source in item.images]
+        sizes[index] = images[0].size
+        # A seed per item, so that sampled answers do not depend on which items share a batch or a rank.
+        seed = None if args.seed is None else args.seed + index
+        return engine.submit(images, item.prompt, seed=seed, **settings, **item_constraint(item, run))
+
+    # About one batch waits: its images are read at submit, so the whole dataset is never in memory.
+    for index, result in run_all(engine, ((i, partial(submit, i)) for i in todo), window=args.batch_size,
+                                 on_step=lambda outputs: progress.update(tokens=len(outputs))):
+        error = result if isinstance(result, InputError) else result.error
+        if error is not None:
+            sink.add(index, line_of(items[index], error=str(error)))
+            progress.update(items=1, errors=1)
+            continue
+        line = {"answer": result.text}
+        if args.logprobs is not None:
+            tops = result.top_logprobs or [[]] * len(result.tokens)
+            line["logprobs"] = [logprob_json(processor.tokenizer.decode, t, v, top)
+                                for t, v, top in zip(result.tokens, result.logprobs, tops)]
+        if objects is not None and has_objects(items[index].prompt):
+            line["objects"] = objects_to_json(objects.read(result, sizes[index]))
+        sink.add(index, line_of(items[index], **line))
+        progress.update(items=1)
 
 
 ITEM_CONSTRAINTS = ("json_schema", "regex", "choices", "constrain")
@@ -272,11 +258,11 @@ def check_writable(out: Path) -> None:
 
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
-    check_generation_args(args.max_tokens, args.temperature, args.top_p, args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty,
-                          repetition_context_size=args.repetition_context_size, seed=args.seed,
-                          logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                          best_of=args.best_of)
+    check_settings(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   repetition_context_size=args.repetition_context_size, seed=args.seed,
+                   logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                   best_of=args.best_of)
     check_min_score(args.min_score)
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -9,12 +9,18 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import Optional
 
 from .limits import MAX_JSON_FILE_BYTES
 
 
 class InputError(ValueError):
-    """Bad user input (image, prompt, folder): the message is one line that names the problem."""
+    """Bad user input (image, prompt, folder): the message is one line that names the problem, and `param` the
+    setting or field it is about when there is one (the server's error `param`)."""
+
+    def __init__(self, message: str = "", param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 def cause(e: Exception) -> str:

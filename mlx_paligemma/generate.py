@@ -13,14 +13,14 @@ from . import defaults
 from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command, plural,
                   require, run_main)
 from .generation.constraints import cli_constraint
-from .tasks.detection import ObjectReader, check_min_score, draw_detections, objects_to_json
+from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
 from .formats.atomic import atomic_file, check_writable
-from .generation.request import check_generation_args
+from .generation.settings import check_settings
 from .errors import InputError
 from .processing.images import load_image, to_rgb
 from .generation.sampling import logprob_json
-from .generation.api import GenerationResponse, chosen, print_stats, stream_generate
+from .api import GenerationResult, generate, print_stats
 from .generation.scoring import MAX_CANDIDATES, score
 
 
@@ -55,25 +55,17 @@ def build_parser() -> ArgumentParser:
 
 
 
-def logprob_rows(responses: Sequence[GenerationResponse], processor) -> List[dict]:
+def logprob_rows(answer: GenerationResult, processor) -> List[dict]:
     """--logprobs: each token's id, piece, log-probability and alternatives (none for beams and best_of)."""
-    tops = [r.top_logprobs for r in responses] if responses[-1].sequences is None else None
-    tokens, values = chosen(responses)
-    return [logprob_json(processor.tokenizer.decode, t, v, tops[i] if tops else [])
-            for i, (t, v) in enumerate(zip(tokens, values))]
+    tops = answer.top_logprobs or [[]] * len(answer.tokens)
+    return [logprob_json(processor.tokenizer.decode, t, v, top)
+            for t, v, top in zip(answer.tokens, answer.logprobs, tops)]
 
 
 def print_logprobs(rows: Sequence[dict]) -> None:
     for row in rows:
         alternatives = "  ".join(f"{a['text']!r} {a['logprob']:.4f}" for a in row["top_logprobs"])
         print(f"{row['token']:>7} {row['text']!r:<16} {row['logprob']:.4f}  {alternatives}", file=sys.stderr)
-
-
-def answer_objects(text: str, image, responses: Sequence[GenerationResponse], processor, args) -> list:
-    """Boxes (and masks) of a detect/segment answer, in pixels of the original image, each scored by its tokens'
-    log-probabilities, those under --min-score left out."""
-    reader = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score)
-    return reader(text, image.size, *chosen(responses))
 
 
 def draw(image, objects: list, path: str) -> None:
@@ -123,10 +115,11 @@ def run(args) -> int:
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty, best_of=args.best_of)
-    check_generation_args(**settings, logprobs=args.logprobs or 0)
+    constraint = cli_constraint(args)
+    check_settings(**settings, **constraint, logprobs=args.logprobs or 0)
     check_min_score(args.min_score)
-    settings.update(cli_constraint(args))
-    if args.json_schema or args.regex or args.choices or args.constrain:
+    settings.update(constraint)
+    if constraint:
         require("structured", "structured output")
     if args.candidates is not None:
         ignored = [flag for flag, given in (
@@ -135,7 +128,7 @@ def run(args) -> int:
             ("--json-schema", args.json_schema is not None), ("--choices", args.choices is not None),
             ("--constrain", args.constrain)) if given]
         if ignored:
-            raise InputError(f"--candidates scores the given answers: it takes no {ignored[0]}")
+            raise InputError(f"--candidates scores the given answers as they are: it takes no {ignored[0]}")
     if args.candidates is not None and len(args.candidates) > MAX_CANDIDATES:
         raise InputError(f"--candidates: at most {MAX_CANDIDATES}, got {len(args.candidates)}")
     if args.draw:
@@ -148,21 +141,19 @@ def run(args) -> int:
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
     if args.candidates is not None:
         return report_scores(model, processor, images, args)
-    last, text, tokens = None, "", []
-    for last in stream_generate(model, processor, images, args.prompt, kv_bits=args.kv_bits,
-                                batch_invariant=args.deterministic, logprobs=args.logprobs, **settings):
-        text += last.text
-        tokens.append(last)
-        if not args.json:  # with --json, stdout is the JSON alone
-            print(last.text, end="", flush=True)
+    printed = (lambda piece: print(piece, end="", flush=True)) if not args.json else None  # --json: the JSON alone
+    answer = generate(model, processor, images, args.prompt, kv_bits=args.kv_bits, batch_invariant=args.deterministic,
+                      logprobs=args.logprobs, mask_decoder=args.mask_decoder or True, min_score=args.min_score,
+                      on_text=printed, **settings)
     if not args.json:
         print()
-    rows = logprob_rows(tokens, processor) if args.logprobs is not None and tokens else None
+    rows = logprob_rows(answer, processor) if args.logprobs is not None and answer.tokens else None
     if rows is not None and not args.json:
         print_logprobs(rows)
-    objects = answer_objects(text, images[0], tokens, processor, args) if has_objects(args.prompt) and tokens else []
-    if args.json:  # one object: the answer, with its objects (detect/segment) and log-probabilities when asked
-        out = {"answer": text}
+    objects = answer.objects or []
+    if args.json:  # one object: the answer, how it ended, its objects (detect/segment) and log-probabilities
+        out = {"answer": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+               "generation_tokens": answer.generation_tokens}
         if has_objects(args.prompt):
             out["objects"] = objects_to_json(objects)
         if rows is not None:
@@ -170,8 +161,8 @@ def run(args) -> int:
         print(json.dumps(out))
     if args.draw:
         draw(images[0], objects, args.draw)
-    if args.verbose and last is not None:
-        print_stats(last, file=sys.stderr if args.json else None)
+    if args.verbose:
+        print_stats(answer, file=sys.stderr if args.json else None)
     return 0
 
 

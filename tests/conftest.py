@@ -42,10 +42,33 @@ def images_of(case):
     return [[str(FIXTURES / "images" / f) for f in row] for row in case["images"]]
 
 
-def scored_objects(processor, generation, size, mask_decoder=None):
-    """The objects_to_json of a Generation (generate(..., logprobs=0)) about an image of `size`, each scored by its
-    tokens' log-probabilities: what every surface returning objects should give for that answer."""
-    from mlx_paligemma.tasks.detection import objects_to_json, parse_detections, token_ends
+def hand_objects(processor, generation, size):
+    """The objects of a detect answer, worked out here from its tokens by the answer format's definition (not by
+    the package's reader): each object is four <locNNNN> tokens (y0, x0, y1, x1 in 1024 bins of the image's height
+    and width) then its label's tokens up to the ";" between objects; its score is the mean probability of those
+    location and label tokens (tokens of spaces alone are no part of the label); boxes in pixels, rounded as JSON
+    gives them. `generation` is the API's result with logprobs."""
+    import math
+    import re
 
-    ends = token_ends(generation.tokens, processor.tokenizer.decode)
-    return objects_to_json(parse_detections(generation.text, size, mask_decoder, ends, generation.logprobs))
+    width, height = size
+    pieces = [processor.tokenizer.decode([t]) for t in generation.tokens]
+    objects, i = [], 0
+    while i + 4 <= len(pieces):
+        bins = [re.fullmatch(r"<loc(\d{4})>", p) for p in pieces[i:i + 4]]
+        if not all(bins):
+            i += 1
+            continue
+        y0, x0, y1, x1 = (int(b.group(1)) / 1024 for b in bins)
+        used, label, j = list(range(i, i + 4)), "", i + 4
+        while j < len(pieces) and ";" not in pieces[j] and not pieces[j].startswith("<loc"):
+            if pieces[j].strip():
+                used.append(j)
+            label += pieces[j]
+            j += 1
+        score = sum(math.exp(generation.logprobs[k]) for k in used) / len(used)
+        objects.append({"label": label.strip(), "box": [round(min(v, 1) * s, 2) for v, s in
+                                                        ((x0, width), (y0, height), (x1, width), (y1, height))],
+                        "score": round(score, 6)})
+        i = j
+    return objects

@@ -85,7 +85,7 @@ def test_answers_equal_generate_and_bad_items_get_error_lines(complete, model):
     assert len(good) == 5
     for line in good:
         images = line["image"] if isinstance(line["image"], list) else [line["image"]]
-        expected = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS)
+        expected = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS).text
         assert line["answer"] == expected, line
         from mlx_paligemma.tasks.detection import objects_to_json, parse_detections, token_ends
 
@@ -116,7 +116,7 @@ def test_folder_input(tmp_path, model):
     lines = read(out)
     assert [(line["id"], line["image"]) for line in lines] == [(1, "a.png"), (2, "b.jpg"), (3, "sub/a.jpg")]
     for line in lines:
-        assert line["answer"] == mp.generate(*model, str(folder / line["image"]), "caption en", max_tokens=MAX_TOKENS)
+        assert line["answer"] == mp.generate(*model, str(folder / line["image"]), "caption en", max_tokens=MAX_TOKENS).text
 
 
 def test_an_image_with_several_prompts_is_encoded_once(tmp_path, monkeypatch):
@@ -333,7 +333,7 @@ def test_beams_logprobs_and_deterministic_runs_equal_the_api(tmp_path, model):
     for item, beams, logprobs, fixed in zip(good, *(read(tmp_path / f"{n}.jsonl") for n in runs)):
         images = [str(tmp_path / item["image"])]
         assert beams["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, num_beams=2,
-                                              length_penalty=0.5)
+                                              length_penalty=0.5).text
         alone = mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, logprobs=2)
         assert logprobs["answer"] == alone.text
         assert [t["token"] for t in logprobs["logprobs"]] == alone.tokens
@@ -341,7 +341,7 @@ def test_beams_logprobs_and_deterministic_runs_equal_the_api(tmp_path, model):
         assert [[a["token"] for a in t["top_logprobs"]] for t in logprobs["logprobs"]] == \
             [[i for i, _ in top] for top in alone.top_logprobs]
         assert fixed["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS,
-                                              batch_invariant=True)
+                                              batch_invariant=True).text
         assert "logprobs" not in beams and "logprobs" not in fixed
 
 
@@ -365,7 +365,7 @@ def test_logprobs_with_beams(tmp_path, capsys, model):
 
 def test_min_score_leaves_out_objects(tmp_path, model):
     """Objects scored as the API's tokens give them; --min-score keeps those at or above it, answers unchanged."""
-    from conftest import scored_objects
+    from conftest import hand_objects
 
     shutil.copy(FIXTURES / "images" / "chelsea.jpg", tmp_path / "chelsea.jpg")
     (tmp_path / "in.jsonl").write_text(json.dumps({"image": "chelsea.jpg", "prompt": "detect cat ; dog"}) + "\n")
@@ -373,7 +373,7 @@ def test_min_score_leaves_out_objects(tmp_path, model):
            "40", "--temperature", "1", "--seed", "2"]
     alone = mp.generate(*model, [str(tmp_path / "chelsea.jpg")], "detect cat ; dog", max_tokens=40,
                         temperature=1.0, seed=2, constrain=True, logprobs=0)
-    want = scored_objects(model[1], alone, Image.open(tmp_path / "chelsea.jpg").size)
+    want = hand_objects(model[1], alone, Image.open(tmp_path / "chelsea.jpg").size)
     scores = sorted({o["score"] for o in want})
     assert len(scores) > 1, "the test needs objects of different scores"
     middle = (scores[0] + scores[1]) / 2

@@ -1,4 +1,4 @@
-"""Beam search against transformers' generate(num_beams=...) on the same weights: tokens and sequence scores.
+"""Beam search against transformers' generate(num_beams=...).text on the same weights: tokens and sequence scores.
 
 The references (tests/make_reference.py, BEAMS) end most searches on a token the random model says often instead
 of <eos>, so hypotheses finish at several lengths and the length penalty, early_stopping and
@@ -79,17 +79,17 @@ def test_beams_share_steps_with_other_rows(loaded, reference, cases):
 
 
 def test_generate_beams_default_eos(loaded, reference, cases):
-    """The API: generate(num_beams=2) returns transformers' first sequence as text; with num_return_sequences
+    """The API: generate(num_beams=2).text returns transformers' first sequence as text; with num_return_sequences
     the texts best first."""
     model, processor = loaded
     i = next(i for i, b in enumerate(BEAMS) if "eos_at" not in b)
     case = cases[BEAMS[i]["case"]]
     expected = [t for t in reference[f"beam{i}/sequences"][0].tolist() if t != processor.tokenizer.eos_id]
     text = mp.generate(model, processor, images_of(case)[0], case["text"][0], max_tokens=12,
-                       num_beams=BEAMS[i]["num_beams"])
+                       num_beams=BEAMS[i]["num_beams"]).text
     assert text == processor.tokenizer.decode(expected)
     texts = mp.generate(model, processor, images_of(case)[0], case["text"][0], max_tokens=12, num_beams=2,
-                        num_return_sequences=2)
+                        num_return_sequences=2).texts
     assert len(texts) == 2 and texts[0] == text
 
 
@@ -104,4 +104,4 @@ def test_bad_beam_settings_are_one_line(loaded, cases, settings, message):
     model, processor = loaded
     case = cases["single"]
     with pytest.raises(mp.InputError, match=message):
-        mp.generate(model, processor, images_of(case)[0], case["text"][0], max_tokens=4, **settings)
+        mp.generate(model, processor, images_of(case)[0], case["text"][0], max_tokens=4, **settings).text

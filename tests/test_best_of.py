@@ -39,7 +39,7 @@ def test_best_of_keeps_the_likeliest_of_its_seeded_samples(loaded, cases):
         np.testing.assert_allclose(s.logprobs, alone[i].logprobs, rtol=0, atol=1e-5)
         assert s.score == pytest.approx(math.fsum(s.logprobs), abs=1e-9)
     assert best.text == alone[order[0]].text and best.tokens == alone[order[0]].tokens
-    assert mp.generate(model, processor, image, prompt, best_of=N, **SAMPLED) == alone[order[0]].text
+    assert mp.generate(model, processor, image, prompt, best_of=N, **SAMPLED).text == alone[order[0]].text
 
 
 def test_best_of_shares_steps_with_other_rows(loaded, cases):
@@ -88,7 +88,7 @@ def test_bad_best_of_is_one_line(loaded, cases, settings, message):
     model, processor = loaded
     case = cases["single"]
     with pytest.raises(mp.InputError) as e:
-        mp.generate(model, processor, images_of(case)[0], case["text"][0], **{**SAMPLED, **settings})
+        mp.generate(model, processor, images_of(case)[0], case["text"][0], **{**SAMPLED, **settings}).text
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -99,7 +99,7 @@ def test_generate_and_batch_command_lines(tmp_path):
     from mlx_paligemma.batch import main as batch_main
 
     model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
-    want = mp.generate(*mp.load(str(model)), [str(image)], "caption en", best_of=3, **SAMPLED)
+    want = mp.generate(*mp.load(str(model)), [str(image)], "caption en", best_of=3, **SAMPLED).text
     flags = ["--max-tokens", "10", "--temperature", "1", "--seed", "3", "--best-of", "3"]
     r = subprocess.run([sys.executable, "-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image),
                         "--prompt", "caption en", *flags], capture_output=True, text=True, timeout=300)

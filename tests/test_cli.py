@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import FIXTURES
 
@@ -75,7 +76,7 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     from PIL import Image
 
     import mlx_paligemma as mp
-    from conftest import scored_objects
+    from conftest import hand_objects
 
     model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
     settings = ["--max-tokens", "40", "--temperature", "1", "--seed", "2", "--constrain"]
@@ -84,12 +85,13 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     loaded = mp.load(str(model))
     alone = mp.generate(*loaded, [str(image)], "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2,
                         constrain=True, logprobs=0)
-    want = scored_objects(loaded[1], alone, Image.open(image).size)
+    want = hand_objects(loaded[1], alone, Image.open(image).size)
     scores = sorted({o["score"] for o in want})
     assert len(scores) > 1, "the test needs objects of different scores"
     r = run(*base)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want}
+    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want, "finish_reason": alone.finish_reason,
+                                    "prompt_tokens": alone.prompt_tokens, "generation_tokens": len(alone.tokens)}
     middle = (scores[0] + scores[1]) / 2
     r = run(*base, "--min-score", str(middle))
     assert json.loads(r.stdout)["objects"] == [o for o in want if o["score"] >= middle]
@@ -136,7 +138,8 @@ def test_cli_json_with_logprobs_is_one_object():
             "--max-tokens", "8", "--json", "--logprobs", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"answer", "objects", "logprobs"} and out["answer"] == want.text
+    assert set(out) == {"answer", "objects", "logprobs", "finish_reason", "prompt_tokens", "generation_tokens"}
+    assert out["answer"] == want.text and out["generation_tokens"] == len(want.tokens) == 8
     assert [t["token"] for t in out["logprobs"]] == want.tokens
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
     assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
@@ -277,3 +280,15 @@ def test_a_missing_extra_stops_a_command_before_any_work(tmp_path, monkeypatch, 
     assert generate.main(["--model", "m", "--image", str(tmp_path / "c.jpg"), "--prompt", "x", "--regex", "a"]) == 1
     assert capsys.readouterr().err == \
         'error: llguidance is needed for structured output: pip install "mlx-paligemma[structured]"\n'
+
+
+@pytest.mark.parametrize("flags, named", [(["--regex", "a+"], "--regex"), (["--num-beams", "2"], "--num-beams"),
+                                          (["--constrain"], "--constrain")])
+def test_candidates_refuse_the_flags_they_would_ignore(flags, named):
+    """--candidates scores the given answers: a constraint or a way of choosing among answers is refused in one
+    line before the model loads, not silently ignored."""
+    r = run("-m", "mlx_paligemma.generate", "--model", str(FIXTURES / "paligemma2-tiny"), "--image",
+            str(FIXTURES / "images" / "chelsea.jpg"), "--prompt", "answer en is there a cat?", "--candidates", "yes",
+            "no", *flags)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: --candidates scores the given answers as they are: it takes no {named}"]

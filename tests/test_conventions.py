@@ -48,23 +48,27 @@ def test_processor_other_keywords_are_one_line(tiny, keywords, names):
 
 
 @pytest.mark.parametrize("call", ["generate", "stream_generate", "batch_generate"])
-def test_misspelt_keyword_is_one_line_naming_the_known_ones(tiny, call):
+@pytest.mark.parametrize("given, meant", [("temp", "temperature"), ("max_new_tokens", "max_tokens"),
+                                          ("do_sample", "temperature"), ("top_pp", "top_p")])
+def test_misspelt_keyword_is_one_line_naming_the_one_meant(tiny, call, given, meant):
+    """Names from transformers, mlx-lm and mlx-vlm, and typos, get a did-you-mean, not a list of every keyword."""
     model, processor = tiny
     with pytest.raises(mp.InputError) as e:
         if call == "batch_generate":
-            mp.batch_generate(model, processor, [CHELSEA], ["caption en"], temp=0.5)
+            mp.batch_generate(model, processor, [CHELSEA], ["caption en"], **{given: 1})
         else:
-            list(getattr(mp, call)(model, processor, CHELSEA, "caption en", temp=0.5) or [])
+            list(getattr(mp, call)(model, processor, CHELSEA, "caption en", **{given: 1}) or [])
     message = str(e.value)
-    assert "unknown keyword temp" in message and "temperature" in message and "\n" not in message
+    assert message.startswith(f"{call}() got an unknown keyword {given}: did you mean {meant}")
+    assert "\n" not in message and e.value.param == given
 
 
 def test_mlx_vlm_order(tiny):
     model, processor = tiny
-    ours = mp.generate(model, processor, images=CHELSEA, prompt="caption en", max_tokens=6)
-    assert mp.generate(model, processor, "caption en", image=CHELSEA, max_tokens=6) == ours
+    ours = mp.generate(model, processor, images=CHELSEA, prompt="caption en", max_tokens=6).text
+    assert mp.generate(model, processor, "caption en", image=CHELSEA, max_tokens=6).text == ours
     with pytest.raises(mp.InputError, match="give the images once"):
-        mp.generate(model, processor, CHELSEA, "caption en", image=CHELSEA, max_tokens=6)
+        mp.generate(model, processor, CHELSEA, "caption en", image=CHELSEA, max_tokens=6).text
 
 
 def test_api_defaults_are_defaults_py():
@@ -110,7 +114,12 @@ def test_generate_json_keeps_the_answer(tmp_path):
     caption = subprocess.run(args + ["--prompt", "caption en"], capture_output=True, text=True, timeout=300)
     assert caption.returncode == 0, caption.stderr
     out = json.loads(caption.stdout)
-    assert set(out) == {"answer"} and isinstance(out["answer"], str) and out["answer"]
+    counts = {"finish_reason", "prompt_tokens", "generation_tokens"}
+    assert set(out) == {"answer"} | counts and isinstance(out["answer"], str) and out["answer"]
+    # 4 tokens asked and made (no <eos> among them on this random model); the prompt: 2 images of 16 tokens (the
+    # tiny checkpoint's image_seq_length), <bos>, and "caption en\n" in 3 tokens.
+    assert out["finish_reason"] == "length" and out["generation_tokens"] == 4
+    assert out["prompt_tokens"] == 2 * 16 + 1 + 3
     detect = subprocess.run(args + ["--prompt", "detect cat"], capture_output=True, text=True, timeout=300)
     assert detect.returncode == 0, detect.stderr
-    assert set(json.loads(detect.stdout)) == {"answer", "objects"}
+    assert set(json.loads(detect.stdout)) == {"answer", "objects"} | counts

@@ -57,7 +57,7 @@ def test_convert_round_trip(tmp_path, model_name, loaded, reference, cases, dtyp
         float_ = logits_of(*loaded, case)
         error = np.sqrt(np.mean((ours - float_) ** 2) / np.mean((float_ - float_.mean(-1, keepdims=True)) ** 2))
         assert error <= FOUR_BIT_BOUND, f"relative error {error:.3f} against float"
-    text = mp.generate(model, processor, images=images_of(case)[0][0], prompt=case["text"][0], max_tokens=5)
+    text = mp.generate(model, processor, images=images_of(case)[0][0], prompt=case["text"][0], max_tokens=5).text
     assert isinstance(text, str)
     if dtype == "float32" and not bits:
         ref = [int(t) for t in reference["single/generated"][0][:5] if int(t) != processor.tokenizer.eos_id]

@@ -65,9 +65,9 @@ def test_batch_generate_equals_generate_alone(loaded, cases):
     items = prompts_of(cases)
     images = [i for _, _, i, _ in items]
     prompts = [t for _, _, _, t in items]
-    alone = [mp.generate(model, processor, i, t, max_tokens=10) for i, t in zip(images, prompts)]
-    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=4) == alone
-    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=1) == alone
+    alone = [mp.generate(model, processor, i, t, max_tokens=10).text for i, t in zip(images, prompts)]
+    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=4).texts == alone
+    assert mp.batch_generate(model, processor, images, prompts, max_tokens=10, batch_size=1).texts == alone
 
 
 def test_seeded_sampling_is_the_same_in_any_batch(loaded, cases):
@@ -84,8 +84,8 @@ def test_seeded_sampling_is_the_same_in_any_batch(loaded, cases):
     alone = {i: sampled(1, [i])[i] for i in range(4)}
     assert sampled(4, [0, 1, 2, 3]) == alone
     assert sampled(2, [3, 1, 0, 2]) == alone
-    greedy = mp.generate(model, processor, items[0][2], items[0][3], max_tokens=8)
-    texts = {mp.generate(model, processor, items[0][2], items[0][3], temperature=1.5, seed=s, max_tokens=8)
+    greedy = mp.generate(model, processor, items[0][2], items[0][3], max_tokens=8).text
+    texts = {mp.generate(model, processor, items[0][2], items[0][3], temperature=1.5, seed=s, max_tokens=8).text
              for s in range(4)}
     assert len(texts | {greedy}) > 1, "sampling must change the answer of a random model"
 
@@ -96,7 +96,7 @@ def test_unseeded_sampling_follows_mx_random_seed(loaded, cases):
     answers = []
     for _ in range(2):
         mx.random.seed(3)
-        answers.append(mp.generate(model, processor, images, text, temperature=1.0, max_tokens=8))
+        answers.append(mp.generate(model, processor, images, text, temperature=1.0, max_tokens=8).text)
     assert answers[0] == answers[1]
 
 
@@ -114,14 +114,14 @@ def test_image_features_computed_once_per_distinct_image(loaded, cases):
     assert cache.images_encoded - before == 2
     # A later question about the same image through generate skips the vision tower too, with the same answer.
     first = tokens[uids[0]]
-    answer = mp.generate(model, processor, image, prompts[0], max_tokens=6)
+    answer = mp.generate(model, processor, image, prompts[0], max_tokens=6).text
     assert cache.images_encoded - before == 2
     assert answer == processor.decode(first)
     # New weights for the vision tower invalidate what was computed with the old ones.
     vision = model.vision_tower.parameters()
     try:
         model.vision_tower.update(mp_tree_map(lambda w: w * 1, vision))
-        mp.generate(model, processor, image, prompts[0], max_tokens=1)
+        mp.generate(model, processor, image, prompts[0], max_tokens=1).text
         assert cache.images_encoded - before == 3
     finally:
         model.vision_tower.update(vision)
@@ -136,10 +136,10 @@ def mp_tree_map(fn, tree):
 def test_stop_strings_end_the_row_and_are_not_shown(loaded, cases):
     model, processor = loaded
     _, _, images, text = prompts_of(cases)[0]
-    full = mp.generate(model, processor, images, text, max_tokens=12)
+    full = mp.generate(model, processor, images, text, max_tokens=12).text
     assert len(full) > 4
     stop = full[2:4]
-    cut = mp.generate(model, processor, images, text, max_tokens=12, stop=[stop, "never appears"])
+    cut = mp.generate(model, processor, images, text, max_tokens=12, stop=[stop, "never appears"]).text
     assert cut == full[: full.index(stop)]
 
 
@@ -168,7 +168,7 @@ def test_quantized_kv_cache_in_the_engine(loaded, cases):
     prompts = [t for _, _, _, t in items]
     # The fixtures' head size is 16: the quantized cache needs groups of 32, so it is refused with one line.
     with pytest.raises(InputError, match="head size divisible by 32"):
-        mp.batch_generate(model, processor, images, prompts, kv_bits=8)
+        mp.batch_generate(model, processor, images, prompts, kv_bits=8).texts
 
 
 def test_detokenizer_equals_decoding_everything(loaded):
@@ -215,7 +215,7 @@ def test_bad_settings_are_one_line(loaded, settings, message):
     model, processor = loaded
     image = str(FIXTURES / "images" / "chelsea.jpg")
     with pytest.raises(InputError, match=message) as e:
-        mp.batch_generate(model, processor, [image], ["caption en"], **settings)
+        mp.batch_generate(model, processor, [image], ["caption en"], **settings).texts
     assert "\n" not in str(e.value)
 
 
@@ -242,7 +242,7 @@ def test_batch_generate_names_the_bad_prompt(loaded, tmp_path):
     model, processor = loaded
     image = str(FIXTURES / "images" / "chelsea.jpg")
     with pytest.raises(InputError, match=r"prompt 1: image not found"):
-        mp.batch_generate(model, processor, [image, str(tmp_path / "missing.jpg")], ["caption en", "ocr"])
+        mp.batch_generate(model, processor, [image, str(tmp_path / "missing.jpg")], ["caption en", "ocr"]).texts
 
 
 def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
@@ -265,7 +265,7 @@ def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
 
     monkeypatch.setattr(generate_module, "wired_limit", recording)
     _, _, images, text = prompts_of(cases)[0]
-    mp.generate(model, processor, images, text, max_tokens=3)
+    mp.generate(model, processor, images, text, max_tokens=3).text
     assert calls == ["enter", "exit"]
 
 
@@ -299,7 +299,7 @@ def test_compiled_decode_sees_new_layers_and_weights():
     inputs = processor(images=str(FIXTURES / "images" / "chelsea.jpg"), text="caption en")
 
     def engine_tokens():
-        return [int(t[0]) for t in mp.generate_step(model, inputs["input_ids"], inputs["pixel_values"], max_tokens=6)]
+        return [int(t[0]) for t in mp.generate_tokens(model, inputs["input_ids"], inputs["pixel_values"], max_tokens=6)]
 
     base = engine_tokens()
     trainer.add_lora(model, rank=4)
@@ -318,8 +318,10 @@ def test_rows_end_when_the_context_is_full(loaded, cases):
     model, processor = loaded
     _, _, images, text = prompts_of(cases)[0]
     engine = Engine(model, processor, batch_size=2)
+    prompt = len(processor(images=[images], text=text)["input_ids"][0])
+    engine.context = prompt + 3  # as if max_position_embeddings were that
     uid = engine.submit(images, text, max_tokens=10, logit_bias={processor.tokenizer.eos_id: -1e9})
-    engine.context = len(engine.waiting[0].request.prompt_ids) + 3  # as if max_position_embeddings were that
+    assert len(engine.waiting[0].request.prompt_ids) == prompt
     outputs = []
     with engine.running():
         while engine.has_work:
@@ -346,3 +348,29 @@ def test_padding_left_by_a_long_row_is_dropped_and_tokens_stay_exact(loaded, cas
                 lengths.append(engine.batch.length)
     assert max(lengths) > 300 and min(lengths) < 100, "the padding was dropped"
     assert tokens == expected
+
+
+def test_n_choices_share_one_prefill_and_are_each_seeds_answer(loaded, cases, monkeypatch):
+    """n=4 is one request of 4 rows: its prompt goes through the decoder once (as best_of's), and choice i is what
+    the same prompt answers alone with seed + i."""
+    model, processor = loaded
+    _, _, images, text = prompts_of(cases)[0]
+    settings = dict(max_tokens=8, temperature=1.5, top_k=50)
+    alone = []
+    for i in range(4):
+        engine = Engine(model, processor, batch_size=4)
+        uid = engine.submit(images, text, seed=7 + i, **settings)
+        alone.append(run(engine)[0][uid])
+    prefills = []
+    real = Engine._prefill
+    monkeypatch.setattr(Engine, "_prefill", lambda self, rows: prefills.append(len(rows)) or real(self, rows))
+    engine = Engine(model, processor, batch_size=8)
+    engine.submit(images, text, seed=7, n=4, **settings)
+    with engine.running():
+        while engine.has_work:
+            results = [o.result for o in engine.step() if o.result is not None]
+            if results:
+                result = results[0]
+    assert prefills == [4]  # one prefill, its keys and values copied to the 4 rows
+    assert [s.tokens for s in result.sequences] == alone
+    assert len(set(map(tuple, alone))) > 1, "the seeds must give different answers for this to mean anything"

@@ -405,8 +405,8 @@ def test_batch_applies_adapters_and_names_a_damaged_adapter_file(checkpoint, tmp
     model, base = mp.load(str(MODEL), adapter_path=str(adapters)), mp.load(str(MODEL))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     for line in lines:
-        assert line["answer"] == mp.generate(*model, str(tmp_path / line["image"]), line["prompt"], max_tokens=4)
-    assert any(line["answer"] != mp.generate(*base, str(tmp_path / line["image"]), line["prompt"], max_tokens=4)
+        assert line["answer"] == mp.generate(*model, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
+    assert any(line["answer"] != mp.generate(*base, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
                for line in lines)
     damaged = tmp_path / "damaged"
     shutil.copytree(adapters, damaged)

@@ -6,7 +6,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import images_of
-from mlx_paligemma.generation.api import Generation
+from mlx_paligemma.api import Generation
 
 GENERATION = ["single", "gray", "rgba", "odd", "two_images"]
 K = 5
@@ -43,7 +43,7 @@ def test_batch_logprobs_match_transformers_and_stream(loaded, reference, cases):
                                        logprobs=2))
     assert [r.token for r in streamed] == gens[0].tokens
     np.testing.assert_allclose([r.logprob for r in streamed], gens[0].logprobs, atol=1e-4, rtol=0)
-    assert [[i for i, _ in r.top_logprobs] for r in streamed] == [[i for i, _ in t[:2]] for t in gens[0].top_logprobs]
+    assert [[i for i, _ in r.top_logprobs[0]] for r in streamed] == [[i for i, _ in t[:2]] for t in gens[0].top_logprobs]
 
 
 def test_logprobs_zero_gives_tokens_own_only(loaded, cases):

@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_teaches_the_suffix(trained):
     assert all(h["steps_per_second"] > 0 and h["tokens_per_second"] > 0 and h["peak_memory"] > 0
                for h in history if "train_loss" in h)
     for example in trained["data"]["train"]:
-        assert mp.generate(model, processor, example.image, example.prefix, max_tokens=8) == example.suffix
+        assert mp.generate(model, processor, example.image, example.prefix, max_tokens=8).text == example.suffix
 
 
 def test_adapters_reload_and_fuse_to_the_same_logits(trained, tmp_path):
@@ -180,7 +180,7 @@ def test_adapters_reload_and_fuse_to_the_same_logits(trained, tmp_path):
         error = np.abs(np.array(logits_of(requantized, batch)) - np.array(expected))
         assert error.mean() < 0.02  # quantizing W + BA rounds to a new 8-bit grid
         for example in trained["data"]["train"]:
-            assert mp.generate(requantized, processor, example.image, example.prefix, max_tokens=8) == example.suffix
+            assert mp.generate(requantized, processor, example.image, example.prefix, max_tokens=8).text == example.suffix
 
 
 def test_cli_trains_saves_and_fuses(tmp_path, capsys):

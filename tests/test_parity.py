@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import images_of
-from mlx_paligemma import generate_step
+from mlx_paligemma import generate_tokens
 from mlx_paligemma.models.paligemma import suffix_loss
 
 CASES = ["single", "gray", "rgba", "odd", "two_images", "batch", "suffix"]
@@ -52,7 +52,7 @@ def test_image_features_match_transformers(loaded, reference):
 
 
 def greedy(model, input_ids, pixel_values, attention_mask=None, max_tokens=12):
-    steps = generate_step(model, input_ids, pixel_values, attention_mask, max_tokens=max_tokens)
+    steps = generate_tokens(model, input_ids, pixel_values, attention_mask, max_tokens=max_tokens)
     return np.stack([np.array(t) for t in steps], axis=1)
 
 
@@ -125,5 +125,5 @@ def test_image_features_computed_once_give_the_same_tokens(loaded, reference):
     model, _ = loaded
     ids, pixels = mx.array(reference["two_images/input_ids"]), mx.array(reference["two_images/pixel_values"])
     features = model.encode_images(pixels)
-    cached = [t.item() for t in generate_step(model, ids, image_features=features, max_tokens=8)]
+    cached = [t.item() for t in generate_tokens(model, ids, image_features=features, max_tokens=8)]
     assert cached == greedy(model, ids, pixels, max_tokens=8)[0].tolist()

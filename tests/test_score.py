@@ -8,7 +8,7 @@ import pytest
 
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
-from mlx_paligemma.generation.scoring import candidate_tokens, token_logprobs
+from mlx_paligemma.generation.scoring import candidate_logprobs, candidate_tokens
 
 SCORES = json.loads((FIXTURES / "reference" / "cases.json").read_text())["scores"]
 
@@ -20,7 +20,7 @@ def test_scores_match_transformers(loaded, reference, cases, i, batch_size):
     item = SCORES[i]
     case = cases[item["case"]]
     labels, expected = reference[f"score{i}/labels"], reference[f"score{i}/token_logprobs"]
-    ours = token_logprobs(model, processor, images_of(case)[0], case["text"][0], item["candidates"],
+    ours = candidate_logprobs(model, processor, images_of(case)[0], case["text"][0], item["candidates"],
                           batch_size=batch_size)
     for c, (candidate, values) in enumerate(zip(item["candidates"], ours)):
         n = int((labels[c] >= 0).sum())

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from conftest import FIXTURES, scored_objects
+from conftest import FIXTURES, hand_objects
 
 MODEL = FIXTURES / "paligemma2-tiny"
 IMAGES = FIXTURES / "images"
@@ -125,7 +125,7 @@ def loaded():
 
 def expected(loaded, prompt, images, max_tokens, **settings):
     model, processor = loaded
-    return mp.generate(model, processor, [str(i) for i in images], prompt, max_tokens=max_tokens, **settings)
+    return mp.generate(model, processor, [str(i) for i in images], prompt, max_tokens=max_tokens, **settings).text
 
 
 # Prompts for the tiny model: mixed lengths (so rows leave at different steps), two images, an <image> marker.
@@ -209,7 +209,7 @@ def test_detect_answers_come_with_their_objects(server, client, loaded):
     text, _, _, objects = ask(client, "detect cat", ["chelsea.jpg"], max_tokens=12)
     alone = mp.generate(*loaded, [str(IMAGES / "chelsea.jpg")], "detect cat", max_tokens=12, logprobs=0)
     assert text == alone.text
-    want = scored_objects(loaded[1], alone, size)
+    want = hand_objects(loaded[1], alone, size)
     assert want, "the tiny model's answer to this prompt has a box: the test needs one"
     assert objects == want
     assert ask(client, "detect cat", ["chelsea.jpg"], True, max_tokens=12)[3] == want

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import mlx_paligemma as mp
-from conftest import FIXTURES, scored_objects
+from conftest import FIXTURES, hand_objects
 from test_server import AUTH, EOS, IMAGES, KEY, MODEL, Server, call, check_error, good, message, with_
 
 CAT = IMAGES / "chelsea.jpg"
@@ -38,7 +38,10 @@ def loaded():
 
 def api(loaded, prompt="caption en", image=CAT, **kw):
     model, processor = loaded
-    return mp.generate(model, processor, [str(image)], prompt, **kw)
+    result = mp.generate(model, processor, [str(image)], prompt, **kw)
+    if "logprobs" in kw:  # the whole result: tokens, log-probabilities, sequences
+        return result
+    return result.texts if kw.get("num_return_sequences", 1) > 1 else result.text
 
 
 def create(client, prompt="caption en", image=CAT, **kw):
@@ -122,7 +125,7 @@ def test_best_of_choices_are_the_likeliest_samples(server, client, loaded):
 def test_min_score_leaves_out_the_less_likely_objects(server, client, loaded):
     size = Image.open(CAT).size
     kw = dict(max_tokens=40, temperature=1.0, seed=2)
-    want = scored_objects(loaded[1], api(loaded, "detect cat ; dog", constrain=True, logprobs=0, **kw), size)
+    want = hand_objects(loaded[1], api(loaded, "detect cat ; dog", constrain=True, logprobs=0, **kw), size)
     assert len({o["score"] for o in want}) > 1, "the test needs objects of different scores"
     scores = sorted({o["score"] for o in want})
     middle = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # between two of them
@@ -299,7 +302,7 @@ def test_regex_choices_and_the_detect_grammar(server, client, loaded):
     alone = api(loaded, "detect cat ; dog", max_tokens=40, temperature=1.0, seed=2, constrain=True, logprobs=0)
     assert text == alone.text
     objects = r.model_extra["objects"]
-    assert objects == scored_objects(loaded[1], alone, size)
+    assert objects == hand_objects(loaded[1], alone, size)
     assert objects and all(o["label"] in ("cat", "dog") for o in objects)
     pieces = [p for p in text.split(" ; ") if p]
     complete = pieces if r.choices[0].finish_reason == "stop" else pieces[:-1]
@@ -333,7 +336,7 @@ def test_each_choice_carries_its_objects(server, client, loaded):
     for i, c in enumerate(r.choices):
         want = api(loaded, "detect cat ; dog", constrain=True, logprobs=0, **{**kw, "seed": 8 + i})
         assert c.message.content == want.text
-        assert c.model_extra["objects"] == scored_objects(loaded[1], want, size)
+        assert c.model_extra["objects"] == hand_objects(loaded[1], want, size)
     assert any(c.model_extra["objects"] for c in r.choices), "the test needs a box in an answer"
 
 

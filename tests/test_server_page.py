@@ -56,7 +56,7 @@ def teach(out: Path) -> Path:
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
     for prompt, answer in TAUGHT.items():
-        got = mp.generate(model, processor, str(IMAGE), prompt, max_tokens=30)
+        got = mp.generate(model, processor, str(IMAGE), prompt, max_tokens=30).text
         assert got == answer, f"teaching the tiny model failed: {prompt!r} -> {got!r}"
     write_model_folder(out, dict(tree_flatten(model.parameters())), json.loads((BASE / "config.json").read_text()),
                        BASE)

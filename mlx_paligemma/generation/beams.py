@@ -20,13 +20,15 @@ NEG = np.float32(-1.0e9)  # transformers' "impossible" score
 
 @dataclass
 class BeamSequence:
-    """One answer of a beam search (or of a best_of request, engine.py)."""
+    """One answer of a request (a beam, a best_of or n sample, a scored continuation: results.py)."""
 
     tokens: List[int]  # the generated tokens, <eos> included when the hypothesis ended with it
-    score: float  # summed log-probability / len(tokens) ** length_penalty, transformers' sequences_scores
+    score: float  # beams: summed log-probability / len(tokens) ** length_penalty (transformers' sequences_scores);
+    # the others: the summed log-probability
     text: str = ""
     logprobs: List[float] = field(default_factory=list)  # each token's log-probability where it was chosen
     finish_reason: Optional[str] = None  # "stop" (<eos>, a stop string) or "length"
+    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)  # with logprobs=k: k per token
 
 
 class BeamGroup:

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -124,14 +124,15 @@ class Constraint:
     tokenizer does not have are never allowed; <eos> exactly when the answer may end), `advance(token)` takes the
     token sampled, `done` says that only <eos> may follow, `copy()` forks the state (one per beam)."""
 
-    def __init__(self, matcher, vocab: _Vocabulary, vocab_size: int, boxes: bool = False):
+    def __init__(self, matcher, vocab: _Vocabulary, vocab_size: int, boxes: bool = False, field: str = "regex"):
         self._matcher, self._vocab, self.vocab_size = matcher, vocab, vocab_size
+        self.field = field  # the setting it came from (response_format, json_schema, regex, choices, constrain)
         self._boxes = boxes  # order the loc tokens of each box
         self._run: List[int] = []  # loc bins since the last other token: the box being written
         self._bits = np.zeros((1, (vocab.size + 31) // 32), np.int32)
 
     def copy(self) -> "Constraint":
-        other = Constraint(self._matcher.deep_copy(), self._vocab, self.vocab_size, self._boxes)
+        other = Constraint(self._matcher.deep_copy(), self._vocab, self.vocab_size, self._boxes, self.field)
         other._run = list(self._run)
         return other
 
@@ -186,21 +187,29 @@ class Constraint:
             raise InputError(f"the constraint fails at token {token}: {cause(RuntimeError(self._matcher.get_error()))}")
 
 
-def masks(constraints: Sequence[Optional[Constraint]], vocab_size: int) -> Optional[mx.array]:
+def masks(constraints: Sequence[Optional[Constraint]], vocab_size: int,
+          fail: Optional[Callable[[int, Exception], None]] = None) -> Optional[mx.array]:
     """(B, vocab_size) bool masks for a batch's rows, all True for rows without a constraint; None when no row has
-    one (the unconstrained batch stays as it was)."""
+    one (the unconstrained batch stays as it was). A row whose grammar fails goes to `fail(i, error)` (its request
+    ends alone; its mask allows everything, its token is dropped), or raises without it."""
     if all(c is None for c in constraints):
         return None
     out = np.ones((len(constraints), vocab_size), bool)
     for i, c in enumerate(constraints):
         if c is not None:
-            out[i] = c.allowed_np()
+            try:
+                out[i] = c.allowed_np()
+            except Exception as e:
+                if fail is None:
+                    raise
+                fail(i, e)
     return mx.array(out)
 
 
-def apply_masks(logits: mx.array, constraints: Sequence[Optional[Constraint]]) -> mx.array:
+def apply_masks(logits: mx.array, constraints: Sequence[Optional[Constraint]],
+                fail: Optional[Callable[[int, Exception], None]] = None) -> mx.array:
     """(B, V) logits with the tokens the rows' constraints forbid at -inf."""
-    allowed = masks(constraints, logits.shape[-1])
+    allowed = masks(constraints, logits.shape[-1], fail)
     return logits if allowed is None else mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
 
 
@@ -269,6 +278,19 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
       classes (or `labels`, a subset of them), boxes with y0 < y1 and x0 < x1, for segment 16 mask codes.
     A bad one is an InputError, before any decoding. `vocab_size` is the model's (its embedding may have more rows
     than the tokenizer has pieces)."""
+    named = [name for name, v in (("response_format", response_format), ("json_schema", json_schema),
+                                  ("regex", regex), ("choices", choices)) if v is not None]
+    field = (named + ["constrain"])[0] if named or constrain or labels is not None else None
+    try:
+        return _make_constraint(processor, vocab_size, prompt, response_format, json_schema, regex, choices,
+                                constrain, labels, field)
+    except InputError as e:
+        e.param = e.param or field
+        raise
+
+
+def _make_constraint(processor, vocab_size, prompt, response_format, json_schema, regex, choices, constrain, labels,
+                     field) -> Optional[Constraint]:
     schema = schema_from_response_format(response_format)
     given = [name for name, v in (("response_format", schema), ("json_schema", json_schema), ("regex", regex),
                                   ("choices", choices)) if v is not None] + (["constrain"] if constrain else [])
@@ -333,10 +355,11 @@ def make_constraint(processor: PaliGemmaProcessor, vocab_size: int, prompt: str 
     vocab = vocabulary(processor.tokenizer)
     if grammar is None:
         grammar = task_grammar(task, list(dict.fromkeys(classes)), vocab)
-    return compile_with_deadline(lambda: _compile(grammar, what, vocab, vocab_size, boxes), what)
+    return compile_with_deadline(lambda: _compile(grammar, what, vocab, vocab_size, boxes, field), what)
 
 
-def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes: bool) -> Constraint:
+def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes: bool,
+             field: str) -> Constraint:
     """The matcher of a grammar within the parser limits, its first mask, and one step on a copy: a grammar that
     fails at the first token (a limit it reaches only then) is refused here, before it is queued."""
     ll = _llguidance()
@@ -347,7 +370,7 @@ def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes
     matcher = ll.LLMatcher(vocab.ll, grammar, log_level=0, limits=parser)
     if matcher.is_error():
         raise InputError(f"bad {what}: {_reason(matcher.get_error())}")
-    constraint = Constraint(matcher, vocab, vocab_size, boxes)
+    constraint = Constraint(matcher, vocab, vocab_size, boxes, field)
     mask = constraint.allowed_np()  # the first mask finds a grammar that can write nothing at all
     if matcher.is_error():
         raise InputError(f"the {what} matches no answer ({_reason(matcher.get_error())})")

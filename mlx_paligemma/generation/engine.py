@@ -6,43 +6,46 @@ and values then join the running batch's buffers, every row right-aligned, and f
 one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the context) or are
 cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
 
-A request (request.py) is one row, or several sharing one prefill of their prompt: a beam search is num_beams rows,
-a best_of request best_of sampled rows, and a scoring request one row per candidate (tokens fed, not chosen): rows of the
-same batch that share one prefill of their prompt. A row may carry a constraint (structured output), a token mask
-applied before any picking; constrained and free rows share steps. Every token comes with its log-probability.
-Below the engine: constraints.py (the masks), sampling.py (samplers, log-probabilities), beams.py (transformers'
-beam bookkeeping), kv_buffers.py (the KV buffers and the compiled step), detokenizer.py, features.py (the
-image-feature cache).
+A request (request.py) is one row, or several sharing one prefill of their prompt, decoded by the strategy of its
+kind (strategies.py: sampled or greedy rows and n choices, best_of, beams, forced rows for scoring), and ends with
+one Result (results.py) on its last Output. A row may carry a constraint (structured output), a token mask applied
+before any picking; constrained and free rows share steps. Every token comes with its log-probability. What a
+request's own parts raise (its constraint, sampler, processors) ends that request alone, with the error in its
+Result. Below the engine: constraints.py (the masks), sampling.py (samplers, log-probabilities), beams.py
+(transformers' beam bookkeeping), kv_buffers.py (the KV buffers and the compiled step), detokenizer.py,
+features.py (the image-feature cache).
 
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
     with engine.running():
         while engine.has_work:
-            for out in engine.step():   # Output(uid, token, text, finish_reason, logprob, ...)
+            for out in engine.step():   # Output(uid, token, text, finish_reason, logprob, ..., result)
                 ...
 """
 
 import itertools
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-from .beams import BeamGroup, BeamSequence
-from .constraints import Constraint, apply_masks, make_constraint
+from .beams import BeamSequence
+from .constraints import apply_masks, make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
-from .kv_buffers import Batch, decode_step, round_up
+from .kv_buffers import KVBuffers, decode_step, round_up
 from ..models.paligemma import PaliGemma
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
 from .request import Request
-from .sampling import Picked, log_softmax, sample, token_logprobs, top_logprobs
+from .settings import Settings, check_settings
+from .results import Output, Result
+from .sampling import Picked, log_softmax, token_logprobs, top_logprobs
+from .strategies import Row, strategy_for
 
-__all__ = ["Engine", "Request", "Output", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache", "BeamSequence"]
+__all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache",
+           "BeamSequence"]
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
@@ -50,48 +53,31 @@ CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to 
 PREFILL_TOKENS = 2048
 
 
-def own(constraint: Optional[Constraint]) -> Optional[Constraint]:
-    """A row's own copy of its request's constraint (the request's stays at the start, for every row)."""
-    return None if constraint is None else constraint.copy()
+class Batch:
+    """The running rows, their keys and values, and the token each has picked and not yet handed out."""
 
+    def __init__(self, rows: List[Row], kv: KVBuffers, picked: Optional[Picked] = None):
+        self.rows, self.kv, self.picked = rows, kv, picked
 
-@dataclass
-class Output:
-    """What one row produced in one step."""
+    @property
+    def length(self) -> int:
+        return self.kv.length
 
-    uid: int
-    token: int
-    text: str  # the new piece of text (may be empty while a character or a stop string is incomplete)
-    finish_reason: Optional[str]  # "stop" (eos or a stop string), "length", or None while running
-    prompt_tokens: int
-    generation_tokens: int
-    logprob: Optional[float] = None  # the token's log-probability (None on a beam search's result)
-    top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), most likely first, when asked
-    index: int = 0  # which of its request's rows (a forced continuation's position in `forced`)
-    sequences: Optional[List[BeamSequence]] = None  # beams, best_of: the best num_return_sequences, best first
+    def keep(self, indices: List[int]) -> None:
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not indices:
+            return  # the owner drops an empty batch
+        index = mx.array(indices, dtype=mx.int32)
+        self.kv.take(indices, index)
+        if self.picked is not None:
+            self.picked = self.picked.take(index)
 
-
-@dataclass
-class _Row:
-    uid: int
-    request: Request
-    detokenizer: Optional[Detokenizer]
-    key: Optional[mx.array] = None  # its own random stream, so a seeded row samples the same in any batch
-    processors: List[Any] = field(default_factory=list)
-    history: Optional[mx.array] = None  # prompt and answer ids, for the repetition penalty
-    generated: int = 0  # tokens handed out
-    picked: int = 0  # tokens chosen (one ahead of those handed out while a step is under way)
-    text: str = ""  # answer text so far, of which `sent` characters were handed out
-    sent: int = 0
-    cancelled: bool = False
-    index: int = 0
-    forced: Optional[List[int]] = None
-    beams: Optional[BeamGroup] = None  # shared by the rows of one beam search
-    samples: Optional[List[Optional[BeamSequence]]] = None  # shared by the rows of a best_of: each one's answer
-    tokens: List[int] = field(default_factory=list)  # a best_of row's tokens and their log-probabilities
-    values: List[float] = field(default_factory=list)
-    finished: bool = False  # a best_of row that ended while the others go on
-    constraint: Optional[Constraint] = None  # the row's own grammar state (a beam's follows its parent's)
+    def extend(self, other: "Batch") -> None:
+        self.kv.extend(other.kv)
+        self.rows += other.rows
+        self.picked = self.picked.concat(other.picked)
 
 
 class Engine:
@@ -114,7 +100,7 @@ class Engine:
         # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
         # the reductions' split over padded lengths).
         self.batch_invariant = batch_invariant
-        self.waiting: List[_Row] = []
+        self.waiting: List[Row] = []
         self.batches: List[Batch] = []  # one, or one per request when batch_invariant
         self.next_uid = 0
         self.steps = 0
@@ -133,69 +119,42 @@ class Engine:
 
     # Requests in, cancellations.
 
-    def submit(self, images=None, prompt: str = "", response_format=None, json_schema=None, regex=None,
-               choices=None, constrain: bool = False, **settings) -> int:
+    def submit(self, images=None, prompt: str = "", settings: Optional[Settings] = None, **given) -> int:
         """Queue a prompt about one or more images (PIL images, paths or URLs; a list for several). The images are
-        read and the prompt checked now, so a bad request fails here with one InputError line. At most one of
-        response_format (OpenAI's), json_schema, regex, choices or constrain=True (the detect/segment grammar)
-        keeps the answer inside it (see constraints.make_constraint); a bad one fails here too."""
+        read and the prompt checked now, so a bad request fails here with one InputError line. `settings` (checked
+        by check_settings) or the keywords themselves say how to answer; at most one of response_format (OpenAI's),
+        json_schema, regex, choices or constrain=True (the detect/segment grammar) keeps the answer inside it (see
+        constraints.make_constraint); a bad one fails here too. `forced`, `stop_at_eos` and `sampler` go to the
+        Request as they are."""
         if self.processor is None:
             raise InputError("this engine has no processor: submit token ids with add()")
         if not isinstance(prompt, str):
-            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(constrain, bool):
-            raise InputError(f"constrain must be true or false, got {constrain!r}")
+            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}", param="prompt")
+        more = {k: given.pop(k) for k in ("forced", "stop_at_eos", "sampler") if k in given}
+        settings = settings if settings is not None else check_settings("submit()", **given)
         constraint = make_constraint(self.processor, self.model.config.text_config.vocab_size, prompt,
-                                     response_format, json_schema, regex, choices, constrain)
+                                     **settings.constraint())
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=[images], text=prompt)
         pixels = np.array(inputs["pixel_values"]) if len(images) else None
-        return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixel_values=pixels,
-                                constraint=constraint, **settings))
+        return self.add(Request.of(np.array(inputs["input_ids"])[0].tolist(), settings, pixel_values=pixels,
+                                   constraint=constraint, **more))
 
     def add(self, request: Request) -> int:
-        """Queue a request already in token ids. A beam search is num_beams rows, forced continuations one row
-        each; they come and go together and share one prefill."""
+        """Queue a request already in token ids. Its rows (beams, samples, choices, forced continuations) come and go
+        together and share one prefill."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         vocab = self.model.config.text_config.vocab_size
         if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
-            raise InputError(f"forced tokens must be token ids in [0, {vocab})")
+            raise InputError(f"forced tokens must be token ids in [0, {vocab})", param="forced")
         if request.forced and max(map(len, request.forced)) > self.context - len(request.prompt_ids):
             raise InputError(f"a continuation of {max(map(len, request.forced))} tokens after a prompt of "
-                             f"{len(request.prompt_ids)} runs past the model's context of {self.context}")
-        if request.num_beams > 1:
-            group = BeamGroup(request.num_beams, request.length_penalty, request.early_stopping, self.eos_id,
-                              self._limit(request))
-            self.waiting += [_Row(uid, request, None, index=i, beams=group, constraint=own(request.constraint))
-                             for i in range(request.num_beams)]
-            return uid
-        if request.forced:
-            self.waiting += [_Row(uid, request, None, index=i, forced=f) for i, f in enumerate(request.forced)]
-            return uid
+                             f"{len(request.prompt_ids)} runs past the model's context of {self.context}",
+                             param="forced")
         if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
-            raise InputError(f"logit_bias keys must be token ids in [0, {vocab})")
-        if request.best_of > 1:
-            samples = [None] * request.best_of
-            seed = request.seed if request.seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
-            self.waiting += [self._sampled_row(uid, request, seed + i, index=i, samples=samples)
-                             for i in range(request.best_of)]
-            return uid
-        self.waiting.append(self._sampled_row(uid, request, request.seed))
+            raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        self.waiting += strategy_for(self, uid, request).rows
         return uid
-
-    def _sampled_row(self, uid: int, request: Request, seed: Optional[int], **fields) -> _Row:
-        detokenizer = Detokenizer(self.processor.tokenizer.decode, self.byte_ids) if self.processor else None
-        row = _Row(uid, request, detokenizer, constraint=own(request.constraint), **fields)
-        if request.sampler is None and request.temperature > 0:
-            seed = seed if seed is not None else int(mx.random.randint(0, 2**31 - 1, ()).item())
-            row.key = mx.random.key(seed)
-        if request.repetition_penalty is not None or request.logit_bias:
-            from mlx_lm.sample_utils import make_logits_processors
-
-            row.processors = make_logits_processors(request.logit_bias, request.repetition_penalty,
-                                                    request.repetition_context_size)
-            row.history = mx.array(request.prompt_ids[-request.repetition_context_size:])
-        return row
 
     def cancel(self, uid: int) -> None:
         """Stop a request; its row leaves the batch at the next step (a client that went away frees its row)."""
@@ -246,7 +205,7 @@ class Engine:
             for batch in self.batches:
                 pending, rows = batch.picked, batch.rows
                 # Rows whose pending token is their last leave before the next step is built, so no step is wasted.
-                batch.keep([i for i, r in enumerate(rows) if self._room(r) > 1])
+                batch.keep([i for i, r in enumerate(rows) if r.strategy.room(r) > 1])
                 if batch.rows:
                     batch.picked = self._decode(batch)
                     # computed while this step's tokens are handed out
@@ -254,10 +213,8 @@ class Engine:
                 started.append((batch, rows, pending))
             outputs = []
             for batch, rows, pending in started:
-                handed = self._hand_out_all(rows, pending)
-                done = {id(r) for r, o in zip(rows, handed) if o is not None and o.finish_reason or r.finished}
-                batch.keep([i for i, r in enumerate(batch.rows) if id(r) not in done])
-                outputs += [o for o in handed if o is not None]
+                outputs += self._hand_out_all(rows, pending)
+                batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
             self.batches = [b for b in self.batches if b.rows]
             self.steps += 1
             if not self.batches or self.steps % CLEAR_CACHE_EVERY == 0:
@@ -272,7 +229,7 @@ class Engine:
         # A request's rows (beams, forced continuations) join whole, and are prefilled once; one larger than the
         # batch goes alone.
         rows, tokens = [], 0
-        for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.request)):
+        for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.strategy)):
             group = list(group)
             tokens += len(group[0].request.prompt_ids)
             alone = not rows and not self.batches
@@ -283,14 +240,14 @@ class Engine:
             return
         self.waiting = self.waiting[len(rows):]
         if self.batch_invariant:
-            self.batches += [self._prefill(list(g)) for _, g in itertools.groupby(rows, key=lambda r: id(r.request))]
+            self.batches += [self._prefill(list(g)) for _, g in itertools.groupby(rows, key=lambda r: id(r.strategy))]
         elif self.batches:
             self.batches[0].extend(self._prefill(rows))
         else:
             self.batches = [self._prefill(rows)]
         mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
 
-    def _prefill(self, rows: List[_Row]) -> Batch:
+    def _prefill(self, rows: List[Row]) -> Batch:
         # One prefill per request: the rows of a beam search or of forced continuations get copies of it.
         firsts, copies = [], []
         for r in rows:  # a request's rows are next to each other
@@ -318,12 +275,12 @@ class Engine:
 
         keys, values = zip(*((buffers(k), buffers(v)) for k, v in (c.keys_and_values() for c in cache)))
         padding = [left_padding[i] for i in copies.tolist()]
-        batch = Batch(rows, list(keys), list(values), padding, length, None)
+        batch = Batch(rows, KVBuffers(list(keys), list(values), padding, length))
         # Every beam starts from the same prefix: no keys and values to move after the first step.
         batch.picked, _ = self._sample(rows, logits[:, -1][copies])
         return batch
 
-    def _features(self, rows: List[_Row]) -> Optional[mx.array]:
+    def _features(self, rows: List[Row]) -> Optional[mx.array]:
         pixels = [p for r in rows if r.request.pixel_values is not None for p in r.request.pixel_values]
         computed = iter(self.features.features(self.model, pixels, alone=self.batch_invariant) if pixels else [])
         features = []
@@ -335,18 +292,19 @@ class Engine:
         return mx.stack(features) if features else None
 
     def _decode(self, batch: Batch) -> Picked:
-        batch.reserve()
+        kv = batch.kv
+        kv.reserve()
         step = decode_step(self.model, self.kv_bits, self.kv_group_size)
-        logits, batch.keys, batch.values = step(batch.picked.tokens, mx.array(batch.length),
-                                                mx.array(batch.left_padding), batch.keys, batch.values)
-        batch.length += 1
+        logits, kv.keys, kv.values = step(batch.picked.tokens, mx.array(kv.length), mx.array(kv.left_padding),
+                                          kv.keys, kv.values)
+        kv.length += 1
         picked, parents = self._sample(batch.rows, logits)
         if parents != list(range(len(batch.rows))):
-            batch.copy_rows(parents)  # beams continue other beams: their keys and values come along
+            kv.copy_rows(parents)  # beams continue other beams: their keys and values come along
         return picked
 
-    def _sample(self, rows: List[_Row], logits: mx.array) -> Tuple[Picked, List[int]]:
-        """(B, vocab) logits -> each row's token by its own settings, with log-probabilities, and the row each
+    def _sample(self, rows: List[Row], logits: mx.array) -> Tuple[Picked, List[int]]:
+        """(B, vocab) logits -> each row's token by its request's strategy, with log-probabilities, and the row each
         row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
         constraints = [r.constraint for r in rows]
         constrained = any(c is not None for c in constraints)
@@ -354,29 +312,27 @@ class Engine:
             # The step runs while the masks are computed on the CPU; forbidden tokens become -inf for every way
             # of picking (greedy, sampled, beams), and the log-probabilities are the constrained distribution's.
             mx.async_eval(logits)
-            logits = apply_masks(logits, constraints)
+            logits = apply_masks(logits, constraints, lambda i, e: rows[i].strategy.fail(e, rows[i].constraint.field))
         logprobs = log_softmax(logits)
         parents = list(range(len(rows)))
-        simple = [r.request.sampler is None and r.request.temperature == 0 and not r.processors for r in rows]
-        if all(simple) and not any(r.beams or r.forced for r in rows):
+        if all(r.strategy.greedy for r in rows):
             tokens = mx.argmax(logits, axis=-1)
-        # Rows given one sampler callable (generate_step's) are sampled together by it.
+        # Rows given one sampler callable (generate_tokens') are sampled together by it.
         elif (shared := rows[0].request.sampler) is not None and all(r.request.sampler is shared and not r.processors
                                                                     for r in rows):
             tokens = shared(logprobs)
         else:
             tokens = [None] * len(rows)
+            members = {}
             for i, r in enumerate(rows):
-                if r.forced is not None:
-                    tokens[i] = mx.array([r.forced[min(r.picked, len(r.forced) - 1)]])
-                elif r.beams is not None:
-                    if r.index == 0:
-                        group = [j for j, s in enumerate(rows) if s.beams is r.beams]
-                        chosen, within = r.beams.step(logprobs[mx.array(group)])
-                        for j, t, p in zip(group, chosen, within):
-                            tokens[j], parents[j] = mx.array([t]), group[p]
-                else:
-                    tokens[i] = self._sample_row(r, logits[i : i + 1])
+                members.setdefault(r.strategy, []).append((i, r))
+            for strategy, mine in members.items():
+                try:
+                    strategy.pick(mine, logits, logprobs, tokens, parents)
+                except Exception as e:  # the request's own sampler or processors: it ends, the others go on
+                    strategy.fail(e, strategy.blame())
+                    for i, _ in mine:
+                        tokens[i], parents[i] = mx.array([self.eos_id]), i
             tokens = mx.concatenate(tokens)
         for r in rows:
             r.picked += 1
@@ -389,139 +345,37 @@ class Engine:
         return picked, parents
 
     @staticmethod
-    def _advance(rows: List[_Row], parents: List[int], tokens: List[int]) -> None:
+    def _advance(rows: List[Row], parents: List[int], tokens: List[int]) -> None:
         """Each constrained row's grammar takes its token; a beam first takes over its parent's state (a copy
         when the parent goes on too), all before any advances."""
         states = [rows[p].constraint if p == j or rows[p].constraint is None else rows[p].constraint.copy()
                   for j, p in enumerate(parents)]
         for r, c, t in zip(rows, states, tokens):
             r.constraint = c
-            if c is None:
+            if c is None or r.strategy.error is not None:
                 continue
-            # A beam may be handed a forbidden (-inf) candidate when fewer than 2 * num_beams are allowed: it can
-            # never win, and its grammar, now in error, lets it write only <eos>.
             try:
                 c.advance(t)
-            except ValueError:
-                if r.beams is None:
-                    raise
+            except Exception as e:
+                # A beam may be handed a forbidden (-inf) candidate when fewer than 2 * num_beams are allowed: it
+                # can never win, and its grammar, now in error, lets it write only <eos>.
+                if not (r.strategy.forgiving and isinstance(e, ValueError)):
+                    r.strategy.fail(e, c.field)
 
-    def _sample_row(self, row: _Row, logits: mx.array) -> mx.array:
-        request = row.request
-        if row.processors:
-            for processor in row.processors:
-                logits = processor(row.history, logits)
-        logprobs = log_softmax(logits)
-        if request.sampler is not None:
-            token = request.sampler(logprobs)
-        else:
-            token, row.key = sample(logprobs, request.temperature, row.key, request.top_p, request.min_p,
-                                    request.top_k)
-        if row.processors:
-            # The penalty looks at the last repetition_context_size tokens only: keep no more.
-            row.history = mx.concatenate([row.history, token])[-request.repetition_context_size:]
-        return token
-
-    def _limit(self, request: Request) -> int:
-        """Tokens a request may make: its max_tokens, within the model's context."""
-        return min(request.max_tokens, self.context - len(request.prompt_ids))
-
-    def _room(self, row: _Row) -> int:
-        """Tokens the row may still make."""
-        if row.beams is not None:
-            return 0 if row.beams.done else self._limit(row.request)
-        limit = len(row.forced) if row.forced is not None else self._limit(row.request)
-        return limit - row.generated
-
-    def _hand_out_all(self, rows: List[_Row], picked: Picked) -> List[Optional[Output]]:
+    def _hand_out_all(self, rows: List[Row], picked: Picked) -> List[Output]:
         tokens, logprobs = picked.tokens.tolist(), picked.logprobs.tolist()
         top = (picked.top_ids.tolist(), picked.top_values.tolist()) if picked.top_ids is not None else None
         outputs = []
         for i, row in enumerate(rows):
-            if row.beams is not None:
-                outputs.append(self._beam_result(row))
-                continue
-            out = self._hand_out(row, tokens[i])
-            out.logprob, out.index = logprobs[i], row.index
-            if row.samples is not None:
-                outputs.append(self._best_of_result(row, out))
-                continue
-            if row.request.logprobs:
-                k = row.request.logprobs
-                out.top_logprobs = list(zip(top[0][i][:k], top[1][i][:k]))
-            outputs.append(out)
+            strategy = row.strategy
+            out = None
+            if strategy.error is None:
+                try:
+                    out = strategy.hand_out(row, tokens[i], logprobs[i], (top[0][i], top[1][i]) if top else None)
+                except Exception as e:  # its stop strings, its detokenizer: the request's own
+                    strategy.fail(e)
+            if strategy.error is not None:
+                out = strategy.failed(row)
+            if out is not None:
+                outputs.append(out)
         return outputs
-
-    def _beam_result(self, row: _Row) -> Optional[Output]:
-        """A beam search hands out nothing until it ends, then its best sequences, once."""
-        group = row.beams
-        if not group.done or group.emitted:
-            return None
-        group.emitted = True
-        results = group.results(row.request.num_return_sequences)
-        for r in results:
-            if self.processor is not None:
-                r.text = self.processor.tokenizer.decode([t for t in r.tokens if t != self.eos_id])
-            r.finish_reason = "stop" if r.tokens[-1] == self.eos_id else "length"
-        best = results[0]
-        return Output(row.uid, best.tokens[-1], best.text, best.finish_reason, len(row.request.prompt_ids),
-                      len(best.tokens), sequences=results)
-
-    def _best_of_result(self, row: _Row, out: Output) -> Optional[Output]:
-        """A best_of request hands out nothing until its last sample ends, then its samples, likeliest first."""
-        row.tokens.append(out.token)
-        row.values.append(out.logprob)
-        if not out.finish_reason:
-            return None
-        row.finished = True
-        # big_vision's score: the summed log-probability of the answer's tokens, <eos> included (stable: the first
-        # of equal scores wins, as its argmax).
-        row.samples[row.index] = BeamSequence(row.tokens, math.fsum(row.values), row.text[:row.sent], row.values,
-                                              out.finish_reason)
-        if any(s is None for s in row.samples):
-            return None
-        results = sorted(row.samples, key=lambda s: -s.score)[:row.request.num_return_sequences]
-        best = results[0]
-        return Output(row.uid, best.tokens[-1], best.text, best.finish_reason, out.prompt_tokens, len(best.tokens),
-                      sequences=results)
-
-    def _hand_out(self, row: _Row, token: int) -> Output:
-        request = row.request
-        row.generated += 1
-        finish = None
-        if token == self.eos_id and request.stop_at_eos:
-            finish = "stop"
-        elif self._room(row) <= 0:
-            finish = "length"
-        piece = ""
-        if row.detokenizer is not None:
-            if token != self.eos_id:
-                row.text += row.detokenizer.add(token)
-            if finish:
-                row.text += row.detokenizer.flush()
-            piece, stopped = self._release(row, final=finish is not None)
-            if stopped:
-                finish = "stop"
-        return Output(row.uid, token, piece, finish, len(request.prompt_ids), row.generated)
-
-    @staticmethod
-    def _release(row: _Row, final: bool):
-        """The text that can be handed out now: up to a stop string (which ends the row and is not shown), and
-        short of a tail that could still become one."""
-        stops = row.request.stop
-        if stops:
-            found = [i for i in (row.text.find(s, max(row.sent - len(s), 0)) for s in stops) if i >= 0]
-            if found:
-                end = min(found)
-                piece, row.sent = row.text[row.sent:end], end
-                return piece, True
-        end = len(row.text)
-        if stops and not final:
-            # A stop string can only begin in the text not yet handed out (what was handed out was checked), so the
-            # search looks at that tail only: a few characters a token, not len(stop) ** 2 (a 1 MB stop froze it).
-            unsent = len(row.text) - row.sent
-            held = max((n for s in stops for n in range(1, min(len(s), unsent + 1)) if row.text.endswith(s[:n])),
-                       default=0)
-            end = max(end - held, row.sent)
-        piece, row.sent = row.text[row.sent:end], end
-        return piece, False

@@ -1,4 +1,4 @@
-"""The running batch's keys and values: fixed-size buffers, rows right-aligned, and the compiled decode step."""
+"""The running rows' keys and values: fixed-size buffers, rows right-aligned, and the compiled decode step."""
 
 from typing import Callable, List, Optional
 
@@ -6,7 +6,6 @@ import mlx.core as mx
 
 from ..models.language import prefix_lm_mask
 from ..models.paligemma import PaliGemma
-from .sampling import Picked
 
 KV_BLOCK = 256  # buffer positions are added this many at a time, so a compiled step sees few distinct shapes
 
@@ -61,15 +60,12 @@ def decode_step(model: PaliGemma, bits: Optional[int], group_size: int) -> Calla
     return steps[(bits, group_size)]
 
 
-class Batch:
-    """Running rows: their keys and values (per layer, a tuple of buffers of KV_BLOCK-rounded size, rows
-    right-aligned at `length`), their left padding, and the pending token of each row (`picked`, with its
-    log-probabilities)."""
+class KVBuffers:
+    """The running rows' keys and values: per layer a tuple of buffers of KV_BLOCK-rounded size, rows right-aligned
+    at `length`, and each row's left padding."""
 
-    def __init__(self, rows: list, keys: List[tuple], values: List[tuple], left_padding: List[int],
-                 length: int, picked: Optional[Picked]):
-        self.rows, self.keys, self.values = rows, keys, values
-        self.left_padding, self.length, self.picked = left_padding, length, picked
+    def __init__(self, keys: List[tuple], values: List[tuple], left_padding: List[int], length: int):
+        self.keys, self.values, self.left_padding, self.length = keys, values, left_padding, length
 
     def _map(self, fn) -> None:
         self.keys = [tuple(fn(b) for b in t) for t in self.keys]
@@ -86,29 +82,22 @@ class Batch:
         if self.length + 1 > self.keys[0][0].shape[2]:
             self._resize(0, self.length)
 
-    def keep(self, indices: List[int]) -> None:
-        if len(indices) == len(self.rows):
-            return
-        self.rows = [self.rows[i] for i in indices]
-        if not indices:
-            return  # the owner drops an empty batch
+    def take(self, indices: List[int], index: mx.array) -> None:
+        """Keep these rows (`index`: the same as an array)."""
         self.left_padding = [self.left_padding[i] for i in indices]
-        index = mx.array(indices, dtype=mx.int32)
         self._map(lambda b: b[index])
-        if self.picked is not None:
-            self.picked = self.picked.take(index)
         trim = min(self.left_padding)
         if trim >= KV_BLOCK:  # padding every remaining row has: dropped once there is a block of it (few shapes)
             self.left_padding = [p - trim for p in self.left_padding]
             self._resize(trim, self.length - trim)
 
-    def extend(self, other: "Batch") -> None:
+    def extend(self, other: "KVBuffers") -> None:
         length = max(self.length, other.length)
         size = round_up(length + 1)
 
-        def aligned(batch: "Batch", b: mx.array) -> mx.array:
-            shift = length - batch.length  # right-align this side's rows at the common length
-            return mx.pad(b[:, :, : batch.length], [(0, 0), (0, 0), (shift, size - length), (0, 0)])
+        def aligned(kv: "KVBuffers", b: mx.array) -> mx.array:
+            shift = length - kv.length  # right-align this side's rows at the common length
+            return mx.pad(b[:, :, : kv.length], [(0, 0), (0, 0), (shift, size - length), (0, 0)])
 
         join = lambda mine, theirs: [tuple(mx.concatenate([aligned(self, a), aligned(other, b)]) for a, b in zip(x, y))
                                      for x, y in zip(mine, theirs)]
@@ -116,8 +105,6 @@ class Batch:
         self.left_padding = ([p + length - self.length for p in self.left_padding]
                              + [p + length - other.length for p in other.left_padding])
         self.length = length
-        self.rows += other.rows
-        self.picked = self.picked.concat(other.picked)
 
     def copy_rows(self, index: List[int]) -> None:
         """Row i takes the keys and values of row index[i] (a beam continuing another beam)."""

@@ -1,12 +1,6 @@
-"""What one request asks of the engine, and the one check of generation settings every surface uses.
+"""What one request asks of the engine: its prompt ids (or images to encode), its decoding settings (checked by
+settings.check_settings, the one check every surface uses), and its constraint, forced continuations or sampler."""
 
-A Request holds the unpadded prefix ids (or images to encode), the decoding settings (greedy, sampled, beams,
-best_of, forced continuations for scoring), and an optional constraint. `check_generation_args` checks every
-setting and their combinations before any work: the API, the command lines (before a model loads) and the server
-(before a request is queued) all call it, so one bad value is one line, worded the same everywhere.
-"""
-
-import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -16,9 +10,7 @@ import numpy as np
 from .. import defaults
 from .constraints import Constraint
 from ..errors import InputError
-
-MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
-MAX_BEST_OF = 64  # samples of one best_of request: rows of the batch, so its cost is bounded before it starts
+from .settings import Settings, check_settings
 
 
 @dataclass
@@ -49,6 +41,9 @@ class Request:
     # big_vision's best_of_n: sample this many answers (rows sharing one prefill, row i seeded seed + i) and return
     # the likeliest (summed log-probability, <eos> included) first, as a beam search returns its sequences.
     best_of: int = defaults.BEST_OF
+    # n answers sampled side by side (rows sharing one prefill, row i seeded seed + i, so choice i is what seed + i
+    # answers alone), each handed out as it is made, as OpenAI's n.
+    n: int = 1
     # Given continuations, one row each (scoring): their tokens are fed, not chosen, and their log-probabilities
     # handed out. They share the prefix's keys and values.
     forced: Optional[List[List[int]]] = None
@@ -57,83 +52,19 @@ class Request:
     constraint: Optional[Constraint] = None
 
     def __post_init__(self):
-        check_generation_args(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
-                              self.repetition_penalty, self.repetition_context_size, self.seed, self.logprobs,
-                              self.num_beams, self.length_penalty, self.early_stopping, self.num_return_sequences,
-                              self.best_of)
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise InputError("stop must be a list of non-empty strings")
-        if self.num_beams > 1:
-            # transformers' beam sampling and its processors are not reproduced: refused rather than ignored.
-            if self.temperature > 0 or self.sampler is not None:
-                raise InputError("num_beams > 1 decodes deterministically: leave temperature at 0")
-            if self.repetition_penalty is not None or self.logit_bias or self.stop:
-                raise InputError("num_beams > 1 takes no repetition_penalty, logit_bias or stop strings")
+        checked = check_settings(**{name: getattr(self, name) for name in Settings().decoding()
+                                    if not (name == "temperature" and self.sampler is not None)})
+        self.stop = list(checked.stop)
         if self.forced is not None and not (
                 self.forced and all(isinstance(f, list) and f and all(isinstance(t, int) for t in f)
                                     for f in self.forced)):
-            raise InputError("forced must be a non-empty list of non-empty token id lists")
-        if self.best_of > 1 and (self.temperature == 0 and self.sampler is None):
-            raise InputError("best_of > 1 keeps the likeliest of several samples: give a temperature > 0")
+            raise InputError("forced must be a non-empty list of non-empty token id lists", param="forced")
         if self.forced is not None and self.constraint is not None:
-            raise InputError("forced continuations are scored as given: they take no constraint")
+            raise InputError("forced continuations are scored as given: they take no constraint", param="forced")
+        if self.num_beams > 1 and self.sampler is not None:
+            raise InputError("num_beams > 1 decodes deterministically: give no sampler", param="sampler")
 
-
-def check_generation_args(max_tokens=defaults.MAX_TOKENS, temperature=defaults.TEMPERATURE, top_p=defaults.TOP_P,
-                          top_k=defaults.TOP_K, min_p=defaults.MIN_P, repetition_penalty=None,
-                          repetition_context_size=defaults.REPETITION_CONTEXT_SIZE, seed=None,
-                          logprobs=defaults.LOGPROBS, num_beams=defaults.NUM_BEAMS,
-                          length_penalty=defaults.LENGTH_PENALTY, early_stopping=defaults.EARLY_STOPPING,
-                          num_return_sequences=1, best_of=defaults.BEST_OF) -> None:
-    """The one check of generation settings, for the API and every command line: one line per problem."""
-    def number(name, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InputError(f"{name} must be a finite number, got {v!r}")
-
-    def integer(name, v, low):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {v!r}")
-
-    integer("max_tokens", max_tokens, 1)
-    number("temperature", temperature)
-    if temperature < 0 or 0 < temperature < 1e-4:
-        # Dividing log-probabilities by less overflows float32 and would sample at random, not nearly greedily.
-        raise InputError(f"temperature must be 0 (greedy) or at least 1e-4, got {temperature}")
-    number("top_p", top_p)
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    integer("top_k", top_k, 0)
-    number("min_p", min_p)
-    if not 0 <= min_p <= 1:
-        raise InputError(f"min_p must be in [0, 1], got {min_p}")
-    if repetition_penalty is not None:
-        number("repetition_penalty", repetition_penalty)
-        if repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    integer("repetition_context_size", repetition_context_size, 1)
-    if seed is not None:
-        integer("seed", seed, 0)
-        if seed >= 2**64:
-            raise InputError(f"seed must be below 2**64, got {seed}")
-    integer("logprobs", logprobs, 0)
-    if logprobs > MAX_LOGPROBS:
-        raise InputError(f"logprobs must be at most {MAX_LOGPROBS}, got {logprobs}")
-    integer("num_beams", num_beams, 1)
-    number("length_penalty", length_penalty)
-    if early_stopping not in (True, False, "never"):
-        raise InputError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
-    integer("best_of", best_of, 1)
-    if best_of > MAX_BEST_OF:
-        raise InputError(f"best_of must be at most {MAX_BEST_OF}, got {best_of}")
-    if num_beams > 1 and best_of > 1:
-        raise InputError("num_beams and best_of are two ways of choosing among answers: give one, not both")
-    for name, n in (("num_beams", num_beams), ("best_of", best_of)):
-        if n > 1 and logprobs:
-            raise InputError(f"logprobs={logprobs} with {name} > 1: the answers' tokens carry their own "
-                             "log-probabilities but no alternatives; leave logprobs (top alternatives) at 0")
-    integer("num_return_sequences", num_return_sequences, 1)
-    if num_return_sequences > max(num_beams, best_of):
-        raise InputError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams}) "
-                         f"or best_of ({best_of})")
+    @classmethod
+    def of(cls, prompt_ids: List[int], settings: Settings, **more) -> "Request":
+        """A request of checked settings (its constraint built from settings.constraint())."""
+        return cls(prompt_ids, **settings.decoding(), **more)

@@ -24,7 +24,7 @@ def candidate_tokens(processor, candidate: str, include_eos: bool = True) -> Lis
     return tokens if include_eos else tokens[:-1]
 
 
-def token_logprobs(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (),
+def candidate_logprobs(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (),
                    include_eos: bool = True, batch_size: int = defaults.BATCH_SIZE,
                    kv_bits: Optional[int] = None) -> List[List[float]]:
     """Per candidate, the log-probability of each of its tokens (and <eos>, unless include_eos=False)."""
@@ -42,17 +42,19 @@ def token_logprobs(model, processor, images=None, prompt: str = "", candidates: 
     chunks = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
     uids = [engine.submit(images, prompt, forced=chunk, max_tokens=max(map(len, chunk)), stop_at_eos=False)
             for chunk in chunks]
-    values = {(u, i): [] for u, chunk in zip(uids, chunks) for i in range(len(chunk))}
+    values = {}
     with engine.running():
         while engine.has_work:
             for out in engine.step():
-                values[out.uid, out.index].append(out.logprob)
-    return [values[u, i] for u, chunk in zip(uids, chunks) for i in range(len(chunk))]
-
+                if out.result is not None:
+                    if out.result.error is not None:
+                        raise out.result.error
+                    values[out.uid] = [s.logprobs for s in out.result.sequences]
+    return [v for u in uids for v in values[u]]
 
 def score(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (), include_eos: bool = True,
           batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None) -> List[float]:
     """Per candidate, the summed log-probability of its tokens (and <eos>, unless include_eos=False) given the
     images and the prompt: the candidate that scores highest is the model's choice."""
-    return [math.fsum(v) for v in token_logprobs(model, processor, images, prompt, candidates, include_eos,
+    return [math.fsum(v) for v in candidate_logprobs(model, processor, images, prompt, candidates, include_eos,
                                                  batch_size, kv_bits)]

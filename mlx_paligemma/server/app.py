@@ -38,6 +38,12 @@ class JSON(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
+def event_error(event) -> ApiError:
+    """A request's error once it runs: its own fault (a 4xx naming its field) or the server's."""
+    return ApiError(event.status, event.message, type="invalid_request_error" if event.status < 500 else "server_error",
+                    param=event.param)
+
+
 def error_body(status: int, message: str, type: Optional[str] = None, code: Optional[str] = None) -> dict:
     return {"error": {"message": message, "type": type or ("invalid_request_error" if status < 500 else "server_error"),
                       "param": None, "code": code}}
@@ -228,7 +234,7 @@ class Reply:
                 yield ": keep-alive\n\n"
                 continue
             if event.kind == "error":  # the headers are sent: the error goes in the stream, as OpenAI does
-                yield self._sse(ApiError(event.status, event.message, type="server_error").body())
+                yield self._sse(event_error(event).body())
                 return
             if event.text or event.logprobs:
                 yield self._sse(self._chunk(event.index, {"content": event.text},
@@ -263,7 +269,7 @@ class Reply:
             if event is None:
                 continue
             if event.kind == "error":
-                raise ApiError(event.status, event.message, type="server_error")
+                raise event_error(event)
             texts[event.index] += event.text
             entries[event.index] += event.logprobs or []
             if event.finish_reason:

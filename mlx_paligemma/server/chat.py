@@ -24,7 +24,7 @@ from typing import Any, List, Optional
 from .. import defaults
 from ..tasks.detection import check_min_score
 from ..processing.answer_format import has_objects
-from ..generation.request import MAX_LOGPROBS, Request
+from ..generation.settings import MAX_LOGPROBS, check_settings
 from ..processing.fetch import fetch, read_local, shown, unreachable
 from ..errors import InputError, cause, check_text
 from . import decoding
@@ -298,22 +298,20 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
                seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits),
                logprobs=top or 0, num_beams=beams, length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
                early_stopping=value("early_stopping", defaults.EARLY_STOPPING), best_of=best_of)
-    try:
-        # The engine's own checks of every setting and of their combinations (beams take no sampling).
-        Request([0], **out, num_return_sequences=n if beam_search or sampled_best else 1)
-        if out["seed"] is not None and n > 1:
-            Request([0], seed=out["seed"] + n - 1)  # choice i is seeded seed + i
-    except InputError as e:
-        name = str(e).split()[0].split("=")[0]
-        raise bad(str(e), "top_logprobs" if name == "logprobs" else name) from None
-    if out["temperature"] > 2:
-        raise bad(f"temperature must be in [0, 2], got {out['temperature']}", "temperature")
     given = [name for name in CONSTRAINTS if body.get(name) is not None and body[name] is not False
              and body[name] != {"type": "text"}]  # plain text is no constraint
     if len(given) > 1:
         raise bad(f"give one constraint, not {' and '.join(given)}", given[1])
     for name in given:
         out[name] = constraint(name, body[name])
+    try:
+        # The one check of every setting and of their combinations (beams take no sampling); choice i of n sampled
+        # choices is seeded seed + i.
+        check_settings(**out, **({"num_return_sequences": n} if beam_search or sampled_best else {"n": n}))
+    except InputError as e:
+        raise bad(str(e), "top_logprobs" if e.param == "logprobs" else e.param) from None
+    if out["temperature"] > 2:
+        raise bad(f"temperature must be in [0, 2], got {out['temperature']}", "temperature")
     return out
 
 

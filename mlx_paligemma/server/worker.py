@@ -1,9 +1,11 @@
 """The one thread that owns the model: it runs the engine and hands each request's outputs to its HTTP handler.
 
 MLX work (preprocessing into arrays, prefill, decode steps, mask decoding) happens here only; the HTTP side puts
-jobs and cancellations into an inbox and reads events from a per-request asyncio queue. A request of n choices is
-n engine rows (seeds seed, seed+1, ...), or one beam search of num_beams rows returning n sequences; its events
-carry the choice's index, and the capacity counts rows.
+jobs and cancellations into an inbox and reads events from a per-request asyncio queue. A request is one engine
+request: n choices are n rows sharing one prefill (seeds seed, seed+1, ...), a beam search or best_of returns its n
+best sequences; its events carry the choice's index, and the capacity counts rows. A request's own fault (its
+constraint failing while decoding) ends it alone with a 400 naming its field; a fault of the engine itself fails
+the running requests with a message that quotes none of them.
 """
 
 import asyncio
@@ -16,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from .. import defaults
-from ..tasks.detection import add_masks, keep_confident, objects_to_json, parse_detections, token_ends
+from ..tasks.detection import ObjectReader, objects_to_json
 from ..generation.engine import Engine
 from ..errors import InputError
 
@@ -74,8 +76,6 @@ class Handle:
     loop: asyncio.AbstractEventLoop
     events: "asyncio.Queue[Event]" = field(default_factory=asyncio.Queue)
     uids: Dict[int, int] = field(default_factory=dict)  # engine uid -> choice index
-    texts: Dict[int, str] = field(default_factory=dict)  # each choice's answer so far, for the objects
-    tokens: Dict[int, list] = field(default_factory=dict)  # and its (token, log-probability) pairs, for their scores
     done: bool = False
 
     def put(self, event: Event) -> None:
@@ -96,6 +96,7 @@ class Worker(threading.Thread):
         self.mask_decoder = mask_decoder
         if mask_decoder is not None:
             mx.eval(mask_decoder.parameters())  # lazy arrays are computed on their own thread's stream: here
+        self.objects = ObjectReader(None, processor.tokenizer.decode, decoder=mask_decoder, fetch=False)
         self.inbox: List[Tuple[str, Handle]] = []
         self.wake = threading.Condition()
         self.held = 0  # rows of the requests taken and not yet finished, cancelled or refused
@@ -197,26 +198,26 @@ class Worker(threading.Thread):
                     self._finish(handle)
                 continue
             job = handle.job
-            handle.texts = {i: "" for i in range(job.n)}
-            handle.tokens = {i: [] for i in range(job.n)}
             try:
-                for i, settings in enumerate(row_settings(job)):
-                    uid = self.engine.submit(job.images, job.prompt, **settings)
-                    handle.uids[uid] = i
-                    self.handles[uid] = handle
-            except Exception as e:  # InputError is the request's fault (400); anything else is ours (500)
-                bad_input = isinstance(e, InputError)
-                handle.put(Event("error", message=str(e) if bad_input else f"{type(e).__name__}: {e}",
-                                 status=400 if bad_input else 500, param=blame(job, str(e)) if bad_input else None))
-                self._finish(handle)  # the rows already queued go too
+                uid = self.engine.submit(job.images, job.prompt, **job.settings, **choices(job))
+                handle.uids[uid] = 0
+                self.handles[uid] = handle
+            except InputError as e:  # the request's fault: a 400 naming its field
+                handle.put(Event("error", message=str(e), status=400, param=e.param))
+                self._finish(handle)
+                continue
+            except Exception:  # ours: a 500 that quotes nothing of the request
+                handle.put(Event("error", message="the request could not be queued: internal error", status=500))
+                self._finish(handle)
                 continue
             handle.put(Event("accepted"))
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # a bug or an MLX failure must not take the server down: fail the running requests
-            message = f"generation failed: {type(e).__name__}: {e}"
+        except Exception as e:  # the engine's own fault (a request's fault ends that request in the engine): the
+            # running requests fail with a message naming no request's input, and the server goes on
+            message = f"generation failed: internal error ({type(e).__name__})"
             for handle in set(self.handles.values()):
                 handle.put(Event("error", message=message, status=500))
                 self._finish(handle)
@@ -226,48 +227,39 @@ class Worker(threading.Thread):
             handle = self.handles.get(out.uid)
             if handle is None:  # cancelled while its last token was being computed
                 continue
+            if out.result is not None and out.result.error is not None:  # its own constraint, sampler, ...
+                error = out.result.error
+                handle.put(Event("error", message=str(error), status=400, param=getattr(error, "param", None)))
+                self._finish(handle)
+                continue
             if out.sequences is not None:  # a beam search (best_of) ends at once: its n sequences are the n choices
-                events, pairs = [], []
-                for i, s in enumerate(out.sequences):
-                    events.append(Event("output", s.text, s.finish_reason, out.prompt_tokens, len(s.tokens), index=i))
-                    pairs.append(list(zip(s.tokens, s.logprobs)))
+                answers = list(enumerate(out.sequences))
+                events = [Event("output", a.text, a.finish_reason, out.prompt_tokens, len(a.tokens), index=i)
+                          for i, a in answers]
+                pairs = [list(zip(a.tokens, a.logprobs)) for _, a in answers]
             else:
+                answers = [(out.index, out.answer)]
                 events = [Event("output", out.text, out.finish_reason, out.prompt_tokens, out.generation_tokens,
-                                index=handle.uids[out.uid])]
+                                index=out.index)]
                 pairs = [[(out.token, out.logprob)]]
-            for event, pair in zip(events, pairs):
+            for event, pair, (_, answer) in zip(events, pairs, answers):
                 if handle.job.logprobs:
                     top = out.top_logprobs if out.sequences is None else None
                     event.logprobs = [self._logprob(t, v, top or []) for t, v in pair]
-            for event, pair in zip(events, pairs):
-                handle.texts[event.index] += event.text
-                handle.tokens[event.index] += pair
                 if event.finish_reason and handle.job.objects:
                     try:
-                        event.objects = self._objects(handle, event.index)
-                    except Exception as e:  # this request fails, the others go on
-                        event = Event("error", message=f"cannot read the answer's objects: {e}", status=500)
-                if event.finish_reason:
-                    self.handles.pop(out.uid, None)
+                        event.objects = objects_to_json(self.objects.read(answer, handle.job.size,
+                                                                          handle.job.min_score))
+                    except Exception:  # this request fails, the others go on
+                        event = Event("error", message="cannot read the answer's objects", status=500)
                 handle.put(event)
                 if event.kind == "error":
                     self._finish(handle)
                     break
-            if not handle.done and all(uid not in self.handles for uid in handle.uids):  # every choice ended
+            if not handle.done and out.result is not None:  # every choice ended
+                self.handles.pop(out.uid, None)
                 self.stats["finished"] += 1
                 self._finish(handle)
-
-    def _objects(self, handle: Handle, index: int) -> list:
-        """A choice's boxes (and masks, with a mask decoder) in pixels of the request's first image, scored by
-        their tokens' log-probabilities, those under the request's min_score left out."""
-        size = handle.job.size
-        tokens, values = zip(*handle.tokens[index]) if handle.tokens[index] else ((), ())
-        ends = token_ends(tokens, self.processor.tokenizer.decode)
-        objects = keep_confident(parse_detections(handle.texts[index], size, None, ends, values),
-                                 handle.job.min_score)
-        if self.mask_decoder is not None:
-            add_masks(objects, self.mask_decoder, size)
-        return objects_to_json(objects)
 
     def _logprob(self, token: int, logprob: float, top: list) -> dict:
         """OpenAI's logprobs.content entry of one token, with its top alternatives."""
@@ -275,25 +267,10 @@ class Worker(threading.Thread):
                 "top_logprobs": [{**piece(self.processor.tokenizer, t), "logprob": v} for t, v in top]}
 
 
-def row_settings(job: Job) -> List[dict]:
-    """The engine settings of each row: a beam search (best_of) returns the n choices itself; n sampled rows get the seeds
-    seed, seed+1, ... (so choice i is what a request of seed+i answers alone)."""
-    if job.beams:
-        return [{**job.settings, "num_return_sequences": job.n}]
-    seed = job.settings.get("seed")
-    return [{**job.settings, "seed": None if seed is None else seed + i} for i in range(job.n)]
-
-
-CONSTRAINTS = {"response_format": ("response_format", "json schema"), "regex": ("regex",),
-               "choices": ("choices",), "constrain": ("constrain",)}
-
-
-def blame(job: Job, message: str) -> Optional[str]:
-    """The constraint field an engine refusal is about (the engine checks them), else None."""
-    for name, words in CONSTRAINTS.items():
-        if job.settings.get(name) is not None and any(w in message for w in words):
-            return name
-    return None
+def choices(job: Job) -> dict:
+    """How the request makes its n choices: a beam search (best_of) returns its n best, otherwise n sampled rows
+    (seeds seed, seed+1, ..., so choice i is what a request of seed+i answers alone)."""
+    return {"num_return_sequences": job.n} if job.beams else {"n": job.n}
 
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")

@@ -100,28 +100,37 @@ def keep_confident(objects: Sequence[DetectedObject], min_score: float) -> List[
 
 
 class ObjectReader:
-    """The objects of detect/segment answers, scored and masks included: the mask decoder (`path`, or big_vision's
-    vae-oid.npz fetched once) is loaded at the first answer that has mask codes, so detect runs never need it.
-    Given the answer's tokens and their log-probabilities (and `decode`, the tokenizer's), each object gets its
-    score, and those below min_score are dropped before any mask is decoded."""
+    """The objects of detect/segment answers, scored and masks included: the one reading every surface (generate,
+    batch, the server, evaluation) uses. Given the answer's tokens and their log-probabilities (and `decode`, the
+    tokenizer's), each object gets its score, and those below min_score are dropped before any mask is decoded.
+    Masks come from `decoder` (a loaded MaskDecoder), or from `path` (or, with fetch=True, big_vision's vae-oid.npz
+    fetched once) loaded at the first answer that has mask codes, so detect runs never need it; without any of them
+    a segmented object keeps its codes and no mask."""
 
     def __init__(self, path: Optional[str] = None, decode: Optional[Callable[[List[int]], str]] = None,
-                 min_score: float = defaults.MIN_SCORE):
-        self.path, self.decoder, self.decode, self.min_score = path, None, decode, check_min_score(min_score)
+                 min_score: float = defaults.MIN_SCORE, decoder: Optional[MaskDecoder] = None, fetch: bool = True):
+        self.path, self.decoder, self.decode, self.min_score = path, decoder, decode, check_min_score(min_score)
+        self.fetch = fetch
 
     def __call__(self, text: str, image_size: Tuple[int, int], tokens: Optional[Sequence[int]] = None,
-                 logprobs: Optional[Sequence[float]] = None) -> List[DetectedObject]:
+                 logprobs: Optional[Sequence[float]] = None, min_score: Optional[float] = None) -> List[DetectedObject]:
         from ..formats.mask_decoder import fetch_vae_oid, load_mask_decoder
 
         scored = tokens is not None and logprobs is not None and self.decode is not None
         ends = token_ends(tokens, self.decode) if scored else None
         objects = keep_confident(parse_detections(text, image_size, None, ends, logprobs if scored else None),
-                                 self.min_score)
+                                 self.min_score if min_score is None else min_score)
         if any(o.codes is not None for o in objects):
-            if self.decoder is None:
+            if self.decoder is None and (self.path or self.fetch):
                 self.decoder = load_mask_decoder(self.path or fetch_vae_oid())
-            add_masks(objects, self.decoder, image_size)
+            if self.decoder is not None:
+                add_masks(objects, self.decoder, image_size)
         return objects
+
+    def read(self, answer, image_size: Tuple[int, int], min_score: Optional[float] = None) -> List[DetectedObject]:
+        """The objects of an answer that has `text`, `tokens` and `logprobs` (a Result, a GenerationResult, one of
+        their sequences)."""
+        return self(answer.text, image_size, answer.tokens, answer.logprobs, min_score)
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -10,9 +10,11 @@ from PIL import Image
 from .. import defaults
 from ..data.items import Example
 from ..errors import InputError
+from ..generation.engine import Engine
+from ..generation.runs import run_all
 from ..generation.scoring import score as score_candidates
 from . import metrics
-from .detection import objects_to_json, parse_detections, token_ends
+from .detection import ObjectReader, objects_to_json
 
 
 TASKS = ("caption", "vqa", "ocr", "detect", "segment", "choice", "match")
@@ -60,19 +62,21 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
 def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
                      max_tokens: int = defaults.MAX_TOKENS, progress: Optional[Callable[[str], None]] = None,
                      num_beams: int = defaults.NUM_BEAMS, length_penalty: float = defaults.LENGTH_PENALTY) -> list:
-    """Greedy (or beam search) answers through the batch engine, in slices so that a long run can report its
-    progress: Generations, whose tokens' log-probabilities give detected objects their scores."""
-    from ..generation.api import batch_generate
-
-    answers, tic, chunk = [], time.perf_counter(), max(8 * batch_size, 64)
-    for start in range(0, len(questions), chunk):
-        part = questions[start:start + chunk]
-        answers += batch_generate(model, processor, images=[q.image for q in part], prompts=[q.prefix for q in part],
-                                  max_tokens=max_tokens, temperature=0.0, batch_size=batch_size, logprobs=0,
-                                  num_beams=num_beams, length_penalty=length_penalty)
-        if progress is not None:
+    """Greedy (or beam search) answers through the engine: its Results, in question order, whose tokens'
+    log-probabilities give detected objects their scores; progress reported every few batches."""
+    engine = Engine(model, processor, batch_size=batch_size)
+    submits = ((i, lambda q=q: engine.submit(q.image, q.prefix, max_tokens=max_tokens, temperature=0.0,
+                                             num_beams=num_beams, length_penalty=length_penalty))
+               for i, q in enumerate(questions))
+    answers, tic, every = {}, time.perf_counter(), max(8 * batch_size, 64)
+    for i, result in run_all(engine, submits):
+        if isinstance(result, InputError) or result.error is not None:
+            error = result if isinstance(result, InputError) else result.error
+            raise InputError(f"{questions[i].source or questions[i].prefix}: {error}", param=error.param)
+        answers[i] = result
+        if progress is not None and (len(answers) % every == 0 or len(answers) == len(questions)):
             progress(f"{len(answers)}/{len(questions)} answers, {len(answers) / (time.perf_counter() - tic):.2f}/s")
-    return answers
+    return [answers[i] for i in range(len(questions))]
 
 
 def choose_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
@@ -96,14 +100,15 @@ def image_size(image) -> Tuple[int, int]:
 
 
 def score_answers(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None,
-          token_scores: Optional[Sequence[tuple]] = None) -> dict:
+                  token_scores: Optional[Sequence[tuple]] = None, decode=None) -> dict:
     """The task's metrics for these answers. Segmentation without a mask decoder gets its box metrics and a note.
-    token_scores: per answer (token_ends, logprobs), which rank detected boxes by their score."""
-    return score_questions(task, predictions, questions, mask_decoder, token_scores)[0]
+    token_scores: per answer (tokens, logprobs), which rank detected boxes by their score (`decode`, the
+    tokenizer's, places the tokens in the text)."""
+    return score_questions(task, predictions, questions, mask_decoder, token_scores, decode)[0]
 
 
 def score_questions(task: str, predictions: Sequence[str], questions: Sequence[Question], mask_decoder=None,
-                    token_scores: Optional[Sequence[tuple]] = None) -> Tuple[dict, List[float], list]:
+                    token_scores: Optional[Sequence[tuple]] = None, decode=None) -> Tuple[dict, List[float], list]:
     """score's metrics, each question's own score by the same metric (CIDEr, VQA accuracy, ANLS, the image's box
     mAP or mask IoU, exact match), and per question (predicted, reference) objects for detect and segment (else
     None)."""
@@ -125,9 +130,9 @@ def score_questions(task: str, predictions: Sequence[str], questions: Sequence[Q
         decoder = mask_decoder if task == "segment" else None
         sizes = [image_size(q.image) for q in questions]
         token_scores = token_scores or [(None, None)] * len(predictions)
-        predicted = [parse_detections(p, size, decoder, *t) for p, size, t in zip(predictions, sizes, token_scores)]
-        reference = [[o for r in q.references for o in parse_detections(r, size, decoder)]
-                     for q, size in zip(questions, sizes)]
+        read = ObjectReader(None, decode, 0.0, decoder, fetch=False)
+        predicted = [read(p, size, *t) for p, size, t in zip(predictions, sizes, token_scores)]
+        reference = [[o for r in q.references for o in read(r, size)] for q, size in zip(questions, sizes)]
         out = metrics.detection_scores(predicted, reference)
         masks = task == "segment" and decoder is not None
         if task == "segment":
@@ -173,8 +178,7 @@ def evaluate_examples(model, processor, examples: Sequence[Example], task: str =
     answers = [generations[i].text if i in generations else
                questions[i].candidates[max(range(len(scored[i])), key=scored[i].__getitem__)]  # the first if equal
                for i in range(len(questions))]
-    token_scores = {i: (token_ends(g.tokens, processor.tokenizer.decode), g.logprobs) if g.logprobs else (None, None)
-                    for i, g in generations.items()}
+    token_scores = {i: (g.tokens, g.logprobs) if g.logprobs else (None, None) for i, g in generations.items()}
     records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
                for q, a in zip(questions, answers)]
     for i in choices:
@@ -184,7 +188,7 @@ def evaluate_examples(model, processor, examples: Sequence[Example], task: str =
         chosen = [i for i, q in enumerate(questions) if q.task == name]
         values, scores, objects = score_questions(
             name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder,
-            [token_scores[i] for i in chosen] if name in ("detect", "segment") else None)
+            [token_scores[i] for i in chosen] if name in ("detect", "segment") else None, processor.tokenizer.decode)
         results[name] = {"questions": len(chosen), **values}
         for i, value, pair in zip(chosen, scores, objects):
             records[i]["score"] = value
