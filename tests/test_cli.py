@@ -123,7 +123,7 @@ def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
         np.testing.assert_allclose([c["logprob"] for c in out["candidates"]], want, rtol=0, atol=1e-5)
     r = run(*base, "--draw", str(tmp_path / "x.png"))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: --candidates scores the given answers: it takes no --draw"]
+        "error: --candidates scores the given answers as they are: it takes no --draw"]
 
 
 def test_cli_json_with_logprobs_is_one_object():

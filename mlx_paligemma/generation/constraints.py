@@ -20,7 +20,6 @@ import bisect
 import json
 import re
 import reprlib
-import threading
 import time
 import weakref
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from ..processing.answer_format import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATOR
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor, Tokenizer
+from .grammar_costs import check_bytes, compile_with_deadline, grammar_of, reason, schema_text
 from ..errors import InputError, cause, read_json_object
 from .. import limits
 from ..limits import MAX_SCHEMA_FILE_BYTES
@@ -311,14 +311,14 @@ def _make_constraint(processor, vocab_size, prompt, response_format, json_schema
             raise InputError(f"a json schema is a JSON object, not a {type(schema).__name__}")
         if "x-guidance" not in schema:  # llguidance's own options, when the schema gives none
             schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}
-        _check_bytes("the json schema", len(_schema_text(schema).encode("utf-8", "surrogatepass")))
-        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_json_schema(_schema_text(schema)), what)
+        check_bytes("the json schema", len(schema_text(schema).encode("utf-8", "surrogatepass")))
+        grammar = grammar_of(lambda: _llguidance().LLMatcher.grammar_from_json_schema(schema_text(schema)), what)
     elif regex is not None:
         if not isinstance(regex, str):
             raise InputError(f"regex must be a string, not {type(regex).__name__}")
-        _check_bytes("the regex", len(regex.encode("utf-8", "surrogatepass")))
+        check_bytes("the regex", len(regex.encode("utf-8", "surrogatepass")))
         what = f"regex {reprlib.repr(regex)}"
-        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_regex(regex), what)
+        grammar = grammar_of(lambda: _llguidance().LLMatcher.grammar_from_regex(regex), what)
     elif choices is not None:
         what = "choices"
         if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices or not all(
@@ -327,8 +327,8 @@ def _make_constraint(processor, vocab_size, prompt, response_format, json_schema
         if len(choices) > limits.LIMITS.max_choices:
             raise InputError(f"choices has {len(choices)} strings, more than the limit of "
                              f"{limits.LIMITS.max_choices}")
-        _check_bytes("the choices", sum(len(c.encode("utf-8", "surrogatepass")) for c in choices))
-        grammar = _grammar(lambda: _llguidance().LLMatcher.grammar_from_regex("|".join(map(_literal, choices))),
+        check_bytes("the choices", sum(len(c.encode("utf-8", "surrogatepass")) for c in choices))
+        grammar = grammar_of(lambda: _llguidance().LLMatcher.grammar_from_regex("|".join(map(_literal, choices))),
                            what)
     elif constrain:
         task = task_labels(prompt)
@@ -369,17 +369,17 @@ def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes
                                step_max_items=now.step_max_items, verbose_errors=False)
     matcher = ll.LLMatcher(vocab.ll, grammar, log_level=0, limits=parser)
     if matcher.is_error():
-        raise InputError(f"bad {what}: {_reason(matcher.get_error())}")
+        raise InputError(f"bad {what}: {reason(matcher.get_error())}")
     constraint = Constraint(matcher, vocab, vocab_size, boxes, field)
     mask = constraint.allowed_np()  # the first mask finds a grammar that can write nothing at all
     if matcher.is_error():
-        raise InputError(f"the {what} matches no answer ({_reason(matcher.get_error())})")
+        raise InputError(f"the {what} matches no answer ({reason(matcher.get_error())})")
     trial = constraint.copy()
     first = int(np.flatnonzero(mask)[0])
     if first == vocab.eos_id or trial._matcher.is_stopped():
         return constraint
     if not trial._matcher.consume_token(first):
-        raise InputError(f"the {what} fails at its first token: {_reason(trial._matcher.get_error())}")
+        raise InputError(f"the {what} fails at its first token: {reason(trial._matcher.get_error())}")
     # The second mask is what every later token costs (the first builds the lexer's start, once).
     tic = time.perf_counter()
     trial.allowed_np()
@@ -389,66 +389,6 @@ def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes
                          f"{now.mask_seconds:g} s: give a simpler one")
     return constraint
 
-
-def _reason(error: str) -> str:
-    """llguidance's message in one line: regex errors are drawings over several lines whose "error: ..." line
-    names the problem; others end with the parser's state (the grammar itself), which is dropped."""
-    lines = [l.strip() for l in error.splitlines() if l.strip()] or ["unknown error"]
-    return next((l[len("error: "):] for l in lines if l.startswith("error: ")), lines[0])[:300]
-
-
-def _schema_text(schema: dict) -> str:
-    try:
-        return json.dumps(schema, allow_nan=False)
-    except (ValueError, TypeError, RecursionError) as e:
-        raise InputError(f"the json schema cannot be read: {cause(e)}") from None
-
-
-def _check_bytes(what: str, n: int) -> None:
-    if n > limits.LIMITS.max_constraint_bytes:
-        raise InputError(f"{what} is {n} bytes, more than the limit of {limits.LIMITS.max_constraint_bytes}")
-
-
-def _grammar(build, what: str) -> str:
-    """llguidance's grammar of a schema or regex; what it cannot take (a number past float range such as
-    `"minimum": 1e400`) is a bad input, not a fault."""
-    try:
-        return build()
-    except (ValueError, TypeError, OverflowError, RecursionError) as e:
-        raise InputError(f"bad {what}: {cause(e)[:300]}") from None
-
-
-# Grammars compile on threads of their own, so that a caller waits at most compile_seconds (llguidance releases the
-# GIL while it builds a grammar); four at a time, so a flood of costly grammars queues instead of taking every core.
-# One that runs past its deadline finishes within the parser limits, its result dropped; its thread is a daemon, so
-# it never holds up the process's exit.
-_COMPILING = threading.BoundedSemaphore(4)
-
-
-def compile_with_deadline(build, what: str):
-    seconds = limits.LIMITS.compile_seconds
-    deadline = time.monotonic() + seconds
-    if not _COMPILING.acquire(timeout=seconds):
-        raise InputError(f"the {what} could not start compiling within {seconds:g} s (others are compiling): try "
-                         "again")
-    result = {}
-
-    def run():
-        try:
-            result["value"] = build()
-        except BaseException as e:  # handed to the caller, raised there
-            result["error"] = e
-        finally:
-            _COMPILING.release()
-
-    thread = threading.Thread(target=run, name="grammar", daemon=True)
-    thread.start()
-    thread.join(max(deadline - time.monotonic(), 0))
-    if thread.is_alive():
-        raise InputError(f"the {what} takes more than {seconds:g} s to compile: give a simpler one")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def cli_constraint(args) -> dict:
