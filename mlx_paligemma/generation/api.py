@@ -15,6 +15,7 @@ from .. import defaults
 from ..errors import InputError
 from ..models.paligemma import PaliGemma
 from ..processing.processor import PaliGemmaProcessor
+from .adapters import per_prompt
 from .beams import BeamSequence
 from .engine import Engine, Output
 from .request import Request
@@ -177,8 +178,11 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     constrain=True (detect/segment answers: well-formed boxes, labels among the prompt's classes).
     batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at the cost of decoding
     requests side by side rather than together. Images are read as their rows are about to join, so a long list
-    streams through in bounded memory; a bad image or prompt raises InputError naming its index."""
+    streams through in bounded memory; a bad image or prompt raises InputError naming its index. `adapter`: a
+    loaded adapter's name for every prompt, or a list of one per prompt (None: the base); rows of different
+    adapters share each step."""
     check_keywords(batch_generate, settings)
+    adapters = per_prompt(settings.pop("adapter", None), len(prompts))
     logprobs = settings.pop("logprobs", None)
     if logprobs is not None:
         settings["logprobs"] = logprobs
@@ -195,7 +199,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
             for i, (image, prompt) in itertools.islice(items, max(batch_size - len(engine.waiting), 0)):
                 try:
                     index[engine.submit(image, prompt, max_tokens=max_tokens, temperature=temperature,
-                                        **settings)] = i
+                                        adapter=adapters[i], **settings)] = i
                 except InputError as e:
                     raise InputError(f"prompt {i}: {e}") from None
                 answers[i] = []

@@ -55,6 +55,8 @@ class Request:
     # Structured output (constraints.py): every row's tokens kept inside its grammar; Engine.submit builds it from
     # response_format= / json_schema= / regex= / choices= / constrain=.
     constraint: Optional[Constraint] = None
+    # The LoRA adapter its rows run through, by the name it was loaded under (load(..., adapters=)); None: the base.
+    adapter: Optional[str] = None
 
     def __post_init__(self):
         check_generation_args(self.max_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
@@ -77,6 +79,8 @@ class Request:
             raise InputError("forced must be a non-empty list of non-empty token id lists")
         if self.best_of > 1 and (self.temperature == 0 and self.sampler is None):
             raise InputError("best_of > 1 keeps the likeliest of several samples: give a temperature > 0")
+        if self.adapter is not None and not isinstance(self.adapter, str):
+            raise InputError(f"adapter must be an adapter's name or None (the base), got {type(self.adapter).__name__}")
         if self.forced is not None and self.constraint is not None:
             raise InputError("forced continuations are scored as given: they take no constraint")
 
