@@ -35,12 +35,9 @@ def write_data(folder, rows):
     return folder
 
 
-@pytest.fixture(scope="module", params=[(m, q) for m in MODELS for q in (False, True)],
-                ids=[f"{m}-{q}" for m in MODELS for q in ("lora", "qlora")])
-def trained(request, tmp_path_factory):
-    """The base as a folder (float32, or 8-bit for QLoRA) and two adapters trained on it with the project's trainer."""
-    name, quantized = request.param
-    folder = tmp_path_factory.mktemp("adapters")
+def train_adapters(name, quantized, folder):
+    """The base as a folder (float32, or 8-bit for QLoRA) and two adapters trained on it with the project's
+    trainer: {"base": folder, "folders": {adapter: folder}, "quantized": ...}."""
     base = folder / "base"
     convert(str(FIXTURES / name), str(base), "float32", quantize_bits=8 if quantized else None, group_size=32)
     for adapter, rows in TEACH.items():
@@ -55,6 +52,12 @@ def trained(request, tmp_path_factory):
         trainer.train(model, processor, data["train"], data["valid"], args, adapter_config=config,
                       report=lambda s: None)
     return dict(base=str(base), folders={a: str(folder / a) for a in TEACH}, quantized=quantized)
+
+
+@pytest.fixture(scope="module", params=[(m, q) for m in MODELS for q in (False, True)],
+                ids=[f"{m}-{q}" for m in MODELS for q in ("lora", "qlora")])
+def trained(request, tmp_path_factory):
+    return train_adapters(*request.param, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")

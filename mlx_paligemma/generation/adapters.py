@@ -6,13 +6,27 @@ Loading and unloading at run time go through here too: an adapter is refused unl
 waiting, uses it, and the compiled decode steps are dropped when the model's layers change.
 """
 
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from ..errors import InputError
 from ..formats.adapters import load_adapter
 from ..models.adapters import adapter_names, adapter_set, remove_adapter
+
+
+def named_folders(given: Sequence[str], flag: str) -> Dict[str, str]:
+    """{name: folder} from the command lines' repeated `--adapter NAME=PATH`; a malformed or repeated one is one
+    line naming it."""
+    found: Dict[str, str] = {}
+    for text in given:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{flag} {text}: give NAME=PATH")
+        if name in found:
+            raise InputError(f"{flag} {text}: the name {name!r} is given twice")
+        found[name] = path
+    return found
 
 
 def check_adapter(model, name: Optional[str]) -> None:

@@ -22,7 +22,9 @@ from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import cause
-from .chat import ApiError, Checked, Limits, check_request, parse_json, read_images
+from ..models.adapters import adapter_names
+from .adapters import adapter_routes, listed
+from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json, read_images
 from .worker import Handle, QueueFull, Worker
 
 KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
@@ -58,9 +60,11 @@ class _Stream(StreamingResponse):
 
 
 def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[str] = None,
-             max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None) -> Starlette:
+             max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None,
+             adapter_root: Optional[str] = None) -> Starlette:
     """`body_budget`: bytes of request bodies held at once (read, or being checked; 8 bodies by default); a
-    request that would go beyond gets 503, so many large bodies together cannot exhaust memory."""
+    request that would go beyond gets 503, so many large bodies together cannot exhaust memory. `adapter_root`:
+    the folder inside which /v1/adapters may load adapters at run time (None: no loading at run time)."""
     page = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
     budget = {"left": body_budget or 8 * max_body_bytes}
     fetching = anyio.CapacityLimiter(FETCHING)
@@ -107,11 +111,11 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     def prepare(data: bytes) -> Checked:
         """Everything that needs no image, in a thread (a large body takes a while to parse)."""
         body = parse_json(data)
-        model = body.get("model") if isinstance(body, dict) else None
-        if isinstance(model, str) and model not in ("", model_id):
-            raise ApiError(404, f"model {model[:200]!r} is not served here; this server serves {model_id!r} "
-                                "(GET /v1/models)", param="model", code="model_not_found")
-        return check_request(body, limits)
+        adapter = chosen_adapter(body.get("model") if isinstance(body, dict) else None, model_id,
+                                 adapter_names(worker.model))
+        checked = check_request(body, limits)
+        checked.settings["adapter"] = adapter
+        return checked
 
     async def index(request: Request):
         return HTMLResponse(page)
@@ -122,7 +126,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     async def models(request: Request):
         check_key(request)
         return JSON({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"}]})
+            {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"},
+            *listed(worker.model, model_id)]})
 
     async def chat_completions(request: Request):
         check_key(request)
@@ -149,7 +154,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         except BaseException:
             worker.cancel(handle)
             raise
-        reply = Reply(handle, model_id)
+        reply = Reply(handle, checked.settings["adapter"] or model_id)
         if checked.stream:
             return _Stream(reply.events(checked.include_usage), on_close=lambda: worker.cancel(handle))
         try:
@@ -172,7 +177,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
 
     return Starlette(
         routes=[Route("/", index), Route("/health", health), Route("/v1/models", models),
-                Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                *adapter_routes(worker, api_key, check_key, adapter_root, JSON)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, ClientDisconnect: disconnected,
                             Exception: server_error},
     )
