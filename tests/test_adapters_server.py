@@ -96,3 +96,19 @@ def test_adapters_load_and_unload_at_run_time(client, server, alone, tmp_path):
     with pytest.raises(openai.NotFoundError):
         ask(client, "dogs2", 0)
     assert ask(client, "dogs", 0) == ("dogs", alone["dogs"][0])  # the others go on
+
+
+def test_an_adapter_in_use_is_not_unloaded(client, server, alone):
+    key = {"Authorization": f"Bearer {KEY}"}
+    image, prompt = PROMPTS[0]
+    # A long answer (eos forbidden), streamed: the adapter is in use until it ends or the client leaves.
+    stream = client.chat.completions.create(model="cats", messages=message(prompt, image), max_tokens=1000,
+                                            temperature=0, logit_bias={"1": -100}, stream=True)
+    try:
+        next(iter(stream))
+        status, answer = call(server.url + "/v1/adapters/cats", headers=key, method="DELETE")
+        assert status == 409 and "in use" in answer["error"]["message"]
+    finally:
+        stream.close()
+    server.wait_idle()
+    assert ask(client, "cats", 0) == ("cats", alone["cats"][0])
