@@ -57,3 +57,26 @@ def test_bad_adapter_options_are_one_line(tmp_path, capsys, argv, message):
                      str(tmp_path / "out.jsonl"), *argv])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and lines == [f"error: {message}"]
+
+
+def test_evaluate_puts_the_base_and_each_adapter_side_by_side(trained, tmp_path, capsys):
+    from mlx_paligemma import evaluate
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"image": str(image), "prefix": prompt, "suffix": suffix}) + "\n"
+                            for image, prompt, suffix in
+                            [(PROMPTS[i][0], PROMPTS[i][1], TEACH["cats"][i][2]) for i in range(2)]))
+    adapters = [f"--adapter={a}={f}" for a, f in trained["folders"].items()]
+    common = ["--model", trained["base"], "--data", str(data), "--max-tokens", "8"]
+    assert evaluate.main(common + adapters + ["--output", str(tmp_path / "all.json")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["task", "metric", "base", "cats", "dogs"]
+    both = json.loads((tmp_path / "all.json").read_text())["results"]
+    assert evaluate.main(common + ["--adapter-path", trained["folders"]["cats"], "--output",
+                                   str(tmp_path / "cats.json")]) == 0
+    assert both["cats"]["tasks"] == json.loads((tmp_path / "cats.json").read_text())["tasks"]
+    # cats was taught these very answers; the base was not
+    assert both["cats"]["score"] > both["base"]["score"]
+    capsys.readouterr()
+    assert evaluate.main(common + adapters + ["--report", str(tmp_path / "r")]) == 1
+    assert "take one model" in capsys.readouterr().err
