@@ -121,9 +121,10 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.1f} |")
     print(f"\nbase weights: {base_bytes / 2**20:.1f} MiB; {len(info)} adapters: {adapters_bytes / 2**20:.2f} MiB "
           "measured (stacks padded to each layer's largest rank)\n")
-    print("| adapter | rank | layers | factors (MiB) |\n|---|---:|---:|---:|")
+    print("| adapter | rank | layers | its factors (MiB) | added by loading it (MiB) |\n|---|---:|---:|---:|---:|")
     for name, a in info.items():
-        print(f"| {name} | {a['rank']} | {len(a['layers'])} | {a['bytes'] / 2**20:.3f} |")
+        print(f"| {name} | {a['rank']} | {len(a['layers'])} | {a['bytes'] / 2**20:.3f} | "
+              f"{a['added_bytes'] / 2**20:.3f} |")
 
 
 if __name__ == "__main__":

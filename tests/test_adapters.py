@@ -15,7 +15,8 @@ from conftest import FIXTURES, MODELS
 from mlx_paligemma.convert import convert, quantize
 from mlx_paligemma.data.sources import read_training_sets
 from mlx_paligemma.errors import InputError
-from mlx_paligemma.models.adapters import MAX_ADAPTERS, MultiLoRALinear, RowAdapters, add_adapter, row_adapters
+from mlx_paligemma.models.adapters import (MAX_ADAPTERS, MultiLoRALinear, RowAdapters, adapter_set, add_adapter,
+                                          row_adapters)
 from mlx_paligemma.training import trainer
 
 IMAGES = FIXTURES / "images"
@@ -70,6 +71,7 @@ def alone(trained):
         answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8, logprobs=0)
                             for image, prompt in PROMPTS]
         answers[adapter, "score"] = mp.score(model, processor, PROMPTS[0][0], PROMPTS[0][1], ["a cat", "a dog"])
+        answers[adapter, "model"] = model, processor
     return answers
 
 
@@ -93,6 +95,14 @@ def test_adapters_are_loaded_unfused_beside_the_base(trained, served):
     assert model.layers[0].self_attn.q_proj.owners == [-1, 0]
     assert model.layers[last].self_attn.q_proj.owners == [-1, 0, 1]
     assert model.layers[last].self_attn.q_proj.lora_a.shape[-1] == 8  # rank 4 padded to the layer's largest
+    info = adapter_set(model).info
+    for name, folder in trained["folders"].items():
+        assert info[name]["bytes"] == sum(w.nbytes for w in mx.load(f"{folder}/adapters.safetensors").values())
+    # cats, loaded first: each of its linears stacks a zero slot and its own factors, 2 scales and 17 slot indices.
+    n = len(info["cats"]["layers"])
+    assert n == 7 * len(model.layers) and info["cats"]["added_bytes"] == 2 * info["cats"]["bytes"] + n * (2 + 17) * 4
+    # dogs' rank-4 factors join rank-8 stacks: padded to 8, twice their own size, and one more scale each.
+    assert info["dogs"]["added_bytes"] == 2 * info["dogs"]["bytes"] + 4 * 4
 
 
 def test_a_mixed_batch_gives_each_row_its_adapter_alone(served, alone):
@@ -116,6 +126,16 @@ def test_generate_stream_and_score_take_an_adapter(served, alone):
         assert streamed == alone[adapter][0].tokens
         scores = mp.score(model, processor, PROMPTS[0][0], PROMPTS[0][1], ["a cat", "a dog"], adapter=adapter)
         np.testing.assert_allclose(scores, alone[adapter, "score"], atol=1e-4)
+
+
+def test_beams_and_constrained_rows_of_different_adapters_share_a_batch(served, alone):
+    model, processor = served
+    order = ["dogs", None, "cats"]
+    for settings in (dict(num_beams=2, num_return_sequences=2), dict(regex="(a|two) [a-z ]+")):
+        got = mp.batch_generate(model, processor, [PROMPTS[1][0]] * 3, [PROMPTS[1][1]] * 3, max_tokens=6,
+                                adapter=order, **settings)
+        for adapter, answer in zip(order, got):
+            assert answer == mp.generate(*alone[adapter, "model"], *PROMPTS[1], max_tokens=6, **settings), adapter
 
 
 def test_engine_rows_join_a_running_batch_of_another_adapter(served, alone):

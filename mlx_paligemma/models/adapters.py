@@ -187,6 +187,7 @@ def add_adapter(model: nn.Module, name: str, weights: Dict[str, mx.array], scale
     if len(found.info) >= MAX_ADAPTERS:
         raise InputError(f"at most {MAX_ADAPTERS} adapters beside one base; {len(found.info)} are loaded")
     checked = check_weights(model, weights)
+    before = stacked_bytes(model)
     index = found.names.index(None) if None in found.names else len(found.names)
     modules = dict(model.named_modules())
     wrapped = []
@@ -203,9 +204,17 @@ def add_adapter(model: nn.Module, name: str, weights: Dict[str, mx.array], scale
     else:
         found.names[index] = name
     ranks = sorted({a.shape[1] for a, _ in checked.values()})
+    # bytes: its own factors; added_bytes: what loading it added to the stacks, padding to larger ranks included.
     found.info[name] = {"rank": ranks[-1], "scale": float(scale), "layers": sorted(checked),
-                        "bytes": sum(a.nbytes + b.nbytes for a, b in checked.values())}
+                        "bytes": sum(a.nbytes + b.nbytes for a, b in checked.values()),
+                        "added_bytes": stacked_bytes(model) - before}
     return found.info[name]
+
+
+def stacked_bytes(model: nn.Module) -> int:
+    """Bytes the MultiLoRALinears hold beside their bases: every adapter's factors as stacked, padding included."""
+    return sum(m.lora_a.nbytes + m.lora_b.nbytes + m.scales.nbytes + m.slots.nbytes
+               for _, m in model.named_modules() if isinstance(m, MultiLoRALinear))
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

@@ -1,7 +1,8 @@
 """Adapters on the server: /v1/models lists each one beside the base, and /v1/adapters loads and unloads them at
 run time, behind the API key, from folders inside the one root the server was given (--adapter-root).
 
-    GET    /v1/adapters                 each loaded adapter: name, folder, rank, scale, layers, memory_bytes
+    GET    /v1/adapters                 each loaded adapter: name, folder, rank, scale, layers, memory_bytes (its
+                                        factors), added_bytes (what loading it added, padding to larger ranks too)
     POST   /v1/adapters  {"name": "receipts", "path": "receipts-v2"}   (path relative to the root, or inside it)
     DELETE /v1/adapters/receipts        refused (409) while a running or waiting request uses it
 
@@ -32,13 +33,14 @@ def listed(model, parent: str) -> List[dict]:
     if found is None:
         return []
     return [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma",
-             "parent": parent, "memory_bytes": info["bytes"]} for name, info in found.info.items()]
+             "parent": parent, "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
+            for name, info in found.info.items()]
 
 
 def described(model) -> List[dict]:
     found = adapter_set(model)
     return [{"name": name, "path": info.get("path"), "rank": info["rank"], "scale": info["scale"],
-             "layers": len(info["layers"]), "memory_bytes": info["bytes"]}
+             "layers": len(info["layers"]), "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
             for name, info in (found.info.items() if found else [])]
 
 
@@ -96,7 +98,8 @@ def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, 
             raise ApiError(409 if "loaded already" in str(e) or f"at most {MAX_ADAPTERS}" in str(e) else 400,
                            str(e), param="path") from None
         return respond({"name": name, "path": info["path"], "rank": info["rank"], "scale": info["scale"],
-                        "layers": len(info["layers"]), "memory_bytes": info["bytes"]})
+                        "layers": len(info["layers"]), "memory_bytes": info["bytes"],
+                        "added_bytes": info["added_bytes"]})
 
     async def unload(request: Request):
         guard(request, loading=False)
