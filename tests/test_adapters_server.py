@@ -112,3 +112,26 @@ def test_an_adapter_in_use_is_not_unloaded(client, server, alone):
         stream.close()
     server.wait_idle()
     assert ask(client, "cats", 0) == ("cats", alone["cats"][0])
+
+
+def test_the_page_offers_the_adapters(server, alone):
+    from browser import Browser
+
+    page = Browser(server.url + "/", status="$('status').textContent")
+    try:
+        page.wait("typeof $ === 'function' && $('model').textContent !== ''")
+        assert page.js("$('model-field').hidden")  # /v1/models needs the key: nothing to choose from yet
+        page.js(f"$('api-key').value = {KEY!r}; $('api-key').dispatchEvent(new Event('change'))")
+        page.wait("!$('model-field').hidden")
+        assert page.js("[...$('model-choice').options].map((o) => o.value)") == [BASE, "cats", "dogs"]
+        page.pick_file("#file", PROMPTS[0][0])
+        page.wait("$('drop').classList.contains('has-image')")
+        page.js("$('model-choice').value = 'cats'; $('max-tokens').value = '8'; $('task').value = 'caption';"
+                "$('task').dispatchEvent(new Event('input'))")
+        page.wait("!$('run').disabled")
+        page.js("$('run').click()")
+        assert page.wait("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state",
+                         timeout=60) == "done", page.js("$('status').textContent")
+        assert page.js("$('answer').textContent") == alone["cats"][0]
+    finally:
+        page.close()
