@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     if args.mask_decoder:
         mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
     adapters = named_folders(args.adapter, "--adapter")
+    if adapters and args.adapter_path is not None:
+        raise InputError("give --adapter-path (one adapter, applied to --model) or --adapter NAME=PATH (several, "
+                         "chosen per request), not both")
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise InputError(f"--adapter-root {args.adapter_root}: not a folder")
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path,

@@ -25,6 +25,7 @@ from .chat import ApiError, parse_json
 from .worker import QueueFull, Worker
 
 MAX_ADMIN_BODY = 4096  # bytes of an admin request: a name and a path
+BODY_TIMEOUT_S = 10.0  # to send it whole
 
 
 def listed(model, parent: str) -> List[dict]:
@@ -80,12 +81,23 @@ def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, 
         check_key(request)
         return respond({"object": "list", "data": described(worker.model), "limit": MAX_ADAPTERS})
 
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it runs past MAX_ADMIN_BODY: never held whole when too large."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > MAX_ADMIN_BODY:
+                raise ApiError(413, f"an adapter request takes at most {MAX_ADMIN_BODY} bytes",
+                               code="request_too_large")
+        return bytes(body)
+
     async def load(request: Request):
         guard(request, loading=True)
-        body = await request.body()
-        if len(body) > MAX_ADMIN_BODY:
-            raise ApiError(413, f"an adapter request takes at most {MAX_ADMIN_BODY} bytes", code="request_too_large")
-        body = parse_json(body)
+        try:
+            body = parse_json(await asyncio.wait_for(read_body(request), BODY_TIMEOUT_S))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout") from None
         if not isinstance(body, dict):
             raise ApiError(400, 'the body must be a JSON object: {"name": ..., "path": ...}')
         folder = inside(root_path, body.get("path"))
