@@ -9,7 +9,7 @@ image and prefix are one question whose references are all their suffixes (a suf
 set with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
 `--task auto` each question's task comes from the first word of its prefix: caption, answer (VQA), ocr, detect,
 segment; any other prompt is scored by exact match. With `--adapter NAME=PATH` (repeated) the base and each adapter are
-scored on the same set, one after the other, and the table puts them side by side (docs/ADAPTERS.md).
+scored on the same set by one model holding them all (each image encoded once), side by side (docs/ADAPTERS.md).
 """
 
 import json
@@ -24,6 +24,7 @@ from .cli import ArgumentParser, command, run_main
 from .formats.atomic import atomic_file
 from .errors import InputError
 from .generation.adapters import named_folders
+from .generation.features import feature_cache
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
 from .data.sources import add_data_arguments, data_options, kind_of, read_examples
 
@@ -167,17 +168,20 @@ def run(args) -> None:
 
 
 def compare(args, examples, decoder, adapters: dict) -> None:
-    """The base, then each adapter applied to it, on the same examples; one table of them all."""
+    """The base, then each adapter, on the same examples: one model, the adapters loaded beside its base, so each
+    image goes through the vision tower once (the feature cache) whichever adapter answers; one table of them all."""
     from .formats.loading import load
 
+    model, processor = load(args.model, revision=args.revision, adapters=adapters)
     results = {}
-    for name, folder in [("base", None), *adapters.items()]:
-        model, processor = load(args.model, adapter_path=folder, revision=args.revision)
+    for name in ["base", *adapters]:
         results[name], _ = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
                                              decoder, progress=lambda s: print(f"{name}: {s}", file=sys.stderr,
                                                                                flush=True),
-                                             num_beams=args.num_beams, length_penalty=args.length_penalty)
-        del model
+                                             num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                             adapter=None if name == "base" else name)
+    print(f"vision tower: {feature_cache(model).images_encoded} images encoded for {len(results)} models",
+          file=sys.stderr)
     print(side_by_side(results))
     if args.output:
         write_text(args.output, json.dumps({"model": args.model, "data": args.data, "adapters": adapters,

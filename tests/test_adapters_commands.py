@@ -69,7 +69,10 @@ def test_evaluate_puts_the_base_and_each_adapter_side_by_side(trained, tmp_path,
     adapters = [f"--adapter={a}={f}" for a, f in trained["folders"].items()]
     common = ["--model", trained["base"], "--data", str(data), "--max-tokens", "8"]
     assert evaluate.main(common + adapters + ["--output", str(tmp_path / "all.json")]) == 0
-    table = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    # One model for all three: each image went through the vision tower once (2 images, 3 models).
+    assert "vision tower: 2 images encoded for 3 models" in captured.err
     assert table[0].split() == ["task", "metric", "base", "cats", "dogs"]
     both = json.loads((tmp_path / "all.json").read_text())["results"]
     assert evaluate.main(common + ["--adapter-path", trained["folders"]["cats"], "--output",
