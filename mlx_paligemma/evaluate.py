@@ -79,7 +79,8 @@ def build_parser() -> ArgumentParser:
                    help="auto: choice for lines with candidates, else from each prefix's first word (caption, "
                         "answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
+    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references (with --adapter: "
+                   "each model's prediction and score)")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
@@ -130,9 +131,9 @@ def run(args) -> None:
     check_outputs(args)
     adapters = named_folders(args.adapter, "--adapter")
     if adapters:
-        if args.adapter_path is not None or args.predictions or args.report:
-            raise InputError("--adapter compares several models: give it without --adapter-path, --predictions "
-                             "and --report (those take one model)")
+        if args.adapter_path is not None or args.report:
+            raise InputError("--adapter compares several models: give it without --adapter-path and --report (those "
+                             "take one model)")
         if "base" in adapters:
             raise InputError("--adapter base=...: 'base' names the model without adapters; choose another name")
         for name, folder in adapters.items():
@@ -173,9 +174,9 @@ def compare(args, examples, decoder, adapters: dict) -> None:
     from .formats.loading import load
 
     model, processor = load(args.model, revision=args.revision, adapters=adapters)
-    results = {}
+    results, records = {}, {}
     for name in ["base", *adapters]:
-        results[name], _ = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
+        results[name], records[name] = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
                                              decoder, progress=lambda s: print(f"{name}: {s}", file=sys.stderr,
                                                                                flush=True),
                                              num_beams=args.num_beams, length_penalty=args.length_penalty,
@@ -186,6 +187,14 @@ def compare(args, examples, decoder, adapters: dict) -> None:
     if args.output:
         write_text(args.output, json.dumps({"model": args.model, "data": args.data, "adapters": adapters,
                                             "results": results}, indent=2) + "\n")
+    if args.predictions:  # per question, each model's answer and score side by side
+        lines = []
+        for i, first in enumerate(records["base"]):
+            line = {k: first[k] for k in ("image", "prefix", "task", "references")}
+            line["predictions"] = {name: r[i]["prediction"] for name, r in records.items()}
+            line["scores"] = {name: r[i].get("score") for name, r in records.items()}
+            lines.append(json.dumps(line) + "\n")
+        write_text(args.predictions, "".join(lines))
 
 
 main = command(build_parser, run)

@@ -68,7 +68,8 @@ def test_evaluate_puts_the_base_and_each_adapter_side_by_side(trained, tmp_path,
                             [(PROMPTS[i][0], PROMPTS[i][1], TEACH["cats"][i][2]) for i in range(2)]))
     adapters = [f"--adapter={a}={f}" for a, f in trained["folders"].items()]
     common = ["--model", trained["base"], "--data", str(data), "--max-tokens", "8"]
-    assert evaluate.main(common + adapters + ["--output", str(tmp_path / "all.json")]) == 0
+    assert evaluate.main(common + adapters + ["--output", str(tmp_path / "all.json"), "--predictions",
+                                              str(tmp_path / "all.jsonl")]) == 0
     captured = capsys.readouterr()
     table = captured.out.splitlines()
     # One model for all three: each image went through the vision tower once (2 images, 3 models).
@@ -80,6 +81,9 @@ def test_evaluate_puts_the_base_and_each_adapter_side_by_side(trained, tmp_path,
     assert both["cats"]["tasks"] == json.loads((tmp_path / "cats.json").read_text())["tasks"]
     # cats was taught these very answers; the base was not
     assert both["cats"]["score"] > both["base"]["score"]
+    lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert [line["predictions"]["cats"] for line in lines] == ["a cat", "a cup of coffee"]
+    assert [set(line["scores"]) for line in lines] == [{"base", "cats", "dogs"}] * 2
     capsys.readouterr()
     assert evaluate.main(common + adapters + ["--report", str(tmp_path / "r")]) == 1
     assert "take one model" in capsys.readouterr().err
