@@ -79,8 +79,8 @@ def build_parser() -> ArgumentParser:
                    help="auto: choice for lines with candidates, else from each prefix's first word (caption, "
                         "answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references (with --adapter: "
-                   "each model's prediction and score)")
+    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references "
+                   "(with --adapter: each model's prediction and score)")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
@@ -176,11 +176,10 @@ def compare(args, examples, decoder, adapters: dict) -> None:
     model, processor = load(args.model, revision=args.revision, adapters=adapters)
     results, records = {}, {}
     for name in ["base", *adapters]:
-        results[name], records[name] = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
-                                             decoder, progress=lambda s: print(f"{name}: {s}", file=sys.stderr,
-                                                                               flush=True),
-                                             num_beams=args.num_beams, length_penalty=args.length_penalty,
-                                             adapter=None if name == "base" else name)
+        results[name], records[name] = evaluate_examples(
+            model, processor, examples, args.task, args.batch_size, args.max_tokens, decoder,
+            progress=lambda s: print(f"{name}: {s}", file=sys.stderr, flush=True), num_beams=args.num_beams,
+            length_penalty=args.length_penalty, adapter=None if name == "base" else name)
     print(f"vision tower: {feature_cache(model).images_encoded} images encoded for {len(results)} models",
           file=sys.stderr)
     print(side_by_side(results))

@@ -77,7 +77,8 @@ def generate_answers(model, processor, questions: Sequence[Question], batch_size
 
 
 def choose_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
-                   progress: Optional[Callable[[str], None]] = None, adapter: Optional[str] = None) -> List[List[float]]:
+                   progress: Optional[Callable[[str], None]] = None,
+                   adapter: Optional[str] = None) -> List[List[float]]:
     """Multiple choice: each candidate's summed log-probability (<eos> included) given image and prefix, as
     scoring.score gives it; the likeliest candidate is the answer."""
     answers, tic = [], time.perf_counter()
