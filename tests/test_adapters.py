@@ -118,6 +118,18 @@ def test_a_mixed_batch_gives_each_row_its_adapter_alone(served, alone):
     assert len({tuple(alone[a][0].tokens) for a in (None, "cats", "dogs")}) == 3
 
 
+def test_a_bfloat16_base_gives_each_row_its_adapter_alone(trained):
+    """The dtype the GPU runs: the base in bfloat16 (quantized for QLoRA), the factors as trained (float32)."""
+    model, processor = mp.load(trained["base"], dtype=mx.bfloat16, adapters=trained["folders"])
+    order = ["cats", None, "dogs", "cats"]
+    got = mp.batch_generate(model, processor, [PROMPTS[i % 2][0] for i in range(4)],
+                            [PROMPTS[i % 2][1] for i in range(4)], max_tokens=8, logprobs=0, adapter=order)
+    for i, adapter in enumerate(order):
+        alone, _ = mp.load(trained["base"], dtype=mx.bfloat16,
+                           adapter_path=trained["folders"][adapter] if adapter else None)
+        same(got[i], mp.generate(alone, processor, *PROMPTS[i % 2], max_tokens=8, logprobs=0))
+
+
 def test_generate_stream_and_score_take_an_adapter(served, alone):
     model, processor = served
     for adapter in ("dogs", None, "cats"):  # the compiled step is reused with other ids each call
