@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from . import defaults
 from .errors import InputError
+from .generation.adapters import per_prompt
 from .generation.beams import BeamSequence
 from .generation.engine import Engine, Output
 from .generation.request import Request
@@ -225,10 +226,13 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     prompt's classes). batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at
     the cost of decoding requests side by side rather than together. Images are read as their rows are about to
     join, so a long list streams through in bounded memory; a bad image or prompt raises InputError naming its
-    index, and a prompt whose own constraint or sampler fails while decoding raises it, the others done."""
-    settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature))
+    index, and a prompt whose own constraint or sampler fails while decoding raises it, the others done. `adapter`:
+    a loaded adapter's name for every prompt, or a list of one per prompt (None: the base); rows of different
+    adapters share each step."""
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
+    adapters = per_prompt(settings.pop("adapter", None), len(prompts))
+    settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature))
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=batch_invariant)
     sizes = {}
 
@@ -236,7 +240,8 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
         try:
             loaded = _images(images[i])
             sizes[i] = loaded[0].size if loaded else None
-            return engine.submit(loaded if images[i] is not None else None, prompts[i], settings)
+            return engine.submit(loaded if images[i] is not None else None, prompts[i],
+                                 replace(settings, adapter=adapters[i]))
         except InputError as e:
             raise InputError(f"prompt {i}: {e}", param=e.param) from None
 

@@ -14,7 +14,8 @@ each with its `id` and its image's path or row index (never its bytes). OUT gets
 one line per item in input order: the item's fields (with its `id`, and `prompt` when it came from --prompt) plus
 "answer" (and with --json, on detect/segment answers, "objects"), or "error" for an item that cannot be done: a
 line that is not JSON, not UTF-8, nested too deeply, holds a lone surrogate, ... is an error line and the run
-goes on.
+goes on. With `--adapter NAME=PATH` (repeated), LoRA adapters are loaded beside the base and an item's "adapter" field
+runs it through one of them (items of different adapters share each step; docs/ADAPTERS.md).
 
 OUT is this runner's own or nothing (mlx_paligemma.data.outputs): a rerun of the same command skips what OUT holds
 and appends the rest, and any other existing file (and the input itself, by inode: hard links, symlinks) is refused
@@ -41,6 +42,7 @@ from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
 from .tasks.detection import ObjectReader, check_min_score, objects_to_json
 from .processing.answer_format import has_objects
+from .generation.adapters import named_folders
 from .generation.engine import Engine
 from .generation.runs import run_all
 from .generation.settings import check_settings
@@ -186,7 +188,8 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
         sizes[index] = images[0].size
         # A seed per item, so that sampled answers do not depend on which items share a batch or a rank.
         seed = None if args.seed is None else args.seed + index
-        return engine.submit(images, item.prompt, seed=seed, **settings, **item_constraint(item, run))
+        return engine.submit(images, item.prompt, seed=seed, adapter=item.fields.get("adapter"), **settings,
+                             **item_constraint(item, run))
 
     # About one batch waits: its images are read at submit, so the whole dataset is never in memory.
     for index, result in run_all(engine, ((i, partial(submit, i)) for i in todo), window=args.batch_size,
@@ -224,6 +227,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", default=None, help="LoRA adapters (or fine-tuned weights) written by "
                    "mlx_paligemma.lora, applied to --model")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help='LoRA adapters loaded beside --model under NAME (repeatable); an item\'s "adapter" field '
+                        "chooses one (items without it: the base) (default: none)")
     p.add_argument("--data", "--input", dest="input", metavar="DATA", required=True,
                    help="a JSONL file (one item a line), a folder of images, a Hugging Face dataset (hub id, "
                    "save_to_disk folder, parquet files) or a COCO annotation file")
@@ -287,6 +293,12 @@ def check_args(args) -> None:
         raise InputError(f"mask decoder not found: {args.mask_decoder}")
     if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
         raise InputError(f"adapter folder not found: {args.adapter_path}")
+    for name, folder in named_folders(args.adapter, "--adapter").items():
+        if not Path(folder).is_dir():
+            raise InputError(f"--adapter {name}={folder}: folder not found")
+    if args.adapter and args.adapter_path is not None:
+        raise InputError("give --adapter-path (one adapter, applied) or --adapter NAME=PATH (several, chosen per "
+                         "item), not both")
     cli_constraint(args)  # a bad --json-schema file is named before the model loads
     if args.json_schema or args.regex or args.choices or args.constrain:
         require("structured", "structured output")
@@ -322,7 +334,8 @@ def run(args) -> int:
     if todo:
         from .formats.loading import load
 
-        model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
+        model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path,
+                                adapters=named_folders(args.adapter, "--adapter") or None)
         progress.tic = time.monotonic()  # rates count generation, not loading
         generate_all(model, processor, items, todo, sink, progress, args)
     sink.close()

@@ -8,7 +8,8 @@ mlx_paligemma.data.sources (a Hugging Face dataset, parquet files, a COCO annota
 image and prefix are one question whose references are all their suffixes (a suffix may also be a list), so a caption
 set with five lines per image, or a VQA question with its ten human answers, scores as the metrics intend. With
 `--task auto` each question's task comes from the first word of its prefix: caption, answer (VQA), ocr, detect,
-segment; any other prompt is scored by exact match.
+segment; any other prompt is scored by exact match. With `--adapter NAME=PATH` (repeated) the base and each adapter are
+scored on the same set by one model holding them all (each image encoded once), side by side (docs/ADAPTERS.md).
 """
 
 import json
@@ -25,6 +26,8 @@ from .formats.atomic import atomic_file, check_writable
 from .errors import InputError
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens
 from .processing.processor import IMAGE_TOKEN
+from .generation.adapters import named_folders
+from .generation.features import feature_cache
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
 from .data.sources import add_data_arguments, data_options, kind_of, read_examples
 
@@ -48,19 +51,39 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
 
 
+def side_by_side(results: dict) -> str:
+    """One row per task metric, one column per model ({name: evaluate_examples' results})."""
+    names, rows, values = list(results), [], {}
+    for name, result in results.items():
+        for task, metrics in result["tasks"].items():
+            for metric, value in metrics.items():
+                if metric == "note" or isinstance(value, dict):
+                    continue
+                if (task, metric) not in values:
+                    rows.append((task, metric))
+                values.setdefault((task, metric), {})[name] = f"{value:.4f}" if isinstance(value, float) else str(value)
+    table = [("task", "metric", *names)] + [(t, m, *(values[t, m].get(n, "-") for n in names)) for t, m in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Score PaliGemma on a JSONL set (image, prefix, suffix) by its "
                                             "task's metric.")
     p.add_argument("--model", required=True, help="MLX or Hugging Face folder, or hub id")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", help="adapters (or fine-tuned weights) written by mlx_paligemma.lora")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="score the base and each of these LoRA adapters on the same set, side by side (repeat the "
+                        "flag; --output then holds each one's metrics) (default: none)")
     p.add_argument("--data", required=True, help="a JSONL file (image, prefix, suffix a line), a Hugging Face dataset "
                    "(hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
                    help="auto: choice for lines with candidates, else from each prefix's first word (caption, "
                         "answer, ocr, detect, segment; else match)")
     p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references")
+    p.add_argument("--predictions", help="write one JSON line per question here: prediction and references "
+                   "(with --adapter: each model's prediction and score)")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
     p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
     p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
@@ -140,6 +163,16 @@ def run(args) -> None:
     if kind_of(args.data) == "missing":
         raise InputError(f"--data: no such file {args.data}")
     check_outputs(args)
+    adapters = named_folders(args.adapter, "--adapter")
+    if adapters:
+        if args.adapter_path is not None or args.report:
+            raise InputError("--adapter compares several models: give it without --adapter-path and --report (those "
+                             "take one model)")
+        if "base" in adapters:
+            raise InputError("--adapter base=...: 'base' names the model without adapters; choose another name")
+        for name, folder in adapters.items():
+            if not Path(folder).is_dir():
+                raise InputError(f"--adapter {name}={folder}: folder not found")
     if args.report:
         require("report", "--report")
         report.check_folder(args.report, args.report_examples)
@@ -154,6 +187,9 @@ def run(args) -> None:
         if not Path(path).is_file():
             raise InputError(f"--mask-decoder: no such file {path}")
         decoder = load_mask_decoder(path)
+    if adapters:
+        compare(args, examples, decoder, adapters)
+        return
     model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
     check_examples(processor, examples)
     tic = time.perf_counter()
@@ -169,6 +205,34 @@ def run(args) -> None:
         write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
     if args.report:
         print(f"report: {report.write_report(args.report, results, records, examples, args.report_examples)}")
+
+
+def compare(args, examples, decoder, adapters: dict) -> None:
+    """The base, then each adapter, on the same examples: one model, the adapters loaded beside its base, so each
+    image goes through the vision tower once (the feature cache) whichever adapter answers; one table of them all."""
+    from .formats.loading import load
+
+    model, processor = load(args.model, revision=args.revision, adapters=adapters)
+    results, records = {}, {}
+    for name in ["base", *adapters]:
+        results[name], records[name] = evaluate_examples(
+            model, processor, examples, args.task, args.batch_size, args.max_tokens, decoder,
+            progress=lambda s: print(f"{name}: {s}", file=sys.stderr, flush=True), num_beams=args.num_beams,
+            length_penalty=args.length_penalty, adapter=None if name == "base" else name)
+    print(f"vision tower: {feature_cache(model).images_encoded} images encoded for {len(results)} models",
+          file=sys.stderr)
+    print(side_by_side(results))
+    if args.output:
+        write_text(args.output, json.dumps({"model": args.model, "data": args.data, "adapters": adapters,
+                                            "results": results}, indent=2) + "\n")
+    if args.predictions:  # per question, each model's answer and score side by side
+        lines = []
+        for i, first in enumerate(records["base"]):
+            line = {k: first[k] for k in ("image", "prefix", "task", "references")}
+            line["predictions"] = {name: r[i]["prediction"] for name, r in records.items()}
+            line["scores"] = {name: r[i].get("score") for name, r in records.items()}
+            lines.append(json.dumps(line) + "\n")
+        write_text(args.predictions, "".join(lines))
 
 
 main = command(build_parser, run)

@@ -30,11 +30,13 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .adapters import adapter_ids, check_adapter
 from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
 from .kv_buffers import KVBuffers, decode_step, round_up
+from ..models.adapters import row_adapters
 from ..models.paligemma import PaliGemma
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
@@ -143,6 +145,7 @@ class Engine:
     def add(self, request: Request) -> int:
         """Queue a request already in token ids. Its rows (beams, samples, choices, forced continuations) come and go
         together and share one prefill."""
+        check_adapter(self.model, request.adapter)
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         vocab = self.model.config.text_config.vocab_size
         if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
@@ -264,7 +267,8 @@ class Engine:
         features = self._features(firsts)
         # The prefix attends to itself in full precision; its keys and values are quantized (kv_bits) after.
         cache = self.model.make_cache(left_padding=left_padding)
-        logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1)
+        with row_adapters(self.model, adapter_ids(self.model, firsts)):  # rows of different adapters, one prefill
+            logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1)
         size = round_up(length + 1)
 
         def buffers(x: mx.array) -> tuple:
@@ -296,7 +300,7 @@ class Engine:
         kv.reserve()
         step = decode_step(self.model, self.kv_bits, self.kv_group_size)
         logits, kv.keys, kv.values = step(batch.picked.tokens, mx.array(kv.length), mx.array(kv.left_padding),
-                                          kv.keys, kv.values)
+                                          kv.keys, kv.values, adapter_ids(self.model, batch.rows))
         kv.length += 1
         picked, parents = self._sample(batch.rows, logits)
         if parents != list(range(len(batch.rows))):

@@ -4,6 +4,7 @@ from typing import Callable, List, Optional
 
 import mlx.core as mx
 
+from ..models.adapters import row_adapters
 from ..models.language import prefix_lm_mask
 from ..models.paligemma import PaliGemma
 
@@ -45,13 +46,16 @@ def decode_step(model: PaliGemma, bits: Optional[int], group_size: int) -> Calla
         steps = {}
         object.__setattr__(model, "_decode_steps", steps)  # a plain attribute, not a parameter
     if (bits, group_size) not in steps:
-        def step(tokens, length, left_padding, keys, values):
+        def step(tokens, length, left_padding, keys, values, adapters):
             caches = [SlotCache(k, v, length, bits, group_size) for k, v in zip(keys, values)]
             key_valid = mx.arange(keys[0][0].shape[2])[None] >= left_padding[:, None]
             positions = length - left_padding + 1  # real tokens so far, counted from 1
-            logits = model.language_model.forward(
-                model.language_model.embed(tokens[:, None]), caches, positions,
-                lambda window: prefix_lm_mask(False, key_valid, length, 1, window))
+            # Each row's adapter index (-1: the base) is an input of the step, handed to the adapted layers here,
+            # inside the trace, so every call reads its own.
+            with row_adapters(model, adapters):
+                logits = model.language_model.forward(
+                    model.language_model.embed(tokens[:, None]), caches, positions,
+                    lambda window: prefix_lm_mask(False, key_valid, length, 1, window))
             return logits[:, -1], [c.keys for c in caches], [c.values for c in caches]
 
         # Only the decoder's weights are inputs: compiling swaps the array objects it traces, and the image-feature

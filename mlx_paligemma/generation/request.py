@@ -50,6 +50,8 @@ class Request:
     # Structured output (constraints.py): every row's tokens kept inside its grammar; Engine.submit builds it from
     # response_format= / json_schema= / regex= / choices= / constrain=.
     constraint: Optional[Constraint] = None
+    # The LoRA adapter its rows run through, by the name it was loaded under (load(..., adapters=)); None: the base.
+    adapter: Optional[str] = None
 
     def __post_init__(self):
         checked = check_settings(**{name: getattr(self, name) for name in Settings().decoding()

@@ -26,8 +26,9 @@ def candidate_tokens(processor, candidate: str, include_eos: bool = True) -> Lis
 
 def candidate_logprobs(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (),
                    include_eos: bool = True, batch_size: int = defaults.BATCH_SIZE,
-                   kv_bits: Optional[int] = None) -> List[List[float]]:
-    """Per candidate, the log-probability of each of its tokens (and <eos>, unless include_eos=False)."""
+                   kv_bits: Optional[int] = None, adapter: Optional[str] = None) -> List[List[float]]:
+    """Per candidate, the log-probability of each of its tokens (and <eos>, unless include_eos=False); `adapter`:
+    the loaded adapter to score through (None: the base)."""
     if isinstance(candidates, str) or not isinstance(candidates, (list, tuple)) or not candidates:
         raise InputError("candidates must be a non-empty list of strings")
     if not all(isinstance(c, str) for c in candidates):
@@ -40,7 +41,8 @@ def candidate_logprobs(model, processor, images=None, prompt: str = "", candidat
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
     # Each group of batch_size candidates is one request: one prefill, its keys and values copied to the rows.
     chunks = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
-    uids = [engine.submit(images, prompt, forced=chunk, max_tokens=max(map(len, chunk)), stop_at_eos=False)
+    uids = [engine.submit(images, prompt, forced=chunk, max_tokens=max(map(len, chunk)), stop_at_eos=False,
+                          adapter=adapter)
             for chunk in chunks]
     values = {}
     with engine.running():
@@ -53,8 +55,10 @@ def candidate_logprobs(model, processor, images=None, prompt: str = "", candidat
     return [v for u in uids for v in values[u]]
 
 def score(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (), include_eos: bool = True,
-          batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None) -> List[float]:
+          batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
+          adapter: Optional[str] = None) -> List[float]:
     """Per candidate, the summed log-probability of its tokens (and <eos>, unless include_eos=False) given the
-    images and the prompt: the candidate that scores highest is the model's choice."""
+    images and the prompt: the candidate that scores highest is the model's choice. `adapter`: the loaded adapter
+    to score through (None: the base)."""
     return [math.fsum(v) for v in candidate_logprobs(model, processor, images, prompt, candidates, include_eos,
-                                                 batch_size, kv_bits)]
+                                                     batch_size, kv_bits, adapter)]

@@ -44,6 +44,7 @@ class Settings:
     num_return_sequences: int = 1
     best_of: int = defaults.BEST_OF
     n: int = 1
+    adapter: Optional[str] = None  # the loaded LoRA adapter the rows run through, by name (None: the base)
     # Structured output, at most one (constraints.make_constraint compiles it).
     response_format: Any = None
     json_schema: Any = None
@@ -137,6 +138,9 @@ def _check_values(s: Settings) -> None:
     _integer("num_return_sequences", s.num_return_sequences, 1)
     if not isinstance(s.constrain, bool):
         raise InputError(f"constrain must be true or false, got {s.constrain!r}", param="constrain")
+    if s.adapter is not None and not isinstance(s.adapter, str):
+        raise InputError(f"adapter must be an adapter's name or None (the base), got {type(s.adapter).__name__}",
+                         param="adapter")
 
 
 def _check_combinations(s: Settings) -> None:

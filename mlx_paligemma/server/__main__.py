@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import defaults
 from .. import limits as process_limits
 from ..cli import ArgumentParser, require
+from ..generation.adapters import named_folders
 from ..errors import InputError
 from .chat import Limits
 
@@ -40,6 +41,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter-path", default=None,
                    help="LoRA adapters (or fine-tuned weights) written by mlx_paligemma.lora, applied to --model "
                         "(default: none)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters loaded beside --model, unfused, under NAME: a request chooses them with "
+                        "`model` (repeat the flag for several; docs/ADAPTERS.md) (default: none)")
+    p.add_argument("--adapter-root", default=None, metavar="ROOT",
+                   help="let POST /v1/adapters (with --api-key) load adapters at run time from folders inside ROOT "
+                        "(default: off)")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (`model` of requests, /v1/models) (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
@@ -195,10 +202,17 @@ def main(argv=None) -> int:
     mask_decoder = None
     if args.mask_decoder:
         mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
-    model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
+    adapters = named_folders(args.adapter, "--adapter")
+    if adapters and args.adapter_path is not None:
+        raise InputError("give --adapter-path (one adapter, applied to --model) or --adapter NAME=PATH (several, "
+                         "chosen per request), not both")
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise InputError(f"--adapter-root {args.adapter_root}: not a folder")
+    model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path,
+                            adapters=adapters or None)
     process_limits.configure(max_choices=args.max_choices, max_constraint_bytes=args.max_constraint_bytes,
-                     compile_seconds=args.compile_seconds, mask_seconds=args.mask_seconds,
-                     decode_budget_bytes=args.decode_budget_bytes)
+                             compile_seconds=args.compile_seconds, mask_seconds=args.mask_seconds,
+                             decode_budget_bytes=args.decode_budget_bytes)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,
@@ -206,7 +220,8 @@ def main(argv=None) -> int:
                     local_files=local_files, image_size=processor.image_size)
     worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder, args.deterministic)
     worker.start()
-    app = make_app(worker, args.served_model_name or args.model, limits, args.api_key, args.max_body_bytes)
+    app = make_app(worker, args.served_model_name or args.model, limits, args.api_key, args.max_body_bytes,
+                   adapter_root=args.adapter_root)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

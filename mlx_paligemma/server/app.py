@@ -22,7 +22,9 @@ from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import cause
-from .chat import ApiError, Checked, Limits, check_request, parse_json, read_images
+from ..models.adapters import adapter_names
+from .adapters import adapter_routes, listed
+from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json, read_images
 from .worker import Handle, QueueFull, Worker
 
 KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
@@ -63,17 +65,12 @@ class _Stream(StreamingResponse):
             self.on_close()
 
 
-def served(model_id: str, asked) -> str:
-    """The name of the model that answers a request naming `asked` (None when it names none): the one this server
-    serves, whatever the name (as mlx-lm's server with one model does), so that a client written for a hub id runs
-    against a local folder too."""
-    return model_id
-
-
 def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[str] = None,
-             max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None) -> Starlette:
+             max_body_bytes: int = 32 * 2**20, body_budget: Optional[int] = None,
+             adapter_root: Optional[str] = None) -> Starlette:
     """`body_budget`: bytes of request bodies held at once (read, or being checked; 8 bodies by default); a
-    request that would go beyond gets 503, so many large bodies together cannot exhaust memory."""
+    request that would go beyond gets 503, so many large bodies together cannot exhaust memory. `adapter_root`:
+    the folder inside which /v1/adapters may load adapters at run time (None: no loading at run time)."""
     page = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
     budget = {"left": body_budget or 8 * max_body_bytes}
     fetching = anyio.CapacityLimiter(FETCHING)
@@ -120,8 +117,11 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     def prepare(data: bytes) -> Checked:
         """Everything that needs no image, in a thread (a large body takes a while to parse)."""
         body = parse_json(data)
+        adapter = chosen_adapter(body.get("model") if isinstance(body, dict) else None, model_id,
+                                 adapter_names(worker.model))
         checked = check_request(body, limits)  # a body that is not an object, or a `model` not a string, ends here
-        return checked, served(model_id, body.get("model"))
+        checked.settings["adapter"] = adapter
+        return checked, adapter or model_id
 
     async def index(request: Request):
         return HTMLResponse(page)
@@ -132,7 +132,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     async def models(request: Request):
         check_key(request)
         return JSON({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"}]})
+            {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"},
+            *listed(worker.model, model_id)]})
 
     async def chat_completions(request: Request):
         check_key(request)
@@ -182,7 +183,8 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
 
     return Starlette(
         routes=[Route("/", index), Route("/health", health), Route("/v1/models", models),
-                Route("/v1/chat/completions", chat_completions, methods=["POST"])],
+                Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                *adapter_routes(worker, api_key, check_key, adapter_root, JSON)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, ClientDisconnect: disconnected,
                             Exception: server_error},
     )

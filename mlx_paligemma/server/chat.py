@@ -64,6 +64,20 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def chosen_adapter(model: Any, served: str, adapters: List[str]) -> Optional[str]:
+    """The one rule of which model answers a request: its `model` chooses an adapter by its name, and None (the
+    base) for the base's name or no name. A server without adapters answers every name with its one model (as
+    mlx-lm's does, so a client written for a hub id runs against a local folder); with adapters loaded, any other
+    name is a 404 naming what is served."""
+    if not isinstance(model, str) or model in ("", served) or not adapters:
+        return None
+    if model in adapters:
+        return model
+    known = ", ".join(repr(n) for n in [served, *adapters])
+    raise ApiError(404, f"model {model[:200]!r} is not served here; this server serves {known} (GET /v1/models)",
+                   param="model", code="model_not_found")
+
+
 def bad(message: str, param: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param=param)
 

@@ -12,6 +12,7 @@ import asyncio
 import re
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -123,6 +124,17 @@ class Worker(threading.Thread):
             self.wake.notify()
         return handle
 
+    def admin(self, fn) -> Future:
+        """Run fn(engine) on this thread, between steps (adapters loaded or unloaded at run time change the model
+        the steps use); its result, or its exception, comes in the future."""
+        future = Future()
+        with self.wake:
+            if self.closing is not None:
+                raise QueueFull("the server is shutting down")
+            self.inbox.append(("admin", (fn, future)))
+            self.wake.notify()
+        return future
+
     def cancel(self, handle: Handle) -> None:
         with self.wake:
             self.inbox.append(("cancel", handle))
@@ -192,6 +204,13 @@ class Worker(threading.Thread):
         with self.wake:
             items, self.inbox = self.inbox, []
         for kind, handle in items:
+            if kind == "admin":
+                fn, future = handle
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as e:  # the caller answers it (InputError: the request's fault)
+                    future.set_exception(e)
+                continue
             if kind == "cancel":
                 if not handle.done:  # a request that finished has nothing to cancel
                     self.stats["cancelled"] += 1

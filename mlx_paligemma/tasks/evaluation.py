@@ -61,12 +61,13 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
 
 def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
                      max_tokens: int = defaults.MAX_TOKENS, progress: Optional[Callable[[str], None]] = None,
-                     num_beams: int = defaults.NUM_BEAMS, length_penalty: float = defaults.LENGTH_PENALTY) -> list:
+                     num_beams: int = defaults.NUM_BEAMS, length_penalty: float = defaults.LENGTH_PENALTY,
+                     adapter: Optional[str] = None) -> list:
     """Greedy (or beam search) answers through the engine: its Results, in question order, whose tokens'
     log-probabilities give detected objects their scores; progress reported every few batches."""
     engine = Engine(model, processor, batch_size=batch_size)
     submits = ((i, lambda q=q: engine.submit(q.image, q.prefix, max_tokens=max_tokens, temperature=0.0,
-                                             num_beams=num_beams, length_penalty=length_penalty))
+                                             num_beams=num_beams, length_penalty=length_penalty, adapter=adapter))
                for i, q in enumerate(questions))
     answers, tic, every = {}, time.perf_counter(), max(8 * batch_size, 64)
     for i, result in run_all(engine, submits):
@@ -80,13 +81,14 @@ def generate_answers(model, processor, questions: Sequence[Question], batch_size
 
 
 def choose_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
-                   progress: Optional[Callable[[str], None]] = None) -> List[List[float]]:
+                   progress: Optional[Callable[[str], None]] = None,
+                   adapter: Optional[str] = None) -> List[List[float]]:
     """Multiple choice: each candidate's summed log-probability (<eos> included) given image and prefix, as
     scoring.score gives it; the likeliest candidate is the answer."""
     answers, tic = [], time.perf_counter()
     for q in questions:
         answers.append(score_candidates(model, processor, [q.image], q.prefix, list(q.candidates),
-                                        batch_size=batch_size))
+                                        batch_size=batch_size, adapter=adapter))
         if progress is not None and (len(answers) % 64 == 0 or len(answers) == len(questions)):
             progress(f"{len(answers)}/{len(questions)} choices, {len(answers) / (time.perf_counter() - tic):.2f}/s")
     return answers
@@ -162,19 +164,21 @@ def objects_with_scores(objects: list) -> List[dict]:
 def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto",
                       batch_size: int = defaults.BATCH_SIZE, max_tokens: int = defaults.MAX_TOKENS, mask_decoder=None,
                       progress: Optional[Callable[[str], None]] = None, num_beams: int = defaults.NUM_BEAMS,
-                      length_penalty: float = defaults.LENGTH_PENALTY) -> Tuple[dict, List[dict]]:
-    """Generate for every question and score each task. Returns ({"tasks": {task: {"questions": n, metric:
-    value, ...}}, "metric": what "score" is, "score": the primary metric, or the mean of the tasks' primary
-    metrics}, one record per question: image, prefix, task, prediction, references)."""
+                      length_penalty: float = defaults.LENGTH_PENALTY,
+                      adapter: Optional[str] = None) -> Tuple[dict, List[dict]]:
+    """Generate for every question and score each task; `adapter`: a loaded adapter's name to answer through
+    (None: the base). Returns ({"tasks": {task: {"questions": n, metric: value, ...}}, "metric": what "score" is,
+    "score": the primary metric, or the mean of the tasks' primary metrics}, one record per question: image,
+    prefix, task, prediction, references)."""
     if task not in TASKS + ("auto",):
         raise InputError(f"unknown task {task!r}: choose from auto, {', '.join(TASKS)}")
     questions = group_questions(examples, task)
     choices = [i for i, q in enumerate(questions) if q.task == "choice"]
     free = [i for i, q in enumerate(questions) if q.task != "choice"]
     generations = dict(zip(free, generate_answers(model, processor, [questions[i] for i in free], batch_size,
-                                                  max_tokens, progress, num_beams, length_penalty)))
+                                                  max_tokens, progress, num_beams, length_penalty, adapter)))
     scored = dict(zip(choices, choose_answers(model, processor, [questions[i] for i in choices], batch_size,
-                                              progress)))
+                                              progress, adapter)))
     answers = [generations[i].text if i in generations else
                questions[i].candidates[max(range(len(scored[i])), key=scored[i].__getitem__)]  # the first if equal
                for i in range(len(questions))]

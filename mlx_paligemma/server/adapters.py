@@ -1,0 +1,133 @@
+"""Adapters on the server: /v1/models lists each one beside the base, and /v1/adapters loads and unloads them at
+run time, behind the API key, from folders inside the one root the server was given (--adapter-root).
+
+    GET    /v1/adapters                 each loaded adapter: name, folder, rank, scale, layers, memory_bytes (its
+                                        factors), added_bytes (what loading it added, padding to larger ranks too)
+    POST   /v1/adapters  {"name": "receipts", "path": "receipts-v2"}   (path relative to the root, or inside it)
+    DELETE /v1/adapters/receipts        refused (409) while a running or waiting request uses it
+
+Loading and unloading run on the worker's thread between decode steps (Worker.admin), so no step sees a model
+half changed; a request already checked against a name that has gone since gets a 400 naming it.
+"""
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from ..errors import InputError
+from ..generation.adapters import in_use, load_at_run_time, unload_at_run_time
+from ..models.adapters import MAX_ADAPTERS, adapter_set
+from .chat import ApiError, parse_json
+from .worker import QueueFull, Worker
+
+MAX_ADMIN_BODY = 4096  # bytes of an admin request: a name and a path
+BODY_TIMEOUT_S = 10.0  # to send it whole
+
+
+def listed(model, parent: str) -> List[dict]:
+    """/v1/models entries of the loaded adapters (vLLM's shape: `parent` is the base's id)."""
+    found = adapter_set(model)
+    if found is None:
+        return []
+    return [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma",
+             "parent": parent, "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
+            for name, info in found.info.items()]
+
+
+def described(model) -> List[dict]:
+    found = adapter_set(model)
+    return [{"name": name, "path": info.get("path"), "rank": info["rank"], "scale": info["scale"],
+             "layers": len(info["layers"]), "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
+            for name, info in (found.info.items() if found else [])]
+
+
+def inside(root: Path, given) -> Path:
+    """The folder `given` (relative to the root, or absolute) resolved, symlinks and .. included; outside the root
+    is a 403."""
+    if not isinstance(given, str) or not given or "\0" in given:
+        raise ApiError(400, "path must be a non-empty string: a folder inside the adapter root", param="path")
+    folder = (root / given).resolve()
+    if folder != root and root not in folder.parents:
+        raise ApiError(403, f"{given[:200]!r} is outside the adapter root this server loads from", param="path",
+                       code="forbidden_path")
+    return folder
+
+
+def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, root: Optional[str],
+                   respond: Callable) -> List[Route]:
+    """The /v1/adapters routes; `respond` makes the JSON response, `check_key` refuses a missing or wrong key."""
+    root_path = Path(root).resolve() if root is not None else None
+
+    def guard(request: Request, loading: bool) -> None:
+        check_key(request)
+        if api_key is None:
+            raise ApiError(403, "adapters are loaded and unloaded at run time only on a server with --api-key",
+                           code="admin_disabled")
+        if loading and root_path is None:
+            raise ApiError(403, "this server loads no adapters at run time: start it with --adapter-root ROOT",
+                           code="admin_disabled")
+
+    async def on_worker(fn):
+        try:
+            return await asyncio.wrap_future(worker.admin(fn))
+        except QueueFull as e:
+            raise ApiError(503, str(e), type="server_error", code="server_busy") from None
+
+    async def listing(request: Request):
+        check_key(request)
+        return respond({"object": "list", "data": described(worker.model), "limit": MAX_ADAPTERS})
+
+    async def read_body(request: Request) -> bytes:
+        """The body, refused (413) as soon as it runs past MAX_ADMIN_BODY: never held whole when too large."""
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > MAX_ADMIN_BODY:
+                raise ApiError(413, f"an adapter request takes at most {MAX_ADMIN_BODY} bytes",
+                               code="request_too_large")
+        return bytes(body)
+
+    async def load(request: Request):
+        guard(request, loading=True)
+        try:
+            body = parse_json(await asyncio.wait_for(read_body(request), BODY_TIMEOUT_S))
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
+                           code="request_timeout") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the body must be a JSON object: {"name": ..., "path": ...}')
+        folder = inside(root_path, body.get("path"))
+        name = body.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "name must be a non-empty string", param="name")
+        try:
+            info = await on_worker(lambda engine: load_at_run_time(engine, name, folder))
+        except InputError as e:
+            raise ApiError(409 if "loaded already" in str(e) or f"at most {MAX_ADAPTERS}" in str(e) else 400,
+                           str(e), param="path") from None
+        return respond({"name": name, "path": info["path"], "rank": info["rank"], "scale": info["scale"],
+                        "layers": len(info["layers"]), "memory_bytes": info["bytes"],
+                        "added_bytes": info["added_bytes"]})
+
+    async def unload(request: Request):
+        guard(request, loading=False)
+        name = request.path_params["name"]
+
+        def drop(engine):
+            if in_use(engine, name):
+                raise ApiError(409, f"adapter {name!r} is in use by a running or waiting request: try again when it "
+                                    "ends", code="adapter_in_use")
+            unload_at_run_time(engine, name)
+
+        try:
+            await on_worker(drop)
+        except InputError as e:
+            raise ApiError(404, str(e), param="name", code="model_not_found") from None
+        return respond({"name": name, "deleted": True})
+
+    return [Route("/v1/adapters", listing), Route("/v1/adapters", load, methods=["POST"]),
+            Route("/v1/adapters/{name}", unload, methods=["DELETE"])]
