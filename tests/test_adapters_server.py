@@ -28,7 +28,7 @@ def alone(trained):
     for adapter in [None, *TEACH]:
         path = trained["folders"][adapter] if adapter else None
         model, processor = mp.load(trained["base"], dtype=mx.float32, adapter_path=path)
-        answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8) for image, prompt in PROMPTS]
+        answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
     return answers
 
 
