@@ -647,3 +647,18 @@ def test_a_datasets_bad_last_row_is_named_before_any_stored_image_is_decoded(tmp
     items = sources.read_source(str(tmp_path / "saved"))  # batch: every row an item, the bad one with its error
     assert len(items) == rows and not any(i.error for i in items) and items[-1].suffixes == []
     assert all(isinstance(i.images[0], Image.Image) for i in items)
+
+
+def test_training_that_scores_detections_without_pycocotools_stops_before_the_first_step(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails as when it is not installed
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"image": str(IMAGES / "chelsea.jpg"), "prefix": "detect cat", "suffix": "<loc0001><loc0002><loc0500>"
+             "<loc0600> cat"}] * 2
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = train(data, tmp_path / "adapters", "--eval-task", "auto")
+    assert rc == 1 and one_error_line(capsys) == ("error: detection metrics need pycocotools: pip install "
+                                                  "'mlx-paligemma[eval]'")
+    assert not (tmp_path / "adapters" / "log.jsonl").exists()
