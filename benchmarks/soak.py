@@ -87,7 +87,7 @@ def png(width, height) -> str:
 
 
 def kinds(targets: str) -> dict:
-    """name -> request body (bytes): the good request and the hostile ones of issue 19."""
+    """name -> request body (bytes): the good request and the hostile ones of issues 19 and 31."""
     j = lambda b: json.dumps(b).encode()  # noqa: E731
     return {
         "good": j(body()),
@@ -103,6 +103,16 @@ def kinds(targets: str) -> dict:
         "URL endless": j(body(image=targets + "/endless")),
         "URL drip": j(body(image=targets + "/drip")),
         "URL 127.0.0.1 closed port": j(body(image="http://127.0.0.1:9/x.jpg")),
+        # Issue 31's: structured output's costs and an image flood, each refused or bounded before the model thread
+        # pays for it.
+        "choices 1,000,000": j(body(choices=[f"choice {i}" for i in range(1_000_000)])),
+        "regex a{100000}": j(body(regex="a{100000}")),
+        "regex ((a{100}){100}){100}": j(body(regex="((a{100}){100}){100}")),
+        "schema minimum 10**400": j(body(response_format={"type": "json_schema", "json_schema": {"schema": {
+            "type": "integer", "minimum": 10**400}}})),
+        "four 7000x7000 PNGs": j({"max_tokens": 4, "messages": [{"role": "user", "content": [
+            *[{"type": "image_url", "image_url": {"url": png(7000, 7000)}}] * 4,
+            {"type": "text", "text": "caption en"}]}]}),
     }
 
 

@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import FIXTURES
 from mlx_paligemma import batch, lora
@@ -622,3 +623,42 @@ def test_evaluate_refuses_a_report_folder_it_cannot_write_before_work(tmp_path, 
     data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "caption en", "suffix": "a cat"}])
     rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data), "--report", "/proc/report"])
     assert rc == 1 and one_error_line(capsys).startswith("error: --report /proc/report: cannot write there: ")
+
+
+def test_a_datasets_bad_last_row_is_named_before_any_stored_image_is_decoded(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from mlx_paligemma.data import hub, sources
+
+    data = (IMAGES / "chelsea.jpg").read_bytes()
+    rows = 300
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": data + bytes([i % 7]), "path": None} for i in range(rows)],
+                                     "prefix": ["caption en"] * rows, "suffix": ["a cat"] * (rows - 1) + [None]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+
+    def no_decoding(*_):
+        raise AssertionError("a stored image was decoded")
+
+    monkeypatch.setattr(hub, "image_from_bytes", no_decoding)
+    with pytest.raises(InputError) as e:
+        sources.read_examples(str(tmp_path / "saved"))
+    assert str(e.value) == f"{tmp_path / 'saved'}, row {rows - 1}: 'suffix' is missing: nothing to learn or score " \
+                           "against"
+    monkeypatch.undo()
+    items = sources.read_source(str(tmp_path / "saved"))  # batch: every row an item, the bad one with its error
+    assert len(items) == rows and not any(i.error for i in items) and items[-1].suffixes == []
+    assert all(isinstance(i.images[0], Image.Image) for i in items)
+
+
+def test_training_that_scores_detections_without_pycocotools_stops_before_the_first_step(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails as when it is not installed
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"image": str(IMAGES / "chelsea.jpg"), "prefix": "detect cat", "suffix": "<loc0001><loc0002><loc0500>"
+             "<loc0600> cat"}] * 2
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = train(data, tmp_path / "adapters", "--eval-task", "auto")
+    assert rc == 1 and one_error_line(capsys) == ("error: detection metrics need pycocotools: pip install "
+                                                  "'mlx-paligemma[eval]'")
+    assert not (tmp_path / "adapters" / "log.jsonl").exists()

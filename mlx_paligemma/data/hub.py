@@ -15,9 +15,9 @@ import string
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .items import Item, resolve
+from .items import Item, not_an_example, resolve
 from ..errors import InputError, cause, check_text
-from ..processing.images import image_from_bytes
+from ..processing.images import image_from_bytes, image_size
 
 # The prefix column's other name, as in JSONL: a dataset with "prompt" but no "prefix" column needs no flag.
 PREFIX_ALIAS = "prompt"
@@ -98,9 +98,12 @@ def render(template: str, row: dict) -> str:
     return "".join(out)
 
 
-def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Optional[str] = None) -> List[Item]:
-    """One item per row of `dataset`; a row that is not a usable item still is one, with its error (batch goes on,
-    training stops on it naming the row). A missing column stops at once, naming it and the columns present."""
+def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Optional[str] = None,
+                  strict: bool = False) -> List[Item]:
+    """One item per row of `dataset`; a row that is not a usable item still is one, with its error (batch goes on),
+    or with `strict` (training, evaluation) the first that is not an example stops, naming its row. A missing column stops at once, naming
+    it and the columns present. Every row is checked (its columns, its stored images' headers) before any stored
+    image is decoded, so a bad last row of a large set is named at once."""
     columns = list(dataset.column_names)
 
     def need(column: str, flag: str) -> None:
@@ -121,13 +124,13 @@ def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Opt
     suffix = options.suffix_column if options.suffix_column in columns else None
     if suffix is None and options.suffix_column != "suffix":  # the default may be absent (batch needs no answers)
         need(options.suffix_column, "--suffix-column")
-    decoded: Dict[bytes, object] = {}  # one PIL image per distinct stored image, shared by the rows that repeat it
+    stored: Dict[bytes, _Stored] = {}  # one per distinct stored image, shared by the rows that repeat it
     items, index = [], 0
     for batch in dataset.with_format("arrow").iter(batch_size=256):
         for row in batch.to_pylist():
             item = Item(index + 1, _fields(row, index, options.image_column), where=f"{name}, row {index}")
             try:
-                item.images = _images(row[options.image_column], options.image_column, folder, index, decoded)
+                item.images = _images(row[options.image_column], options.image_column, folder, index, stored)
                 if options.prompt_template is not None:
                     item.prompt = render(options.prompt_template, row)
                 elif prefix is not None:
@@ -138,11 +141,34 @@ def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Opt
                 item.suffixes = _suffixes(row[suffix], suffix) if suffix is not None else []
             except InputError as e:
                 item.error = str(e)
+            if strict and not_an_example(item):
+                raise InputError(f"{item.where}: {not_an_example(item)}")
             if not item.error and item.prompt not in (item.fields.get("prompt"), item.fields.get("prefix")):
                 item.fields["prompt"] = item.prompt  # what was asked, when no column says it
             items.append(item)
             index += 1
+    for item in items:  # every row checked: now the stored images are decoded, each once
+        try:
+            item.images = [image.decode() if isinstance(image, _Stored) else image for image in item.images]
+        except InputError as e:
+            if strict:
+                raise InputError(f"{item.where}: {e}") from None
+            item.error = item.error or str(e)
     return items
+
+
+class _Stored:
+    """A stored image whose header was checked (an image PIL reads, within the pixel limit), decoded once when
+    every row has been checked."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name, self.image = data, name, None
+        image_size(name, data)
+
+    def decode(self):
+        if self.image is None:
+            self.image, self.data = image_from_bytes(self.data, self.name), None
+        return self.image
 
 
 def _fields(row: dict, index: int, image_column: str) -> dict:
@@ -177,8 +203,8 @@ def _label(value, index: int):
     return _parts(value)[1] or index
 
 
-def _images(value, column: str, folder: Path, index: int, decoded: dict) -> list:
-    """PIL images for stored bytes (decoded once per distinct image), path or URL strings for the rest."""
+def _images(value, column: str, folder: Path, index: int, stored: dict) -> list:
+    """_Stored images for stored bytes (one per distinct image), path or URL strings for the rest."""
     values = value if isinstance(value, list) else [value]
     if not values:
         raise InputError(f"'{column}' holds no image")
@@ -187,9 +213,9 @@ def _images(value, column: str, folder: Path, index: int, decoded: dict) -> list
         data, path = _parts(v)
         if data is not None:
             key = hashlib.sha256(data).digest()
-            if key not in decoded:
-                decoded[key] = image_from_bytes(bytes(data), path or f"row {index}")
-            images.append(decoded[key])
+            if key not in stored:
+                stored[key] = _Stored(bytes(data), path or f"row {index}")
+            images.append(stored[key])
         elif path is not None:
             images.append(resolve(path, folder))
         else:

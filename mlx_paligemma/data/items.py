@@ -162,6 +162,19 @@ def read_jsonl(file) -> List[Example]:
     return examples_of(items, file)
 
 
+def not_an_example(item: Item) -> Optional[str]:
+    """Why an item cannot be a training or evaluation example, or None."""
+    if item.error:
+        return item.error
+    if len(item.images) != 1:
+        return f"an example takes one image, this one has {len(item.images)}"
+    if not item.suffixes:
+        return "'suffix' is missing: nothing to learn or score against"
+    if not all(item.suffixes):
+        return "empty suffix, nothing to learn"
+    return None
+
+
 def examples_of(items: List[Item], name) -> List[Example]:
     """The examples of items from any source (mlx_paligemma.data.sources); the first item that is not an example
     stops with one line naming it (`name`, line N, or the item's own `where`). Every item is checked before any
@@ -170,14 +183,9 @@ def examples_of(items: List[Item], name) -> List[Example]:
     is downloaded (once however many lines name it) after every other check."""
     for item in items:
         where = item.where or f"{name}, line {item.line}"
-        if item.error:
-            raise InputError(f"{where}: {item.error}")
-        if len(item.images) != 1:
-            raise InputError(f"{where}: an example takes one image, this one has {len(item.images)}")
-        if not item.suffixes:
-            raise InputError(f"{where}: 'suffix' is missing: nothing to learn or score against")
-        if not all(item.suffixes):
-            raise InputError(f"{where}: empty suffix, nothing to learn")
+        problem = not_an_example(item)
+        if problem:
+            raise InputError(f"{where}: {problem}")
         image = item.images[0]
         if isinstance(image, str) and not image.startswith(URL_SCHEMES):
             try:

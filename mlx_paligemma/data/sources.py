@@ -107,7 +107,7 @@ def is_coco(file: Path) -> bool:
 
 
 def split_readers(spec: str, options: DataOptions = DataOptions(), split: Optional[str] = None,
-                  prompt: Optional[str] = None) -> Dict[str, Callable[[], List[Item]]]:
+                  prompt: Optional[str] = None, strict: bool = False) -> Dict[str, Callable[[], List[Item]]]:
     """{split: a function reading its items} of a source; `split` is a hint that spares a hub download of the
     others. `prompt` serves items without one (batch's --prompt)."""
     kind = kind_of(spec)
@@ -133,7 +133,7 @@ def split_readers(spec: str, options: DataOptions = DataOptions(), split: Option
     else:
         folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent  # a glob's too
     name = spec if len(sets) == 1 else None
-    return {s: (lambda s=s, ds=ds: dataset_items(ds, name or f"{spec} [{s}]", folder, options, prompt))
+    return {s: (lambda s=s, ds=ds: dataset_items(ds, name or f"{spec} [{s}]", folder, options, prompt, strict))
             for s, ds in sets.items()}
 
 
@@ -158,23 +158,23 @@ def choose_split(spec: str, names, split: Optional[str]) -> str:
 
 
 def read_source(spec: str, split: Optional[str] = None, options: DataOptions = DataOptions(),
-                prompt: Optional[str] = None) -> List[Item]:
+                prompt: Optional[str] = None, strict: bool = False) -> List[Item]:
     """The items of one split of any source (the only one, or `test`, when `split` is None); each bad row is an
-    item with its error, for batch to write and go on."""
-    readers = split_readers(spec, options, split, prompt)
+    item with its error, for batch to write and go on (with `strict`, a dataset's first bad row stops, named)."""
+    readers = split_readers(spec, options, split, prompt, strict)
     return readers[choose_split(spec, list(readers), split)]()
 
 
 def read_examples(spec: str, split: Optional[str] = None, options: DataOptions = DataOptions()) -> List[Example]:
     """Training or evaluation examples of one split, every image opened now; the first bad row stops, named."""
-    return examples_of(read_source(spec, split, options), spec)
+    return examples_of(read_source(spec, split, options, strict=True), spec)
 
 
 def read_training_sets(spec: str, options: DataOptions = DataOptions(), train: str = "train",
                        valid: Optional[str] = None, test: Optional[str] = None) -> Dict[str, List[Example]]:
     """{"train": ..., "valid": ..., "test": ...} as present, by split name: `train`, `valid` (default: valid or
     validation) and `test` (default: test). A file (JSONL, parquet, COCO) or a saved Dataset is one split, train."""
-    readers = split_readers(spec, options)
+    readers = split_readers(spec, options, strict=True)
     names = list(readers)
     chosen = {"train": choose_split(spec, names, train),
               "valid": choose_split(spec, names, valid) if valid else next((s for s in VALID_SPLITS if s in names),

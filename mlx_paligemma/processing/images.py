@@ -4,7 +4,7 @@ transformers' processor does."""
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -62,21 +62,22 @@ def load_image(source: ImageInput) -> Image.Image:
         raise _unreadable(e, source) from None
 
 
-def image_size(path) -> tuple:
-    """(width, height) of an image file as load_image would give it (upright by its EXIF tag), read from its header
-    without decoding the pixels, within the pixel limit: the cheap check of a whole data set before the work."""
+def image_size(path, data: Optional[bytes] = None) -> tuple:
+    """(width, height) of an image file (or of `data`, its bytes, named `path`) as load_image would give it (upright
+    by its EXIF tag), read from its header without decoding the pixels, within the pixel limit: the cheap check of a
+    whole data set before the work."""
     path = str(path)
     source = path if path.isprintable() else repr(path)[1:-1]
     try:
-        if Path(path).is_dir():
+        if data is None and Path(path).is_dir():
             raise InputError(f"{source} is a folder, not an image")
-        if not Path(path).is_file():
+        if data is None and not Path(path).is_file():
             raise InputError(f"image not found: {source}")
-        with open(path, "rb") as file, warnings.catch_warnings():
+        with (open(path, "rb") if data is None else io.BytesIO(data)) as file, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(file)
             width, height = image.size
-            if image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # turned a quarter: exif_transpose swaps them
+            if _orientation(image) in (5, 6, 7, 8):  # turned a quarter: exif_transpose swaps them
                 width, height = height, width
     except InputError:
         raise
@@ -89,6 +90,19 @@ def image_size(path) -> tuple:
 
 
 ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, without decoding the pixels: a PNG's or WebP's getexif() decodes them to look for EXIF
+    after them, so for those only what opening the file read counts (a late tag is not seen here)."""
+    if image.format not in ("PNG", "WEBP"):
+        return image.getexif().get(ORIENTATION, 1)
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(ORIENTATION, 1)
 
 
 def image_from_bytes(data: bytes, source: str) -> Image.Image:

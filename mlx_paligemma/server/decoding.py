@@ -3,9 +3,8 @@
 before a pixel is decoded, and decodes only while the images decoding at that moment weigh no more than the budget
 together; the others wait their turn. An image that alone weighs more is refused. Its weight is the most its
 decoding holds at once: the decoded pixels (PIL keeps RGB in 4 bytes a pixel), a turned copy, and what to_rgb's
-conversion makes (nothing for RGB, which is resized as it is: the same pixels). Measured: 8 clients each sending
-four 7000x7000 PNGs took the server's peak memory to 3.1 GiB, held after, with a semaphore of two decodes; within
-the 400 MB budget, see docs/SERVER.md.
+conversion makes (nothing for RGB, which is resized as it is: the same pixels). The figures of an image flood, before
+and after: docs/SERVER.md (benchmarks/image_flood.py).
 """
 
 import io

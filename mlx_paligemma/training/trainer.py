@@ -335,6 +335,13 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
             check_resume(folder, adapter_config)
     check_examples(processor, train_set)
     check_examples(processor, valid_set or [])
+    if args.eval_task:
+        from ..tasks.evaluation import task_of
+        from ..tasks.metrics import check_coco_tools
+
+        tasks = {args.eval_task} if args.eval_task != "auto" else {task_of(e.prefix) for e in valid_set or []}
+        if tasks & {"detect", "segment"}:
+            check_coco_tools()  # the first validation would need it, after training steps
     report = report if rank == 0 else (lambda s: None)
     if args.grad_checkpoint and type(model.layers[0]).__call__.__name__ != "checkpointed_fn":
         from mlx_lm.tuner.trainer import grad_checkpoint

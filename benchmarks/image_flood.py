@@ -1,0 +1,93 @@
+"""An image flood against the server on 127.0.0.1: concurrent clients each send one request with four large PNGs
+(small on the wire: one colour), and the server's resident memory is read from /proc (Linux) before, at its peak
+(VmHWM) and after.
+
+    python benchmarks/image_flood.py                              # 8 clients, 7000x7000 PNGs, the tiny checkpoint
+    python benchmarks/image_flood.py --clients 32
+    python benchmarks/image_flood.py --source /tmp/old-checkout    # the same against another checkout's server
+
+docs/SERVER.md gives its figures: the server's decoding stays within --decode-budget-bytes (400 MB) however many
+clients send images at once, and gives the memory back when they are done.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def memory(pid: int, key: str) -> float:
+    """MiB of a /proc/PID/status line (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no {key} in /proc/{pid}/status")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "paligemma2-tiny"))
+    p.add_argument("--source", default=str(ROOT), help="checkout whose server runs")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--side", type=int, default=7000, help="width and height of each PNG")
+    p.add_argument("--server-args", default="", help="extra options for the server, one string")
+    args = p.parse_args()
+    buffer = io.BytesIO()
+    Image.new("RGB", (args.side, args.side), (120, 30, 200)).save(buffer, "PNG", compress_level=9)
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlx_paligemma.server", "--model", args.model, "--port",
+                               str(port), "--log-level", "warning", *args.server_args.split()], cwd=args.source,
+                              env={**os.environ, "PYTHONPATH": args.source})
+    try:
+        for _ in range(600):  # up to 2 minutes for the model to load
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        body = json.dumps({"max_tokens": 2, "messages": [{"role": "user", "content": [
+            *[{"type": "image_url", "image_url": {"url": url}}] * 4, {"type": "text", "text": "caption en"}]}]})
+        before, codes = memory(server.pid, "VmRSS"), []
+
+        def client():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=900) as r:
+                    codes.append(r.status)
+            except urllib.error.HTTPError as e:
+                codes.append(e.code)
+
+        tic = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(f"{args.clients} clients x 4 PNGs of {args.side}x{args.side} ({len(buffer.getvalue()) // 1024} KB "
+              f"each): {time.perf_counter() - tic:.0f} s, statuses {sorted(set(codes))}; server RSS before "
+              f"{before:.0f} MiB, peak {memory(server.pid, 'VmHWM'):.0f} MiB, after "
+              f"{memory(server.pid, 'VmRSS'):.0f} MiB")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
