@@ -583,9 +583,9 @@ def test_evaluate_of_detections_without_pycocotools_stops_before_the_model_loads
 
     monkeypatch.setitem(sys.modules, "pycocotools.cocoeval", None)  # import fails as when it is not installed
     data = dataset(tmp_path, [{"image": "chelsea.jpg", "prompt": "detect cat", "suffix": "<loc0001> cat"}])
-    rc = evaluate.main(["--model", "missing-model-never-loaded", "--data", str(data)])
-    assert rc == 1 and one_error_line(capsys) == ("error: detection metrics need pycocotools: pip install "
-                                                  "'mlx-paligemma[eval]'")
+    rc = evaluate.main(["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data)])
+    assert rc == 1 and one_error_line(capsys) == ('error: pycocotools is needed for detection metrics: pip install '
+                                                  '"mlx-paligemma[eval]"')
 
 
 def test_a_candidate_too_long_for_the_model_is_named_before_the_first_answer(tmp_path, capsys, monkeypatch):
@@ -659,6 +659,6 @@ def test_training_that_scores_detections_without_pycocotools_stops_before_the_fi
     for split in ("train", "valid"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc = train(data, tmp_path / "adapters", "--eval-task", "auto")
-    assert rc == 1 and one_error_line(capsys) == ("error: detection metrics need pycocotools: pip install "
-                                                  "'mlx-paligemma[eval]'")
+    assert rc == 1 and one_error_line(capsys) == ("error: pycocotools is needed for --eval-task's detection metrics: "
+                                                  'pip install "mlx-paligemma[eval]"')
     assert not (tmp_path / "adapters" / "log.jsonl").exists()

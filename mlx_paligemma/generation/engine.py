@@ -126,16 +126,17 @@ class Engine:
         read and the prompt checked now, so a bad request fails here with one InputError line. `settings` (checked
         by check_settings) or the keywords themselves say how to answer; at most one of response_format (OpenAI's),
         json_schema, regex, choices or constrain=True (the detect/segment grammar) keeps the answer inside it (see
-        constraints.make_constraint); a bad one fails here too. `forced`, `stop_at_eos` and `sampler` go to the
-        Request as they are."""
+        constraints.make_constraint; or `constraint=`, one already made); a bad one fails here too. `forced`,
+        `stop_at_eos` and `sampler` go to the Request as they are."""
         if self.processor is None:
             raise InputError("this engine has no processor: submit token ids with add()")
         if not isinstance(prompt, str):
             raise InputError(f"the prompt must be a string, got {type(prompt).__name__}", param="prompt")
         more = {k: given.pop(k) for k in ("forced", "stop_at_eos", "sampler") if k in given}
+        compiled = given.pop("constraint", None)  # made by the caller (the server, off this thread), or here
         settings = settings if settings is not None else check_settings("submit()", **given)
-        constraint = make_constraint(self.processor, self.model.config.text_config.vocab_size, prompt,
-                                     **settings.constraint())
+        constraint = compiled if compiled is not None else make_constraint(
+            self.processor, self.model.config.text_config.vocab_size, prompt, **settings.constraint())
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=[images], text=prompt)
         pixels = np.array(inputs["pixel_values"]) if len(images) else None

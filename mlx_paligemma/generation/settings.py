@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
-from .. import defaults
+from .. import defaults, limits
 from ..errors import InputError
 
 MAX_LOGPROBS = 20  # alternatives a token may carry, as OpenAI's top_logprobs
@@ -138,6 +138,10 @@ def _check_values(s: Settings) -> None:
     _integer("num_return_sequences", s.num_return_sequences, 1)
     if not isinstance(s.constrain, bool):
         raise InputError(f"constrain must be true or false, got {s.constrain!r}", param="constrain")
+    # The count alone, before anything reads the strings: a million of them is refused before it is queued.
+    if isinstance(s.choices, (list, tuple)) and len(s.choices) > limits.LIMITS.max_choices:
+        raise InputError(f"choices has {len(s.choices)} strings, more than the limit of {limits.LIMITS.max_choices}",
+                         param="choices")
     if s.adapter is not None and not isinstance(s.adapter, str):
         raise InputError(f"adapter must be an adapter's name or None (the base), got {type(s.adapter).__name__}",
                          param="adapter")

@@ -21,11 +21,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import cause
+from ..errors import InputError, cause
+from ..generation.constraints import make_constraint
+from ..generation.settings import CONSTRAINTS
 from ..models.adapters import adapter_names
 from .adapters import adapter_routes, listed
 from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json, read_images
-from .worker import Handle, QueueFull, Worker
+from .worker import Handle, Job, QueueFull, Worker
 
 KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
 BODY_TIMEOUT_S = 30.0  # to send the whole body: a client that trickles it is cut off
@@ -114,6 +116,18 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
                            code="request_timeout") from None
         return bytes(body)
 
+    def compiled(job: Job) -> Job:
+        """The request's grammar made here, on a request thread within its deadline (constraints.py), so the model
+        thread never waits on one; the engine takes it as made."""
+        given = {k: job.settings.pop(k) for k in CONSTRAINTS if k in job.settings}
+        if any(v is not None and v is not False for v in given.values()):
+            try:
+                vocab_size = worker.model.config.text_config.vocab_size
+                job.settings["constraint"] = make_constraint(worker.processor, vocab_size, job.prompt, **given)
+            except InputError as e:
+                raise ApiError(400, str(e), param=e.param) from None
+        return job
+
     def prepare(data: bytes) -> Checked:
         """Everything that needs no image, in a thread (a large body takes a while to parse)."""
         body = parse_json(data)
@@ -146,6 +160,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
                 job = await anyio.to_thread.run_sync(read_images, checked, limits, limiter=fetching)
             else:
                 job = await run_in_threadpool(read_images, checked, limits)
+            job = await run_in_threadpool(compiled, job)
         finally:
             budget["left"] += held[0]
         try:
