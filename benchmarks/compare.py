@@ -8,7 +8,9 @@ REV is exported with `git archive` into a temporary folder. Each measurement is 
 is one tree (this checkout as it is on disk, uncommitted changes included, or REV), alternating this, REV, this,
 REV, ... so that a shared machine's drift falls on both sides alike. A process loads the model, runs its workload
 once to warm up (MLX compiles kernels on first use) and reports the median of --runs timed runs; the table gives
-the median over processes and the ratio this/REV (below 1: this checkout is faster). Workloads, all greedy:
+the median over processes and the ratio this/REV (below 1: this checkout is faster), in wall-clock seconds or,
+with --clock cpu, in CPU seconds of the process doing the work, which other load on a shared machine disturbs
+less. Workloads, all greedy:
 - single: `generate`, one prompt, --tokens tokens;
 - batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each;
 - server: `python -m mlx_paligemma.server` on 127.0.0.1 and --clients concurrent chat completions of --tokens
@@ -52,15 +54,17 @@ def texts_of(result) -> list:
     return result if isinstance(result, list) else list(result.texts)
 
 
-def timed(work, runs: int):
-    """(median seconds of `runs` timed calls after one warm-up, the last call's answers)."""
+def timed(work, runs: int, cpu_clock=time.process_time):
+    """{seconds, cpu}: medians of `runs` timed calls after one warm-up, of the wall clock and of `cpu_clock` (the
+    working process's CPU seconds, None where it cannot be read); and the last call's answers."""
     answers = work()
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), cpu_clock()
         answers = work()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), answers
+        wall.append(time.perf_counter() - tic)
+        cpu.append(None if cpu_tic is None else cpu_clock() - cpu_tic)
+    return dict(seconds=statistics.median(wall), cpu=None if None in cpu else statistics.median(cpu)), answers
 
 
 def run_engine(workload: str, args) -> dict:
@@ -75,8 +79,8 @@ def run_engine(workload: str, args) -> dict:
     else:
         images, prompts = [photos[name] for _, name in PROMPTS], [prompt for prompt, _ in PROMPTS]
         work = lambda: texts_of(mp.batch_generate(model, processor, images, prompts, max_tokens=args.tokens))  # noqa: E731
-    seconds, answers = timed(work, args.runs)
-    return dict(seconds=seconds, answers=answers)
+    times, answers = timed(work, args.runs)
+    return dict(times, answers=answers)
 
 
 def free_port() -> int:
@@ -98,6 +102,15 @@ def wait_for(server: subprocess.Popen, port: int) -> None:
         except OSError:
             time.sleep(0.2)
     sys.exit(f"the server did not answer /health within {SERVER_START_S} s")
+
+
+def cpu_seconds(pid: int):
+    """CPU seconds a process has used (user and system), from /proc; None where there is no /proc (macOS)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_server(args) -> dict:
@@ -125,8 +138,8 @@ def run_server(args) -> dict:
             return r.choices[0].message.content
 
         with ThreadPoolExecutor(args.clients) as pool:
-            seconds, answers = timed(lambda: list(pool.map(ask, asks)), args.runs)
-        return dict(seconds=seconds, answers=answers)
+            times, answers = timed(lambda: list(pool.map(ask, asks)), args.runs, lambda: cpu_seconds(server.pid))
+        return dict(times, answers=answers)
     finally:
         server.terminate()
         try:
@@ -202,15 +215,18 @@ def report(results, names, args) -> None:
     import platform
 
     this, rev = names
-    print(f"\n{Path(args.model).name}, medians of {args.repeats} alternated processes a side (each the median of "
-          f"{args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
+    key = "seconds" if args.clock == "wall" else "cpu"
+    clock = "wall-clock seconds" if args.clock == "wall" else "CPU seconds of the working process"
+    print(f"\n{Path(args.model).name}, {clock}: medians of {args.repeats} alternated processes a side (each the "
+          f"median of {args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
           f"{os.cpu_count()} CPUs\n")
     print(f"| workload | {this} s | {rev} s | {this}/{rev} | paired ratios min-max | same answers |")
     print("| --- | --- | --- | --- | --- | --- |")
     for workload in args.workloads:
         a, b = results[workload]
-        sa, sb = [r["seconds"] for r in a if r], [r["seconds"] for r in b if r]
-        pairs = [x["seconds"] / y["seconds"] for x, y in zip(a, b) if x and y]
+        value = lambda r: r and r[key]  # noqa: E731  (None: failed, or no CPU clock there)
+        sa, sb = [value(r) for r in a if value(r)], [value(r) for r in b if value(r)]
+        pairs = [value(x) / value(y) for x, y in zip(a, b) if value(x) and value(y)]
         ratio = f"{statistics.median(sa) / statistics.median(sb):.3f}" if sa and sb else "-"
         spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
         digests = {r["digest"] for r in a + b if r}
@@ -232,6 +248,10 @@ def main() -> None:
                    help="which workloads (default: all three)")
     p.add_argument("--tokens", type=int, default=100, help="tokens per answer (default 100)")
     p.add_argument("--clients", type=int, default=8, help="concurrent requests of the server workload (default 8)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what the table compares: wall-clock seconds, or the CPU seconds of the process doing the "
+                        "work (the server's for the server workload; Linux only there), steadier on a busy machine "
+                        "(default wall)")
     p.add_argument("--model", default=str(MODEL), help="model folder (default: the tiny test model)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one process may take (default 600)")
     args = p.parse_args()
@@ -250,7 +270,7 @@ def main() -> None:
                 for side, tree in enumerate(trees):
                     r = measure(tree, workload, args)
                     results[workload][side].append(r)
-                    took = f"{r['seconds']:.3f} s" if r else "failed"
+                    took = f"{r['seconds']:.3f} s, CPU {r['cpu'] or 0:.3f} s" if r else "failed"
                     print(f"round {n + 1} {workload} {names[side]}: {took}", file=sys.stderr, flush=True)
     report(results, names, args)
 
