@@ -12,7 +12,7 @@ the median over processes and the ratio this/REV (below 1: this checkout is fast
 with --clock cpu, in CPU seconds of the process doing the work, which other load on a shared machine disturbs
 less. Workloads, all greedy:
 - single: `generate`, one prompt, --tokens tokens;
-- batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each;
+- batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each (no answer ends sooner at 100);
 - server: `python -m mlx_paligemma.server` on 127.0.0.1 and --clients concurrent chat completions of --tokens
   tokens from OpenAI's Python client, all sent at once.
 The scripts use the package's top level only (`load`, `generate`, `batch_generate`), so older commits whose
@@ -73,12 +73,13 @@ def run_engine(workload: str, args) -> dict:
 
     model, processor = mp.load(args.model)
     photos = {name: Image.open(IMAGES / name).convert("RGB") for _, name in PROMPTS}
-    if workload == "single":
-        prompt, name = PROMPTS[0]
-        work = lambda: [text_of(mp.generate(model, processor, photos[name], prompt, max_tokens=args.tokens))]  # noqa: E731
-    else:
-        images, prompts = [photos[name] for _, name in PROMPTS], [prompt for prompt, _ in PROMPTS]
-        work = lambda: texts_of(mp.batch_generate(model, processor, images, prompts, max_tokens=args.tokens))  # noqa: E731
+    images, prompts = [photos[name] for _, name in PROMPTS], [prompt for prompt, _ in PROMPTS]
+
+    def work():
+        if workload == "single":
+            return [text_of(mp.generate(model, processor, images[0], prompts[0], max_tokens=args.tokens))]
+        return texts_of(mp.batch_generate(model, processor, images, prompts, max_tokens=args.tokens))
+
     times, answers = timed(work, args.runs)
     return dict(times, answers=answers)
 
