@@ -10,7 +10,8 @@ REV, ... so that a shared machine's drift falls on both sides alike. A process l
 once to warm up (MLX compiles kernels on first use) and reports the median of --runs timed runs; the table gives
 the median over processes and the ratio this/REV (below 1: this checkout is faster), in wall-clock seconds or,
 with --clock cpu, in CPU seconds of the process doing the work, which other load on a shared machine disturbs
-less. Workloads, all greedy:
+less, or with --clock instructions in instructions executed, counted by valgrind (callgrind.py), which it does not
+move at all. Workloads, all greedy:
 - single: `generate`, one prompt, --tokens tokens;
 - batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each (no answer ends sooner at 100);
 - server: `python -m mlx_paligemma.server` on 127.0.0.1 and --clients concurrent chat completions of --tokens
@@ -32,6 +33,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import callgrind  # benchmarks/callgrind.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
@@ -55,16 +58,23 @@ def texts_of(result) -> list:
 
 
 def timed(work, runs: int, cpu_clock=time.process_time):
-    """{seconds, cpu}: medians of `runs` timed calls after one warm-up, of the wall clock and of `cpu_clock` (the
-    working process's CPU seconds, None where it cannot be read); and the last call's answers."""
+    """{seconds, cpu[, instructions]}: medians of `runs` timed calls after one warm-up, of the wall clock and of
+    `cpu_clock` (the working process's CPU seconds, None where it cannot be read), and under callgrind the mean
+    instructions of a call; and the last call's answers."""
     answers = work()
+    counter = callgrind.Counter() if os.environ.get(callgrind.ENV) else None
+    if counter:
+        counter.start()
     wall, cpu = [], []
     for _ in range(runs):
         tic, cpu_tic = time.perf_counter(), cpu_clock()
         answers = work()
         wall.append(time.perf_counter() - tic)
         cpu.append(None if cpu_tic is None else cpu_clock() - cpu_tic)
-    return dict(seconds=statistics.median(wall), cpu=None if None in cpu else statistics.median(cpu)), answers
+    times = dict(seconds=statistics.median(wall), cpu=None if None in cpu else statistics.median(cpu))
+    if counter:
+        times["instructions"] = counter.stop() / runs
+    return times, answers
 
 
 def run_engine(workload: str, args) -> dict:
@@ -151,6 +161,8 @@ def run_server(args) -> dict:
 
 
 def measure_main(argv) -> None:
+    if os.environ.get(callgrind.ENV):
+        callgrind.allow_rlimit_requests()
     p = argparse.ArgumentParser()
     p.add_argument("workload", choices=WORKLOADS)
     p.add_argument("--model", required=True)
@@ -186,9 +198,14 @@ def export(commit: str, folder: Path) -> Path:
 
 
 def measure(tree: Path, workload: str, args):
-    """{seconds, digest} from one fresh process running `tree`'s package, or None (its last error line shown)."""
+    """{seconds, cpu, digest[, instructions]} from one fresh process running `tree`'s package, or None (its last
+    error line shown). With --clock instructions the engine workloads run under callgrind."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", workload, "--model", args.model,
+    counted = args.clock == "instructions" and workload != "server"
+    if counted:
+        # One BLAS thread: threads that spin while they wait would add counts that vary from run to run.
+        env.update({callgrind.ENV: str(args.helper), "OPENBLAS_NUM_THREADS": "1"})
+    cmd = (callgrind.command(args.helper) if counted else []) + [sys.executable, str(Path(__file__).resolve()), "--measure", workload, "--model", args.model,
            "--tokens", str(args.tokens), "--clients", str(args.clients), "--runs", str(args.runs)]
     try:
         r = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout)
@@ -208,31 +225,37 @@ def label(workload: str, args) -> str:
             "server": f"server, {args.clients} concurrent x {args.tokens} tokens"}[workload]
 
 
-def fmt(values) -> str:
-    return f"{statistics.median(values):.3f}" if values else "failed"
+CLOCKS = {"wall": ("seconds", "wall-clock seconds", "s"), "cpu": ("cpu", "CPU seconds of the working process", "s"),
+          "instructions": ("instructions", "instructions of the working process, millions", "M")}
+
+
+def fmt(values, key: str) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values) / 1e6:.1f}" if key == "instructions" else f"{statistics.median(values):.3f}"
 
 
 def report(results, names, args) -> None:
     import platform
 
     this, rev = names
-    key = "seconds" if args.clock == "wall" else "cpu"
-    clock = "wall-clock seconds" if args.clock == "wall" else "CPU seconds of the working process"
+    key, clock, unit = CLOCKS[args.clock]
+    each = "mean" if key == "instructions" else "median"
     print(f"\n{Path(args.model).name}, {clock}: medians of {args.repeats} alternated processes a side (each the "
-          f"median of {args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
+          f"{each} of {args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
           f"{os.cpu_count()} CPUs\n")
-    print(f"| workload | {this} s | {rev} s | {this}/{rev} | paired ratios min-max | same answers |")
+    print(f"| workload | {this} {unit} | {rev} {unit} | {this}/{rev} | paired ratios min-max | same answers |")
     print("| --- | --- | --- | --- | --- | --- |")
     for workload in args.workloads:
         a, b = results[workload]
-        value = lambda r: r and r[key]  # noqa: E731  (None: failed, or no CPU clock there)
+        value = lambda r: r and r.get(key)  # noqa: E731  (None: failed, or no such clock there)
         sa, sb = [value(r) for r in a if value(r)], [value(r) for r in b if value(r)]
         pairs = [value(x) / value(y) for x, y in zip(a, b) if value(x) and value(y)]
         ratio = f"{statistics.median(sa) / statistics.median(sb):.3f}" if sa and sb else "-"
         spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
         digests = {r["digest"] for r in a + b if r}
         same = "-" if not digests else "yes" if len(digests) == 1 else "NO: the sides did different work"
-        print(f"| {label(workload, args)} | {fmt(sa)} | {fmt(sb)} | {ratio} | {spread} | {same} |")
+        print(f"| {label(workload, args)} | {fmt(sa, key)} | {fmt(sb, key)} | {ratio} | {spread} | {same} |")
 
 
 def main() -> None:
@@ -249,10 +272,11 @@ def main() -> None:
                    help="which workloads (default: all three)")
     p.add_argument("--tokens", type=int, default=100, help="tokens per answer (default 100)")
     p.add_argument("--clients", type=int, default=8, help="concurrent requests of the server workload (default 8)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="what the table compares: wall-clock seconds, or the CPU seconds of the process doing the "
-                        "work (the server's for the server workload; Linux only there), steadier on a busy machine "
-                        "(default wall)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="what the table compares: wall-clock seconds; the CPU seconds of the process doing the work "
+                        "(the server's for the server workload, Linux only there), steadier on a busy machine; or "
+                        "the instructions it executes, counted by valgrind (engine workloads, Linux), which other "
+                        "load does not move (default wall)")
     p.add_argument("--model", default=str(MODEL), help="model folder (default: the tiny test model)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one process may take (default 600)")
     args = p.parse_args()
@@ -263,6 +287,9 @@ def main() -> None:
     rev = commit_of(args.rev)
     this = commit_of(args.this) if args.this else None
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        args.helper = Path(tmp)
+        if args.clock == "instructions":
+            callgrind.prepare(args.helper)
         trees = [export(this, Path(tmp)) if this else ROOT, export(rev, Path(tmp))]
         names = [args.this if this else "this", args.rev]
         results = {w: ([], []) for w in args.workloads}
