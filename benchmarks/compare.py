@@ -205,8 +205,10 @@ def measure(tree: Path, workload: str, args):
     if counted:
         # One BLAS thread: threads that spin while they wait would add counts that vary from run to run.
         env.update({callgrind.ENV: str(args.helper), "OPENBLAS_NUM_THREADS": "1"})
-    cmd = (callgrind.command(args.helper) if counted else []) + [sys.executable, str(Path(__file__).resolve()), "--measure", workload, "--model", args.model,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", workload, "--model", args.model,
            "--tokens", str(args.tokens), "--clients", str(args.clients), "--runs", str(args.runs)]
+    if counted:
+        cmd = callgrind.command(args.helper) + cmd
     try:
         r = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
