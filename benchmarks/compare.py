@@ -8,9 +8,12 @@ REV is exported with `git archive` into a temporary folder. Each measurement is 
 is one tree (this checkout as it is on disk, uncommitted changes included, or REV), alternating this, REV, this,
 REV, ... so that a shared machine's drift falls on both sides alike. A process loads the model, runs its workload
 once to warm up (MLX compiles kernels on first use) and reports the median of --runs timed runs; the table gives
-the median over processes and the ratio this/REV (below 1: this checkout is faster). Workloads, all greedy:
+the median over processes and the ratio this/REV (below 1: this checkout is faster), in wall-clock seconds or,
+with --clock cpu, in CPU seconds of the process doing the work, which other load on a shared machine disturbs
+less, or with --clock instructions in instructions executed, counted by valgrind (callgrind.py), which it does not
+move at all. Workloads, all greedy:
 - single: `generate`, one prompt, --tokens tokens;
-- batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each;
+- batch: `batch_generate`, 8 prompts about two photos, --tokens tokens each (no answer ends sooner at 100);
 - server: `python -m mlx_paligemma.server` on 127.0.0.1 and --clients concurrent chat completions of --tokens
   tokens from OpenAI's Python client, all sent at once.
 The scripts use the package's top level only (`load`, `generate`, `batch_generate`), so older commits whose
@@ -30,6 +33,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import callgrind  # benchmarks/callgrind.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
@@ -52,15 +57,24 @@ def texts_of(result) -> list:
     return result if isinstance(result, list) else list(result.texts)
 
 
-def timed(work, runs: int):
-    """(median seconds of `runs` timed calls after one warm-up, the last call's answers)."""
+def timed(work, runs: int, cpu_clock=time.process_time):
+    """{seconds, cpu[, instructions]}: medians of `runs` timed calls after one warm-up, of the wall clock and of
+    `cpu_clock` (the working process's CPU seconds, None where it cannot be read), and under callgrind the mean
+    instructions of a call; and the last call's answers."""
     answers = work()
-    times = []
+    counter = callgrind.Counter() if os.environ.get(callgrind.ENV) else None
+    if counter:
+        counter.start()
+    wall, cpu = [], []
     for _ in range(runs):
-        tic = time.perf_counter()
+        tic, cpu_tic = time.perf_counter(), cpu_clock()
         answers = work()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times), answers
+        wall.append(time.perf_counter() - tic)
+        cpu.append(None if cpu_tic is None else cpu_clock() - cpu_tic)
+    times = dict(seconds=statistics.median(wall), cpu=None if None in cpu else statistics.median(cpu))
+    if counter:
+        times["instructions"] = counter.stop() / runs
+    return times, answers
 
 
 def run_engine(workload: str, args) -> dict:
@@ -69,14 +83,15 @@ def run_engine(workload: str, args) -> dict:
 
     model, processor = mp.load(args.model)
     photos = {name: Image.open(IMAGES / name).convert("RGB") for _, name in PROMPTS}
-    if workload == "single":
-        prompt, name = PROMPTS[0]
-        work = lambda: [text_of(mp.generate(model, processor, photos[name], prompt, max_tokens=args.tokens))]  # noqa: E731
-    else:
-        images, prompts = [photos[name] for _, name in PROMPTS], [prompt for prompt, _ in PROMPTS]
-        work = lambda: texts_of(mp.batch_generate(model, processor, images, prompts, max_tokens=args.tokens))  # noqa: E731
-    seconds, answers = timed(work, args.runs)
-    return dict(seconds=seconds, answers=answers)
+    images, prompts = [photos[name] for _, name in PROMPTS], [prompt for prompt, _ in PROMPTS]
+
+    def work():
+        if workload == "single":
+            return [text_of(mp.generate(model, processor, images[0], prompts[0], max_tokens=args.tokens))]
+        return texts_of(mp.batch_generate(model, processor, images, prompts, max_tokens=args.tokens))
+
+    times, answers = timed(work, args.runs)
+    return dict(times, answers=answers)
 
 
 def free_port() -> int:
@@ -98,6 +113,15 @@ def wait_for(server: subprocess.Popen, port: int) -> None:
         except OSError:
             time.sleep(0.2)
     sys.exit(f"the server did not answer /health within {SERVER_START_S} s")
+
+
+def cpu_seconds(pid: int):
+    """CPU seconds a process has used (user and system), from /proc; None where there is no /proc (macOS)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_server(args) -> dict:
@@ -125,8 +149,8 @@ def run_server(args) -> dict:
             return r.choices[0].message.content
 
         with ThreadPoolExecutor(args.clients) as pool:
-            seconds, answers = timed(lambda: list(pool.map(ask, asks)), args.runs)
-        return dict(seconds=seconds, answers=answers)
+            times, answers = timed(lambda: list(pool.map(ask, asks)), args.runs, lambda: cpu_seconds(server.pid))
+        return dict(times, answers=answers)
     finally:
         server.terminate()
         try:
@@ -137,6 +161,8 @@ def run_server(args) -> dict:
 
 
 def measure_main(argv) -> None:
+    if os.environ.get(callgrind.ENV):
+        callgrind.allow_rlimit_requests()
     p = argparse.ArgumentParser()
     p.add_argument("workload", choices=WORKLOADS)
     p.add_argument("--model", required=True)
@@ -172,10 +198,17 @@ def export(commit: str, folder: Path) -> Path:
 
 
 def measure(tree: Path, workload: str, args):
-    """{seconds, digest} from one fresh process running `tree`'s package, or None (its last error line shown)."""
+    """{seconds, cpu, digest[, instructions]} from one fresh process running `tree`'s package, or None (its last
+    error line shown). With --clock instructions the engine workloads run under callgrind."""
     env = dict(os.environ, PYTHONPATH=str(tree))
+    counted = args.clock == "instructions" and workload != "server"
+    if counted:
+        # One BLAS thread: threads that spin while they wait would add counts that vary from run to run.
+        env.update({callgrind.ENV: str(args.helper), "OPENBLAS_NUM_THREADS": "1"})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", workload, "--model", args.model,
            "--tokens", str(args.tokens), "--clients", str(args.clients), "--runs", str(args.runs)]
+    if counted:
+        cmd = callgrind.command(args.helper) + cmd
     try:
         r = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -194,28 +227,37 @@ def label(workload: str, args) -> str:
             "server": f"server, {args.clients} concurrent x {args.tokens} tokens"}[workload]
 
 
-def fmt(values) -> str:
-    return f"{statistics.median(values):.3f}" if values else "failed"
+CLOCKS = {"wall": ("seconds", "wall-clock seconds", "s"), "cpu": ("cpu", "CPU seconds of the working process", "s"),
+          "instructions": ("instructions", "instructions of the working process, millions", "M")}
+
+
+def fmt(values, key: str) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values) / 1e6:.1f}" if key == "instructions" else f"{statistics.median(values):.3f}"
 
 
 def report(results, names, args) -> None:
     import platform
 
     this, rev = names
-    print(f"\n{Path(args.model).name}, medians of {args.repeats} alternated processes a side (each the median of "
-          f"{args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
+    key, clock, unit = CLOCKS[args.clock]
+    each = "mean" if key == "instructions" else "median"
+    print(f"\n{Path(args.model).name}, {clock}: medians of {args.repeats} alternated processes a side (each the "
+          f"{each} of {args.runs} timed runs after a warm-up), {platform.machine()} {platform.system()}, "
           f"{os.cpu_count()} CPUs\n")
-    print(f"| workload | {this} s | {rev} s | {this}/{rev} | paired ratios min-max | same answers |")
+    print(f"| workload | {this} {unit} | {rev} {unit} | {this}/{rev} | paired ratios min-max | same answers |")
     print("| --- | --- | --- | --- | --- | --- |")
     for workload in args.workloads:
         a, b = results[workload]
-        sa, sb = [r["seconds"] for r in a if r], [r["seconds"] for r in b if r]
-        pairs = [x["seconds"] / y["seconds"] for x, y in zip(a, b) if x and y]
+        value = lambda r: r and r.get(key)  # noqa: E731  (None: failed, or no such clock there)
+        sa, sb = [value(r) for r in a if value(r)], [value(r) for r in b if value(r)]
+        pairs = [value(x) / value(y) for x, y in zip(a, b) if value(x) and value(y)]
         ratio = f"{statistics.median(sa) / statistics.median(sb):.3f}" if sa and sb else "-"
         spread = f"{min(pairs):.2f}-{max(pairs):.2f}" if pairs else "-"
         digests = {r["digest"] for r in a + b if r}
         same = "-" if not digests else "yes" if len(digests) == 1 else "NO: the sides did different work"
-        print(f"| {label(workload, args)} | {fmt(sa)} | {fmt(sb)} | {ratio} | {spread} | {same} |")
+        print(f"| {label(workload, args)} | {fmt(sa, key)} | {fmt(sb, key)} | {ratio} | {spread} | {same} |")
 
 
 def main() -> None:
@@ -232,6 +274,11 @@ def main() -> None:
                    help="which workloads (default: all three)")
     p.add_argument("--tokens", type=int, default=100, help="tokens per answer (default 100)")
     p.add_argument("--clients", type=int, default=8, help="concurrent requests of the server workload (default 8)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="what the table compares: wall-clock seconds; the CPU seconds of the process doing the work "
+                        "(the server's for the server workload, Linux only there), steadier on a busy machine; or "
+                        "the instructions it executes, counted by valgrind (engine workloads, Linux), which other "
+                        "load does not move (default wall)")
     p.add_argument("--model", default=str(MODEL), help="model folder (default: the tiny test model)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one process may take (default 600)")
     args = p.parse_args()
@@ -242,6 +289,9 @@ def main() -> None:
     rev = commit_of(args.rev)
     this = commit_of(args.this) if args.this else None
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        args.helper = Path(tmp)
+        if args.clock == "instructions":
+            callgrind.prepare(args.helper)
         trees = [export(this, Path(tmp)) if this else ROOT, export(rev, Path(tmp))]
         names = [args.this if this else "this", args.rev]
         results = {w: ([], []) for w in args.workloads}
@@ -250,7 +300,7 @@ def main() -> None:
                 for side, tree in enumerate(trees):
                     r = measure(tree, workload, args)
                     results[workload][side].append(r)
-                    took = f"{r['seconds']:.3f} s" if r else "failed"
+                    took = f"{r['seconds']:.3f} s, CPU {r['cpu'] or 0:.3f} s" if r else "failed"
                     print(f"round {n + 1} {workload} {names[side]}: {took}", file=sys.stderr, flush=True)
     report(results, names, args)
 

@@ -1,7 +1,7 @@
-"""mlx_paligemma.processing.fetch against real fetch targets on 127.0.0.1 (http_targets): the total deadline, the byte cap,
-redirects checked hop by hop, the address policy (local refused by default, allowed when asked), one message for
-every network failure, local files kept inside their root; and the surfaces that use it (load_image, the mask
-decoder download)."""
+"""mlx_paligemma.processing.fetch against real fetch targets on 127.0.0.1 (http_targets): the total deadline, the byte
+cap, redirects checked hop by hop, the address policy (local refused by default, allowed when asked), one message for
+every network failure, local files kept inside their root; and the surfaces that use it (load_image, the mask decoder
+download)."""
 
 import io
 import os
@@ -16,7 +16,8 @@ import mlx_paligemma as mp
 from mlx_paligemma.processing import fetch as f
 from mlx_paligemma.formats import mask_decoder
 from mlx_paligemma.errors import InputError, cause
-from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, png, serve  # noqa: F401 (autouse: per test)
+# fresh_targets is autouse: imported, it resets what the targets recorded before each test here.
+from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, png, serve  # noqa: F401
 
 @pytest.fixture(scope="module")
 def host():

@@ -612,7 +612,7 @@ def test_generate_refuses_an_unwritable_draw_and_ignored_flags_before_loading(tm
         assert one_error_line(capsys).startswith("error: --draw /proc/x.png: cannot write there: ")
     for flag in (["--regex", "a+"], ["--num-beams", "2"]):
         assert generate.main([*base, "--candidates", "a", "b", *flag]) == 1
-        assert one_error_line(capsys) == f"error: --candidates scores the given answers: it takes no {flag[0]}"
+        assert one_error_line(capsys) == f"error: --candidates scores the given answers as they are: it takes no {flag[0]}"
 
 
 def test_evaluate_refuses_a_report_folder_it_cannot_write_before_work(tmp_path, capsys):

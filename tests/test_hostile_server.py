@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, serve  # noqa: F401 (autouse: per test)
+# fresh_targets is autouse: imported, it resets what the targets recorded before each test here.
+from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, serve  # noqa: F401
 from test_server import EOS, IMAGES, MODEL, Server, call, check_error, data_url, image_part, png, wait_for
 
 TEXT = {"type": "text", "text": "caption en"}

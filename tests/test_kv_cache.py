@@ -53,8 +53,8 @@ def test_engine_quantized_cache_equals_mlx_lm_quantized_cache():
     model = head_dim_32_model()
     # Random normal weights everywhere (norms included) and a small embedding give varied greedy answers; the
     # default init lets the tied embedding repeat the last prompt token.
-    model.update(tree_map_with_path(lambda path, w: mx.random.normal(w.shape) * (0.02 if "embed_tokens" in path else 0.3),
-                                    model.parameters()))
+    scale = lambda path: 0.02 if "embed_tokens" in path else 0.3  # noqa: E731
+    model.update(tree_map_with_path(lambda path, w: mx.random.normal(w.shape) * scale(path), model.parameters()))
     prompts = [[95] * 4 + [2, 10, 11, 12, 13, 5], [95] * 4 + [2, 20, 21, 5], [95] * 4 + [2, 30, 31, 32, 33, 34, 35, 5]]
     pixels = mx.random.normal((3, 28, 28, 3))
     features = model.encode_images(pixels)
