@@ -126,10 +126,11 @@ def _reader(processor, prompt: str, mask_decoder, min_score: float) -> Optional[
 
 def _piece(out: Output, **timing) -> GenerationResult:
     result = out.result
-    if out.logprob is None and result is not None:  # a beam search or best_of: its answer in one piece
+    if out.whole:  # a beam search or best_of: its answer in one piece
         return GenerationResult(result.text, result.tokens, result.logprobs, result.top_logprobs, result.finish_reason,
                                 out.prompt_tokens, out.generation_tokens, sequences=result.sequences, **timing)
-    return GenerationResult(out.text, [out.token], [out.logprob], [out.top_logprobs] if out.top_logprobs else [],
+    return GenerationResult(out.text, [out.token], [out.logprob] if out.logprob is not None else [],
+                            [out.top_logprobs] if out.top_logprobs else [],
                             out.finish_reason, out.prompt_tokens, out.generation_tokens, index=out.index,
                             sequences=result.sequences if result is not None and len(result.sequences) > 1 else None,
                             **timing)

@@ -174,7 +174,7 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
     settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                     min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     repetition_context_size=args.repetition_context_size, num_beams=args.num_beams,
-                    length_penalty=args.length_penalty, logprobs=args.logprobs or 0, best_of=args.best_of)
+                    length_penalty=args.length_penalty, logprobs=args.logprobs, best_of=args.best_of)
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
@@ -267,7 +267,7 @@ def check_args(args) -> None:
     check_settings(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                    repetition_context_size=args.repetition_context_size, seed=args.seed,
-                   logprobs=args.logprobs or 0, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                   logprobs=args.logprobs, num_beams=args.num_beams, length_penalty=args.length_penalty,
                    best_of=args.best_of)
     check_min_score(args.min_score)
     if args.batch_size < 1:

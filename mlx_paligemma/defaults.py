@@ -15,5 +15,5 @@ NUM_BEAMS = 1  # beam search off; transformers' defaults for the rest
 LENGTH_PENALTY = 1.0
 EARLY_STOPPING = False
 BEST_OF = 1  # big_vision's best_of_n off
-LOGPROBS = 0  # alternatives (top log-probabilities) handed out with each token; the token's own always is
+LOGPROBS = None  # None: no log-probabilities (greedy rows skip them); 0: each token's own; k: and k alternatives
 MIN_SCORE = 0.0  # detected objects kept whatever their score (the mean probability of their box and label tokens)

@@ -116,7 +116,7 @@ def run(args) -> int:
                     repetition_context_size=args.repetition_context_size, seed=args.seed, num_beams=args.num_beams,
                     length_penalty=args.length_penalty, best_of=args.best_of)
     constraint = cli_constraint(args)
-    check_settings(**settings, **constraint, logprobs=args.logprobs or 0)
+    check_settings(**settings, **constraint, logprobs=args.logprobs)
     check_min_score(args.min_score)
     settings.update(constraint)
     if constraint:

@@ -225,7 +225,8 @@ def test_a_row_through_each_adapter_equals_mlx_lm_lora_linear_alone():
         layer.rows.ids = mx.array([2, -1, 0, 1, 2], dtype=mx.int32)
         out = layer(x)
         for row, index in enumerate([2, -1, 0, 1, 2]):
-            expected = base(x[row]) if index < 0 else alone[index](x[row])
+            # A base row against the base on the same batch: BLAS may round another shape differently.
+            expected = base(x)[row] if index < 0 else alone[index](x[row])
             if index < 0:
                 assert mx.array_equal(out[row], expected).item()
             np.testing.assert_allclose(np.array(out[row]), np.array(expected), atol=1e-5, rtol=1e-5)

@@ -21,7 +21,10 @@ def test_generate_returns_a_result_with_text_and_counts(loaded):
     model, processor = loaded
     r = mp.generate(model, processor, CAT, "caption en", max_tokens=6)
     assert isinstance(r, mp.GenerationResult) and str(r) == r.text and isinstance(r.text, str)
-    assert r.text == processor.decode(r.tokens) and len(r.tokens) == len(r.logprobs) == r.generation_tokens
+    # Log-probabilities when asked (logprobs=0: each token's own), none otherwise (a greedy row skips them).
+    assert r.text == processor.decode(r.tokens) and len(r.tokens) == r.generation_tokens and r.logprobs == []
+    asked = mp.generate(model, processor, CAT, "caption en", max_tokens=6, logprobs=0)
+    assert asked.tokens == r.tokens and len(asked.logprobs) == len(r.tokens) and all(v <= 0 for v in asked.logprobs)
     # The prompt: one image of 16 tokens (the tiny checkpoint's image_seq_length), <bos>, "caption en\n" in 3 tokens.
     assert r.prompt_tokens == 16 + 1 + 3 and r.total_tokens == r.prompt_tokens + r.generation_tokens
     eos = processor.tokenizer.eos_id

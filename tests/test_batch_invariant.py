@@ -26,7 +26,8 @@ TOKENS = 10
 
 def run(model, processor, jobs, batch_size=8, batch_invariant=True):
     engine = Engine(model, processor, batch_size=batch_size, batch_invariant=batch_invariant)
-    uids = [engine.submit(images, prompt, max_tokens=TOKENS, **settings) for images, prompt, settings in jobs]
+    uids = [engine.submit(images, prompt, max_tokens=TOKENS, **{"logprobs": 0, **settings})
+            for images, prompt, settings in jobs]
     got = {u: [] for u in uids}
     with engine.running():
         while engine.has_work:

@@ -51,7 +51,7 @@ def _llguidance():
         import llguidance
         import llguidance.numpy
     except ImportError:
-        raise InputError('structured output needs llguidance: pip install "mlx-paligemma[structured]"') from None
+        raise InputError('llguidance is needed for structured output: pip install "mlx-paligemma[structured]"') from None
     return llguidance
 
 

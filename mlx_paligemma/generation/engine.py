@@ -25,6 +25,7 @@ features.py (the image-feature cache).
 
 import itertools
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -38,6 +39,7 @@ from .features import FeatureCache, feature_cache
 from .kv_buffers import KVBuffers, decode_step, round_up
 from ..models.adapters import row_adapters
 from ..models.paligemma import PaliGemma
+from ..processing.answer_format import has_objects
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
 from .request import Request
@@ -135,6 +137,8 @@ class Engine:
         more = {k: given.pop(k) for k in ("forced", "stop_at_eos", "sampler") if k in given}
         compiled = given.pop("constraint", None)  # made by the caller (the server, off this thread), or here
         settings = settings if settings is not None else check_settings("submit()", **given)
+        if settings.logprobs is None and has_objects(prompt):  # an object's score is its tokens' probability
+            settings = replace(settings, logprobs=0)
         constraint = compiled if compiled is not None else make_constraint(
             self.processor, self.model.config.text_config.vocab_size, prompt, **settings.constraint())
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -213,7 +217,7 @@ class Engine:
                 if batch.rows:
                     batch.picked = self._decode(batch)
                     # computed while this step's tokens are handed out
-                    mx.async_eval(batch.picked.tokens, batch.picked.logprobs)
+                    mx.async_eval(batch.picked.tokens, *[a for a in [batch.picked.logprobs] if a is not None])
                 started.append((batch, rows, pending))
             outputs = []
             for batch, rows, pending in started:
@@ -343,8 +347,11 @@ class Engine:
             r.picked += 1
         if constrained:
             self._advance(rows, parents, tokens.tolist())
-        picked = Picked(tokens, token_logprobs(logprobs, tokens))
-        k = max(r.request.logprobs for r in rows)
+        # Greedy rows that nobody asked log-probabilities of skip them: a softmax over the vocabulary per row and
+        # step, which on a CPU costs a small model a quarter of its decode time.
+        wanted = any(r.strategy.wants_logprobs for r in rows)
+        picked = Picked(tokens, token_logprobs(logprobs, tokens) if wanted else None)
+        k = max(r.request.logprobs or 0 for r in rows)
         if k:
             picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
         return picked, parents
@@ -368,7 +375,8 @@ class Engine:
                     r.strategy.fail(e, c.field)
 
     def _hand_out_all(self, rows: List[Row], picked: Picked) -> List[Output]:
-        tokens, logprobs = picked.tokens.tolist(), picked.logprobs.tolist()
+        tokens = picked.tokens.tolist()
+        logprobs = picked.logprobs.tolist() if picked.logprobs is not None else [None] * len(tokens)
         top = (picked.top_ids.tolist(), picked.top_values.tolist()) if picked.top_ids is not None else None
         outputs = []
         for i, row in enumerate(rows):

@@ -33,7 +33,7 @@ class Request:
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
     sampler: Optional[Callable[[mx.array], mx.array]] = None  # replaces temperature/top_p/top_k/min_p
-    logprobs: int = defaults.LOGPROBS  # top alternatives handed out with each token
+    logprobs: Optional[int] = defaults.LOGPROBS  # top alternatives handed out with each token
     num_beams: int = defaults.NUM_BEAMS
     length_penalty: float = defaults.LENGTH_PENALTY
     early_stopping: Union[bool, str] = defaults.EARLY_STOPPING  # True, False or "never", as transformers

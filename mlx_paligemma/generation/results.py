@@ -39,16 +39,17 @@ class Output:
     finish_reason: Optional[str]  # "stop" (eos or a stop string), "length", "error", or None while running
     prompt_tokens: int
     generation_tokens: int
-    logprob: Optional[float] = None  # the token's log-probability (None on a beam search's or best_of's result)
+    logprob: Optional[float] = None  # the token's log-probability, when its request wants them
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), most likely first, when asked
     index: int = 0  # which of its request's rows (a choice of n, a forced continuation's position in `forced`)
     answer: Optional[BeamSequence] = None  # on a streamed row's last output: that row's (choice's) whole answer
     result: Optional[Result] = None  # on the request's last output: its answer
+    whole: bool = False  # a beam search's or best_of's answers, handed out in this one output
 
     @property
     def sequences(self) -> Optional[List[BeamSequence]]:
         """A beam search's or best_of's answers (best first) on its one output; None on streamed outputs."""
-        return self.result.sequences if self.result is not None and self.logprob is None else None
+        return self.result.sequences if self.whole else None
 
 
 def result_of(uid: int, sequences: List[BeamSequence], prompt_tokens: int, top: BeamSequence) -> Result:

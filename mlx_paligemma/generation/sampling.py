@@ -60,18 +60,22 @@ class Picked:
     still on the device: they are read when the tokens are handed out, after the next step is under way."""
 
     tokens: mx.array
-    logprobs: mx.array
+    logprobs: Optional[mx.array]  # None: no row of the batch wants them
     top_ids: Optional[mx.array] = None
     top_values: Optional[mx.array] = None
 
     def take(self, index: mx.array) -> "Picked":
         top = (None, None) if self.top_ids is None else (self.top_ids[index], self.top_values[index])
-        return Picked(self.tokens[index], self.logprobs[index], *top)
+        return Picked(self.tokens[index], None if self.logprobs is None else self.logprobs[index], *top)
 
     def concat(self, other: "Picked") -> "Picked":
+        if (self.logprobs is None) != (other.logprobs is None):  # rows that skipped them: zeros nobody reads
+            self, other = (Picked(p.tokens, mx.zeros(p.tokens.shape), p.top_ids, p.top_values)
+                           if p.logprobs is None else p for p in (self, other))
+        logprobs = None if self.logprobs is None else mx.concatenate([self.logprobs, other.logprobs])
         width = max(0 if p.top_ids is None else p.top_ids.shape[1] for p in (self, other))
         if not width:
-            return Picked(mx.concatenate([self.tokens, other.tokens]), mx.concatenate([self.logprobs, other.logprobs]))
+            return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs)
 
         def padded(p: "Picked"):
             n, have = p.tokens.shape[0], 0 if p.top_ids is None else p.top_ids.shape[1]
@@ -83,7 +87,7 @@ class Picked:
             return ids, values
 
         (a_ids, a_values), (b_ids, b_values) = padded(self), padded(other)
-        return Picked(mx.concatenate([self.tokens, other.tokens]), mx.concatenate([self.logprobs, other.logprobs]),
+        return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs,
                       mx.concatenate([a_ids, b_ids]), mx.concatenate([a_values, b_values]))
 
 

@@ -37,7 +37,7 @@ class Settings:
     logit_bias: Optional[Dict[int, float]] = None
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
-    logprobs: int = defaults.LOGPROBS  # top alternatives handed out with each token
+    logprobs: Optional[int] = defaults.LOGPROBS  # None: none asked; 0: each token's own; k: and k alternatives
     num_beams: int = defaults.NUM_BEAMS
     length_penalty: float = defaults.LENGTH_PENALTY
     early_stopping: Union[bool, str] = defaults.EARLY_STOPPING  # True, False or "never", as transformers
@@ -127,7 +127,8 @@ def _check_values(s: Settings) -> None:
     if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
         raise InputError("stop must be a list of non-empty strings", param="stop")
     object.__setattr__(s, "stop", tuple(stop))
-    _integer("logprobs", s.logprobs, 0, MAX_LOGPROBS)
+    if s.logprobs is not None:
+        _integer("logprobs", s.logprobs, 0, MAX_LOGPROBS)
     _integer("num_beams", s.num_beams, 1)
     _number("length_penalty", s.length_penalty)
     if s.early_stopping not in (True, False, "never"):

@@ -78,6 +78,12 @@ class Strategy:
         # Tokens the request may make: its max_tokens, within the model's context.
         self.limit = min(request.max_tokens, engine.context - len(request.prompt_ids))
 
+    @property
+    def wants_logprobs(self) -> bool:
+        """Its tokens' log-probabilities were asked for (logprobs=0 or more), or come with how it picks (sampled,
+        beams, forced rows): a greedy row nobody asked them of skips them."""
+        return self.request.logprobs is not None or not self.greedy
+
     def pick(self, members: List[Tuple[int, Row]], logits: mx.array, logprobs: mx.array, tokens: list,
              parents: List[int]) -> None:
         """Sets tokens[i] (a (1,) array) and, for beams, parents[i] of each of its rows (i, row) in the batch."""
@@ -194,7 +200,7 @@ class Sampled(Strategy):
         request = self.request
         row.generated += 1
         row.tokens.append(token)
-        row.values.append(logprob)
+        row.values += [logprob] if self.wants_logprobs else []
         finish = None
         if token == self.engine.eos_id and request.stop_at_eos:
             finish = "stop"
@@ -209,7 +215,8 @@ class Sampled(Strategy):
             piece, stopped = release(row, final=finish is not None)
             if stopped:
                 finish = "stop"
-        out = Output(self.uid, token, piece, finish, len(request.prompt_ids), row.generated, logprob, index=row.index)
+        out = Output(self.uid, token, piece, finish, len(request.prompt_ids), row.generated,
+                     logprob if self.wants_logprobs else None, index=row.index)
         if request.logprobs:
             out.top_logprobs = list(zip(top[0][:request.logprobs], top[1][:request.logprobs]))
             row.tops.append(out.top_logprobs)
@@ -228,7 +235,7 @@ class BestOf(Sampled):
         best = sequences[0]
         result = result_of(self.uid, sequences, out.prompt_tokens, best)
         return Output(self.uid, best.tokens[-1], best.text, best.finish_reason, out.prompt_tokens, len(best.tokens),
-                      result=result)
+                      result=result, whole=True)
 
 
 class Beams(Strategy):
@@ -265,7 +272,7 @@ class Beams(Strategy):
             s.finish_reason = "stop" if s.tokens[-1] == eos else "length"
         best, prompt = sequences[0], len(self.request.prompt_ids)
         return Output(self.uid, best.tokens[-1], best.text, best.finish_reason, prompt, len(best.tokens),
-                      result=result_of(self.uid, sequences, prompt, best))
+                      result=result_of(self.uid, sequences, prompt, best), whole=True)
 
 
 class Forced(Strategy):

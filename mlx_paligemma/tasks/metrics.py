@@ -253,7 +253,7 @@ def check_coco_tools() -> None:
     try:
         import pycocotools.cocoeval  # noqa: F401
     except ImportError:
-        raise InputError('detection metrics need pycocotools: pip install "mlx-paligemma[eval]"') from None
+        raise InputError('pycocotools is needed for detection metrics: pip install "mlx-paligemma[eval]"') from None
 
 
 def _coco_evaluation(predictions: Sequence[Sequence[DetectedObject]],
