@@ -163,11 +163,11 @@ def stream_generate(model: PaliGemma, processor: PaliGemmaProcessor, images=None
     """Text pieces for one prompt about one or more images, as they are generated (GenerationResult, `.text` the
     new piece). Stops at eos. More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed,
     stop, n, and the structured output keywords response_format, json_schema, regex, choices, constrain) as for
-    batch_generate. Each piece carries its token's log-probability, and with `logprobs=k` the k most likely
-    alternatives. A beam search (`num_beams`, `length_penalty`, `early_stopping`, `num_return_sequences`, as
-    transformers') and big_vision's best-of-n (`best_of=n` with a temperature: the likeliest of n samples) yield one
-    piece when they end, with their best sequences. mlx-vlm's order, `(model, processor, prompt, image=...)`, is
-    read as such."""
+    batch_generate. With `logprobs=0` each piece carries its token's log-probability, with `logprobs=k` also the k
+    most likely alternatives. A beam search (`num_beams`, `length_penalty`, `early_stopping`,
+    `num_return_sequences`, as transformers') and big_vision's best-of-n (`best_of=n` with a temperature: the
+    likeliest of n samples) yield one piece when they end, with their best sequences. mlx-vlm's order, `(model,
+    processor, prompt, image=...)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
     settings = checked(stream_generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                              top_k=top_k))
