@@ -33,6 +33,7 @@ from typing import Callable, List, Optional, Set, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .. import limits
 from .adapters import adapter_ids, check_adapter
 from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
@@ -60,6 +61,23 @@ PREFILL_TOKENS = 2048
 
 class Interrupted(Exception):
     """A prefill given up between two of its pieces, because the engine's `interrupt` said so."""
+
+
+def check_size(request: Request, context: int) -> None:
+    """A request of several rows (n, best_of, num_beams) holds rows x (its prompt and answer, within the context)
+    positions of keys and values, and each of its decode steps attends over them all: beyond limits.py's
+    max_request_tokens it is refused before it is queued, naming the setting that multiplies it. (Scoring's forced
+    rows are the caller's own batches.)"""
+    name = next((name for name in ("num_beams", "best_of", "n") if getattr(request, name) > 1), None)
+    if name is None or request.forced:
+        return
+    rows, prompt = getattr(request, name), len(request.prompt_ids)
+    positions = min(prompt + request.max_tokens, context)
+    limit = limits.LIMITS.max_request_tokens
+    if rows * positions > limit:
+        raise InputError(f"{name}={rows} rows of {positions} tokens (a prompt of {prompt}, up to {positions - prompt} "
+                         f"new) make {rows * positions} tokens, more than the limit of {limit}: ask for fewer rows, "
+                         "fewer max_tokens or a shorter prompt", param=name)
 
 
 class Batch:
@@ -166,6 +184,7 @@ class Engine:
                              param="forced")
         if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        check_size(request, self.context)
         self.waiting += strategy_for(self, uid, request).rows
         return uid
 
