@@ -1,6 +1,6 @@
 """The limits on what users hand in, the one place every surface takes them from: each bounds a cost (memory, time)
-before the work starts. The server's flags set the structured-output and image-decoding ones (`configure`, at
-start-up; docs/SERVER.md lists the flags); docs/ERRORS.md says what each refusal reads.
+before the work starts. The server's flags set the structured-output, image-decoding and request-size ones
+(`configure`, at start-up; docs/SERVER.md lists the flags); docs/ERRORS.md says what each refusal reads.
 """
 
 from dataclasses import dataclass, replace
@@ -35,6 +35,11 @@ class Limits:
     # The server's image decoding, all requests together: the bytes that the images decoding at one time may take
     # (each weighed from its header before a pixel is decoded; one that alone weighs more is refused).
     decode_budget_bytes: int = 400 * 10**6
+    # A request of several rows (n, best_of, num_beams): rows x (prompt tokens + max_tokens, within the context),
+    # the positions of keys and values it holds at its end, over which each of its decode steps attends (its
+    # prefill, shared by its rows, is of the prompt once). Half of what a batch of 8 rows holds at the full context
+    # of 8,192: n=8 on a 7,300-token prompt is refused, n=8 at 448 px (1,024 image tokens) with 1,024 new tokens not.
+    max_request_tokens: int = 32_768
 
 
 LIMITS = Limits()

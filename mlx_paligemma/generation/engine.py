@@ -1,10 +1,13 @@
 """The generation engine: every prompt is a row of one batch that shares each decode step.
 
 A row's prefix (image tokens, bos, prompt, "\\n") goes through the decoder whole, on a cache of its own, so its
-bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. The new rows' keys
-and values then join the running batch's buffers, every row right-aligned, and from there on a compiled step feeds
-one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the context) or are
-cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a batch of one.
+bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. The prefill runs in
+pieces (the image features, then each layer's blocks of queries and the layer), between which the engine's owner may
+give it up (`interrupt`: a cancelled request, a shutdown), so a long prefix holds nothing up for more than a piece.
+The new rows' keys and values then join the running batch's buffers, every row right-aligned, and from there on a
+compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
+context) or are cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a
+batch of one.
 
 A request (request.py) is one row, or several sharing one prefill of their prompt, decoded by the strategy of its
 kind (strategies.py: sampled or greedy rows and n choices, best_of, beams, forced rows for scoring), and ends with
@@ -26,11 +29,12 @@ features.py (the image-feature cache).
 import itertools
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import mlx.core as mx
 import numpy as np
 
+from .. import limits
 from .adapters import adapter_ids, check_adapter
 from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
@@ -48,13 +52,34 @@ from .results import Output, Result
 from .sampling import Picked, log_softmax, token_logprobs, top_logprobs
 from .strategies import Row, strategy_for
 
-__all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache",
-           "BeamSequence"]
+__all__ = ["Engine", "Interrupted", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache",
+           "feature_cache", "BeamSequence"]
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
 # prefill grow with it, and a batch of 448 or 896 px prompts prefilled at once would add gigabytes to the peak.
 PREFILL_TOKENS = 2048
+
+
+class Interrupted(Exception):
+    """A prefill given up between two of its pieces, because the engine's `interrupt` said so."""
+
+
+def check_size(request: Request, context: int) -> None:
+    """A request of several rows (n, best_of, num_beams) holds rows x (its prompt and answer, within the context)
+    positions of keys and values, and each of its decode steps attends over them all: beyond limits.py's
+    max_request_tokens it is refused before it is queued, naming the setting that multiplies it. (Scoring's forced
+    rows are the caller's own batches.)"""
+    name = next((name for name in ("num_beams", "best_of", "n") if getattr(request, name) > 1), None)
+    if name is None or request.forced:
+        return
+    rows, prompt = getattr(request, name), len(request.prompt_ids)
+    positions = min(prompt + request.max_tokens, context)
+    limit = limits.LIMITS.max_request_tokens
+    if rows * positions > limit:
+        raise InputError(f"{name}={rows} rows of {positions} tokens (a prompt of {prompt}, up to {positions - prompt} "
+                         f"new) make {rows * positions} tokens, more than the limit of {limit}: ask for fewer rows, "
+                         "fewer max_tokens or a shorter prompt", param=name)
 
 
 class Batch:
@@ -106,6 +131,9 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.waiting: List[Row] = []
         self.batches: List[Batch] = []  # one, or one per request when batch_invariant
+        # Asked between the pieces of a prefill with the uids being prefilled: True gives the prefill up, and its
+        # rows go back to the head of the queue (where their owner cancels them, or refuses them at shutdown).
+        self.interrupt: Optional[Callable[[Set[int]], bool]] = None
         self.next_uid = 0
         self.steps = 0
 
@@ -161,6 +189,7 @@ class Engine:
                              param="forced")
         if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
+        check_size(request, self.context)
         self.waiting += strategy_for(self, uid, request).rows
         return uid
 
@@ -247,12 +276,18 @@ class Engine:
         if not rows:
             return
         self.waiting = self.waiting[len(rows):]
-        if self.batch_invariant:
-            self.batches += [self._prefill(list(g)) for _, g in itertools.groupby(rows, key=lambda r: id(r.strategy))]
-        elif self.batches:
-            self.batches[0].extend(self._prefill(rows))
-        else:
-            self.batches = [self._prefill(rows)]
+        groups = ([list(g) for _, g in itertools.groupby(rows, key=lambda r: id(r.strategy))] if self.batch_invariant
+                  else [rows])
+        for i, group in enumerate(groups):
+            try:
+                batch = self._prefill(group)
+            except Interrupted:  # this group and the ones after it wait again, first in the queue
+                self.waiting = [r for g in groups[i:] for r in g] + self.waiting
+                break
+            if self.batches and not self.batch_invariant:
+                self.batches[0].extend(batch)
+            else:
+                self.batches.append(batch)
         mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
 
     def _prefill(self, rows: List[Row]) -> Batch:
@@ -269,11 +304,22 @@ class Engine:
         mask = None
         if any(left_padding):
             mask = mx.array([[0] * p + [1] * (length - p) for p in left_padding])
+        uids = {r.uid for r in firsts}
+
+        def between(piece: mx.array) -> None:
+            # The same operations as one pass, evaluated piece by piece (the same numbers), with a look between.
+            mx.eval(piece)
+            if self.interrupt is not None and self.interrupt(uids):
+                raise Interrupted
+
         features = self._features(firsts)
+        if features is not None:
+            between(features)
         # The prefix attends to itself in full precision; its keys and values are quantized (kv_bits) after.
         cache = self.model.make_cache(left_padding=left_padding)
         with row_adapters(self.model, adapter_ids(self.model, firsts)):  # rows of different adapters, one prefill
-            logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1)
+            logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1,
+                                between=between)
         size = round_up(length + 1)
 
         def buffers(x: mx.array) -> tuple:

@@ -144,7 +144,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, positions: mx.array, mask: Optional[mx.array], cache: Any) -> mx.array:
+    def __call__(self, x: mx.array, positions: mx.array, mask: Optional[mx.array], cache: Any,
+                 between: Optional[Callable[[mx.array], None]] = None) -> mx.array:
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -160,6 +161,8 @@ class Attention(nn.Module):
         for start in range(0, L, ATTENTION_CHUNK):
             m = mask if mask is None or mask.shape[-2] == 1 else mask[..., start : start + ATTENTION_CHUNK, :]
             chunks.append(self._attend(q[:, :, start : start + ATTENTION_CHUNK], k, v, m))
+            if between is not None:
+                between(chunks[-1])
         out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -207,8 +210,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(dim, eps)
             self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
-    def __call__(self, x, positions, mask, cache):
-        r = self.self_attn(self.input_layernorm(x), positions, mask, cache)
+    def __call__(self, x, positions, mask, cache, between=None):
+        r = self.self_attn(self.input_layernorm(x), positions, mask, cache, between)
         if self.is_gemma2:
             # The post-norms' float32 outputs join the float32 stream unrounded (transformers rounds the norm's
             # output, then the sum).
@@ -256,6 +259,7 @@ class LanguageModel(nn.Module):
         attention_mask: Optional[mx.array] = None,
         prefix: Optional[mx.array] = None,
         logits_to_keep: int = 0,
+        between: Optional[Callable[[mx.array], None]] = None,
     ) -> mx.array:
         """Logits for `inputs_embeds` (B, L, D) appended after what `cache` holds.
 
@@ -263,6 +267,7 @@ class LanguageModel(nn.Module):
         prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do, False none.
         logits_to_keep: logits for only the last this many positions (0: all). Generation needs just the last,
         and the 257k-wide output head over the prefix costs as much as 5-8 decoder layers (and up to 4 GB at 896 px).
+        between: called with each piece of the work as it is built (see forward).
         """
         B, L, _ = inputs_embeds.shape
         offset = cached_length(cache[0]) if cache is not None else 0
@@ -274,18 +279,28 @@ class LanguageModel(nn.Module):
             # Positions count real tokens only, so a left-padded row matches its unpadded run.
             positions = attention_mask.astype(mx.int32).sum(axis=-1) - L + 1
         return self.forward(inputs_embeds, cache, positions,
-                            lambda window: prefix_lm_mask(prefix, key_valid, offset, L, window), logits_to_keep)
+                            lambda window: prefix_lm_mask(prefix, key_valid, offset, L, window), logits_to_keep,
+                            between)
 
     def forward(self, h: mx.array, cache: Optional[List[Any]], positions: mx.array,
-                mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0) -> mx.array:
-        """The decoder stack and the head, given the positions and the mask of each attention window."""
+                mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0,
+                between: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+        """The decoder stack and the head, given the positions and the mask of each attention window.
+
+        `between(x)`, when given, is called with each block of ATTENTION_CHUNK queries' attention and with each
+        layer's output, once built: the caller may evaluate it (a long prefix then runs in pieces, each short) and
+        may stop the work there by raising. A bidirectional prefix cannot be split by tokens through the cache
+        (its first tokens attend to its last, at every layer), so the pieces are layers and query blocks: the same
+        operations on the same shapes as one pass, so the same numbers."""
         h = h.astype(mx.float32)  # the residual stream (see the note at the top)
         masks = {}
         for i, layer in enumerate(self.model.layers):
             window = layer.self_attn.window
             if window not in masks:
                 masks[window] = mask_for(window)
-            h = layer(h, positions, masks[window], cache[i] if cache is not None else None)
+            h = layer(h, positions, masks[window], cache[i] if cache is not None else None, between)
+            if between is not None:
+                between(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.model.embed_tokens.as_linear(self.model.norm(h))

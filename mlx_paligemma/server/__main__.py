@@ -83,6 +83,9 @@ def build_parser() -> ArgumentParser:
                    help="time a constraint's token mask may take (measured on its first)")
     p.add_argument("--decode-budget-bytes", type=positive(int), default=c.decode_budget_bytes,
                    help="memory that image decoding takes at most, all requests together")
+    p.add_argument("--max-request-tokens", type=positive(int), default=c.max_request_tokens,
+                   help="a request of several rows (n, best_of, num_beams): rows x (prompt tokens + max_tokens) at "
+                        "most")
     p.add_argument("--fetch-timeout", type=positive(float), default=d.fetch_timeout,
                    help="seconds for the whole download of an image URL: lookup, connection and every byte")
     p.add_argument("--allow-private-urls", action="store_true",
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
                             adapters=adapters or None)
     process_limits.configure(max_choices=args.max_choices, max_constraint_bytes=args.max_constraint_bytes,
                              compile_seconds=args.compile_seconds, mask_seconds=args.mask_seconds,
-                             decode_budget_bytes=args.decode_budget_bytes)
+                             decode_budget_bytes=args.decode_budget_bytes, max_request_tokens=args.max_request_tokens)
     limits = Limits(max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                     max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                     max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,

@@ -5,7 +5,8 @@ jobs and cancellations into an inbox and reads events from a per-request asyncio
 request: n choices are n rows sharing one prefill (seeds seed, seed+1, ...), a beam search or best_of returns its n
 best sequences; its events carry the choice's index, and the capacity counts rows. A request's own fault (its
 constraint failing while decoding) ends it alone with a 400 naming its field; a fault of the engine itself fails
-the running requests with a message that quotes none of them.
+the running requests with a message that quotes none of them. A prefill is given up between two of its pieces when
+one of its requests is cancelled meanwhile or the shutdown's grace is over, so neither waits for a long prompt.
 """
 
 import asyncio
@@ -14,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import mlx.core as mx
 
@@ -102,12 +103,16 @@ class Worker(threading.Thread):
         self.wake = threading.Condition()
         self.held = 0  # rows of the requests taken and not yet finished, cancelled or refused
         self.handles: Dict[int, Handle] = {}  # by engine uid
-        # For /health: running rows, waiting requests, answers finished, requests cancelled before their end.
-        self.stats = {"active": 0, "waiting": 0, "finished": 0, "cancelled": 0, "peak_memory_gb": 0.0}
+        # For /health: running rows, waiting requests, requests whose prefill runs, answers finished, requests
+        # cancelled before their end.
+        self.stats = {"active": 0, "waiting": 0, "prefilling": 0, "finished": 0, "cancelled": 0,
+                      "peak_memory_gb": 0.0}
         self.closing: Optional[float] = None  # after shutdown(): when the running rows are cut
 
     def _engine(self) -> Engine:
-        return Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant)
+        engine = Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant)
+        engine.interrupt = self._interrupt
+        return engine
 
     # Called from the HTTP side.
 
@@ -171,11 +176,22 @@ class Worker(threading.Thread):
                     if not self.engine.has_work:
                         break
                     self._step()
-                    self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting),
+                    self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting), prefilling=0,
                                       peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3))
             self.stats.update(active=0, waiting=0)
             if self.closing is not None:
                 return
+
+    def _interrupt(self, uids: Set[int]) -> bool:
+        """Asked by the engine between the pieces of a prefill of these requests (this thread is in it): True gives
+        it up when one of them was cancelled meanwhile, or when the shutdown's grace is over. Its rows then wait
+        again, where the inbox's cancellation, or the shutdown, finds them."""
+        self.stats["prefilling"] = len(uids)
+        with self.wake:
+            if self.closing is not None and time.monotonic() >= self.closing:
+                return True
+            cancelled = [handle for kind, handle in self.inbox if kind == "cancel"]
+        return any(uid in uids for handle in cancelled for uid in handle.uids)
 
     def _close(self) -> None:
         """Shutting down: requests not yet running get an error now, running ones when the grace period ends."""
