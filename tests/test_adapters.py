@@ -61,13 +61,18 @@ def trained(request, tmp_path_factory):
     return train_adapters(*request.param, tmp_path_factory.mktemp("adapters"))
 
 
+def loaded_alone(trained) -> dict:
+    """Each adapter loaded alone, applied to the base (and the base with none): {name: (model, processor)}."""
+    return {adapter: mp.load(trained["base"], dtype=mx.float32,
+                             adapter_path=trained["folders"][adapter] if adapter else None)
+            for adapter in [None, *TEACH]}
+
+
 @pytest.fixture(scope="module")
 def alone(trained):
     """Each adapter loaded alone (and the base with none): the answers every mixed batch must reproduce."""
     answers = {}
-    for adapter in [None, *TEACH]:
-        path = trained["folders"][adapter] if adapter else None
-        model, processor = mp.load(trained["base"], dtype=mx.float32, adapter_path=path)
+    for adapter, (model, processor) in loaded_alone(trained).items():
         answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8, logprobs=0)
                             for image, prompt in PROMPTS]
         answers[adapter, "score"] = mp.score(model, processor, PROMPTS[0][0], PROMPTS[0][1], ["a cat", "a dog"])

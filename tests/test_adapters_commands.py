@@ -3,12 +3,11 @@ what its adapter loaded alone gives; bad adapters are one line, a bad item's ada
 
 import json
 
-import mlx.core as mx
 import pytest
 
 import mlx_paligemma as mp
 from mlx_paligemma import batch
-from test_adapters import PROMPTS, TEACH, train_adapters
+from test_adapters import PROMPTS, TEACH, loaded_alone, train_adapters
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +17,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(trained):
-    answers = {}
-    for adapter in [None, *TEACH]:
-        path = trained["folders"][adapter] if adapter else None
-        model, processor = mp.load(trained["base"], dtype=mx.float32, adapter_path=path)
-        answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
-    return answers
+    return {adapter: [mp.generate(*loaded, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
+            for adapter, loaded in loaded_alone(trained).items()}
 
 
 def test_batch_runs_each_item_through_its_adapter(trained, alone, tmp_path, capsys):

@@ -6,12 +6,11 @@ time behind the API key, from folders inside --adapter-root only."""
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
-import mlx.core as mx
 import openai
 import pytest
 
 import mlx_paligemma as mp
-from test_adapters import PROMPTS, TEACH, train_adapters
+from test_adapters import PROMPTS, loaded_alone, train_adapters
 from test_server import KEY, Server, call, message
 
 BASE = "tiny"  # --served-model-name
@@ -24,12 +23,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(trained):
-    answers = {}
-    for adapter in [None, *TEACH]:
-        path = trained["folders"][adapter] if adapter else None
-        model, processor = mp.load(trained["base"], dtype=mx.float32, adapter_path=path)
-        answers[adapter] = [mp.generate(model, processor, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
-    return answers
+    return {adapter: [mp.generate(*loaded, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
+            for adapter, loaded in loaded_alone(trained).items()}
 
 
 @pytest.fixture(scope="module")
