@@ -85,3 +85,15 @@ def test_generate_step_is_generate_tokens_with_a_warning(loaded):
         got = [t.tolist() for t in mp.generate_step(model, inputs["input_ids"], inputs["pixel_values"],
                                                     max_tokens=3)]
     assert got == want and len(want) == 3
+
+
+@pytest.mark.parametrize("settings, param, message", [
+    (dict(logprobs="3"), "logprobs", "logprobs must be an integer >= 0, got '3'"),
+    (dict(choices=["a"] * 10_001), "choices", "choices has 10001 strings, more than the limit of 10000"),
+    (dict(adapter=[1, 2]), "adapter", "adapter must be a name, None, or a list of one per prompt (2)"),
+])
+def test_a_bad_setting_is_one_line_naming_its_param_before_any_work(loaded, settings, param, message):
+    """A wrong type, a million-choice list counted before a string is read, a list of adapters that are not names."""
+    with pytest.raises(mp.InputError) as e:
+        mp.batch_generate(*loaded, [CAT, CAT], ["caption en"] * 2, **settings)
+    assert e.value.param == param and str(e.value) == message
