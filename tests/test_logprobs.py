@@ -7,6 +7,7 @@ import pytest
 import mlx_paligemma as mp
 from conftest import images_of
 from mlx_paligemma.api import Generation
+from mlx_paligemma.generation.engine import Engine
 
 GENERATION = ["single", "gray", "rgba", "odd", "two_images"]
 K = 5
@@ -44,6 +45,31 @@ def test_batch_logprobs_match_transformers_and_stream(loaded, reference, cases):
     assert [r.token for r in streamed] == gens[0].tokens
     np.testing.assert_allclose([r.logprob for r in streamed], gens[0].logprobs, atol=1e-4, rtol=0)
     assert [[i for i, _ in r.top_logprobs[0]] for r in streamed] == [[i for i, _ in t[:2]] for t in gens[0].top_logprobs]
+
+
+def test_greedy_rows_where_some_want_logprobs(loaded, reference, cases):
+    """Greedy rows of one batch where only some ask for log-probabilities (the engine computes those rows' softmax
+    alone): each asking row's values are transformers', the others carry none, and every row's tokens are its own."""
+    model, processor = loaded
+    case = cases["batch"]
+    engine = Engine(model, processor, batch_size=len(case["text"]))
+    asked = [i % 2 == 1 for i in range(len(case["text"]))]
+    uids = [engine.submit(image, text, max_tokens=12, logprobs=0 if want else None)
+            for image, text, want in zip(images_of(case), case["text"], asked)]
+    results = {}
+    with engine.running():
+        while engine.has_work:
+            results.update({o.uid: o.result for o in engine.step() if o.result is not None})
+    assert len(asked) > 1 and any(asked) and not all(asked)
+    for row, (uid, want) in enumerate(zip(uids, asked)):
+        result = results[uid]
+        expected = reference["batch/generated"][row].tolist()
+        assert result.tokens == expected
+        if want:
+            np.testing.assert_allclose(result.logprobs, reference["batch/token_logprobs"][row, :len(expected)],
+                                       atol=1e-4, rtol=0)
+        else:
+            assert result.logprobs == []
 
 
 def test_logprobs_zero_gives_tokens_own_only(loaded, cases):

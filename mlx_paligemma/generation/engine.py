@@ -49,7 +49,7 @@ from ..processing.processor import PaliGemmaProcessor
 from .request import Request
 from .settings import Settings, check_settings
 from .results import Output, Result
-from .sampling import Picked, log_softmax, token_logprobs, top_logprobs
+from .sampling import Picked, log_softmax, rows_token_logprobs, top_logprobs
 from .strategies import Row, strategy_for
 
 __all__ = ["Engine", "Interrupted", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache",
@@ -370,7 +370,8 @@ class Engine:
             logits = apply_masks(logits, constraints, lambda i, e: rows[i].strategy.fail(e, rows[i].constraint.field))
         logprobs = log_softmax(logits)
         parents = list(range(len(rows)))
-        if all(r.strategy.greedy for r in rows):
+        greedy = all(r.strategy.greedy for r in rows)
+        if greedy:
             tokens = mx.argmax(logits, axis=-1)
         # Rows given one sampler callable (generate_tokens') are sampled together by it.
         elif (shared := rows[0].request.sampler) is not None and all(r.request.sampler is shared and not r.processors
@@ -393,11 +394,10 @@ class Engine:
             r.picked += 1
         if constrained:
             self._advance(rows, parents, tokens.tolist())
-        # Greedy rows that nobody asked log-probabilities of skip them: a softmax over the vocabulary per row and
-        # step, which on a CPU costs a small model a quarter of its decode time.
-        wanted = any(r.strategy.wants_logprobs for r in rows)
-        picked = Picked(tokens, token_logprobs(logprobs, tokens) if wanted else None)
         k = max(r.request.logprobs or 0 for r in rows)
+        # Rows that nobody asked log-probabilities of skip them when greedy (their softmax is not needed to pick).
+        wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
+        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting, alone=greedy and not k))
         if k:
             picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
         return picked, parents
