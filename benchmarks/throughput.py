@@ -108,6 +108,7 @@ def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
 def ours_decode(model_path: str, tokens: int, size: int) -> dict:
     """Tokens/s of the decode steps alone (prefill and the first token excluded), `size` rows sharing each step."""
     from mlx_paligemma.generation.engine import Request
+    from mlx_paligemma.generation.settings import check_settings
 
     model, processor = mp.load(model_path)
     inputs = [processor(images=im, text="caption en") for im in photos(size)]
@@ -116,7 +117,7 @@ def ours_decode(model_path: str, tokens: int, size: int) -> dict:
         engine = mp.Engine(model, processor, batch_size=size)
         for x in inputs:  # eos ignored: every row runs the full length, so the batch stays `size` wide
             engine.add(Request(np.array(x["input_ids"])[0].tolist(), pixel_values=np.array(x["pixel_values"]),
-                               max_tokens=tokens, stop_at_eos=False))
+                               settings=check_settings(max_tokens=tokens), stop_at_eos=False))
         made, tic = 0, None
         with engine.running():
             while engine.has_work:

@@ -293,6 +293,7 @@ def generate_tokens(
     real = np.array(attention_mask).astype(bool) if attention_mask is not None else np.ones(ids.shape, bool)
     if image_features is None and pixel_values is not None:
         image_features = model.encode_images(pixel_values)
+    settings = check_settings("generate_tokens()", max_tokens=max_tokens)
     engine = Engine(model, batch_size=ids.shape[0], kv_bits=kv_bits)
     n_image_tokens = (ids == model.config.image_token_index).sum(axis=1)
     first = 0
@@ -300,7 +301,7 @@ def generate_tokens(
         n_images = int(n) // model.config.image_seq_length
         features = image_features[first : first + n_images] if n_images else None
         first += n_images
-        engine.add(Request(row[keep].tolist(), image_features=features, max_tokens=max_tokens, sampler=sampler,
+        engine.add(Request(row[keep].tolist(), image_features=features, settings=settings, sampler=sampler,
                            stop_at_eos=False))
     with engine.running():
         while engine.has_work:

@@ -14,6 +14,7 @@ import pytest
 import mlx_paligemma as mp
 from mlx_paligemma.generation.engine import Engine
 from mlx_paligemma.generation.request import Request
+from mlx_paligemma.generation.settings import check_settings
 from conftest import FIXTURES
 
 MODEL = FIXTURES / "paligemma2-tiny"
@@ -90,14 +91,14 @@ def test_a_failing_row_ends_alone_and_the_others_are_untouched(loaded, poison):
             raise RuntimeError("sampler blew up")
         ids = processor(images=[[CAT]], text="caption en")["input_ids"][0].tolist()
         bad = engine.add(Request(ids, pixel_values=np.array(processor(images=[[CAT]], text="x")["pixel_values"]),
-                                 max_tokens=12, sampler=sampler, temperature=1.0))
+                                 settings=check_settings(max_tokens=12, temperature=1.0), sampler=sampler))
         field, words = "sampler", "sampler blew up"
     else:
         failing = Failing(poison)
         failing.vocab = model.config.text_config.vocab_size
         ids = processor(images=[[CAT]], text="caption en")["input_ids"][0].tolist()
         bad = engine.add(Request(ids, pixel_values=np.array(processor(images=[[CAT]], text="x")["pixel_values"]),
-                                 max_tokens=12, constraint=failing))
+                                 settings=check_settings(max_tokens=12), constraint=failing))
         field, words = "regex", f"{poison} blew up"
     uids += [engine.submit(image, prompt, max_tokens=12, **settings) for image, prompt, settings in INNOCENT[2:]]
     results = tokens_of(engine, uids + [bad])

@@ -48,6 +48,7 @@ def test_engine_quantized_cache_equals_mlx_lm_quantized_cache():
     from mlx.utils import tree_map_with_path
 
     from mlx_paligemma.generation.engine import Engine, Request
+    from mlx_paligemma.generation.settings import check_settings
 
     mx.random.seed(1)
     model = head_dim_32_model()
@@ -69,7 +70,8 @@ def test_engine_quantized_cache_equals_mlx_lm_quantized_cache():
 
     expected = [reference(ids, features[i]) for i, ids in enumerate(prompts)]
     engine = Engine(model, batch_size=2, kv_bits=8)
-    uids = [engine.add(Request(ids, image_features=features[i : i + 1], max_tokens=12 - 3 * i, stop_at_eos=False))
+    uids = [engine.add(Request(ids, image_features=features[i : i + 1], settings=check_settings(max_tokens=12 - 3 * i),
+                               stop_at_eos=False))
             for i, ids in enumerate(prompts)]
     tokens = {}
     with engine.running():

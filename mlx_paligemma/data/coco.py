@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .items import Item, resolve
+from .items import Item, image_source
 from ..processing.answer_format import SEPARATOR, box_tokens
 from ..errors import InputError, cause, read_json_object
 from ..limits import MAX_ANNOTATION_BYTES
@@ -163,7 +163,7 @@ def coco_items(file, image_folder=None, classes: Optional[Sequence[str]] = None,
             item = Item(len(items) + 1, fields, prompt=prompt, suffixes=[suffix],
                         where=f"{file}, image {image['id']} ({image['file_name']})")
             try:
-                item.images = [resolve(image["file_name"], folder)]
+                item.images = [image_source(image["file_name"], folder)]
                 check_size(item.images[0], image)
             except InputError as e:
                 item.error = str(e)

@@ -15,7 +15,7 @@ import string
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .items import Item, not_an_example, resolve
+from .items import Item, image_source, not_an_example
 from ..errors import InputError, cause, check_text
 from ..processing.images import image_from_bytes, image_size
 
@@ -217,7 +217,7 @@ def _images(value, column: str, folder: Path, index: int, stored: dict) -> list:
                 stored[key] = _Stored(bytes(data), path or f"row {index}")
             images.append(stored[key])
         elif path is not None:
-            images.append(resolve(path, folder))
+            images.append(image_source(path, folder))
         else:
             got = ("an image with neither bytes nor a path" if isinstance(v, dict) and {"bytes", "path"} & set(v)
                    else "nothing" if v is None else type(v).__name__)

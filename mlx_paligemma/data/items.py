@@ -98,7 +98,7 @@ def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
         raise InputError("'image' must be a path or URL, or a list of them")
-    images = [resolve(i, folder) for i in images]
+    images = [image_source(i, folder) for i in images]
 
     given = [k for k in ("prompt", "prefix") if k in row]
     for key in given:
@@ -127,7 +127,8 @@ def parse_item(row: dict, folder: Path, default_prompt: Optional[str]):
     return images, text, suffixes, candidates
 
 
-def resolve(source: str, folder: Path) -> str:
+def image_source(source: str, folder: Path) -> str:
+    """An image named in a data file: a URL as given, a path taken from the data file's folder."""
     if source.startswith(URL_SCHEMES):
         return source
     path = folder / source

@@ -44,7 +44,7 @@ def adapter_ids(model, rows) -> mx.array:
     found = adapter_set(model)
     if found is None:
         return mx.full((len(rows),), -1, dtype=mx.int32)
-    return mx.array([found.index(r.request.adapter) for r in rows], dtype=mx.int32)
+    return mx.array([found.index(r.request.settings.adapter) for r in rows], dtype=mx.int32)
 
 
 def per_prompt(adapter: Union[None, str, Sequence[Optional[str]]], n: int) -> List[Optional[str]]:
@@ -60,7 +60,7 @@ def per_prompt(adapter: Union[None, str, Sequence[Optional[str]]], n: int) -> Li
 def in_use(engine, name: str) -> bool:
     """Whether a row of the engine, waiting or running, runs through adapter `name`."""
     rows = engine.waiting + [r for b in engine.batches for r in b.rows]
-    return any(r.request.adapter == name for r in rows)
+    return any(r.request.settings.adapter == name for r in rows)
 
 
 def _changed(model) -> None:

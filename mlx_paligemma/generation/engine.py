@@ -70,11 +70,11 @@ def check_size(request: Request, context: int) -> None:
     positions of keys and values, and each of its decode steps attends over them all: beyond limits.py's
     max_request_tokens it is refused before it is queued, naming the setting that multiplies it. (Scoring's forced
     rows are the caller's own batches.)"""
-    name = next((name for name in ("num_beams", "best_of", "n") if getattr(request, name) > 1), None)
+    name = next((name for name in ("num_beams", "best_of", "n") if getattr(request.settings, name) > 1), None)
     if name is None or request.forced:
         return
-    rows, prompt = getattr(request, name), len(request.prompt_ids)
-    positions = min(prompt + request.max_tokens, context)
+    rows, prompt = getattr(request.settings, name), len(request.prompt_ids)
+    positions = min(prompt + request.settings.max_tokens, context)
     limit = limits.LIMITS.max_request_tokens
     if rows * positions > limit:
         raise InputError(f"{name}={rows} rows of {positions} tokens (a prompt of {prompt}, up to {positions - prompt} "
@@ -172,13 +172,13 @@ class Engine:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         inputs = self.processor(images=[images], text=prompt)
         pixels = np.array(inputs["pixel_values"]) if len(images) else None
-        return self.add(Request.of(np.array(inputs["input_ids"])[0].tolist(), settings, pixel_values=pixels,
-                                   constraint=constraint, **more))
+        return self.add(Request(np.array(inputs["input_ids"])[0].tolist(), pixels, settings=settings,
+                                constraint=constraint, **more))
 
     def add(self, request: Request) -> int:
         """Queue a request already in token ids. Its rows (beams, samples, choices, forced continuations) come and go
         together and share one prefill."""
-        check_adapter(self.model, request.adapter)
+        check_adapter(self.model, request.settings.adapter)
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         vocab = self.model.config.text_config.vocab_size
         if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
@@ -187,7 +187,7 @@ class Engine:
             raise InputError(f"a continuation of {max(map(len, request.forced))} tokens after a prompt of "
                              f"{len(request.prompt_ids)} runs past the model's context of {self.context}",
                              param="forced")
-        if request.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.logit_bias):
+        if request.settings.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.settings.logit_bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         check_size(request, self.context)
         self.waiting += strategy_for(self, uid, request).rows
@@ -394,7 +394,7 @@ class Engine:
             r.picked += 1
         if constrained:
             self._advance(rows, parents, tokens.tolist())
-        k = max(r.request.logprobs or 0 for r in rows)
+        k = max(r.request.settings.logprobs or 0 for r in rows)
         # Rows that nobody asked log-probabilities of skip them when greedy (their softmax is not needed to pick).
         wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
         picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting, alone=greedy and not k))

@@ -52,10 +52,6 @@ class Settings:
     choices: Optional[Sequence[str]] = None
     constrain: bool = False
 
-    def decoding(self) -> Dict[str, Any]:
-        """The settings a Request takes (all but the constraint's)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in CONSTRAINTS}
-
     def constraint(self) -> Dict[str, Any]:
         """make_constraint's keywords."""
         return {name: getattr(self, name) for name in CONSTRAINTS}

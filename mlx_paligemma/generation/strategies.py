@@ -76,13 +76,13 @@ class Strategy:
         self.error: Optional[Exception] = None
         self.ended = False  # its Result was handed out
         # Tokens the request may make: its max_tokens, within the model's context.
-        self.limit = min(request.max_tokens, engine.context - len(request.prompt_ids))
+        self.limit = min(request.settings.max_tokens, engine.context - len(request.prompt_ids))
 
     @property
     def wants_logprobs(self) -> bool:
         """Its tokens' log-probabilities were asked for (logprobs=0 or more), or come with how it picks (sampled,
         beams, forced rows): a greedy row nobody asked them of skips them."""
-        return self.request.logprobs is not None or not self.greedy
+        return self.request.settings.logprobs is not None or not self.greedy
 
     def pick(self, members: List[Tuple[int, Row]], logits: mx.array, logprobs: mx.array, tokens: list,
              parents: List[int]) -> None:
@@ -131,25 +131,25 @@ class Sampled(Strategy):
 
     def __init__(self, engine, uid: int, request: Request, count: int = 1):
         super().__init__(engine, uid, request)
-        seed = request.seed
+        seed = request.settings.seed
         if count > 1 and seed is None:
             seed = fresh_seed()
         self.rows = [self._row(i, seed + i if count > 1 else seed) for i in range(count)]
-        self.greedy = request.sampler is None and request.temperature == 0 and not self.rows[0].processors
+        self.greedy = request.sampler is None and request.settings.temperature == 0 and not self.rows[0].processors
 
     def _row(self, index: int, seed: Optional[int]) -> Row:
         request, engine = self.request, self.engine
         row = Row(self.uid, request, self, index, constraint=own(request.constraint))
         if engine.processor is not None:
             row.detokenizer = Detokenizer(engine.processor.tokenizer.decode, engine.byte_ids)
-        if request.sampler is None and request.temperature > 0:
+        if request.sampler is None and request.settings.temperature > 0:
             row.key = mx.random.key(seed if seed is not None else fresh_seed())
-        if request.repetition_penalty is not None or request.logit_bias:
+        if request.settings.repetition_penalty is not None or request.settings.logit_bias:
             from mlx_lm.sample_utils import make_logits_processors
 
-            row.processors = make_logits_processors(request.logit_bias, request.repetition_penalty,
-                                                    request.repetition_context_size)
-            row.history = mx.array(request.prompt_ids[-request.repetition_context_size:])
+            row.processors = make_logits_processors(request.settings.logit_bias, request.settings.repetition_penalty,
+                                                    request.settings.repetition_context_size)
+            row.history = mx.array(request.prompt_ids[-request.settings.repetition_context_size:])
         return row
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
@@ -161,7 +161,7 @@ class Sampled(Strategy):
         if request.sampler is not None:
             return "sampler"
         if self.rows[0].processors:
-            return "logit_bias" if request.logit_bias else "repetition_penalty"
+            return "logit_bias" if request.settings.logit_bias else "repetition_penalty"
         return None
 
     def _sample_row(self, row: Row, logits: mx.array) -> mx.array:
@@ -172,11 +172,11 @@ class Sampled(Strategy):
         if request.sampler is not None:
             token = request.sampler(logprobs)
         else:
-            token, row.key = sample(logprobs, request.temperature, row.key, request.top_p, request.min_p,
-                                    request.top_k)
+            token, row.key = sample(logprobs, request.settings.temperature, row.key, request.settings.top_p, request.settings.min_p,
+                                    request.settings.top_k)
         if row.processors:
             # The penalty looks at the last repetition_context_size tokens only: keep no more.
-            row.history = mx.concatenate([row.history, token])[-request.repetition_context_size:]
+            row.history = mx.concatenate([row.history, token])[-request.settings.repetition_context_size:]
         return token
 
     def room(self, row: Row) -> int:
@@ -217,8 +217,8 @@ class Sampled(Strategy):
                 finish = "stop"
         out = Output(self.uid, token, piece, finish, len(request.prompt_ids), row.generated,
                      logprob if self.wants_logprobs else None, index=row.index)
-        if request.logprobs:
-            out.top_logprobs = list(zip(top[0][:request.logprobs], top[1][:request.logprobs]))
+        if request.settings.logprobs:
+            out.top_logprobs = list(zip(top[0][:request.settings.logprobs], top[1][:request.settings.logprobs]))
             row.tops.append(out.top_logprobs)
         return out
 
@@ -231,7 +231,7 @@ class BestOf(Sampled):
         if not out.finish_reason or not self._end(row, out.finish_reason):
             return None
         ranked = sorted((self.sequence(r) for r in self.rows), key=lambda s: -s.score)
-        sequences = ranked[:self.request.num_return_sequences]
+        sequences = ranked[:self.request.settings.num_return_sequences]
         best = sequences[0]
         result = result_of(self.uid, sequences, out.prompt_tokens, best)
         return Output(self.uid, best.tokens[-1], best.text, best.finish_reason, out.prompt_tokens, len(best.tokens),
@@ -245,9 +245,9 @@ class Beams(Strategy):
 
     def __init__(self, engine, uid: int, request: Request):
         super().__init__(engine, uid, request)
-        self.group = BeamGroup(request.num_beams, request.length_penalty, request.early_stopping, engine.eos_id,
+        self.group = BeamGroup(request.settings.num_beams, request.settings.length_penalty, request.settings.early_stopping, engine.eos_id,
                                self.limit)
-        self.rows = [Row(uid, request, self, i, constraint=own(request.constraint)) for i in range(request.num_beams)]
+        self.rows = [Row(uid, request, self, i, constraint=own(request.constraint)) for i in range(request.settings.num_beams)]
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
         group = [i for i, _ in members]
@@ -265,7 +265,7 @@ class Beams(Strategy):
         for r in self.rows:
             r.finished = True
         eos, processor = self.engine.eos_id, self.engine.processor
-        sequences = self.group.results(self.request.num_return_sequences)
+        sequences = self.group.results(self.request.settings.num_return_sequences)
         for s in sequences:
             if processor is not None:
                 s.text = processor.tokenizer.decode([t for t in s.tokens if t != eos])
@@ -309,19 +309,19 @@ class Forced(Strategy):
 
 
 def strategy_for(engine, uid: int, request: Request) -> Strategy:
-    if request.num_beams > 1:
+    if request.settings.num_beams > 1:
         return Beams(engine, uid, request)
     if request.forced:
         return Forced(engine, uid, request)
-    if request.best_of > 1:
-        return BestOf(engine, uid, request, request.best_of)
-    return Sampled(engine, uid, request, request.n)
+    if request.settings.best_of > 1:
+        return BestOf(engine, uid, request, request.settings.best_of)
+    return Sampled(engine, uid, request, request.settings.n)
 
 
 def release(row: Row, final: bool) -> Tuple[str, bool]:
     """The text that can be handed out now: up to a stop string (which ends the row and is not shown), and short of
     a tail that could still become one."""
-    stops = row.request.stop
+    stops = row.request.settings.stop
     if stops:
         found = [i for i in (row.text.find(s, max(row.sent - len(s), 0)) for s in stops) if i >= 0]
         if found:

@@ -87,7 +87,7 @@ def is_public(address: str) -> bool:
     return not special
 
 
-def resolve(host: str, port: int, deadline: float) -> List[tuple]:
+def lookup_addresses(host: str, port: int, deadline: float) -> List[tuple]:
     """getaddrinfo within the deadline (it has no timeout of its own: it runs in a thread we stop waiting for)."""
     result: list = []
 
@@ -129,7 +129,7 @@ def _target(url: str, allow_private: bool, deadline: float, hint: str):
         raise InputError(f"{shown(url)} is not a valid URL: no host")
     port = port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    addresses = resolve(host, port, deadline)
+    addresses = lookup_addresses(host, port, deadline)
     if not allow_private:
         refused = [a[0] for _, a in addresses if not is_public(a[0])]
         if refused:
