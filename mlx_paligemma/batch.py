@@ -36,7 +36,8 @@ import numpy as np
 
 from . import defaults
 from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, message,
-                  plural, require, run_main)
+                  plural, run_main)
+from .extras import require
 from .data.outputs import OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file, part_files
 from .generation.constraints import cli_constraint
 from .data.items import Item, read_items

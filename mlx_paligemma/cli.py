@@ -5,7 +5,6 @@ Set MLX_PALIGEMMA_DEBUG=1 to see the traceback instead.
 
 import argparse
 import difflib
-import importlib
 import os
 import sys
 from typing import Callable, List, Optional
@@ -71,29 +70,6 @@ def did_you_mean(unknown: List[str], flags: List[str]) -> str:
         if meant:
             return f" (did you mean {meant}?)"
     return ""
-
-
-# Each extra of pyproject.toml and the modules it brings.
-EXTRAS = {"server": ("starlette", "uvicorn"), "eval": ("pycocotools.cocoeval",), "report": ("matplotlib",),
-          "structured": ("llguidance",), "data": ("datasets",), "tracking": ("tensorboard",)}
-
-
-def require(extra: str, what: str) -> None:
-    """Before any work: the extra's modules are importable, or one line naming them and the one install line (it
-    works from an index, and in a clone once `pip install -e .` has run)."""
-    missing = [m.split(".")[0] for m in EXTRAS[extra] if not _importable(m)]
-    if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise InputError(f'{" and ".join(missing)} {verb} needed for {what}: pip install "mlx-paligemma[{extra}]"')
-
-
-def _importable(module: str) -> bool:
-    # Imported, not only found: a package that is there but broken (or blocked) fails here, not after the work.
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
 
 
 def plural(n: int, word: str) -> str:

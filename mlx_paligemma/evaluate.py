@@ -21,7 +21,8 @@ from pathlib import Path
 
 from . import defaults
 from .tasks import report
-from .cli import ArgumentParser, command, require, run_main
+from .cli import ArgumentParser, command, run_main
+from .extras import require
 from .formats.atomic import atomic_file, check_writable
 from .errors import InputError
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens

@@ -10,8 +10,9 @@ from typing import List, Sequence
 
 
 from . import defaults
-from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command, plural,
-                  require, run_main)
+from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command,
+                  plural, run_main)
+from .extras import require
 from .generation.constraints import cli_constraint
 from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects

@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cli import ArgumentParser, command, require, run_main
+from .cli import ArgumentParser, command, run_main
+from .extras import require
 from .formats.atomic import check_new_folder
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .models.paligemma import PaliGemma

@@ -11,7 +11,7 @@ import mlx_paligemma as mp
 PACKAGE = Path(mp.__file__).parent
 # Floors, bottom first (docs/LAYOUT.md draws them). A module imports only its own floor or lower ones; a command
 # imports no other command.
-FLOORS = [{"errors", "defaults", "limits"}, {"models"}, {"processing"}, {"formats"}, {"data"}, {"generation"},
+FLOORS = [{"errors", "defaults", "limits", "extras"}, {"models"}, {"processing"}, {"formats"}, {"data"}, {"generation"},
           {"tasks"},          {"training"}, {"api"}, {"cli"}, {"generate", "batch", "evaluate", "lora", "convert", "export", "server"},
           {"__init__", "__main__"}]
 COMMANDS = FLOORS[-2]

@@ -202,7 +202,7 @@ def test_report_to_without_tensorboard_is_one_line_and_writes_nothing(tmp_path):
                               "tensorboard"), capture_output=True, text=True, timeout=300,
                           env=shim(tmp_path / "shim", "tensorboard"))
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 1 and lines == ['error: --report-to tensorboard needs the tensorboard package: '
+    assert done.returncode == 1 and lines == ['error: tensorboard is needed for --report-to tensorboard: '
                                               'pip install "mlx-paligemma[tracking]"'], done.stderr
     assert "Iter" not in done.stdout and not (tmp_path / "a").exists()
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from .items import Item, image_source, not_an_example
 from ..errors import InputError, cause, check_text
+from ..extras import require
 from ..processing.images import image_from_bytes, image_size
 
 # The prefix column's other name, as in JSONL: a dataset with "prompt" but no "prefix" column needs no flag.
@@ -24,11 +25,9 @@ PREFIX_ALIAS = "prompt"
 
 
 def datasets_library():
-    try:
-        import datasets
-    except ImportError:
-        raise InputError('Hugging Face datasets and parquet files need the datasets library: '
-                         'pip install "mlx-paligemma[data]"') from None
+    require("data", "Hugging Face datasets and parquet files")
+    import datasets
+
     return datasets
 
 

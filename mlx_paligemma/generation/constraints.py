@@ -32,6 +32,7 @@ from ..processing.answer_format import LOC_BINS, MASK_CODES, SEG_CODES, SEPARATO
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor, Tokenizer
 from .grammar_costs import check_bytes, compile_with_deadline, grammar_of, reason, schema_text
 from ..errors import InputError, cause, read_json_object
+from ..extras import require
 from .. import limits
 from ..limits import MAX_SCHEMA_FILE_BYTES
 
@@ -47,11 +48,10 @@ _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _llguidance():
-    try:
-        import llguidance
-        import llguidance.numpy
-    except ImportError:
-        raise InputError('llguidance is needed for structured output: pip install "mlx-paligemma[structured]"') from None
+    require("structured", "structured output")
+    import llguidance
+    import llguidance.numpy
+
     return llguidance
 
 

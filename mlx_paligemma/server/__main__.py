@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .. import defaults
 from .. import limits as process_limits
-from ..cli import ArgumentParser, require
+from ..cli import ArgumentParser
+from ..extras import require
 from ..generation.adapters import named_folders
 from ..errors import InputError
 from .chat import Limits

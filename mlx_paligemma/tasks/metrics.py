@@ -24,7 +24,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .detection import DetectedObject
-from ..errors import InputError
+from ..extras import require
 
 # The tokens pycocoevalcap's PTBTokenizer drops after tokenizing. Brackets it keeps: the Java tokenizer writes them
 # -LRB-, -RSB-, ... and lower-cases them with -lowerCase, so its list (upper case) never matches them.
@@ -248,19 +248,11 @@ def matched_ious(predicted: Sequence[DetectedObject], reference: Sequence[Detect
     return ious
 
 
-def check_coco_tools() -> None:
-    """pycocotools imports, or one line naming the extra: called before an evaluation of detections starts."""
-    try:
-        import pycocotools.cocoeval  # noqa: F401
-    except ImportError:
-        raise InputError('pycocotools is needed for detection metrics: pip install "mlx-paligemma[eval]"') from None
-
-
 def _coco_evaluation(predictions: Sequence[Sequence[DetectedObject]],
                      references: Sequence[Sequence[DetectedObject]]):
     """pycocotools' COCOeval (bbox) of these boxes, accumulated, and the labels in its category order; None when
     there is no reference box or no prediction."""
-    check_coco_tools()
+    require("eval", "detection metrics")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

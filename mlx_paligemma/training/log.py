@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Sequence
 from ..formats.atomic import atomic_file
 from ..formats.ownership import FILE, MARK_SUFFIX
 from ..errors import InputError, cause
+from ..extras import install_line, require
 
 LOG_FILE, PLOT_FILE, TENSORBOARD_DIR = "log.jsonl", "curves.png", "tensorboard"
 EVENTS = "events.out.tfevents."  # how TensorBoard names event files; ours also end in MARK_SUFFIX
@@ -51,11 +52,7 @@ def check_trackers(names: Sequence[str]) -> None:
     if unknown:
         raise InputError(f"unknown tracker {unknown[0]!r} for --report-to: choose from {', '.join(TRACKERS)}")
     if "tensorboard" in names:
-        try:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
-        except ImportError:
-            raise InputError('--report-to tensorboard needs the tensorboard package: '
-                             'pip install "mlx-paligemma[tracking]"') from None
+        require("tracking", "--report-to tensorboard")
 
 
 def read_log(file: Path) -> List[dict]:
@@ -144,8 +141,7 @@ def plot_run(folder, report: Callable[[str], None] = print) -> None:
     try:
         plot_curves(entries, folder / PLOT_FILE)
     except ImportError:
-        report(f'Curves not plotted: no matplotlib (pip install "mlx-paligemma[report]"); '
-               f'the log is {folder / LOG_FILE}')
+        report(f"Curves not plotted: no matplotlib ({install_line('report')}); the log is {folder / LOG_FILE}")
         return
     report(f"Plotted the curves to {folder / PLOT_FILE}")
 

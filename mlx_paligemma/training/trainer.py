@@ -24,6 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..data.items import Example
+from ..extras import require
 from ..formats.adapters import ADAPTER_FILE, CONFIG_FILE, save_adapters
 from ..formats.atomic import atomic_file
 from ..formats.mlx import check_safetensors
@@ -337,11 +338,10 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     check_examples(processor, valid_set or [])
     if args.eval_task:
         from ..tasks.evaluation import task_of
-        from ..tasks.metrics import check_coco_tools
 
         tasks = {args.eval_task} if args.eval_task != "auto" else {task_of(e.prefix) for e in valid_set or []}
         if tasks & {"detect", "segment"}:
-            check_coco_tools()  # the first validation would need it, after training steps
+            require("eval", "--eval-task's detection metrics")  # the first validation needs it, after steps
     report = report if rank == 0 else (lambda s: None)
     if args.grad_checkpoint and type(model.layers[0]).__call__.__name__ != "checkpointed_fn":
         from mlx_lm.tuner.trainer import grad_checkpoint
