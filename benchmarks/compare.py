@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import callgrind  # benchmarks/callgrind.py, beside this script
+import callgrind  # benchmarks/callgrind.py and serving.py, beside this script
+import serving
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
@@ -94,27 +94,6 @@ def run_engine(workload: str, args) -> dict:
     return dict(times, answers=answers)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(server: subprocess.Popen, port: int) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    sys.exit(f"the server did not answer /health within {SERVER_START_S} s")
-
-
 def cpu_seconds(pid: int):
     """CPU seconds a process has used (user and system), from /proc; None where there is no /proc (macOS)."""
     try:
@@ -130,13 +109,9 @@ def run_server(args) -> dict:
 
     import openai
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlx_paligemma.server", "--model", args.model, "--port",
-                               str(port), "--batch-size", str(args.clients), "--log-level", "warning"])
-    try:
-        wait_for(server, port)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
-                               timeout=REQUEST_TIMEOUT_S)
+    with serving.served(args.model, "--batch-size", str(args.clients), "--log-level", "warning",
+                        start_seconds=SERVER_START_S) as (url, server):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
         urls = {name: "data:image/jpeg;base64," + base64.b64encode((IMAGES / name).read_bytes()).decode()
                 for _, name in PROMPTS}
         asks = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
@@ -151,13 +126,6 @@ def run_server(args) -> dict:
         with ThreadPoolExecutor(args.clients) as pool:
             times, answers = timed(lambda: list(pool.map(ask, asks)), args.runs, lambda: cpu_seconds(server.pid))
         return dict(times, answers=answers)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def measure_main(argv) -> None:

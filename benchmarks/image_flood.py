@@ -14,10 +14,6 @@ import argparse
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -25,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from PIL import Image
+
+from serving import served  # benchmarks/serving.py, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,26 +45,14 @@ def main() -> None:
     args = p.parse_args()
     buffer = io.BytesIO()
     Image.new("RGB", (args.side, args.side), (120, 30, 200)).save(buffer, "PNG", compress_level=9)
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlx_paligemma.server", "--model", args.model, "--port",
-                               str(port), "--log-level", "warning", *args.server_args.split()], cwd=args.source,
-                              env={**os.environ, "PYTHONPATH": args.source})
-    try:
-        for _ in range(600):  # up to 2 minutes for the model to load
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    image_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with served(args.model, "--log-level", "warning", *args.server_args.split(), source=args.source) as (url, server):
         body = json.dumps({"max_tokens": 2, "messages": [{"role": "user", "content": [
-            *[{"type": "image_url", "image_url": {"url": url}}] * 4, {"type": "text", "text": "caption en"}]}]})
+            *[{"type": "image_url", "image_url": {"url": image_url}}] * 4, {"type": "text", "text": "caption en"}]}]})
         before, codes = memory(server.pid, "VmRSS"), []
 
         def client():
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(),
+            request = urllib.request.Request(url + "/v1/chat/completions", body.encode(),
                                              {"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=900) as r:
@@ -84,9 +70,6 @@ def main() -> None:
               f"each): {time.perf_counter() - tic:.0f} s, statuses {sorted(set(codes))}; server RSS before "
               f"{before:.0f} MiB, peak {memory(server.pid, 'VmHWM'):.0f} MiB, after "
               f"{memory(server.pid, 'VmRSS'):.0f} MiB")
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 if __name__ == "__main__":

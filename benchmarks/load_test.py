@@ -15,41 +15,20 @@ import argparse
 import base64
 import json
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from serving import served  # benchmarks/serving.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "fixtures" / "images"
 PROMPTS = [("caption en", "chelsea.jpg"), ("detect cat", "chelsea.jpg"), ("answer en what is this?", "coffee.jpg"),
            ("ocr", "coffee.jpg"), ("describe en", "chelsea.jpg"), ("segment cup", "coffee.jpg"),
            ("caption es", "coffee.jpg"), ("answer en is it a cat?", "chelsea.jpg")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(model: str, batch_size: int, port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "mlx_paligemma.server", "--model", model, "--port", str(port),
-                               "--batch-size", str(batch_size), "--queue-size", "64", "--log-level", "warning"])
-    for _ in range(1200):  # up to 10 minutes: a large model loads slowly
-        if server.poll() is not None:
-            sys.exit(f"the server exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    sys.exit("the server did not come up")
 
 
 def messages(prompt, image):
@@ -102,11 +81,9 @@ def main(argv=None):
 
     eos = json.loads((get_model_path(args.model) / "config.json").read_text()).get("eos_token_id", 1)
     eos = eos[0] if isinstance(eos, list) else eos
-    port = free_port()
-    server = start(args.model, args.batch_size, port)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    try:
+    with served(args.model, "--batch-size", str(args.batch_size), "--queue-size", "64", "--log-level", "warning",
+                start_seconds=600) as (url, server):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         expected = {pi: ask(client, args.model, *pi, False, max_tokens=args.max_tokens)[0] for pi in PROMPTS}
         jobs = [(PROMPTS[i % len(PROMPTS)], i % 2 == 1) for i in range(args.requests)]
 
@@ -140,9 +117,6 @@ def main(argv=None):
               f"{args.throughput_clients} clients {many:.1f} tokens/s ({nn} tokens): x{many / one:.2f}")
         with urllib.request.urlopen(url + "/health") as r:
             health = json.loads(r.read())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     # ru_maxrss: kilobytes on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     print(f"server peak memory: MLX {health['peak_memory_gb']:.3f} GB, process resident {rss:.0f} MiB; "

@@ -15,8 +15,6 @@ import base64
 import io
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,15 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from serving import served  # benchmarks/serving.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "tests" / "fixtures" / "images"
 EOS = 1  # the tiny checkpoints' <eos>
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mib(pid: int) -> tuple:
@@ -154,20 +148,8 @@ def main(argv=None):
     plan = ["good" if i % args.hostile_every else hostile[(i // args.hostile_every) % len(hostile)]
             for i in range(1, args.requests + 1)]
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlx_paligemma.server", "--model", args.model, "--port",
-                               str(port), "--log-level", "critical", *args.server_args.split()], cwd=args.source,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            if server.poll() is not None:
-                sys.exit(f"the server exited with {server.returncode}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+    with served(args.model, "--log-level", "critical", *args.server_args.split(), source=args.source,
+                quiet=True) as (url, server):
         for _ in range(5):  # warm up: compiled steps, caches
             post(url, all_kinds["good"], args.timeout)
         before = rss_mib(server.pid)
@@ -186,13 +168,7 @@ def main(argv=None):
         wall = time.perf_counter() - t0
         after = rss_mib(server.pid)
         alive = post(url, all_kinds["good"], args.timeout)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        targets.shutdown()
+    targets.shutdown()
 
     good = results["good"]
     print(f"{len(plan)} requests ({len(good)} good, {len(plan) - len(good)} hostile) from {args.clients} clients "
