@@ -106,8 +106,14 @@ def build_parser() -> ArgumentParser:
 
 
 def protocol_class():
-    """uvicorn's h11 protocol with a deadline for each request head (uvicorn has none: a connection that sends
-    nothing, or a header a byte at a time, would hold its place for ever) and its plain-text 400 as OpenAI's JSON."""
+    """uvicorn's h11 protocol with a deadline for each request head and its plain-text 400 as OpenAI's JSON.
+
+    uvicorn has no deadline for a request head (its --timeout-request-start is an open wish, uvicorn issue #157;
+    timeout_keep_alive starts only after a response and stops at the first byte), so a connection that sends
+    nothing, or a header a byte at a time, would hold its place for ever, and an ASGI app cannot help: it is called
+    once the head is whole. uvicorn's public `http=` setting takes a protocol class; this one is its h11 protocol
+    with a timer armed where a head is awaited (connection made, response complete). tests/test_hostile_server.py
+    holds both behaviours, so a uvicorn release that moves these hooks fails there, not in use."""
     import json
 
     import h11
