@@ -70,6 +70,7 @@ class Tokenizer:
             self.vocab_size += 1
         self.specials = {"<bos>": self.bos_id, "<eos>": self.eos_id, "<pad>": self.pad_id, IMAGE_TOKEN: self.image_id}
         self._written = {**control, **self.specials}
+        self._skipped = frozenset(self.specials.values())  # decode's, per token of every answer
         # Longest first: at one position the longest special token wins, as in the tokenizers library.
         pieces = sorted(self._written, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(s) for s in pieces) + ")")
@@ -87,8 +88,8 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         # Special and padded-vocabulary ids (the embedding has more rows than the tokenizer has pieces) print as
         # nothing.
-        skip = set(self.specials.values())
-        return self._decode([int(i) for i in ids if int(i) not in skip and 0 <= int(i) < self.vocab_size])
+        skip, vocab = self._skipped, self.vocab_size
+        return self._decode([i for i in map(int, ids) if i not in skip and 0 <= i < vocab])
 
 
 def check_processor_keywords(return_tensors, padding, unknown: dict) -> None:
