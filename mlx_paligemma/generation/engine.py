@@ -368,9 +368,12 @@ class Engine:
             # of picking (greedy, sampled, beams), and the log-probabilities are the constrained distribution's.
             mx.async_eval(logits)
             logits = apply_masks(logits, constraints, lambda i, e: rows[i].strategy.fail(e, rows[i].constraint.field))
-        logprobs = log_softmax(logits)
         parents = list(range(len(rows)))
         greedy = all(r.strategy.greedy for r in rows)
+        k = max(r.request.settings.logprobs or 0 for r in rows)
+        # Greedy rows pick by the logits, and those asked for their tokens' log-probabilities alone get them from the
+        # logits too: the whole log-softmax is built only where something reads it.
+        logprobs = None if greedy and not k else log_softmax(logits)
         if greedy:
             tokens = mx.argmax(logits, axis=-1)
         # Rows given one sampler callable (generate_tokens') are sampled together by it.
@@ -394,10 +397,8 @@ class Engine:
             r.picked += 1
         if constrained:
             self._advance(rows, parents, tokens.tolist())
-        k = max(r.request.settings.logprobs or 0 for r in rows)
-        # Rows that nobody asked log-probabilities of skip them when greedy (their softmax is not needed to pick).
         wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
-        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting, alone=greedy and not k))
+        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting))
         if k:
             picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
         return picked, parents

@@ -31,15 +31,15 @@ def _some_token_logprobs(logits: mx.array, index: mx.array, tokens: mx.array) ->
     return mx.zeros(tokens.shape, mx.float32).at[index].add(mine)
 
 
-def rows_token_logprobs(logits: mx.array, logprobs: mx.array, tokens: mx.array, wanting: List[int],
-                        alone: bool) -> Optional[mx.array]:
+def rows_token_logprobs(logits: mx.array, logprobs: Optional[mx.array], tokens: mx.array,
+                        wanting: List[int]) -> Optional[mx.array]:
     """(B,): the log-probability of each row's token for the rows in `wanting` (zeros that nobody reads for the
-    others), or None for none. A softmax over the vocabulary per row and step costs a small model on a CPU a quarter
-    of its decode time: with `alone` (`logprobs` is not evaluated otherwise), only the wanting rows' are computed,
-    so that a detect row's scores beside seven captions cost one row's logsumexp, not eight softmaxes."""
+    others), or None for none. From `logprobs` where the step has them; else (greedy rows) from the wanting rows'
+    logits alone: a softmax over the vocabulary per row and step costs a small model on a CPU a quarter of its decode
+    time, so a detect row's scores beside seven captions cost one row's logsumexp, not eight softmaxes."""
     if not wanting:
         return None
-    if not alone:
+    if logprobs is not None:
         return token_logprobs(logprobs, tokens)
     return _some_token_logprobs(logits, mx.array(wanting), tokens)
 
