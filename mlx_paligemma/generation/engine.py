@@ -187,7 +187,8 @@ class Engine:
             raise InputError(f"a continuation of {max(map(len, request.forced))} tokens after a prompt of "
                              f"{len(request.prompt_ids)} runs past the model's context of {self.context}",
                              param="forced")
-        if request.settings.logit_bias and not all(isinstance(t, int) and 0 <= t < vocab for t in request.settings.logit_bias):
+        bias = request.settings.logit_bias
+        if bias and not all(isinstance(t, int) and 0 <= t < vocab for t in bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
         check_size(request, self.context)
         self.waiting += strategy_for(self, uid, request).rows

@@ -172,8 +172,8 @@ class Sampled(Strategy):
         if request.sampler is not None:
             token = request.sampler(logprobs)
         else:
-            token, row.key = sample(logprobs, request.settings.temperature, row.key, request.settings.top_p, request.settings.min_p,
-                                    request.settings.top_k)
+            s = request.settings
+            token, row.key = sample(logprobs, s.temperature, row.key, s.top_p, s.min_p, s.top_k)
         if row.processors:
             # The penalty looks at the last repetition_context_size tokens only: keep no more.
             row.history = mx.concatenate([row.history, token])[-request.settings.repetition_context_size:]
@@ -245,9 +245,9 @@ class Beams(Strategy):
 
     def __init__(self, engine, uid: int, request: Request):
         super().__init__(engine, uid, request)
-        self.group = BeamGroup(request.settings.num_beams, request.settings.length_penalty, request.settings.early_stopping, engine.eos_id,
-                               self.limit)
-        self.rows = [Row(uid, request, self, i, constraint=own(request.constraint)) for i in range(request.settings.num_beams)]
+        s = request.settings
+        self.group = BeamGroup(s.num_beams, s.length_penalty, s.early_stopping, engine.eos_id, self.limit)
+        self.rows = [Row(uid, request, self, i, constraint=own(request.constraint)) for i in range(s.num_beams)]
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
         group = [i for i, _ in members]
