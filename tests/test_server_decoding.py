@@ -100,6 +100,16 @@ def test_logprobs_off_and_without_alternatives(server, client, loaded):
     assert all(e.top_logprobs == [] for e in r.choices[0].logprobs.content)
 
 
+@pytest.mark.parametrize("body, want", [({}, None), ({"logprobs": False}, None), ({"logprobs": True}, 0),
+                                        ({"logprobs": True, "top_logprobs": 3}, 3)])
+def test_the_engine_is_asked_for_logprobs_only_when_the_client_is(body, want):
+    """A plain request's greedy rows compute no log-probabilities (a softmax over the vocabulary per step); the
+    engine itself asks them for detect/segment rows, whose objects are scored."""
+    from mlx_paligemma.server.chat import Limits, settings
+
+    assert settings({"messages": [], **body}, Limits(), logprobs=bool(body.get("logprobs")))["logprobs"] == want
+
+
 def test_beam_choices_carry_their_tokens_logprobs(server, client, loaded):
     """A beam search's choices: each sequence's tokens with the log-probabilities the API gives them."""
     r = create(client, max_tokens=10, n=2, logprobs=True, extra_body={"num_beams": 3})

@@ -310,7 +310,9 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
                top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
                min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
                seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits),
-               logprobs=top or 0, num_beams=beams, length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
+               # None unless asked: a greedy row that nobody reads log-probabilities of computes none
+               logprobs=(top or 0) if logprobs else None, num_beams=beams,
+               length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
                early_stopping=value("early_stopping", defaults.EARLY_STOPPING), best_of=best_of)
     given = [name for name in CONSTRAINTS if body.get(name) is not None and body[name] is not False
              and body[name] != {"type": "text"}]  # plain text is no constraint
