@@ -160,7 +160,10 @@ def test_ctrl_c_plots_the_curves_so_far(tmp_path):
     run = subprocess.Popen(COMMAND + options("--data", str(data), "--iters", "1000", "--steps-per-report", "1",
                                              "--adapter-path", str(tmp_path / "a")),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           # Ctrl-C's default meaning, even under a parent that ignores SIGINT (a shell's background
+                           # job does): a process started so keeps ignoring it, as nohup users expect.
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     guard = threading.Timer(300, run.kill)
     guard.start()
     try:
