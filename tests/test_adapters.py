@@ -68,6 +68,12 @@ def loaded_alone(trained) -> dict:
             for adapter in [None, *TEACH]}
 
 
+def texts_alone(trained) -> dict:
+    """{adapter: the 8-token answers to PROMPTS} of each adapter loaded alone: what a command or the server must give."""
+    return {adapter: [mp.generate(*loaded, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
+            for adapter, loaded in loaded_alone(trained).items()}
+
+
 @pytest.fixture(scope="module")
 def alone(trained):
     """Each adapter loaded alone (and the base with none): the answers every mixed batch must reproduce."""

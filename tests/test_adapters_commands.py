@@ -5,9 +5,8 @@ import json
 
 import pytest
 
-import mlx_paligemma as mp
 from mlx_paligemma import batch
-from test_adapters import PROMPTS, TEACH, loaded_alone, train_adapters
+from test_adapters import PROMPTS, TEACH, texts_alone, train_adapters
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +16,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(trained):
-    return {adapter: [mp.generate(*loaded, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
-            for adapter, loaded in loaded_alone(trained).items()}
+    return texts_alone(trained)
 
 
 def test_batch_runs_each_item_through_its_adapter(trained, alone, tmp_path, capsys):

@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-import mlx_paligemma as mp
-from test_adapters import PROMPTS, loaded_alone, train_adapters
+from test_adapters import PROMPTS, texts_alone, train_adapters
 from test_server import KEY, Server, call, message
 
 BASE = "tiny"  # --served-model-name
@@ -23,8 +22,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alone(trained):
-    return {adapter: [mp.generate(*loaded, image, prompt, max_tokens=8).text for image, prompt in PROMPTS]
-            for adapter, loaded in loaded_alone(trained).items()}
+    return texts_alone(trained)
 
 
 @pytest.fixture(scope="module")
