@@ -23,6 +23,11 @@ class InputError(ValueError):
         self.param = param
 
 
+class Conflict(InputError):
+    """Refused for what is loaded or running now, not for what was asked (an adapter name taken, every adapter
+    place taken, an adapter in use): the server's 409, told by its type, not its words."""
+
+
 def cause(e: Exception) -> str:
     """The first line of an exception's message, or its type when it has none; an object's repr in it
     (`<_io.BytesIO object at 0x7f...>`, which PIL puts in its messages) becomes the object's type."""

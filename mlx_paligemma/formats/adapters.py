@@ -76,7 +76,7 @@ def load_adapter(model: nn.Module, name: str, folder) -> dict:
     try:
         info = add_adapter(model, name, weights, scale)
     except InputError as e:
-        raise InputError(f"adapter {name!r} ({folder}): {e}") from None
+        raise type(e)(f"adapter {name!r} ({folder}): {e}", e.param) from None  # a Conflict stays one
     info["path"] = str(folder)
     return info
 

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from ..errors import InputError
+from ..errors import Conflict, InputError
 from ..formats.adapters import load_adapter
 from ..models.adapters import adapter_names, adapter_set, remove_adapter
 
@@ -82,6 +82,6 @@ def unload_at_run_time(engine, name: str) -> None:
     if name not in adapter_names(engine.model):
         check_adapter(engine.model, name)
     if in_use(engine, name):
-        raise InputError(f"adapter {name!r} is in use by a running or waiting request: try again when it ends")
+        raise Conflict(f"adapter {name!r} is in use by a running or waiting request: try again when it ends")
     remove_adapter(engine.model, name)
     _changed(engine.model)

@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from ..errors import InputError
+from ..errors import Conflict, InputError
 
 MAX_ADAPTERS = 16  # adapters loaded beside one base at most: every one costs memory and each row's products
 ADAPTED = "language_model.model.layers."  # per-row adapters adapt decoder linears only (image features are shared)
@@ -183,9 +183,9 @@ def add_adapter(model: nn.Module, name: str, weights: Dict[str, mx.array], scale
         raise InputError(f"the adapter's scale must be a finite number, got {scale!r}")
     found = adapter_set(model, create=True)
     if name in found.info:
-        raise InputError(f"an adapter named {name!r} is loaded already")
+        raise Conflict(f"an adapter named {name!r} is loaded already")
     if len(found.info) >= MAX_ADAPTERS:
-        raise InputError(f"at most {MAX_ADAPTERS} adapters beside one base; {len(found.info)} are loaded")
+        raise Conflict(f"at most {MAX_ADAPTERS} adapters beside one base; {len(found.info)} are loaded")
     checked = check_weights(model, weights)
     before = stacked_bytes(model)
     index = found.names.index(None) if None in found.names else len(found.names)

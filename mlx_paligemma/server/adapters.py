@@ -18,8 +18,8 @@ from typing import Callable, List, Optional
 from starlette.requests import Request
 from starlette.routing import Route
 
-from ..errors import InputError
-from ..generation.adapters import in_use, load_at_run_time, unload_at_run_time
+from ..errors import Conflict, InputError
+from ..generation.adapters import load_at_run_time, unload_at_run_time
 from ..models.adapters import MAX_ADAPTERS, adapter_set
 from .chat import ApiError, parse_json
 from .worker import QueueFull, Worker
@@ -38,11 +38,15 @@ def listed(model, parent: str) -> List[dict]:
             for name, info in found.info.items()]
 
 
+def adapter_json(name: str, info: dict) -> dict:
+    """One loaded adapter as /v1/adapters shows it (models.adapters' info, its folder added by formats.adapters)."""
+    return {"name": name, "path": info.get("path"), "rank": info["rank"], "scale": info["scale"],
+            "layers": len(info["layers"]), "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
+
+
 def described(model) -> List[dict]:
     found = adapter_set(model)
-    return [{"name": name, "path": info.get("path"), "rank": info["rank"], "scale": info["scale"],
-             "layers": len(info["layers"]), "memory_bytes": info["bytes"], "added_bytes": info["added_bytes"]}
-            for name, info in (found.info.items() if found else [])]
+    return [adapter_json(name, info) for name, info in (found.info.items() if found else [])]
 
 
 def inside(root: Path, given) -> Path:
@@ -107,24 +111,17 @@ def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, 
         try:
             info = await on_worker(lambda engine: load_at_run_time(engine, name, folder))
         except InputError as e:
-            raise ApiError(409 if "loaded already" in str(e) or f"at most {MAX_ADAPTERS}" in str(e) else 400,
-                           str(e), param="path") from None
-        return respond({"name": name, "path": info["path"], "rank": info["rank"], "scale": info["scale"],
-                        "layers": len(info["layers"]), "memory_bytes": info["bytes"],
-                        "added_bytes": info["added_bytes"]})
+            raise ApiError(409 if isinstance(e, Conflict) else 400, str(e), param="path") from None
+        return respond(adapter_json(name, info))
 
     async def unload(request: Request):
         guard(request, loading=False)
         name = request.path_params["name"]
 
-        def drop(engine):
-            if in_use(engine, name):
-                raise ApiError(409, f"adapter {name!r} is in use by a running or waiting request: try again when it "
-                                    "ends", code="adapter_in_use")
-            unload_at_run_time(engine, name)
-
         try:
-            await on_worker(drop)
+            await on_worker(lambda engine: unload_at_run_time(engine, name))
+        except Conflict as e:
+            raise ApiError(409, str(e), code="adapter_in_use") from None
         except InputError as e:
             raise ApiError(404, str(e), param="name", code="model_not_found") from None
         return respond({"name": name, "deleted": True})
