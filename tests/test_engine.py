@@ -219,6 +219,17 @@ def test_bad_settings_are_one_line(loaded, settings, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("settings", [{"max_tokens": 5}, None, "max_tokens=5", 5])
+def test_a_request_takes_checked_settings_only(settings):
+    """A Request's settings are check_settings' Settings: a dict or anything else is one line naming `settings`,
+    before an engine sees it (no unchecked value reaches the strategies)."""
+    from mlx_paligemma.generation.request import Request
+
+    with pytest.raises(InputError, match="check_settings") as e:
+        Request([2, 3], settings=settings)
+    assert e.value.param == "settings" and "\n" not in str(e.value)
+
+
 def test_logits_processors_change_tokens_as_documented(loaded, cases):
     model, processor = loaded
     _, _, images, text = prompts_of(cases)[0]
