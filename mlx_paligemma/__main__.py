@@ -15,6 +15,11 @@ COMMANDS = {
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--version"]:
+        from .cli import version_line
+
+        print(version_line())
+        return 0
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         from .cli import run_main
 
@@ -28,7 +33,7 @@ def main() -> int:
     print("mlx-paligemma: PaliGemma 1 and 2 in MLX. Commands (each also mlx-paligemma-NAME):\n")
     for name, what in COMMANDS.items():
         print(f"  python -m mlx_paligemma.{name:<9} {what}")
-    print("\nEach takes --help. Docs: README.md and docs/ in the repository.")
+    print("\nEach takes --help and --version. Docs: README.md and docs/ in the repository.")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Callable, List, Optional
 
 from . import defaults
 from .errors import InputError
+from .extras import VERSION
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -35,15 +36,16 @@ NEIGHBOURS = {"--max-new-tokens": "--max-tokens", "--max-length": "--max-tokens"
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with every default shown in --help, the usage line naming the command as it is typed
-    (`python -m mlx_paligemma.generate`, or the `mlx-paligemma-generate` console script), no abbreviated flags
-    (a mistyped `--adapter` is an error, not `--adapter-path`), an unknown flag answered with the likeliest one meant,
-    and a bad option reported as one InputError line instead of usage lines and exit code 2."""
+    (`python -m mlx_paligemma.generate`, or the `mlx-paligemma-generate` console script), `--version`, no
+    abbreviated flags (a mistyped `--adapter` is an error, not `--adapter-path`), an unknown flag answered with the
+    likeliest one meant, and a bad option reported as one InputError line instead of usage lines and exit code 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("prog", command_name(sys._getframe(1).f_globals.get("__spec__")))
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line())
 
     def parse_args(self, args=None, namespace=None):
         args, unknown = self.parse_known_args(args, namespace)
@@ -56,6 +58,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise InputError(f"{message} (see --help)")
+
+
+def version_line() -> str:
+    """What `--version` prints, on every command and on `python -m mlx_paligemma`: the installed package's version."""
+    return f"mlx-paligemma {VERSION}"
 
 
 def did_you_mean(unknown: List[str], flags: List[str]) -> str:

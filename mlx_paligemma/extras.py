@@ -1,8 +1,15 @@
-"""The install extras of pyproject.toml, the modules each brings, and the one line that names a missing one."""
+"""What pyproject.toml says of the package, as installed: its version, its install extras, the modules each extra
+brings, and the one line that names a missing one."""
 
 import importlib
+from importlib import metadata
 
 from .errors import InputError
+
+try:
+    VERSION = metadata.version("mlx-paligemma")
+except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed: no metadata to read
+    VERSION = "unknown (not installed)"
 
 # Each extra and the modules it brings (a module that is imported only deep inside a package is named whole, so
 # that a package that is there but broken is found out here, not after the work).

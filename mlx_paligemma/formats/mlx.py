@@ -10,7 +10,7 @@ import reprlib
 import shutil
 import struct
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Dict, List, Optional
 
 import mlx.core as mx
@@ -36,18 +36,29 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def get_model_path(path_or_repo: str, revision: Optional[str] = None) -> Path:
-    """A local folder, or a hub repo (at `revision`: a branch, tag or commit) downloaded to the hub cache."""
-    path = Path(path_or_repo).expanduser()
+    """A local folder, or a hub repo (at `revision`: a branch, tag or commit) downloaded to the hub cache. A name
+    that only a local path can be is never sent to the hub: a missing folder is reported as one."""
+    name = str(path_or_repo)
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
-        raise InputError(f"model folder not found: {path_or_repo}")
+    if path.exists():
+        raise InputError(f"{name} is a file, not a model folder")
+    if local_only(name):
+        raise InputError(f"local model folder not found: {name}")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
     except Exception as e:
-        raise InputError(f"cannot get {path_or_repo} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+        raise InputError(f"no local folder {name}, and the Hugging Face hub does not give it: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
+def local_only(name: str) -> bool:
+    """Whether `name` cannot be a hub id (`owner/name`): it starts as a path does (`.`, `/`, `~`), has other than
+    two parts, or its parent is a folder here (`models/my-model` beside a `models` folder)."""
+    return name.startswith((".", "/", "~")) or len(PurePath(name).parts) != 2 or Path(name).parent.is_dir()
 
 
 def read_config(path: Path) -> dict:
