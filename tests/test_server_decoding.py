@@ -359,7 +359,7 @@ def test_token_bytes_join_to_the_decoded_text(tmp_path, kind):
     import shutil
 
     from mlx_paligemma.processing.processor import Tokenizer
-    from mlx_paligemma.server.worker import piece
+    from mlx_paligemma.processing.tokens import piece
 
     shutil.copy(FIXTURES / "paligemma-tiny" / kind, tmp_path / kind)
     tokenizer = Tokenizer(tmp_path)

@@ -10,7 +10,6 @@ one of its requests is cancelled meanwhile or the shutdown's grace is over, so n
 """
 
 import asyncio
-import re
 import threading
 import time
 from concurrent.futures import Future
@@ -23,6 +22,7 @@ from .. import defaults
 from ..tasks.detection import ObjectReader, objects_to_json
 from ..generation.engine import Engine
 from ..errors import InputError
+from ..processing.tokens import logprob_entry
 
 
 class QueueFull(Exception):
@@ -297,34 +297,11 @@ class Worker(threading.Thread):
                 self._finish(handle)
 
     def _logprob(self, token: int, logprob: float, top: list) -> dict:
-        """OpenAI's logprobs.content entry of one token, with its top alternatives."""
-        return {**piece(self.processor.tokenizer, token), "logprob": logprob,
-                "top_logprobs": [{**piece(self.processor.tokenizer, t), "logprob": v} for t, v in top]}
+        """OpenAI's logprobs.content entry of one token, with its top alternatives (and each token's id)."""
+        return logprob_entry(self.processor.tokenizer, token, logprob, top)
 
 
 def choices(job: Job) -> dict:
     """How the request makes its n choices: a beam search (best_of) returns its n best, otherwise n sampled rows
     (seeds seed, seed+1, ..., so choice i is what a request of seed+i answers alone)."""
     return {"num_return_sequences": job.n} if job.beams else {"n": job.n}
-
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def piece(tokenizer, token: int) -> dict:
-    """OpenAI's token and bytes of an id: its sentencepiece piece with "\u2581" as a space; a byte-fallback piece
-    <0xNN> is that byte (its token "bytes:\\xNN" when it is not a character alone). Special tokens (<eos>, ...)
-    print as nothing in the answer: their bytes are null, as OpenAI's for a token without bytes, and so are those
-    of ids beyond the tokenizer's pieces (a padded embedding), whose token is empty."""
-    special = [name for name, i in tokenizer.specials.items() if i == token]  # <image> may have no piece
-    if special:
-        return {"token": special[0], "bytes": None}
-    text = tokenizer.id_to_piece(token) if 0 <= token < tokenizer.vocab_size else None
-    if text is None:
-        return {"token": "", "bytes": None}
-    byte = _BYTE_PIECE.fullmatch(text)
-    if byte:
-        value = int(byte.group(1), 16)
-        return {"token": chr(value) if value < 128 else f"bytes:\\x{value:02x}", "bytes": [value]}
-    text = text.replace("\u2581", " ")
-    return {"token": text, "bytes": list(text.encode("utf-8"))}
