@@ -306,7 +306,8 @@ def generate_tokens(
     with engine.running():
         while engine.has_work:
             outputs = sorted(engine.step(), key=lambda o: o.uid)
-            yield mx.array([o.token for o in outputs])
+            if outputs:  # a step may do prefill work only
+                yield mx.array([o.token for o in outputs])
 
 
 def generate_step(*args, **kwargs) -> Generator[mx.array, None, None]:

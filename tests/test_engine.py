@@ -8,6 +8,7 @@ import pytest
 import mlx_paligemma as mp
 from conftest import FIXTURES, images_of
 from mlx_paligemma.generation.engine import Detokenizer, Engine, byte_ids
+from mlx_paligemma.generation.prefill import Prefill
 from mlx_paligemma.errors import InputError
 from mlx_paligemma.processing.processor import PaliGemmaProcessor
 
@@ -373,8 +374,9 @@ def test_n_choices_share_one_prefill_and_are_each_seeds_answer(loaded, cases, mo
         uid = engine.submit(images, text, seed=7 + i, **settings)
         alone.append(run(engine)[0][uid])
     prefills = []
-    real = Engine._prefill
-    monkeypatch.setattr(Engine, "_prefill", lambda self, rows: prefills.append(len(rows)) or real(self, rows))
+    real = Prefill.__init__
+    monkeypatch.setattr(Prefill, "__init__", lambda self, model, rows, *a, **k: prefills.append(len(rows)) or real(
+        self, model, rows, *a, **k))
     engine = Engine(model, processor, batch_size=8)
     engine.submit(images, text, seed=7, n=4, **settings)
     with engine.running():

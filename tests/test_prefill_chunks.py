@@ -1,127 +1,114 @@
-"""The prefill in pieces: the image features, then each layer's blocks of queries and the layer. Evaluated piece
-by piece it gives the numbers of one pass, bit for bit, and transformers' logits; the engine gives a prefill up
-between two pieces when its owner says so (a cancelled request, a shutdown), and the rows then wait again, whole."""
-
-import math
+"""The prefill in pieces (generation/prefill.py): one image's encoding, one block of a layer's tokens. Its numbers
+are one pass's and transformers'; the engine's answers do not depend on how many steps a prefill took; a running
+row gets its token at every step while a long prompt is prefilled beside it; a cancelled prefill is dropped at
+once."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import images_of
+from mlx_paligemma.generation import prefill as prefill_module
 from mlx_paligemma.generation.engine import Engine
-from mlx_paligemma.models import language
+from mlx_paligemma.generation.features import FeatureCache
+from mlx_paligemma.generation.prefill import Prefill
+from mlx_paligemma.generation.request import Request
+from mlx_paligemma.generation.settings import Settings
+from mlx_paligemma.generation.strategies import strategy_for
 
-SMALL_CHUNK = 8  # queries per attention block in these tests: prompts of ~40 tokens then take several blocks
+SMALL_BLOCK = 8  # tokens a piece in these tests: prompts of ~40 tokens then take several blocks
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(language, "ATTENTION_CHUNK", SMALL_CHUNK)
-
-
-def pieces(model, length: int, images: int) -> int:
-    """What `between` sees in a prefill of `length` tokens: the image features once, then per layer each block of
-    queries and the layer's output."""
-    layers = len(model.language_model.model.layers)
-    return (1 if images else 0) + layers * (math.ceil(length / language.ATTENTION_CHUNK) + 1)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(prefill_module, "TOKEN_BLOCK", SMALL_BLOCK)
 
 
 @pytest.mark.parametrize("name", ["single", "two_images", "batch"])
-def test_pieces_give_the_numbers_of_one_pass_and_of_transformers(loaded, reference, small_chunks, name):
-    model, _ = loaded
-    ids, pixels = mx.array(reference[f"{name}/input_ids"]), mx.array(reference[f"{name}/pixel_values"])
-    mask = mx.array(reference[f"{name}/attention_mask"])
-    types = mx.array(reference[f"{name}/token_type_ids"])
-    one_pass = model(ids, pixels, attention_mask=mask, token_type_ids=types)
-    mx.eval(one_pass)
-    seen = []
+def test_pieces_give_the_logits_of_one_pass_and_of_transformers(loaded, reference, small_blocks, name):
+    model, processor = loaded
+    ids, pixels = np.array(reference[f"{name}/input_ids"]), np.array(reference[f"{name}/pixel_values"])
+    mask = np.array(reference[f"{name}/attention_mask"]).astype(bool)
+    one_pass = model(mx.array(ids), mx.array(pixels), attention_mask=mx.array(mask.astype(np.int32)),
+                     token_type_ids=mx.array(reference[f"{name}/token_type_ids"]))[:, -1]
+    per_row = len(pixels) // len(ids)
+    engine = Engine(model, processor, batch_size=len(ids))
+    rows = []
+    for i, (row, keep) in enumerate(zip(ids, mask)):
+        request = Request(row[keep].tolist(), pixels[i * per_row : (i + 1) * per_row], settings=Settings())
+        rows += strategy_for(engine, i, request).rows
+    prefill = Prefill(model, rows, FeatureCache(), 0, None, 64, alone=False)
+    pieces = 0
+    while not prefill.done:
+        prefill.advance()
+        pieces += 1
+    layers = len(model.language_model.model.layers)
+    blocks = -(-ids.shape[1] // SMALL_BLOCK)
+    assert pieces == len(pixels) + layers * (2 * blocks + 1) + 1
+    np.testing.assert_allclose(np.array(prefill.logits), np.array(one_pass), atol=1e-5, rtol=0)
+    expected = reference[f"{name}/logits"][:, -1]
+    np.testing.assert_allclose(np.array(prefill.logits), expected, atol=1e-4, rtol=0)
 
-    def between(piece):
-        mx.eval(piece)
-        seen.append(piece.shape)
 
-    pieced = model(ids, pixels, attention_mask=mask, token_type_ids=types, between=between)
-    assert len(seen) == pieces(model, ids.shape[1], pixels.shape[0]) > 2 * len(model.language_model.model.layers)
-    np.testing.assert_array_equal(np.array(pieced), np.array(one_pass))
-    real = np.array(mask).astype(bool)
-    expected = reference[f"{name}/logits"]
-    np.testing.assert_allclose(np.array(pieced)[real], expected[real], atol=1e-4, rtol=0)
-
-
-def generate(model, processor, cases, interrupt=None, **settings):
-    """Tokens and log-probabilities of every prompt of the batch case (and the two-image one), by uid."""
-    engine = Engine(model, processor, batch_size=4)
-    engine.interrupt = interrupt
+def generate(model, processor, cases, budget=None, **settings):
+    """Tokens and log-probabilities of every prompt of the batch case (and the two-image one), by uid, and the
+    number of steps taken."""
+    engine = Engine(model, processor, batch_size=4, **({} if budget is None else {"prefill_budget": budget}))
     for name in ("batch", "two_images"):
         for images, text in zip(images_of(cases[name]), cases[name]["text"]):
             engine.submit(images, text, max_tokens=6, **settings)
     out = {}
     with engine.running():
-        for _ in range(200):
+        for _ in range(500):
             if not engine.has_work:
                 break
             for o in engine.step():
                 sequences = [(s.tokens, s.logprobs) for s in o.sequences or ()]  # a beam search's, at its end
                 out.setdefault(o.uid, []).append((o.token, o.logprob, tuple(o.top_logprobs or ()), sequences))
     assert not engine.has_work
-    return out
+    return out, engine.steps
 
 
 @pytest.mark.parametrize("settings", [{"logprobs": 2}, {"num_beams": 2},
                                       {"n": 2, "temperature": 1.0, "seed": 3, "logprobs": 2}],
                          ids=["greedy", "beams", "n"])
-def test_engine_asked_between_pieces_answers_as_one_pass(loaded, cases, small_chunks, settings):
+def test_a_prefill_over_many_steps_answers_as_in_one(loaded, cases, small_blocks, settings):
     model, processor = loaded
-    asked = []
-    pieced = generate(model, processor, cases, lambda uids: asked.append(set(uids)) or False, **settings)
-    assert len(asked) > 4 and set.union(*asked) == set(pieced)  # every request's prefill was looked at
-    assert pieced == generate(model, processor, cases, **settings)
+    pieced, steps = generate(model, processor, cases, budget=0, **settings)
+    whole, whole_steps = generate(model, processor, cases, budget=60, **settings)
+    assert steps > whole_steps  # a piece a step beside running rows: the prefills were spread over more steps
+    assert pieced == whole
 
 
-def test_an_interrupted_prefill_waits_again_and_then_answers_the_same(loaded, cases, small_chunks):
-    model, processor = loaded
-    case = cases["two_images"]
-    (images,), (text,) = images_of(case), case["text"]
-
-    def run(interrupt_at=None):
-        engine = Engine(model, processor, batch_size=2)
-        calls = []
-
-        def interrupt(uids):
-            calls.append(uids)
-            return len(calls) == interrupt_at
-
-        engine.interrupt = interrupt
-        uid = engine.submit(images, text, max_tokens=5, logprobs=1)
-        tokens = []
-        with engine.running():
-            if interrupt_at is not None:
-                assert engine.step() == []  # given up at the chosen piece: nothing decoded, the row waits again
-                assert len(calls) == interrupt_at and [r.uid for r in engine.waiting] == [uid] and not engine.batches
-            for _ in range(50):
-                if not engine.has_work:
-                    break
-                tokens += [(o.token, o.logprob) for o in engine.step()]
-        return tokens, len(calls)
-
-    alone, calls = run()
-    assert calls == pieces(model, len(processor(images=[images], text=text)["input_ids"][0]), 2)
-    for at in (1, 2, calls):  # after the features, within the first layer, after the last piece
-        assert run(at)[0] == alone
-
-
-def test_a_cancelled_request_in_a_prefill_is_given_up_within_a_piece(loaded, cases, small_chunks):
-    """The owner of the engine (the server's worker) cancels between steps; during a prefill it answers `interrupt`
-    with what it was told meanwhile. The request is then cancelled before any of its tokens."""
+def test_a_running_row_gets_a_token_every_step_while_a_long_prompt_prefills(loaded, cases, small_blocks):
     model, processor = loaded
     case = cases["single"]
-    engine = Engine(model, processor, batch_size=2)
+    (images,), (text,) = images_of(case), case["text"]
+    engine = Engine(model, processor, batch_size=4, prefill_budget=0)
+    short = engine.submit(images, text, max_tokens=1000, stop_at_eos=False)
+    with engine.running():
+        for _ in range(50):
+            if engine.step():
+                break
+        long = engine.submit(images, "describe en " + "cat " * 200, max_tokens=2)
+        gaps, firsts = 0, None
+        for _ in range(200):
+            outputs = engine.step()
+            gaps += not any(o.uid == short for o in outputs)
+            if any(o.uid == long for o in outputs):
+                firsts = engine.steps
+                break
+    assert firsts is not None and firsts > 20  # the long prefill took many steps ...
+    assert gaps == 0  # ... and the running row had its token at every one of them
+
+
+def test_a_cancelled_request_in_a_prefill_is_dropped_at_once(loaded, cases, small_blocks):
+    model, processor = loaded
+    case = cases["single"]
+    engine = Engine(model, processor, batch_size=2, prefill_budget=0)
     (images,), (text,) = images_of(case), case["text"]
     victim = engine.submit(images, text, max_tokens=5)
-    calls = []
-    engine.interrupt = lambda uids: calls.append(uids) or len(calls) >= 3
     with engine.running():
-        assert engine.step() == [] and len(calls) == 3
+        assert engine.step() == [] and engine.prefilling == 1
         engine.cancel(victim)
         assert not engine.has_work

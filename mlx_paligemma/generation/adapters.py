@@ -58,9 +58,8 @@ def per_prompt(adapter: Union[None, str, Sequence[Optional[str]]], n: int) -> Li
 
 
 def in_use(engine, name: str) -> bool:
-    """Whether a row of the engine, waiting or running, runs through adapter `name`."""
-    rows = engine.waiting + [r for b in engine.batches for r in b.rows]
-    return any(r.request.settings.adapter == name for r in rows)
+    """Whether a row of the engine, waiting, prefilling or running, runs through adapter `name`."""
+    return any(r.request.settings.adapter == name for r in engine.rows())
 
 
 def _changed(model) -> None:

@@ -1,22 +1,24 @@
 """The generation engine: every prompt is a row of one batch that shares each decode step.
 
-A row's prefix (image tokens, bos, prompt, "\\n") goes through the decoder whole, on a cache of its own, so its
-bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. The prefill runs in
-pieces (the image features, then each layer's blocks of queries and the layer), between which the engine's owner may
-give it up (`interrupt`: a cancelled request, a shutdown), so a long prefix holds nothing up for more than a piece.
-The new rows' keys and values then join the running batch's buffers, every row right-aligned, and from there on a
-compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
-context) or are cancelled, and waiting prompts join at the next step: continuous batching. One prompt is simply a
+The engine schedules work, not requests. One step is one decode step of the running rows plus at most
+`prefill_budget` seconds of other work: pieces of the prefills under way (prefill.py: one image's encoding, one
+block of a layer's tokens), taken in turn. So a long prompt arriving holds the running rows up for one budget a step,
+never for its whole prefill, and a short prompt arriving beside it is not queued behind it; a request alone runs its
+prefill a layer at a time, at full speed. A row's prefix goes through the decoder whole, on its own, so its
+bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. When its prefill is
+done a row joins the running rows' KV buffers (kv_buffers.py, the one cache from prefill to decode) and from there on
+a compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
+context) or are cancelled, and waiting prompts join as others leave: continuous batching. One prompt is simply a
 batch of one.
 
 A request (request.py) is one row, or several sharing one prefill of their prompt, decoded by the strategy of its
 kind (strategies.py: sampled or greedy rows and n choices, best_of, beams, forced rows for scoring), and ends with
-one Result (results.py) on its last Output. A row may carry a constraint (structured output), a token mask applied
-before any picking; constrained and free rows share steps. Every token comes with its log-probability. What a
-request's own parts raise (its constraint, sampler, processors) ends that request alone, with the error in its
-Result. Below the engine: constraints.py (the masks), sampling.py (samplers, log-probabilities), beams.py
-(transformers' beam bookkeeping), kv_buffers.py (the KV buffers and the compiled step), detokenizer.py,
-features.py (the image-feature cache).
+one Result (results.py) on its last Output: every accepted request ends, within its max_tokens steps. A row may
+carry a constraint (structured output), a token mask applied before any picking; constrained and free rows share
+steps. What a request's own parts raise (its constraint, sampler, processors) or produce (logits that are not
+finite) ends that request alone, with the error in its Result. Below the engine: prefill.py, constraints.py (the
+masks), sampling.py (samplers, log-probabilities), beams.py (transformers' beam bookkeeping), kv_buffers.py (the KV
+buffers and the compiled step), detokenizer.py, features.py (the image-feature cache).
 
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
@@ -27,9 +29,10 @@ features.py (the image-feature cache).
 """
 
 import itertools
+import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -40,29 +43,28 @@ from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
-from .kv_buffers import KVBuffers, decode_step, round_up
-from ..models.adapters import row_adapters
+from .kv_buffers import KVBuffers, decode_step
 from ..models.paligemma import PaliGemma
 from ..processing.answer_format import has_objects
 from ..errors import InputError
 from ..processing.processor import PaliGemmaProcessor
+from .prefill import Prefill
 from .request import Request
 from .settings import Settings, check_settings
 from .results import Output, Result
 from .sampling import Picked, log_softmax, rows_token_logprobs, top_logprobs
 from .strategies import Row, strategy_for
 
-__all__ = ["Engine", "Interrupted", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache",
+__all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache",
            "feature_cache", "BeamSequence"]
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a
 # prefill grow with it, and a batch of 448 or 896 px prompts prefilled at once would add gigabytes to the peak.
 PREFILL_TOKENS = 2048
-
-
-class Interrupted(Exception):
-    """A prefill given up between two of its pieces, because the engine's `interrupt` said so."""
+# Seconds of prefill work an engine step does beside its running rows' decode step (at least one piece): the most a
+# running row waits between two tokens, beyond its own step, whatever arrives. Chosen by measurement (docs/SPEED.md).
+PREFILL_BUDGET = 0.1
 
 
 def check_size(request: Request, context: int) -> None:
@@ -114,7 +116,8 @@ class Engine:
     decode step for the whole batch (admitting waiting requests first) and returns what each row produced."""
 
     def __init__(self, model: PaliGemma, processor: Optional[PaliGemmaProcessor] = None, batch_size: int = 8,
-                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS, batch_invariant: bool = False):
+                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS, batch_invariant: bool = False,
+                 prefill_budget: float = PREFILL_BUDGET):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.model, self.processor, self.batch_size, self.prefill_tokens = model, processor, batch_size, prefill_tokens
@@ -129,11 +132,14 @@ class Engine:
         # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
         # the reductions' split over padded lengths).
         self.batch_invariant = batch_invariant
+        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, (int, float)) or not (
+                0 <= prefill_budget <= 60):
+            raise InputError(f"prefill_budget must be a number of seconds in [0, 60], got {prefill_budget!r}",
+                             param="prefill_budget")
+        self.prefill_budget = prefill_budget
         self.waiting: List[Row] = []
+        self.prefills: List[Prefill] = []  # under way, each advanced a piece at a time in turn
         self.batches: List[Batch] = []  # one, or one per request when batch_invariant
-        # Asked between the pieces of a prefill with the uids being prefilled: True gives the prefill up, and its
-        # rows go back to the head of the queue (where their owner cancels them, or refuses them at shutdown).
-        self.interrupt: Optional[Callable[[Set[int]], bool]] = None
         self.next_uid = 0
         self.steps = 0
 
@@ -195,11 +201,20 @@ class Engine:
         return uid
 
     def cancel(self, uid: int) -> None:
-        """Stop a request; its row leaves the batch at the next step (a client that went away frees its row)."""
+        """Stop a request; its rows leave at the next step (a client that went away frees its rows). A prefill
+        whose requests are all cancelled is given up at once."""
         self.waiting = [r for r in self.waiting if r.uid != uid]
-        for r in (r for b in self.batches for r in b.rows):
+        for r in self.rows():
             if r.uid == uid:
                 r.cancelled = True
+        self.prefills = [p for p in self.prefills if not all(r.cancelled for r in p.rows)]
+
+    def rows(self) -> Iterator[Row]:
+        """Every row the engine holds: waiting, being prefilled, running."""
+        yield from self.waiting
+        for part in (self.prefills, self.batches):
+            for p in part:
+                yield from p.rows
 
     @property
     def batch(self) -> Optional[Batch]:
@@ -208,11 +223,16 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting) or bool(self.batches)
+        return bool(self.waiting or self.prefills or self.batches)
 
     @property
     def active(self) -> int:
         return sum(len(b.rows) for b in self.batches)
+
+    @property
+    def prefilling(self) -> int:
+        """Requests whose prefill is under way."""
+        return sum(len(p.firsts) for p in self.prefills)
 
     @contextmanager
     def running(self):
@@ -230,6 +250,8 @@ class Engine:
     # One step.
 
     def step(self) -> List[Output]:
+        """One decode step of the running rows, and beside it at most `prefill_budget` seconds of prefill work (at
+        least one piece), so whatever arrives, a running row waits no longer than that between two tokens."""
         from mlx_lm.generate import generation_stream
 
         with mx.stream(generation_stream):
@@ -237,8 +259,6 @@ class Engine:
                 batch.keep([i for i, r in enumerate(batch.rows) if not r.cancelled])
             self.batches = [b for b in self.batches if b.rows]
             self._admit()
-            if not self.batches:
-                return []
             started = []
             for batch in self.batches:
                 pending, rows = batch.picked, batch.rows
@@ -254,98 +274,57 @@ class Engine:
                 outputs += self._hand_out_all(rows, pending)
                 batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
             self.batches = [b for b in self.batches if b.rows]
+            self._prefill_work(alone=not self.batches)
             self.steps += 1
-            if not self.batches or self.steps % CLEAR_CACHE_EVERY == 0:
+            if not self.has_work or self.steps % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
         return outputs
 
     def _admit(self) -> None:
-        room = self.batch_size - self.active
-        if not self.waiting or room <= 0:
-            return
-        # One group a step, within the prefill budget; the running rows decode between groups.
-        # A request's rows (beams, forced continuations) join whole, and are prefilled once; one larger than the
-        # batch goes alone.
-        rows, tokens = [], 0
-        for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.strategy)):
-            group = list(group)
-            tokens += len(group[0].request.prompt_ids)
-            alone = not rows and not self.batches
-            if rows and tokens > self.prefill_tokens or len(rows) + len(group) > room and not alone:
-                break
-            rows += group
-        if not rows:
-            return
-        self.waiting = self.waiting[len(rows):]
-        groups = ([list(g) for _, g in itertools.groupby(rows, key=lambda r: id(r.strategy))] if self.batch_invariant
-                  else [rows])
-        for i, group in enumerate(groups):
-            try:
-                batch = self._prefill(group)
-            except Interrupted:  # this group and the ones after it wait again, first in the queue
-                self.waiting = [r for g in groups[i:] for r in g] + self.waiting
-                break
+        """Finished prefills join the running rows; waiting rows start a prefill while there is room."""
+        for p in [p for p in self.prefills if p.done]:
+            self.prefills.remove(p)
+            batch = Batch(p.rows, p.kv)
+            # Every beam starts from the same prefix: no keys and values to move after the first step.
+            batch.picked, _ = self._sample(p.rows, p.logits)
             if self.batches and not self.batch_invariant:
                 self.batches[0].extend(batch)
             else:
                 self.batches.append(batch)
-        mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
+            mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
+        room = self.batch_size - self.active - sum(len(p.rows) for p in self.prefills)
+        if not self.waiting or room <= 0:
+            return
+        # One group a step, within the prefill budget of tokens. A request's rows (beams, forced continuations)
+        # join whole, and are prefilled once; one larger than the batch goes alone.
+        rows, tokens = [], 0
+        for _, group in itertools.groupby(self.waiting, key=lambda r: id(r.strategy)):
+            group = list(group)
+            tokens += len(group[0].request.prompt_ids)
+            alone = not rows and not self.batches and not self.prefills
+            if rows and (tokens > self.prefill_tokens or self.batch_invariant) or (
+                    len(rows) + len(group) > room and not alone):
+                break
+            rows += group
+        if rows:
+            self.waiting = self.waiting[len(rows):]
+            self.prefills.append(Prefill(self.model, rows, self.features, self.pad_id, self.kv_bits,
+                                         self.kv_group_size, alone=not self.batches and not self.prefills))
 
-    def _prefill(self, rows: List[Row]) -> Batch:
-        # One prefill per request: the rows of a beam search or of forced continuations get copies of it.
-        firsts, copies = [], []
-        for r in rows:  # a request's rows are next to each other
-            if not firsts or firsts[-1].request is not r.request:
-                firsts.append(r)
-            copies.append(len(firsts) - 1)
-        copies = mx.array(copies)
-        length = max(len(r.request.prompt_ids) for r in firsts)
-        left_padding = [length - len(r.request.prompt_ids) for r in firsts]
-        ids = mx.array([[self.pad_id] * p + r.request.prompt_ids for p, r in zip(left_padding, firsts)])
-        mask = None
-        if any(left_padding):
-            mask = mx.array([[0] * p + [1] * (length - p) for p in left_padding])
-        uids = {r.uid for r in firsts}
-
-        def between(piece: mx.array) -> None:
-            # The same operations as one pass, evaluated piece by piece (the same numbers), with a look between.
-            mx.eval(piece)
-            if self.interrupt is not None and self.interrupt(uids):
-                raise Interrupted
-
-        features = self._features(firsts)
-        if features is not None:
-            between(features)
-        # The prefix attends to itself in full precision; its keys and values are quantized (kv_bits) after.
-        cache = self.model.make_cache(left_padding=left_padding)
-        with row_adapters(self.model, adapter_ids(self.model, firsts)):  # rows of different adapters, one prefill
-            logits = self.model(ids, attention_mask=mask, cache=cache, image_features=features, logits_to_keep=1,
-                                between=between)
-        size = round_up(length + 1)
-
-        def buffers(x: mx.array) -> tuple:
-            if len(firsts) < len(rows):
-                x = x[copies]
-            parts = mx.quantize(x, self.kv_group_size, self.kv_bits) if self.kv_bits else (x,)
-            return tuple(mx.pad(p, [(0, 0), (0, 0), (0, size - length), (0, 0)]) for p in parts)
-
-        keys, values = zip(*((buffers(k), buffers(v)) for k, v in (c.keys_and_values() for c in cache)))
-        padding = [left_padding[i] for i in copies.tolist()]
-        batch = Batch(rows, KVBuffers(list(keys), list(values), padding, length))
-        # Every beam starts from the same prefix: no keys and values to move after the first step.
-        batch.picked, _ = self._sample(rows, logits[:, -1][copies])
-        return batch
-
-    def _features(self, rows: List[Row]) -> Optional[mx.array]:
-        pixels = [p for r in rows if r.request.pixel_values is not None for p in r.request.pixel_values]
-        computed = iter(self.features.features(self.model, pixels, alone=self.batch_invariant) if pixels else [])
-        features = []
-        for r in rows:
-            if r.request.image_features is not None:
-                features.extend(r.request.image_features)
-            elif r.request.pixel_values is not None:
-                features.extend(next(computed) for _ in range(len(r.request.pixel_values)))
-        return mx.stack(features) if features else None
+    def _prefill_work(self, alone: bool) -> None:
+        """Pieces of the prefills under way, in turn, until the budget is spent (or all are done)."""
+        deadline = time.monotonic() + self.prefill_budget
+        turn = 0
+        while True:
+            todo = [p for p in self.prefills if not p.done]
+            if not todo:
+                return
+            prefill = todo[turn % len(todo)]
+            prefill.alone = alone and len(todo) == 1
+            prefill.advance()
+            turn += 1
+            if time.monotonic() >= deadline:
+                return
 
     def _decode(self, batch: Batch) -> Picked:
         kv = batch.kv

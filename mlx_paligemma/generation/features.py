@@ -2,7 +2,7 @@
 
 import hashlib
 from collections import OrderedDict
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -12,8 +12,10 @@ from ..models.paligemma import PaliGemma
 
 class FeatureCache:
     """Image features by the image's pixels, so repeated questions about one image run the vision tower once.
-    Features only, never a prompt's KV cache: image tokens attend to the prompt. Entries belong to the weights
-    they were computed with and are dropped when the vision tower or the projector is given new weights."""
+    Features only, never a prompt's KV cache: image tokens attend to the prompt. Each image goes through the tower
+    by itself, so its features are the same whatever else is encoded (rows stay batch-invariant) and one image's
+    encoding is one bounded piece of a prefill. Entries belong to the weights they were computed with and are
+    dropped when the vision tower or the projector is given new weights."""
 
     def __init__(self, size: int = 64):
         self.size = size
@@ -21,9 +23,8 @@ class FeatureCache:
         self.version: Optional[tuple] = None
         self.images_encoded = 0  # vision tower runs, per image, for tests and statistics
 
-    def features(self, model: PaliGemma, pixel_values: List[np.ndarray], alone: bool = False) -> List[mx.array]:
-        """Features of each image. `alone`: each image through the tower by itself (batch-invariant rows), kept
-        apart from features computed in batches, whose rounding follows the batch."""
+    def lookup(self, model: PaliGemma, pixel_values: List[np.ndarray]) -> Tuple[List[bytes], Dict[bytes, mx.array]]:
+        """Each image's key, and the features already known by key."""
         from mlx.utils import tree_flatten
 
         weights = (model.vision_tower.parameters(), model.multi_modal_projector.parameters())
@@ -31,25 +32,22 @@ class FeatureCache:
         if version != self.version:
             self.entries.clear()
             self.version = version
-        keys = [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() + (b"1" if alone else b"")
-                for p in pixel_values]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.entries))
-        if missing:
-            first = {k: p for k, p in zip(keys, pixel_values)}
-            if alone:
-                features = [model.encode_images(mx.array(first[k][None]))[0] for k in missing]
-            else:
-                features = model.encode_images(mx.array(np.stack([first[k] for k in missing])))
-            self.images_encoded += len(missing)
-            for k, f in zip(missing, features):
-                self.entries[k] = f
-        out = []
+        keys = [hashlib.blake2b(np.ascontiguousarray(p).tobytes(), digest_size=16).digest() for p in pixel_values]
+        known = {}
         for k in keys:
-            self.entries.move_to_end(k)
-            out.append(self.entries[k])
+            if k in self.entries:
+                self.entries.move_to_end(k)
+                known[k] = self.entries[k]
+        return keys, known
+
+    def encode(self, model: PaliGemma, key: bytes, pixels: np.ndarray) -> mx.array:
+        """One image's features (T, D), kept under its key."""
+        features = model.encode_images(mx.array(pixels[None]))[0]
+        self.images_encoded += 1
+        self.entries[key] = features
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
-        return out
+        return features
 
 
 def feature_cache(model: PaliGemma) -> FeatureCache:

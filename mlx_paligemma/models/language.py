@@ -144,27 +144,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, positions: mx.array, mask: Optional[mx.array], cache: Any,
-                 between: Optional[Callable[[mx.array], None]] = None) -> mx.array:
+    def project(self, x: mx.array, positions: mx.array):
+        """Queries, keys and values (B, heads, L, head_dim) of these tokens, rotated to their positions."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         rope = dict(traditional=False, base=self.rope_theta, scale=1.0, offset=positions)
-        q = mx.fast.rope(q, self.head_dim, **rope)
-        k = mx.fast.rope(k, self.head_dim, **rope)
+        return mx.fast.rope(q, self.head_dim, **rope), mx.fast.rope(k, self.head_dim, **rope), v
+
+    def output(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array]) -> mx.array:
+        """The attention of queries q over keys k and values v, through o_proj: (B, L, dim)."""
+        B, _, L, _ = q.shape
+        return self.o_proj(self._attend(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x: mx.array, positions: mx.array, mask: Optional[mx.array], cache: Any) -> mx.array:
+        q, k, v = self.project(x, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # Long prefixes (4096+ image tokens at 896 px) are attended in query chunks: every chunk still sees all
-        # keys, so the bidirectional prefix is exact, and the score matrix stays chunk x keys in memory.
-        chunks = []
-        for start in range(0, L, ATTENTION_CHUNK):
-            m = mask if mask is None or mask.shape[-2] == 1 else mask[..., start : start + ATTENTION_CHUNK, :]
-            chunks.append(self._attend(q[:, :, start : start + ATTENTION_CHUNK], k, v, m))
-            if between is not None:
-                between(chunks[-1])
-        out = chunks[0] if len(chunks) == 1 else mx.concatenate(chunks, axis=2)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        # Long prefixes (4096+ image tokens at 896 px) are attended in query blocks: every block still sees all
+        # keys, so the bidirectional prefix is exact, and the score matrix stays block x keys in memory.
+        L = q.shape[2]
+        outs = [self.output(q[:, :, s : s + ATTENTION_CHUNK], k, v, block_mask(mask, s, ATTENTION_CHUNK))
+                for s in range(0, L, ATTENTION_CHUNK)]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
 
     def _attend(self, q, k, v, mask):
         if self.softcap is None:
@@ -210,8 +213,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(dim, eps)
             self.post_feedforward_layernorm = RMSNorm(dim, eps)
 
-    def __call__(self, x, positions, mask, cache, between=None):
-        r = self.self_attn(self.input_layernorm(x), positions, mask, cache, between)
+    def __call__(self, x, positions, mask, cache):
+        return self.finish(x, self.self_attn(self.input_layernorm(x), positions, mask, cache))
+
+    def finish(self, x: mx.array, r: mx.array) -> mx.array:
+        """The layer's output from its input x and its attention's output r: the residual adds and the MLP, token
+        by token (a prefill may run it on a block of tokens at a time)."""
         if self.is_gemma2:
             # The post-norms' float32 outputs join the float32 stream unrounded (transformers rounds the norm's
             # output, then the sum).
@@ -259,7 +266,6 @@ class LanguageModel(nn.Module):
         attention_mask: Optional[mx.array] = None,
         prefix: Optional[mx.array] = None,
         logits_to_keep: int = 0,
-        between: Optional[Callable[[mx.array], None]] = None,
     ) -> mx.array:
         """Logits for `inputs_embeds` (B, L, D) appended after what `cache` holds.
 
@@ -267,7 +273,6 @@ class LanguageModel(nn.Module):
         prefix: (B, L) True where a new token belongs to the bidirectional prefix; None means all do, False none.
         logits_to_keep: logits for only the last this many positions (0: all). Generation needs just the last,
         and the 257k-wide output head over the prefix costs as much as 5-8 decoder layers (and up to 4 GB at 896 px).
-        between: called with each piece of the work as it is built (see forward).
         """
         B, L, _ = inputs_embeds.shape
         offset = cached_length(cache[0]) if cache is not None else 0
@@ -276,33 +281,26 @@ class LanguageModel(nn.Module):
             positions = mx.array(offset + 1)  # PaliGemma numbers positions from 1
         else:
             key_valid = attention_mask.astype(mx.bool_)
-            # Positions count real tokens only, so a left-padded row matches its unpadded run.
-            positions = attention_mask.astype(mx.int32).sum(axis=-1) - L + 1
+            positions = real_positions(attention_mask, L)
         return self.forward(inputs_embeds, cache, positions,
-                            lambda window: prefix_lm_mask(prefix, key_valid, offset, L, window), logits_to_keep,
-                            between)
+                            lambda window: prefix_lm_mask(prefix, key_valid, offset, L, window), logits_to_keep)
 
     def forward(self, h: mx.array, cache: Optional[List[Any]], positions: mx.array,
-                mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0,
-                between: Optional[Callable[[mx.array], None]] = None) -> mx.array:
-        """The decoder stack and the head, given the positions and the mask of each attention window.
-
-        `between(x)`, when given, is called with each block of ATTENTION_CHUNK queries' attention and with each
-        layer's output, once built: the caller may evaluate it (a long prefix then runs in pieces, each short) and
-        may stop the work there by raising. A bidirectional prefix cannot be split by tokens through the cache
-        (its first tokens attend to its last, at every layer), so the pieces are layers and query blocks: the same
-        operations on the same shapes as one pass, so the same numbers."""
+                mask_for: Callable[[Optional[int]], Optional[mx.array]], logits_to_keep: int = 0) -> mx.array:
+        """The decoder stack and the head, given the positions and the mask of each attention window."""
         h = h.astype(mx.float32)  # the residual stream (see the note at the top)
         masks = {}
         for i, layer in enumerate(self.model.layers):
             window = layer.self_attn.window
             if window not in masks:
                 masks[window] = mask_for(window)
-            h = layer(h, positions, masks[window], cache[i] if cache is not None else None, between)
-            if between is not None:
-                between(h)
+            h = layer(h, positions, masks[window], cache[i] if cache is not None else None)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits of the residual stream h: the final norm and the tied output head."""
         logits = self.model.embed_tokens.as_linear(self.model.norm(h))
         cap = self.config.final_logit_softcapping
         if cap is not None:
@@ -310,3 +308,14 @@ class LanguageModel(nn.Module):
             # and what reads them (softmax, log-probabilities, the loss) computes in float32.
             logits = soft_cap(logits, cap)
         return logits
+
+
+def real_positions(attention_mask: mx.array, length: int) -> mx.array:
+    """(B, L) positions of the last `length` tokens, counting real tokens only (from 1), so a left-padded row
+    matches its unpadded run."""
+    return attention_mask.astype(mx.int32).sum(axis=-1) - length + 1
+
+
+def block_mask(mask: Optional[mx.array], start: int, size: int) -> Optional[mx.array]:
+    """The rows of a (B, 1, L, N) mask for the queries start..start+size (a mask of one query row fits all)."""
+    return mask if mask is None or mask.shape[-2] == 1 else mask[..., start : start + size, :]

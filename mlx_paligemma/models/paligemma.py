@@ -75,19 +75,15 @@ class PaliGemma(nn.Module):
         cache: Optional[List[Any]] = None,
         image_features: Optional[mx.array] = None,
         logits_to_keep: int = 0,
-        between=None,
     ) -> mx.array:
         """Logits (B, L, vocab) for `input_ids` (B, L), or (B, logits_to_keep, vocab) for the last positions.
 
         Without token_type_ids, a call on an empty cache treats every token as prefix (what the processor
         gives for a prompt without suffix) and a call on a filled cache treats every token as suffix (decoding).
-        attention_mask (B, N) covers the cached tokens too; 0 marks left padding. `between`: see
-        LanguageModel.forward (it is handed the image features first).
+        attention_mask (B, N) covers the cached tokens too; 0 marks left padding.
         """
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
-            if between is not None:
-                between(image_features)
         embeds = self.embed(input_ids, image_features)
         if token_type_ids is not None:
             prefix = token_type_ids == 0
@@ -95,7 +91,7 @@ class PaliGemma(nn.Module):
             prefix = False
         else:
             prefix = None
-        return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep, between)
+        return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)
 
     def make_cache(self, left_padding: Optional[List[int]] = None) -> List[Any]:
         """mlx-lm's KV caches: the growing one, or its batch form for rows left-padded by `left_padding` (rows can

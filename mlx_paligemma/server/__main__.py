@@ -15,6 +15,7 @@ from .. import limits as process_limits
 from ..cli import ArgumentParser
 from ..extras import require
 from ..generation.adapters import named_folders
+from ..generation.engine import PREFILL_BUDGET
 from ..errors import InputError
 from .chat import Limits
 
@@ -57,6 +58,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant decoding: every answer's tokens and log-probabilities bitwise those of the "
                         "request run alone, whatever shares the steps (each request decodes in a batch of its own)")
+    p.add_argument("--prefill-budget", type=float, default=PREFILL_BUDGET, metavar="SECONDS",
+                   help="prefill work an engine step does beside the running rows' decode step: the longest a "
+                        "streaming answer waits between two tokens while other prompts are prefilled (docs/SPEED.md)")
     p.add_argument("--queue-size", type=int, default=32,
                    help="rows that may wait beyond the running ones (a request takes n rows, or num_beams for a beam "
                         "search); more get 503")
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
                     max_image_bytes=args.max_image_bytes, max_prompt_bytes=args.max_prompt_bytes,
                     fetch_timeout=args.fetch_timeout, allow_private_urls=args.allow_private_urls,
                     local_files=local_files, image_size=processor.image_size)
-    worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder, args.deterministic)
+    worker = Worker(model, processor, args.batch_size, args.queue_size, mask_decoder, args.deterministic,
+                    args.prefill_budget)
     worker.start()
     app = make_app(worker, args.served_model_name or args.model, limits, args.api_key, args.max_body_bytes,
                    adapter_root=args.adapter_root)

@@ -5,8 +5,8 @@ jobs and cancellations into an inbox and reads events from a per-request asyncio
 request: n choices are n rows sharing one prefill (seeds seed, seed+1, ...), a beam search or best_of returns its n
 best sequences; its events carry the choice's index, and the capacity counts rows. A request's own fault (its
 constraint failing while decoding) ends it alone with a 400 naming its field; a fault of the engine itself fails
-the running requests with a message that quotes none of them. A prefill is given up between two of its pieces when
-one of its requests is cancelled meanwhile or the shutdown's grace is over, so neither waits for a long prompt.
+the running requests with a message that quotes none of them. An engine step is bounded (a decode step and a budget
+of prefill work), so cancellations and the shutdown's grace are seen between steps, whatever prompt is prefilling.
 """
 
 import asyncio
@@ -14,13 +14,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
 from .. import defaults
 from ..tasks.detection import ObjectReader, objects_to_json
-from ..generation.engine import Engine
+from ..generation.engine import PREFILL_BUDGET, Engine
 from ..errors import InputError
 from ..processing.tokens import logprob_entry
 
@@ -89,10 +89,10 @@ class Handle:
 
 class Worker(threading.Thread):
     def __init__(self, model, processor, batch_size: int = 8, queue_size: int = 32, mask_decoder=None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, prefill_budget: float = PREFILL_BUDGET):
         super().__init__(name="mlx-paligemma-engine", daemon=True)
         self.model, self.processor, self.batch_size = model, processor, batch_size
-        self.batch_invariant = batch_invariant
+        self.batch_invariant, self.prefill_budget = batch_invariant, prefill_budget
         self.engine = self._engine()
         self.capacity = batch_size + queue_size
         self.mask_decoder = mask_decoder
@@ -110,9 +110,8 @@ class Worker(threading.Thread):
         self.closing: Optional[float] = None  # after shutdown(): when the running rows are cut
 
     def _engine(self) -> Engine:
-        engine = Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant)
-        engine.interrupt = self._interrupt
-        return engine
+        return Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant,
+                      prefill_budget=self.prefill_budget)
 
     # Called from the HTTP side.
 
@@ -176,22 +175,12 @@ class Worker(threading.Thread):
                     if not self.engine.has_work:
                         break
                     self._step()
-                    self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting), prefilling=0,
+                    self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting),
+                                      prefilling=self.engine.prefilling,
                                       peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3))
             self.stats.update(active=0, waiting=0)
             if self.closing is not None:
                 return
-
-    def _interrupt(self, uids: Set[int]) -> bool:
-        """Asked by the engine between the pieces of a prefill of these requests (this thread is in it): True gives
-        it up when one of them was cancelled meanwhile, or when the shutdown's grace is over. Its rows then wait
-        again, where the inbox's cancellation, or the shutdown, finds them."""
-        self.stats["prefilling"] = len(uids)
-        with self.wake:
-            if self.closing is not None and time.monotonic() >= self.closing:
-                return True
-            cancelled = [handle for kind, handle in self.inbox if kind == "cancel"]
-        return any(uid in uids for handle in cancelled for uid in handle.uids)
 
     def _close(self) -> None:
         """Shutting down: requests not yet running get an error now, running ones when the grace period ends."""
