@@ -25,11 +25,12 @@ from ..errors import InputError, cause
 from ..generation.constraints import make_constraint
 from ..generation.settings import CONSTRAINTS
 from ..models.adapters import adapter_names
+from . import responses, tools
 from .adapters import adapter_routes, listed
 from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json, read_images
+from .relay import collect, each, event_error
 from .worker import Handle, Job, QueueFull, Worker
 
-KEEPALIVE_S = 1.0  # an SSE comment this often while a request waits, so a client that left is noticed
 BODY_TIMEOUT_S = 30.0  # to send the whole body: a client that trickles it is cut off
 FETCHING = 16  # requests downloading image URLs at once; more get 503 (a slow URL holds a thread until its deadline)
 
@@ -40,12 +41,6 @@ class JSON(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
-
-
-def event_error(event) -> ApiError:
-    """A request's error once it runs: its own fault (a 4xx naming its field) or the server's."""
-    return ApiError(event.status, event.message, type="invalid_request_error" if event.status < 500 else "server_error",
-                    param=event.param)
 
 
 def error_body(status: int, message: str, type: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -125,17 +120,20 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
                 vocab_size = worker.model.config.text_config.vocab_size
                 job.settings["constraint"] = make_constraint(worker.processor, vocab_size, job.prompt, **given)
             except InputError as e:
-                raise ApiError(400, str(e), param=e.param) from None
+                raise ApiError(400, str(e), param=tools.param(e.param)) from None
         return job
 
-    def prepare(data: bytes) -> Checked:
-        """Everything that needs no image, in a thread (a large body takes a while to parse)."""
-        body = parse_json(data)
+    def prepare(data: bytes, translate):
+        """Everything that needs no image, in a thread (a large body takes a while to parse): the checked request,
+        the name of the model that answers it, the body as sent. `translate` makes another API's body a chat
+        completion's."""
+        sent = parse_json(data)
+        body = sent if translate is None else translate(sent)
         adapter = chosen_adapter(body.get("model") if isinstance(body, dict) else None, model_id,
                                  adapter_names(worker.model))
         checked = check_request(body, limits)  # a body that is not an object, or a `model` not a string, ends here
         checked.settings["adapter"] = adapter
-        return checked, adapter or model_id
+        return checked, adapter or model_id, sent
 
     async def index(request: Request):
         return HTMLResponse(page)
@@ -149,11 +147,25 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
             {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"},
             *listed(worker.model, model_id)]})
 
-    async def chat_completions(request: Request):
+    async def one_model(request: Request):
+        check_key(request)
+        entries = [{"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "mlx-paligemma"},
+                   *listed(worker.model, model_id)]
+        name = request.path_params["id"]
+        for entry in entries:
+            if entry["id"] == name:
+                return JSON(entry)
+        known = ", ".join(repr(e["id"]) for e in entries)
+        raise ApiError(404, f"model {name[:200]!r} is not served here; this server serves {known}", param="model",
+                       code="model_not_found")
+
+    async def start(request: Request, translate=None):
+        """A request checked, its images read, handed to the worker and accepted: (checked, handle, the name of the
+        model that answers it, the body as sent)."""
         check_key(request)
         held = [0]
         try:
-            checked, model = await run_in_threadpool(prepare, await read_body(request, held))
+            checked, model, body = await run_in_threadpool(prepare, await read_body(request, held), translate)
             if checked.urls:  # a download may take its whole deadline: such requests have threads of their own
                 if fetching.available_tokens < 1:
                     raise busy(f"{FETCHING} requests are downloading images")
@@ -170,16 +182,32 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         try:
             first = await handle.events.get()  # accepted, or refused by the processor (e.g. too many images)
             if first.kind == "error":
-                raise ApiError(first.status, first.message, type="invalid_request_error" if first.status < 500
-                               else "server_error", param=first.param)
+                raise event_error(first)
         except BaseException:
             worker.cancel(handle)
             raise
-        reply = Reply(handle, model)
+        return checked, handle, model, body
+
+    async def chat_completions(request: Request):
+        checked, handle, model, _ = await start(request)
+        reply = Reply(handle, model, checked.call)
         if checked.stream:
             return _Stream(reply.events(checked.include_usage), on_close=lambda: worker.cancel(handle))
         try:
             return await reply.whole(request)
+        finally:
+            worker.cancel(handle)
+
+    async def create_response(request: Request):
+        try:
+            checked, handle, model, body = await start(request, responses.to_chat)
+        except ApiError as e:
+            raise responses.renamed(e) from None
+        reply = responses.Reply(handle, model, body, checked.call)
+        if checked.stream:
+            return _Stream(reply.events(), on_close=lambda: worker.cancel(handle))
+        try:
+            return JSON(await reply.whole(request) or {})  # nobody reads an empty one: its client left
         finally:
             worker.cancel(handle)
 
@@ -198,7 +226,9 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
 
     return Starlette(
         routes=[Route("/", index), Route("/health", health), Route("/v1/models", models),
+                Route("/v1/models/{id:path}", one_model),
                 Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                Route("/v1/responses", create_response, methods=["POST"]),
                 *adapter_routes(worker, api_key, check_key, adapter_root, JSON)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, ClientDisconnect: disconnected,
                             Exception: server_error},
@@ -207,10 +237,10 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
 
 class Reply:
     """OpenAI's chat.completion and chat.completion.chunk shapes around one request's events: n choices, each
-    with its index, its finish reason and, when asked, its tokens' logprobs."""
+    with its index, its finish reason and, when asked, its tokens' logprobs; with a forced call, its tool_calls."""
 
-    def __init__(self, handle: Handle, model_id: str):
-        self.handle, self.model_id = handle, model_id
+    def __init__(self, handle: Handle, model_id: str, call: Optional[tools.Call] = None):
+        self.handle, self.model_id, self.call = handle, model_id, call
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def _head(self, kind: str) -> dict:
@@ -241,23 +271,27 @@ class Reply:
 
     async def events(self, include_usage: bool):
         n = self.handle.job.n
+        calls = [tools.Answer(self.call) for _ in range(n)] if self.call else None
         for i in range(n):
-            yield self._sse(self._chunk(i, {"role": "assistant", "content": ""}))
+            yield self._sse(self._chunk(i, calls[i].first() if calls else {"role": "assistant", "content": ""}))
         left, prompt_tokens, completion_tokens = n, 0, 0
-        while True:
-            try:
-                event = await asyncio.wait_for(self.handle.events.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:
+        async for event in each(self.handle):
+            if event is None:
                 yield ": keep-alive\n\n"
                 continue
             if event.kind == "error":  # the headers are sent: the error goes in the stream, as OpenAI does
                 yield self._sse(event_error(event).body())
                 return
             if event.text or event.logprobs:
-                yield self._sse(self._chunk(event.index, {"content": event.text},
-                                            logprobs=self._logprobs(event.logprobs or [])))
+                delta = calls[event.index].piece(event.text) if calls else {"content": event.text}
+                if delta or event.logprobs:  # a choice among several tools arrives whole at its end
+                    yield self._sse(self._chunk(event.index, delta or {},
+                                                logprobs=self._logprobs(event.logprobs or [])))
             if event.finish_reason:
-                last = self._chunk(event.index, {}, event.finish_reason)
+                delta, finish = calls[event.index].last(event.finish_reason) if calls else (None, event.finish_reason)
+                if delta:
+                    yield self._sse(self._chunk(event.index, delta))
+                last = self._chunk(event.index, {}, finish)
                 self._objects(last, last["choices"][0], event.objects)
                 yield self._sse(last)
                 left -= 1
@@ -270,32 +304,16 @@ class Reply:
         yield "data: [DONE]\n\n"
 
     async def whole(self, request: Request) -> JSONResponse:
-        n = self.handle.job.n
-        texts, entries, last = [""] * n, [[] for _ in range(n)], [None] * n
-        checked = time.monotonic()
-        while not all(last):
-            try:
-                event = await asyncio.wait_for(self.handle.events.get(), KEEPALIVE_S)
-            except asyncio.TimeoutError:
-                event = None
-            # Tokens may arrive faster than the check interval: look for a departed client by the clock.
-            if time.monotonic() - checked >= KEEPALIVE_S:
-                if await request.is_disconnected():
-                    return JSON({})  # nobody reads it; the caller cancels the request
-                checked = time.monotonic()
-            if event is None:
-                continue
-            if event.kind == "error":
-                raise event_error(event)
-            texts[event.index] += event.text
-            entries[event.index] += event.logprobs or []
-            if event.finish_reason:
-                last[event.index] = event
+        got = await collect(self.handle, request)
+        if got is None:
+            return JSON({})  # nobody reads it; the caller cancels the request
+        texts, entries, last = got
         out = {**self._head("chat.completion"), "choices": [],
                "usage": self._usage(last[0].prompt_tokens, sum(e.completion_tokens for e in last))}
         for i, event in enumerate(last):
-            choice = {"index": i, "message": {"role": "assistant", "content": texts[i]},
-                      "logprobs": self._logprobs(entries[i]), "finish_reason": event.finish_reason}
+            message, finish = ({"role": "assistant", "content": texts[i]}, event.finish_reason) if self.call is None \
+                else tools.message(self.call, texts[i], event.finish_reason)
+            choice = {"index": i, "message": message, "logprobs": self._logprobs(entries[i]), "finish_reason": finish}
             self._objects(out, choice, event.objects)
             out["choices"].append(choice)
         return JSON(out)

@@ -1,7 +1,7 @@
 """An OpenAI chat-completions request -> a checked Job: the prompt, its images (decoded), the engine's settings.
 
-PaliGemma is not a chat model. The prompt is the text of the last user message and the images are that message's
-images, in order; system messages and earlier turns are ignored. Everything here runs on the HTTP side (in threads),
+PaliGemma is not a chat model: messages.py says how a conversation becomes its prompt and images, and tools.py how
+a forced tool call becomes a constraint. Everything here runs on the HTTP side (in threads),
 so a bad request is refused before it reaches the model, and in two stages: `check_request` looks at the whole
 request without fetching or decoding anything (every field's type and every limit), then `read_images` fetches
 and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
@@ -28,6 +28,8 @@ from ..generation.settings import MAX_LOGPROBS, check_settings
 from ..processing.fetch import fetch, read_local, shown, unreachable
 from ..errors import InputError, cause, check_text
 from . import decoding
+from .messages import conversation, schema_in
+from .tools import Call, forced_call
 from .worker import Job
 
 
@@ -106,6 +108,7 @@ class Checked:
     n: int = 1
     logprobs: bool = False
     min_score: float = defaults.MIN_SCORE
+    call: Optional[Call] = None  # the tool call that tool_choice forces
 
     def job(self, images, size) -> Job:
         return Job(images, self.prompt, self.settings, self.objects, size, self.n, self.logprobs, self.min_score)
@@ -114,7 +117,12 @@ class Checked:
 def check_request(body: Any, limits: Limits) -> Checked:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    prompt, sources = prompt_and_images(body.get("messages"), limits)
+    try:
+        talk = conversation(body.get("messages"), limits.max_parts, limits.max_prompt_bytes)
+        call = forced_call(body.get("tools"), body.get("tool_choice"))
+    except InputError as e:
+        raise bad(str(e), e.param or "messages") from None
+    prompt, sources = talk.prompt, talk.sources
     if len(sources) > limits.max_images:
         raise bad(f"{len(sources)} images in the message; this server takes at most {limits.max_images}",
                   "messages")
@@ -122,7 +130,7 @@ def check_request(body: Any, limits: Limits) -> Checked:
         check_source(url, limits)
     objects = body.get("objects")
     if objects is None:
-        objects = has_objects(prompt)  # unless the request says otherwise
+        objects = has_objects(prompt) and call is None  # unless the request says otherwise
     elif not isinstance(objects, bool):
         raise bad(f"objects must be true or false, got {reprlib.repr(objects)}", "objects")
     stream = body.get("stream")
@@ -149,58 +157,18 @@ def check_request(body: Any, limits: Limits) -> Checked:
         min_score = defaults.MIN_SCORE if min_score is None else check_min_score(min_score)
     except InputError as e:
         raise bad(str(e), "min_score") from None
-    return Checked(prompt, sources, settings(body, limits, n, bool(logprobs)), objects, bool(stream),
-                   bool(include_usage), urls, n, bool(logprobs), min_score)
-
-
-def prompt_and_images(messages: Any, limits: Limits):
-    """The last user message's text (parts joined by spaces, stripped) and its image URLs."""
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages must be a non-empty list", "messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise bad("each message must be an object with a role and content", "messages")
-    turns = [m for m in messages if m.get("role") != "system"]
-    if not turns or turns[-1].get("role") != "user":
-        raise bad("PaliGemma is not a chat model: the prompt is the last message, which must be a user message "
-                  "with the image(s) and the prompt text", "messages")
-    content = turns[-1].get("content")
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise bad("the user message's content must be a string or a list of content parts", "messages")
-    if len(content) > limits.max_parts:
-        raise bad(f"the user message has {len(content)} content parts; this server takes at most {limits.max_parts}",
-                  "messages")
-    texts, sources, size = [], [], 0
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-            size += len(part["text"])  # characters: at most the bytes, so a long text is refused before encoding
-            if size > limits.max_prompt_bytes:
-                break
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url:
-                raise bad('an image_url part must be {"type": "image_url", "image_url": {"url": "..."}}', "messages")
-            sources.append(url)
-        else:
-            what = f"of type {reprlib.repr(kind)}" if kind is not None else reprlib.repr(part)
-            raise bad(f"unsupported content part {what}: use text parts (with a string text) and image_url parts",
-                      "messages")
-    prompt = " ".join(texts).strip()
-    try:
-        check_text(prompt, "the prompt")
-    except InputError as e:
-        raise bad(str(e), "messages") from None
-    size = len(prompt.encode("utf-8")) if size <= limits.max_prompt_bytes else size
-    if size > limits.max_prompt_bytes:
-        raise bad(f"the prompt is more than this server's limit of {limits.max_prompt_bytes} bytes", "messages")
-    if not sources:
-        raise bad("PaliGemma needs an image: the prompt is the last user message, and it has no image_url part "
-                  "(images in earlier messages are not used)", "messages")
-    return prompt, sources
+    out = settings(body, limits, n, bool(logprobs))
+    given = [name for name in CONSTRAINTS if name in out]
+    if call is not None:
+        if given:
+            raise bad(f"a forced tool call is its own constraint: give no {given[0]} with it", "tool_choice")
+        out["json_schema"] = call.schema
+    elif (out.get("response_format") or {}).get("type") == "json_object":
+        schema = schema_in(talk.instructions)  # a JSON object of the schema the instructions show, when they do
+        if schema is not None:
+            out["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
+    return Checked(prompt, sources, out, objects, bool(stream), bool(include_usage), urls, n, bool(logprobs),
+                   min_score, call)
 
 
 def check_source(url: str, limits: Limits) -> None:
@@ -271,7 +239,7 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
     """The engine's settings of one row from OpenAI's parameters (and the extras: mlx-lm's top_k, min_p,
     repetition_penalty; transformers' num_beams, length_penalty, early_stopping; the constraints regex, choices,
     constrain), every one checked here, before anything is submitted (the engine checks a constraint's content)."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_tokens") if body.get("max_completion_tokens") is None else body["max_completion_tokens"]
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
