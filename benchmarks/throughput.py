@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import mlx_paligemma as mp  # noqa: E402  (before mlx: it may load a faster BLAS on Linux)
 import mlx.core as mx  # noqa: E402
+from mlx_paligemma.generation.features import feature_cache  # noqa: E402
 import numpy as np  # noqa: E402
 
 TINY = ROOT / "tests" / "fixtures" / "paligemma2-tiny"
@@ -83,7 +84,7 @@ def ours_batch(model_path: str, tokens: int, size: int, n_images: int) -> dict:
     model, processor = mp.load(model_path)
     images = photos(n_images)
     mp.batch_generate(model, processor, images[:1], ["caption en"], max_tokens=2)  # warm-up
-    mp.engine.feature_cache(model).entries.clear()
+    feature_cache(model).entries.clear()
     mx.reset_peak_memory()
     tic, made = time.perf_counter(), 0
     if size == 0:  # sequential generate, one prompt after another
