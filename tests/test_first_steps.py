@@ -138,3 +138,67 @@ def test_the_command_list_has_version(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["python -m mlx_paligemma", "--version"])
     assert list_main() == 0
     assert capsys.readouterr().out == f"mlx-paligemma {mp.__version__}\n"
+
+
+# Every figure in the docs has its command and date, and docs/MEASURED.md lists it.
+
+# A measured figure: a rate or a time per step (`1.46 tokens/s`, `30-150 us`), a ratio (`0.42x greedy's`; not a
+# threshold, `0.9x of`, or a test's bound, `about 1.5x:`), or a table row with two cells or more that are numbers
+# alone (`| 0.50 | **2.92x** |`).
+RATE = re.compile(r"\d\s?(?:tokens/s|tok/s|images/s|items/s|steps/s|us)\b|\d\.\d+x\b(?! of|:)")
+NUMBER_CELL = re.compile(r"^\**[-+]?\d[\d.,]*(?:e[-+]?\d+)?x?\**(?: \([^)]*\))?(?: [\w/]+)?$")
+COMMAND = re.compile(r"`python [^`]+`|`[^`]*benchmarks/[^`]+`")
+DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
+
+
+def sections(page: Path):
+    """(heading, its GitHub anchor, its prose and table lines) of each section, fenced blocks left out: a shown
+    output's speeds are not measurements."""
+    from test_docs import FENCE
+
+    found, heading, lines, fenced = [], page.name, [], False
+    for line in page.read_text().splitlines():
+        if FENCE.match(line) or fenced and line.startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            continue
+        elif line.startswith("#"):
+            found.append((heading, lines))
+            heading, lines = line.lstrip("#").strip(), []
+        else:
+            lines.append(line)
+    found.append((heading, lines))
+    return [(h, re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-"), ls) for h, ls in found]
+
+
+def measured(lines) -> list:
+    rows = [line for line in lines if line.startswith("|")
+            and sum(bool(NUMBER_CELL.match(cell.strip())) for cell in line.strip().strip("|").split("|")) >= 2]
+    return [line for line in lines if RATE.search(line)] + rows
+
+
+def test_the_figure_rule_finds_figures():
+    assert measured(["8 clients 984-1429 tokens/s", "made 0.33x greedy's tokens/s", "| batch 8 | 1.46 | **2.92x** |",
+                     "a mask costs 30-150 us per row"]) != [] and len(measured(["a", "b"])) == 0
+    assert measured(["a model larger than 0.9x of that set", "bounds about 1.5x: `FLOAT_BOUNDS`",
+                     "| `--grad-clip` | 1.0 | clipping |",
+                     "| `--top-p` | 1.0, 0, 0.0 | filters |"]) == []
+
+
+def test_every_figure_has_its_command_and_date_and_is_listed():
+    from test_docs import PAGES
+
+    listed = (ROOT / "docs" / "MEASURED.md").read_text()
+    failures = []
+    for page in PAGES:
+        for heading, anchor, lines in sections(page):
+            figures = measured(lines)
+            if not figures:
+                continue
+            text = "\n".join(lines)
+            where = f"{page.name} # {heading} ({figures[0].strip()[:60]})"
+            if not COMMAND.search(text) or not DATE.search(text):
+                failures.append(f"{where}: give the command that made it and its date")
+            if page.name != "MEASURED.md" and f"{page.name}#{anchor})" not in listed:
+                failures.append(f"{where}: list it in docs/MEASURED.md as ({page.name}#{anchor})")
+    assert not failures, "\n".join(failures)
