@@ -119,7 +119,7 @@ def check_request(body: Any, limits: Limits) -> Checked:
         raise bad("the request body must be a JSON object")
     try:
         talk = conversation(body.get("messages"), limits.max_parts, limits.max_prompt_bytes)
-        call = forced_call(body.get("tools"), body.get("tool_choice"))
+        call = forced_call(body)
     except InputError as e:
         raise bad(str(e), e.param or "messages") from None
     prompt, sources = talk.prompt, talk.sources

@@ -37,12 +37,18 @@ PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_form
 LOGPROBS = "message.output_text.logprobs"
 
 
+class Refused(ApiError):
+    """A Responses request refused here, its param named as the Responses API names it already."""
+
+
 def bad(message: str, param: str) -> ApiError:
-    return ApiError(400, message, param=param)
+    return Refused(400, message, param=param)
 
 
 def renamed(e: ApiError) -> ApiError:
-    e.param = PARAMS.get(e.param, e.param)
+    """An error of the chat path, its param named as the Responses API names it."""
+    if not isinstance(e, Refused):
+        e.param = PARAMS.get(e.param, e.param)
     return e
 
 

@@ -47,9 +47,12 @@ class Call:
         return value["name"], json.dumps(value["arguments"], ensure_ascii=False, separators=(",", ":"))
 
 
-def forced_call(tools: Any, tool_choice: Any) -> Optional[Call]:
-    """The call that `tool_choice` forces among `tools` (OpenAI's chat shapes), or None for an answer in text."""
-    functions = read_tools(tools)
+def forced_call(body: dict) -> Optional[Call]:
+    """The call that a chat request's `tool_choice` forces among its `tools`, or None for an answer in text."""
+    for old in ("functions", "function_call"):  # OpenAI's older form: refused rather than answered in text
+        if body.get(old) is not None:
+            raise InputError(f"{old} is OpenAI's deprecated form: send tools and tool_choice", old)
+    functions, tool_choice = read_tools(body.get("tools")), body.get("tool_choice")
     if tool_choice is None or tool_choice in ("auto", "none"):
         return None
     if tool_choice == "required":
