@@ -13,6 +13,9 @@ import pytest
 
 FIXTURES = Path(os.environ.get("PALIGEMMA_FIXTURES", Path(__file__).parent / "fixtures"))
 MODELS = ["paligemma-tiny", "paligemma2-tiny"]
+# Set before the package is first imported: on a Linux machine without OpenBLAS, `import mlx_paligemma` prints one
+# line, which would be one more stderr line in every command a test runs (tests/test_first_steps.py checks the line).
+os.environ.setdefault("MLX_PALIGEMMA_QUIET_BLAS", "1")
 
 
 @pytest.fixture(scope="session")

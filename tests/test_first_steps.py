@@ -57,6 +57,10 @@ def test_a_command_says_it_once():
     assert len(r.stderr.splitlines()) == 1 and "libopenblas0-pthread" in r.stderr
 
 
+def test_the_suite_silences_it_by_the_same_name():
+    assert mp.QUIET_BLAS in os.environ  # tests/conftest.py: each test's own commands print no such line
+
+
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_the_line_can_be_silenced(value):
     r = python(NO_OPENBLAS + "import mlx_paligemma", **{mp.QUIET_BLAS: value})
