@@ -189,6 +189,21 @@ def test_a_schema_in_the_instructions_shapes_a_json_object(client):
         client, [user("caption en", CAT)], response_format={"type": "json_object"}, max_tokens=12)
 
 
+def test_a_schema_is_read_as_clients_write_it_within_bounds(monkeypatch):
+    from mlx_paligemma import limits
+    from mlx_paligemma.server.messages import SCHEMA_TRIES, schema_in
+
+    schema = Animal.model_json_schema()
+    pretty = "Match the following json_schema:\n\n            " + json.dumps(schema, indent=2) + "\n\nOnly JSON."
+    assert schema_in(["Be brief.", pretty]) == schema  # instructor's JSON mode
+    assert schema_in([f"Always respond with a JSON object that's compatible with this schema:\n\n{json.dumps(schema)}"
+                      "\n\nDon't include any text"]) == schema  # pydantic-ai's PromptedOutput
+    assert schema_in(['{"type": "cat"}\n' * (SCHEMA_TRIES - 1) + json.dumps(schema)]) == schema
+    assert schema_in(['{"type": "cat"}\n' * SCHEMA_TRIES + json.dumps(schema)]) is None  # tries are bounded
+    monkeypatch.setattr(limits, "LIMITS", limits.Limits(max_constraint_bytes=len(json.dumps(schema)) // 8))
+    assert schema_in([json.dumps(schema)]) is None  # so is what each try reads
+
+
 @pytest.mark.parametrize("messages, words", [
     ([user("caption en", CAT), {"role": "assistant", "content": "a cat"}], "not a chat model"),
     ([user("caption en", CAT), {"role": "robot", "content": "beep"}], "has role 'robot'"),

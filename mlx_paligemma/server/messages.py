@@ -17,11 +17,12 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from .. import limits
 from ..errors import InputError, check_text
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 INSTRUCTING = ("system", "developer")
-SCHEMA_TRIES = 8  # lines starting with "{" tried as a schema: each try parses up to the end of the text
+SCHEMA_TRIES = 8  # lines starting with "{" tried as a schema
 
 
 @dataclass
@@ -109,15 +110,17 @@ _OBJECT_LINE = re.compile(r"^[ \t]*\{", re.MULTILINE)
 def schema_in(instructions: List[str]) -> Optional[dict]:
     """The JSON schema of an object that the instructions show, as instructor's JSON mode and pydantic-ai's
     prompted output write it: the first line starting with "{" (spaces before it allowed) that begins a JSON object
-    with "type": "object" and "properties". None when there is none among the first SCHEMA_TRIES such lines."""
-    decoder, tries = json.JSONDecoder(), 0
+    with "type": "object" and "properties". None when there is none among the first SCHEMA_TRIES such lines. Each
+    try reads at most four times the bytes a schema may have (pretty-printed, it is longer than the compact JSON
+    that --max-constraint-bytes bounds), so a long text costs no more than that."""
+    decoder, tries, window = json.JSONDecoder(), 0, 4 * limits.LIMITS.max_constraint_bytes
     for text in instructions:
         for start in _OBJECT_LINE.finditer(text):
             if tries == SCHEMA_TRIES:
                 return None
             tries += 1
             try:
-                value, _ = decoder.raw_decode(text, start.end() - 1)
+                value, _ = decoder.raw_decode(text[start.end() - 1:start.end() - 1 + window])
             except (ValueError, RecursionError):
                 continue
             if isinstance(value, dict) and value.get("type") == "object" and isinstance(value.get("properties"),

@@ -171,7 +171,7 @@ class Reply:
                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
                "metadata": body.get("metadata") or {}, "previous_response_id": None, "store": False,
                "parallel_tool_calls": body.get("parallel_tool_calls") is not False, "reasoning": None,
-               "temperature": settings["temperature"], "top_p": settings["top_p"],
+               "temperature": settings.get("temperature"), "top_p": settings.get("top_p"),
                "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
                "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
                "tools": body.get("tools") or [], "truncation": "disabled", "user": body.get("user"), "usage": None}
