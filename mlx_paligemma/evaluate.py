@@ -23,7 +23,7 @@ from . import defaults
 from .tasks import report
 from .cli import ArgumentParser, command, run_main
 from .extras import require
-from .formats.atomic import atomic_file, check_writable
+from .formats.atomic import atomic_file, check_file_output
 from .errors import InputError
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens
 from .processing.processor import IMAGE_TOKEN
@@ -104,7 +104,7 @@ def build_parser() -> ArgumentParser:
 
 def check_outputs(args) -> None:
     """--output and --predictions, before any work: files in folders that exist, not the data nor each other (a
-    careless --predictions test.jsonl would replace the set it scores)."""
+    careless --predictions test.jsonl would replace the set it scores), new or written by us (formats.atomic)."""
     named = [(flag, getattr(args, flag.strip("-"))) for flag in ("--output", "--predictions")]
     named = [(flag, Path(path)) for flag, path in named if path]
     if len(named) == 2 and named[0][1].absolute() == named[1][1].absolute():
@@ -119,9 +119,7 @@ def check_outputs(args) -> None:
         if folder is not None and folder in Path(os.path.abspath(path)).parents:
             raise InputError(f"{flag} {path} is inside the --report folder, which the report replaces whole: give "
                              "a file outside it")
-        if path.exists() and not path.is_file():
-            raise InputError(f"{flag} {path} exists and is not a regular file")
-        check_writable(path, flag)
+        check_file_output(path, flag)
 
 
 def check_examples(processor, examples) -> None:
@@ -148,9 +146,9 @@ def check_examples(processor, examples) -> None:
                                  f"{seq}, more than the model's {limit}")
 
 
-def write_text(path, text: str) -> None:
+def write_text(path, text: str, flag: str) -> None:
     """Whole or not at all: a run stopped while writing leaves the previous file."""
-    with atomic_file(Path(path)) as tmp:
+    with atomic_file(Path(path), flag) as tmp:
         tmp.write_text(text)
 
 
@@ -201,9 +199,9 @@ def run(args) -> None:
                    seconds=round(time.perf_counter() - tic, 2))
     print(format_table(results))
     if args.output:
-        write_text(args.output, json.dumps(results, indent=2) + "\n")
+        write_text(args.output, json.dumps(results, indent=2) + "\n", "--output")
     if args.predictions:
-        write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records), "--predictions")
     if args.report:
         print(f"report: {report.write_report(args.report, results, records, examples, args.report_examples)}")
 
@@ -225,7 +223,7 @@ def compare(args, examples, decoder, adapters: dict) -> None:
     print(side_by_side(results))
     if args.output:
         write_text(args.output, json.dumps({"model": args.model, "data": args.data, "adapters": adapters,
-                                            "results": results}, indent=2) + "\n")
+                                            "results": results}, indent=2) + "\n", "--output")
     if args.predictions:  # per question, each model's answer and score side by side
         lines = []
         for i, first in enumerate(records["base"]):
@@ -233,7 +231,7 @@ def compare(args, examples, decoder, adapters: dict) -> None:
             line["predictions"] = {name: r[i]["prediction"] for name, r in records.items()}
             line["scores"] = {name: r[i].get("score") for name, r in records.items()}
             lines.append(json.dumps(line) + "\n")
-        write_text(args.predictions, "".join(lines))
+        write_text(args.predictions, "".join(lines), "--predictions")
 
 
 main = command(build_parser, run)

@@ -16,7 +16,7 @@ from .extras import require
 from .generation.constraints import cli_constraint
 from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
-from .formats.atomic import atomic_file, check_writable
+from .formats.atomic import atomic_file, check_file_output
 from .generation.settings import check_settings
 from .errors import InputError
 from .processing.images import load_image, to_rgb
@@ -70,7 +70,7 @@ def print_logprobs(rows: Sequence[dict]) -> None:
 
 
 def draw(image, objects: list, path: str) -> None:
-    with atomic_file(path) as tmp:
+    with atomic_file(path, "--draw") as tmp:
         draw_detections(to_rgb(image), objects).save(tmp)
     print(f"wrote {path} ({plural(len(objects), 'object')})", file=sys.stderr)
 
@@ -90,8 +90,8 @@ def report_scores(model, processor, images, args) -> int:
 
 
 def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
-    """--draw's file: an image extension PIL writes, in a folder that exists, not one of the input images;
-    checked before the model loads."""
+    """--draw's file: an image extension PIL writes, in a folder that exists, not one of the input images, and
+    new or a drawing of ours (formats.atomic); checked before the model loads."""
     from PIL import Image
 
     out = Path(path)
@@ -106,7 +106,7 @@ def check_output_image(path: str, inputs: Sequence[str] = ()) -> None:
             raise InputError(f"--draw {path} would overwrite the input image")
     except OSError as e:
         raise InputError(f"--draw {path}: {e.strerror or e}") from None
-    check_writable(out, "--draw")
+    check_file_output(out, "--draw")
 
 
 def run(args) -> int:

@@ -18,6 +18,7 @@ from conftest import FIXTURES, images_of
 from mlx_paligemma.convert import convert, main
 from mlx_paligemma.formats import big_vision
 from mlx_paligemma.formats.atomic import partial_path
+from mlx_paligemma.formats.ownership import RECORD
 from mlx_paligemma.processing.processor import Tokenizer
 
 PACKAGE = Path(mp.__file__).parent
@@ -218,6 +219,7 @@ def test_adapters_are_written_atomically(tmp_path):
     model, _ = mp.load(str(FIXTURES / "paligemma-tiny"), dtype=mx.float32)
     config = lora.add_lora(model, rank=2)
     save_adapters(model, tmp_path, config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    # The two files, and the record that says they are ours (formats.ownership.RECORD).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RECORD, "adapter_config.json", "adapters.safetensors"]
     assert (tmp_path / "adapters.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
     mp.load(str(FIXTURES / "paligemma-tiny"), adapter_path=str(tmp_path))

@@ -250,7 +250,7 @@ def test_reading_a_damaged_log(tmp_path):
 def test_resuming_over_a_damaged_log_stops_before_training(tmp_path):
     train_tiny(tmp_path, 3)
     (tmp_path / LOG_FILE).write_text("garbage\n")
-    with pytest.raises(InputError, match=r"log.jsonl, line 1: not a training log entry"):
+    with pytest.raises(InputError, match=r"log.jsonl has changed since a training run wrote it; move it away"):
         train_tiny(tmp_path, 6, resume=True)
     assert (tmp_path / LOG_FILE).read_text() == "garbage\n"
     assert json.loads((tmp_path / trainer.STATE_FILE).read_text())["step"] == 3

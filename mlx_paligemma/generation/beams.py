@@ -15,7 +15,10 @@ from typing import List, Optional, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-NEG = np.float32(-1.0e9)  # transformers' "impossible" score
+# The "impossible" score. transformers uses -1e9, which a real hypothesis passes under a negative length_penalty
+# (a score divided by n ** -20 is far below it) and which then outranks it; -inf is below every score, and orders
+# every real one as -1e9 does.
+NEG = np.float32(-np.inf)
 
 
 @dataclass
@@ -70,21 +73,19 @@ class BeamGroup:
         candidate_logprobs = [self.running_logprobs[p] + [float(v)] for p, v in zip(parents, own)]
 
         # The best num_beams candidates that go on.
-        go_on = values + hits.astype(np.float32) * NEG
+        go_on = np.where(hits, NEG, values)
         keep = np.argsort(-go_on, kind="stable")[:nb]
         self.running = [candidates[i] for i in keep]
         self.running_logprobs = [candidate_logprobs[i] for i in keep]
         self.running_scores = go_on[keep]
 
         # Finished hypotheses: only the top num_beams candidates may join, and only while they can still matter.
-        scores = values / np.float32(n ** self.length_penalty)
-        if self.is_finished.all() and self.early_stopping is True:
-            scores = scores + NEG
-        if not self.improvable:
-            scores = scores + NEG
+        scores = normalised(values, n, self.length_penalty)
         just = hits.copy()
         just[nb:] = False
-        scores = scores + (~just).astype(np.float32) * NEG
+        if self.is_finished.all() and self.early_stopping is True or not self.improvable:
+            just[:] = False
+        scores = np.where(just, scores, NEG)
         merged = np.concatenate([self.finished_scores, scores])
         best = np.argsort(-merged, kind="stable")[:nb]
         pool = self.finished + candidates
@@ -94,7 +95,7 @@ class BeamGroup:
         self.finished_scores, self.is_finished = merged[best], flags[best]
 
         length = self.max_steps if self.early_stopping == "never" and self.length_penalty > 0 else n
-        best_running = self.running_scores[0] / np.float32(length ** self.length_penalty)
+        best_running = normalised(self.running_scores[0], length, self.length_penalty)
         worst = np.where(self.is_finished, self.finished_scores.min(), NEG)
         self.improvable = self.improvable and bool(np.any(best_running > worst))
         all_in = self.is_finished.all() and self.early_stopping is True
@@ -102,6 +103,19 @@ class BeamGroup:
         return [int(tokens[i]) for i in keep], [int(parents[i]) for i in keep]
 
     def results(self, count: int) -> List[BeamSequence]:
-        """The best `count` finished hypotheses, best first."""
-        return [BeamSequence(list(t), float(s), logprobs=list(lp))
-                for t, s, lp in zip(self.finished[:count], self.finished_scores[:count], self.finished_logprobs)]
+        """The best `count` finished hypotheses, best first, and running beams after them where fewer finished (as
+        transformers returns its running beams when none finished; here only when scores are not finite)."""
+        done = [BeamSequence(list(t), float(s), logprobs=list(lp))
+                for t, s, lp, f in zip(self.finished, self.finished_scores, self.finished_logprobs, self.is_finished)
+                if f and t]
+        running = [BeamSequence(list(t), float(s), logprobs=list(lp))
+                   for t, s, lp in zip(self.running, self.running_scores, self.running_logprobs) if t]
+        return (done + running)[:count]
+
+
+def normalised(scores, length: int, length_penalty: float):
+    """scores / length ** length_penalty in float32, as transformers divides. The divisor may overflow to inf
+    (length_penalty 50) or underflow to 0 (-50): the quotients then order the hypotheses as the formula says (or
+    are NaN, which no comparison prefers), without numpy's warnings."""
+    with np.errstate(all="ignore"):
+        return scores / np.float32(np.float64(length) ** length_penalty)

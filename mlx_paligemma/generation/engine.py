@@ -84,6 +84,14 @@ def check_size(request: Request, context: int) -> None:
                          "fewer max_tokens or a shorter prompt", param=name)
 
 
+def not_finite(row: Row) -> InputError:
+    """The error of a row whose logits were NaN or infinite (an adapter's overflow): its request ends with it."""
+    adapter = row.request.settings.adapter
+    if adapter is None:
+        return InputError("the model gave logits that are not finite (NaN or infinite)")
+    return InputError(f"adapter {adapter!r} gave logits that are not finite (NaN or infinite)", param="adapter")
+
+
 class Batch:
     """The running rows, their keys and values, and the token each has picked and not yet handed out."""
 
@@ -267,7 +275,8 @@ class Engine:
                 if batch.rows:
                     batch.picked = self._decode(batch)
                     # computed while this step's tokens are handed out
-                    mx.async_eval(batch.picked.tokens, *[a for a in [batch.picked.logprobs] if a is not None])
+                    mx.async_eval(batch.picked.tokens, batch.picked.finite,
+                                  *[a for a in [batch.picked.logprobs] if a is not None])
                 started.append((batch, rows, pending))
             outputs = []
             for batch, rows, pending in started:
@@ -341,6 +350,8 @@ class Engine:
     def _sample(self, rows: List[Row], logits: mx.array) -> Tuple[Picked, List[int]]:
         """(B, vocab) logits -> each row's token by its request's strategy, with log-probabilities, and the row each
         row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
+        # Logits that are not finite (an adapter's overflow) end their row's request with an error, not NaN scores.
+        finite = mx.isfinite(logits).all(axis=-1)
         constraints = [r.constraint for r in rows]
         constrained = any(c is not None for c in constraints)
         if constrained:
@@ -376,21 +387,23 @@ class Engine:
         for r in rows:
             r.picked += 1
         if constrained:
-            self._advance(rows, parents, tokens.tolist())
+            self._advance(rows, parents, tokens.tolist(), finite.tolist())
         wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
-        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting))
+        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting), finite=finite)
         if k:
             picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
         return picked, parents
 
     @staticmethod
-    def _advance(rows: List[Row], parents: List[int], tokens: List[int]) -> None:
+    def _advance(rows: List[Row], parents: List[int], tokens: List[int], finite: List[bool]) -> None:
         """Each constrained row's grammar takes its token; a beam first takes over its parent's state (a copy
-        when the parent goes on too), all before any advances."""
+        when the parent goes on too), all before any advances. A row whose logits were not finite ends here."""
         states = [rows[p].constraint if p == j or rows[p].constraint is None else rows[p].constraint.copy()
                   for j, p in enumerate(parents)]
-        for r, c, t in zip(rows, states, tokens):
+        for r, c, t, ok in zip(rows, states, tokens, finite):
             r.constraint = c
+            if not ok:
+                r.strategy.fail(not_finite(r))
             if c is None or r.strategy.error is not None:
                 continue
             try:
@@ -405,15 +418,21 @@ class Engine:
         tokens = picked.tokens.tolist()
         logprobs = picked.logprobs.tolist() if picked.logprobs is not None else [None] * len(tokens)
         top = (picked.top_ids.tolist(), picked.top_values.tolist()) if picked.top_ids is not None else None
+        finite = picked.all_finite().tolist()
         outputs = []
         for i, row in enumerate(rows):
             strategy = row.strategy
             out = None
+            if not finite[i]:
+                strategy.fail(not_finite(row))
             if strategy.error is None:
                 try:
                     out = strategy.hand_out(row, tokens[i], logprobs[i], (top[0][i], top[1][i]) if top else None)
                 except Exception as e:  # its stop strings, its detokenizer: the request's own
                     strategy.fail(e)
+                if not row.finished and strategy.room(row) <= 0:
+                    # Out of room and not ended: never left without an answer (the engine's promise).
+                    strategy.fail(RuntimeError("the request ran out of tokens without an answer"))
             if strategy.error is not None:
                 out = strategy.failed(row)
             if out is not None:

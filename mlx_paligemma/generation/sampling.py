@@ -86,19 +86,26 @@ class Picked:
     logprobs: Optional[mx.array]  # None: no row of the batch wants them
     top_ids: Optional[mx.array] = None
     top_values: Optional[mx.array] = None
+    finite: Optional[mx.array] = None  # (B,) whether each row's logits were all finite (None: all were)
 
     def take(self, index: mx.array) -> "Picked":
         top = (None, None) if self.top_ids is None else (self.top_ids[index], self.top_values[index])
-        return Picked(self.tokens[index], None if self.logprobs is None else self.logprobs[index], *top)
+        return Picked(self.tokens[index], None if self.logprobs is None else self.logprobs[index], *top,
+                      finite=None if self.finite is None else self.finite[index])
+
+    def all_finite(self) -> mx.array:
+        return self.finite if self.finite is not None else mx.ones(self.tokens.shape, mx.bool_)
 
     def concat(self, other: "Picked") -> "Picked":
         if (self.logprobs is None) != (other.logprobs is None):  # rows that skipped them: zeros nobody reads
-            self, other = (Picked(p.tokens, mx.zeros(p.tokens.shape), p.top_ids, p.top_values)
+            self, other = (Picked(p.tokens, mx.zeros(p.tokens.shape), p.top_ids, p.top_values, p.finite)
                            if p.logprobs is None else p for p in (self, other))
         logprobs = None if self.logprobs is None else mx.concatenate([self.logprobs, other.logprobs])
+        finite = None if self.finite is None and other.finite is None else mx.concatenate(
+            [self.all_finite(), other.all_finite()])
         width = max(0 if p.top_ids is None else p.top_ids.shape[1] for p in (self, other))
         if not width:
-            return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs)
+            return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs, finite=finite)
 
         def padded(p: "Picked"):
             n, have = p.tokens.shape[0], 0 if p.top_ids is None else p.top_ids.shape[1]
@@ -111,7 +118,7 @@ class Picked:
 
         (a_ids, a_values), (b_ids, b_values) = padded(self), padded(other)
         return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs,
-                      mx.concatenate([a_ids, b_ids]), mx.concatenate([a_values, b_values]))
+                      mx.concatenate([a_ids, b_ids]), mx.concatenate([a_values, b_values]), finite)
 
 
 def logprob_json(decode: Callable[[List[int]], str], token: int, logprob: float,

@@ -4,7 +4,8 @@ ADAPTER_PATH/tensorboard (--report-to tensorboard), and a plot of the curves in 
 
 The log is the record: each line is flushed as it is written, so a killed run keeps what it reported, and a resumed
 run first drops what came after its checkpoint's step, so every step is in the log once and in order. The event
-files are written from the log (replayed on resume), never the other way round.
+files are written from the log (replayed on resume), never the other way round. The log and the plot are files of
+ours by the folder's record (formats.atomic), the event files by their names.
 """
 
 import json
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from ..formats.atomic import atomic_file
+from ..formats.atomic import GrowingFile, atomic_file
 from ..formats.ownership import FILE, MARK_SUFFIX
 from ..errors import InputError, cause
 from ..extras import install_line, require
@@ -88,9 +89,7 @@ class TrainingLog:
     def _open(self) -> None:
         """At the first entry, not before: under mlx.launch every entry follows a collective step, so by then each
         process has checked the adapter folder, and none finds this run's own log there and refuses it."""
-        with atomic_file(self.file) as tmp:
-            tmp.write_text("".join(json.dumps(e) + "\n" for e in self.kept))
-        self.out = self.file.open("a")
+        self.out = GrowingFile(self.file, "".join(json.dumps(e) + "\n" for e in self.kept))
         events = self.folder / TENSORBOARD_DIR
         # Our event files are rewritten from the log (up to `start`) when this run reports to TensorBoard, and
         # dropped with the rest of a run that a new one replaces; a resumed run that does not report to TensorBoard
@@ -116,8 +115,7 @@ class TrainingLog:
     def write(self, entry: dict) -> None:
         if self.out is None:
             self._open()
-        self.out.write(json.dumps(entry) + "\n")
-        self.out.flush()  # to the OS at once: a killed run keeps every line written
+        self.out.write(json.dumps(entry) + "\n")  # flushed at once: a killed run keeps every line written
         if self.writer is not None:
             self._event(entry)
             self.writer.flush()
