@@ -273,12 +273,25 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(checkpoint, tmp_path, 
 
 
 def test_a_checkpoint_of_other_parameters_is_refused(checkpoint, tmp_path, capsys):
-    """adapters.safetensors from a run of another rank behind a config that says rank 4: caught by shape."""
+    """adapters.safetensors from a run of another rank behind a config that says rank 4: not the file the run wrote
+    there, so the command refuses it before the model loads; read anyway, it is caught by shape."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import mlx_paligemma as mp
+    from mlx_paligemma.training import trainer
+
     data, adapters = copy_of(checkpoint, tmp_path)
     assert train(data, tmp_path / "rank8", "--lora-rank", "8") == 0
     shutil.copy(tmp_path / "rank8" / "adapters.safetensors", adapters / "adapters.safetensors")
+    before = snapshot(adapters)
     assert train(data, adapters, "--iters", "3", "--resume") == 1
-    assert "adapters.safetensors does not fit this model's trainable parameters" in one_error_line(capsys)
+    assert one_error_line(capsys) == (f"error: --adapter-path {adapters}: {adapters / 'adapters.safetensors'} has "
+                                      "changed since a training run wrote it; move it away")
+    assert snapshot(adapters) == before
+    model, _ = mp.load(str(MODEL), dtype=mx.float32)
+    trainer.add_lora(model, rank=4)
+    with pytest.raises(InputError, match="adapters.safetensors does not fit this model's trainable parameters"):
+        trainer.load_checkpoint(model, optim.Adam(1e-3), adapters)
 
 
 def test_an_unwritable_adapter_path_is_refused_before_training(tmp_path, capsys):
