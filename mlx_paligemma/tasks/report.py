@@ -11,14 +11,13 @@ dashed green and the predicted ones solid red, as SVG over the image, the predic
 others a line each in a table.
 
 A folder is only written over when it holds nothing but a report written here earlier, at every depth (the marker
-file lists every file and folder it wrote: formats.ownership); the new report is built beside it and moved into
-place, so a failed run leaves the old one.
+file lists every file and folder it wrote: formats.ownership), and never through a link; the new report is built
+beside it and moved into place (formats.atomic.replaced_folder), so a failed, stopped or terminated run leaves the
+old one and no temporary folder.
 """
 
 import html
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -28,7 +27,7 @@ from PIL import Image
 from .detection import DetectedObject, rle_to_mask
 from .metrics import precision_recall
 from ..errors import InputError
-from ..formats.ownership import check_manifest_folder, manifest_text
+from ..formats.atomic import check_folder_output, replaced_folder
 
 MARKER = ".mlx-paligemma-report"
 SHOWN = 100  # questions shown in full; the rest are a table row each
@@ -75,67 +74,24 @@ def _new_figure():
 
 
 def check_folder(folder, shown: int = SHOWN) -> Path:
-    """`folder` as a Path if a report may be written there (new, empty, or an earlier report), else InputError; and
-    matplotlib present. Called before an evaluation so that it does not run for nothing."""
+    """`folder` as a Path if a report may be written there (new, empty, or an earlier report; not a link), else
+    InputError; and matplotlib present. Called before an evaluation so that it does not run for nothing."""
     if shown < 0:
         raise InputError(f"--report-examples must be 0 or more, got {shown}")
     _new_figure()
-    path = Path(folder)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--report {folder}: is a file, not a folder")
-    if path.is_dir():
-        try:
-            entries = set(os.listdir(path))
-        except OSError as e:
-            raise InputError(f"--report {folder}: cannot read the folder: {e.strerror}") from None
-        if entries and MARKER not in entries:
-            raise InputError(f"--report {folder}: the folder holds files and no earlier report; give a new or empty "
-                             "folder")
-        if entries:
-            check_manifest_folder(path, MARKER, f"--report {folder}", "report")
-    parent = Path(os.path.abspath(path)).parent  # where the report is built and moved into place at the end
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise InputError(f"--report {folder}: cannot write there: {e.strerror or e}") from None
-    return path
+    check_folder_output(Path(folder), MARKER, f"--report {folder}", "report")
+    return Path(folder)
 
 
 def write_report(folder, results: dict, records: Sequence[dict], examples: Sequence, shown: int = SHOWN) -> Path:
     """Write the page of evaluate_examples' (results, records) into `folder`; `examples` are what was evaluated
     (their images are what the page shows). Returns the path of index.html."""
-    path = Path(os.path.abspath(check_folder(folder, shown)))  # "." has a name and a parent
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    except OSError as e:
-        raise InputError(f"--report {folder}: cannot write there: {e.strerror}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        build.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the report is a folder like any other
+    path = check_folder(folder, shown)
+    with replaced_folder(path, MARKER, f"--report {folder}", "report") as build:
         images = {e.source or e.image: e.image for e in examples if isinstance(e.source or e.image, str)}
         page = _Page(build, results, records, images)
         (build / "index.html").write_text(page.html(shown), encoding="utf-8")
-        (build / MARKER).write_text(manifest_text(build, MARKER))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
-            os.replace(path, old / "report")
-            try:
-                os.replace(build, path)
-            except OSError:
-                os.replace(old / "report", path)  # the earlier report back where it was
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(build, path)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    return path / "index.html"
+    return Path(os.path.abspath(path)) / "index.html"
 
 
 def _text(value) -> str:
