@@ -111,9 +111,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter-path", default=d.adapter_path,
                    help="where adapters (or fine-tuned weights) and checkpoints are saved, or read for --fuse")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --adapter-path (its "
-                   "settings and data must be this command's)")
-    p.add_argument("--overwrite", action="store_true", help="replace the adapters already in --adapter-path (without "
-                   "it, or --resume, an --adapter-path holding adapters is refused)")
+                   "settings and data must be this command's); a run stopped before its first one starts again")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint a run wrote in --adapter-path "
+                   "(without it, or --resume, a folder holding one is refused)")
     p.add_argument("--val-batches", type=int, default=d.val_batches, help="batches per validation, -1: all")
     p.add_argument("--steps-per-eval", type=int, default=d.steps_per_eval, help="steps between validations")
     p.add_argument("--eval-task", choices=("auto",) + TASKS,

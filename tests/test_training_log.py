@@ -229,8 +229,10 @@ def test_someones_file_where_the_log_goes_is_refused(tmp_path, capsys, name):
     theirs.write_text("my own notes\n")
     rc = lora.main(options("--data", str(data), "--adapter-path", str(tmp_path / "a")))
     lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'a'} already holds adapters "
-                                                               f"({name.split('/')[0]}): give --resume")
+    a = tmp_path / "a"
+    what = (f"{a / TENSORBOARD_DIR} holds {name.split('/')[1]!r}, which no training run wrote" if "/" in name else
+            f"{a / name} was not written by a training run")
+    assert rc == 1 and lines == [f"error: --adapter-path {a}: {what}; move it away"], lines
     assert theirs.read_text() == "my own notes\n"
     assert sorted(str(p.relative_to(tmp_path / "a")) for p in (tmp_path / "a").rglob("*")) == sorted(
         {name, name.split("/")[0]})

@@ -33,7 +33,7 @@ from ..processing.images import load_image
 from ..processing.processor import IMAGE_TOKEN, PaliGemmaProcessor
 from ..errors import InputError, cause, read_json_object
 from .log import TrainingLog, check_trackers
-from .output import BEST_DIR, OPTIMIZER_FILE, STATE_FILE, check_output_folder
+from .output import BEST_DIR, OPTIMIZER_FILE, STATE_FILE, check_output_folder, has_checkpoint
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -329,10 +329,13 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
     folder = Path(args.adapter_path)
     # Everything that could stop the run later is checked now, before the first step and before anything is written.
     check_trackers(args.report_to)
+    # --resume where a run stopped before its first checkpoint (only its own log or curves there, as
+    # check_output_folder makes sure) starts it again from step 0.
+    resume = args.resume and (adapter_config is None or has_checkpoint(folder))
     if adapter_config is not None:
         check_output_folder(folder, args.resume, args.overwrite)
         adapter_config = {**adapter_config, "data": data_fingerprint(train_set)}
-        if args.resume:
+        if resume:
             check_resume(folder, adapter_config)
     check_examples(processor, train_set)
     check_examples(processor, valid_set or [])
@@ -353,12 +356,14 @@ def train(model: PaliGemma, processor: PaliGemmaProcessor, train_set: List[Examp
                  else optim.Adam(schedule))
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     start, best = 0, None
-    if args.resume:
+    if resume:
         state = load_checkpoint(model, optimizer, folder)
         start, best = state["step"], state["best_score"]
         if start >= args.iters:
             raise InputError(f"{folder} is at step {start} already: give --iters above it to train on")
         report(f"Resumed from {folder} at step {start}")
+    elif args.resume:
+        report(f"No checkpoint in {folder} yet: training from step 1")
     log = TrainingLog(folder, start, args.report_to) if writes else None
     score_task = None
     if args.eval_task:
