@@ -13,6 +13,9 @@ greedy answers before training, trains adapters (or the weights) into <out>/adap
 The same run from the command line:
 
     python -m mlx_paligemma.lora --model M --data <out>/data --iters 60 --batch-size 2 --learning-rate 1e-4
+
+Run again, it refuses to replace the adapters it trained: give --resume (with more --iters) to go on training them,
+--overwrite to train them again, or another --output or --adapter-path.
 """
 
 import argparse
@@ -26,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_paligemma as mp  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
-from mlx_paligemma import lora
-from mlx_paligemma.training import trainer
-from mlx_paligemma.cli import DefaultsHelpFormatter  # noqa: E402
-from mlx_paligemma.data.sources import read_training_sets
+from mlx_paligemma import lora  # noqa: E402
+from mlx_paligemma.training import trainer  # noqa: E402
+from mlx_paligemma.cli import DefaultsHelpFormatter, run_main  # noqa: E402
+from mlx_paligemma.data.sources import read_training_sets  # noqa: E402
+from mlx_paligemma.formats.atomic import check_new_folder  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "images"
 # What to teach, per image: a house-style caption and a one-word answer.
@@ -84,9 +88,17 @@ def main() -> None:
     p.add_argument("--grad-checkpoint", action="store_true", help="trade compute for memory")
     p.add_argument("--max-tokens", type=int, default=24, help="for the answers before and after")
     p.add_argument("--fuse", action="store_true", help="also write the merged model to <out>/fused")
+    p.add_argument("--adapter-path", help="where the adapters go (default: <out>/adapters)")
+    p.add_argument("--resume", action="store_true", help="go on training the adapters of an earlier run")
+    p.add_argument("--overwrite", action="store_true", help="train again over the adapters of an earlier run")
     args = p.parse_args()
 
     out = Path(args.out)
+    adapters = Path(args.adapter_path or out / "adapters")
+    # What would refuse to be written at the end is refused now, before the model loads.
+    trainer.check_output_folder(adapters, args.resume, args.overwrite)
+    if args.fuse:
+        check_new_folder(out / "fused")
     build_dataset(out / "data")
     data = read_training_sets(str(out / "data"))
     print(f"dataset in {out / 'data'}: {len(data['train'])} training, {len(data['valid'])} validation examples")
@@ -101,8 +113,9 @@ def main() -> None:
               else trainer.set_trainable(model, args.fine_tune_type))
     config.update(base_model=args.model, model_type="paligemma")
     train_args = trainer.TrainingArgs(iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                      steps_per_report=10, steps_per_eval=20, adapter_path=str(out / "adapters"),
-                                      grad_checkpoint=args.grad_checkpoint)
+                                      steps_per_report=10, steps_per_eval=20, adapter_path=str(adapters),
+                                      grad_checkpoint=args.grad_checkpoint, resume=args.resume,
+                                      overwrite=args.overwrite)
     tic = time.perf_counter()
     history = trainer.train(model, processor, data["train"], data["valid"], train_args, adapter_config=config)
     seconds = time.perf_counter() - tic
@@ -121,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # bad input as one `error:` line, as the commands do
