@@ -22,33 +22,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError
-from .ownership import (US, check_file, check_manifest_folder, fingerprint, growing, locked, manifest_text, ours_now,
-                        partial_path, read_record, refusal, temporary_parts, write_record)
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def clean_stale(path: Path) -> None:
-    """Remove what a killed run left while writing `path` (its process is gone); refuse while another live
-    process is writing it."""
-    path = Path(path)
-    for kind in ("partial", "old"):
-        prefix, ext = temporary_parts(path, kind)
-        for stale in path.parent.glob(f"{prefix}*{ext}"):
-            pid = stale.name[len(prefix):len(stale.name) - len(ext)]
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            if _alive(int(pid)):
-                raise InputError(f"{path} is being written by another process (pid {pid}): {stale} exists")
-            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
-
+from .ownership import (US, check_file, check_manifest_folder, clean_stale, fingerprint, growing, locked, manifest_text,
+                        ours_now, partial_path, read_record, refusal, write_record)
 
 def _exit_on_terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
@@ -70,10 +45,10 @@ def terminations_unwind() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _probe(folder: Path, refusal: str) -> None:
-    """A real write in `folder`, removed at once (root passes os.access on read-only file systems, and /proc takes
-    no new files); `refusal: why` when it fails."""
-    probe = partial_path(folder / "write-test")
+def _probe(target: Path, refusal: str) -> None:
+    """A real write beside `target`, under its temporary name, removed at once (root passes os.access on read-only
+    file systems, and /proc takes no new files); `refusal: why` when it fails."""
+    probe = partial_path(target)
     try:
         probe.write_bytes(b"")
         probe.unlink()
@@ -89,7 +64,7 @@ def check_file_output(path: Path, what: str, writer: str = US) -> None:
     path = Path(path)
     check_file(path, what, writer)
     clean_stale(path)
-    _probe(path.parent, f"{what} {path}: cannot write there")
+    _probe(path, f"{what} {path}: cannot write there")
 
 
 @contextmanager
@@ -171,7 +146,7 @@ def check_new_folder(out: Path, probe: bool = False) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot write {out}: {e.strerror or e}") from None
-        _probe(out.parent, f"cannot write {out}")
+        _probe(out, f"cannot write {out}")
 
 
 @contextmanager
@@ -204,11 +179,9 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         tmp.rename(out)
 
 
-def check_folder_output(out: Path, manifest: str, what: str, writer: str) -> None:
-    """Before the work, for a folder written whole at its end (`what` names it in refusals): nothing there, an empty
-    folder, or a folder of ours (its `manifest` lists everything in it, at every depth); never a link or a file.
-    What a dead run left while writing it is removed, and its parent takes a new folder."""
-    out = Path(out)
+def _folder_of_ours(out: Path, manifest: str, what: str, writer: str) -> None:
+    """Refuse what is at `out` unless it is nothing, an empty folder, or a folder of ours (its `manifest` lists
+    everything in it, at every depth); never a link or a file."""
     if out.is_symlink():
         raise InputError(f"{what}: is a link, not a folder; give the folder itself, or a new path")
     if out.exists() and not out.is_dir():
@@ -222,24 +195,32 @@ def check_folder_output(out: Path, manifest: str, what: str, writer: str) -> Non
             raise InputError(f"{what}: the folder holds files and no earlier {writer}; give a new or empty folder")
         if entries:
             check_manifest_folder(out, manifest, what, writer)
-    parent = Path(os.path.abspath(out)).parent
+
+
+def check_folder_output(out: Path, manifest: str, what: str, writer: str) -> None:
+    """Before the work, for a folder written whole at its end (`what` names it in refusals): nothing there, an empty
+    folder or a folder of ours (see _folder_of_ours). What a dead run left while writing it is removed, and where it
+    goes takes a new folder."""
+    out = Path(os.path.abspath(out))  # "." has a name and a parent
+    _folder_of_ours(out, manifest, what, writer)
+    clean_stale(out)
+    parent = out.parent
     while not parent.exists():  # made when the folder is written
         parent = parent.parent
-    _probe(parent, f"{what}: cannot write there")
-    clean_stale(Path(os.path.abspath(out)))
+    _probe(parent / out.relative_to(parent).parts[0], f"{what}: cannot write there")
 
 
 @contextmanager
 def replaced_folder(out: Path, manifest: str, what: str, writer: str) -> Iterator[Path]:
     """A fresh folder to write into; when the block succeeds its manifest is written and it takes the place of
-    `out` (see check_folder_output, checked again now), the folder it replaces moved aside first and removed
+    `out` (see check_folder_output; checked again then), the folder it replaces moved aside first and removed
     after. A kill between the two moves leaves no folder at `out`; the next run removes both temporaries."""
-    out = Path(os.path.abspath(out))  # "." has a name and a parent
+    out = Path(os.path.abspath(out))
     check_folder_output(out, manifest, what, writer)
     with _building(out, f"{what}: cannot write there") as tmp:
         yield tmp
         (tmp / manifest).write_text(manifest_text(tmp, manifest))
-        check_folder_output(out, manifest, what, writer)
+        _folder_of_ours(out, manifest, what, writer)  # something may have appeared there during the work
         if not out.exists():
             os.replace(tmp, out)
             return

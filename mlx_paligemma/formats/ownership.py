@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,31 @@ def partial_path(path: Path, pid: Optional[int] = None, kind: str = "partial") -
 def is_partial(name: str) -> bool:
     """A name formats.atomic writes under before renaming into place."""
     return bool(_TEMPORARY.match(name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what a killed run left while writing `path` (its process is gone); refuse while another live
+    process is writing it."""
+    path = Path(path)
+    for kind in ("partial", "old"):
+        prefix, ext = temporary_parts(path, kind)
+        for stale in path.parent.glob(f"{prefix}*{ext}"):
+            pid = stale.name[len(prefix):len(stale.name) - len(ext)]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            if _alive(int(pid)):
+                raise InputError(f"{path} is being written by another process (pid {pid}): {stale} exists")
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
 
 
 # --- walking a folder ---
@@ -133,6 +159,7 @@ def locked(folder: Path) -> Iterator[None]:
 def write_record(folder: Path, record: Dict[str, List[list]]) -> None:
     """Replace the record whole (under `locked(folder)`)."""
     path = Path(folder) / RECORD
+    clean_stale(path)
     tmp = partial_path(path)
     try:
         lines = [f"{json.dumps(name)}: {json.dumps(record[name])}" for name in sorted(record)]  # a file a line
