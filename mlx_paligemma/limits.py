@@ -12,6 +12,10 @@ MAX_JSON_FILE_BYTES = 64 * MiB
 MAX_SCHEMA_FILE_BYTES = 1 * MiB  # --json-schema FILE
 MAX_ANNOTATION_BYTES = 1024 * MiB  # COCO instances_*.json (train2017's is 448 MB)
 MAX_LINE_BYTES = 4 * MiB  # one line of a JSONL data set; a longer line is that item's error
+# A server request body's JSON, counted before it is parsed (server/body.py): values (each up to ~130 bytes once
+# built, so ~7 MB at most) and nesting. Far above a real request's: 10,000 `choices`, a 1 MiB schema, long chats.
+MAX_JSON_VALUES = 50_000
+MAX_JSON_DEPTH = 100
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ when the constraint is made (before it is queued), and the server's image decodi
 all requests together. Every refusal is one line; what is checked is behaviour (the refusal, what ran at once,
 memory read from /proc on Linux), never a time."""
 
+import asyncio
 import base64
 import io
 import threading
@@ -120,7 +121,7 @@ def test_decode_cost_is_read_from_the_header(configured):
     assert decoding.decode_cost(Image.open(turned)) == 700 * 500 * 8
     configured(decode_budget_bytes=700 * 500 * 8 - 1)
     with pytest.raises(decoding.TooManyPixels, match=r"takes about 3 MB to decode, more than this server's budget "):
-        decoding.decode_image(encoded("RGB", (700, 500)), "1", 10**9, 224)
+        asyncio.run(decoding.decode_image(encoded("RGB", (700, 500)), "1", 10**9, 224))
 
 
 def test_decoding_equals_the_processors_steps():
@@ -128,7 +129,7 @@ def test_decoding_equals_the_processors_steps():
                   Image.new("LA", (64, 48), (100, 7))):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
-        mine, size = decoding.decode_image(buffer.getvalue(), "x", 10**9, 224)
+        mine, size = asyncio.run(decoding.decode_image(buffer.getvalue(), "x", 10**9, 224))
         want = to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).resize((224, 224), Image.BICUBIC)
         assert size == image.size and mine.mode == "RGB" and np.array_equal(np.asarray(mine), np.asarray(want))
 
@@ -146,8 +147,11 @@ def test_concurrent_decodes_stay_within_the_budget(configured, monkeypatch):
         return inner(image)
 
     monkeypatch.setattr(decoding, "_loaded", watched)
-    with ThreadPoolExecutor(16) as pool:
-        sizes = list(pool.map(lambda _: decoding.decode_image(data, "x", 10**9, 224)[1], range(48)))
+
+    async def all_at_once():
+        return await asyncio.gather(*[decoding.decode_image(data, "x", 10**9, 224) for _ in range(48)])
+
+    sizes = [size for _, size in asyncio.run(all_at_once())]
     assert sizes == [(500, 400)] * 48 and len(seen) == 48
     assert max(seen) <= 3 * cost and decoding.DECODING.used == 0
 

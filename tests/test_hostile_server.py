@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_paligemma.limits import MAX_JSON_VALUES
 # fresh_targets is autouse: imported, it resets what the targets recorded before each test here.
 from http_targets import DRIP_BYTES, ENDLESS_CHUNKS, Targets, fresh_targets, serve  # noqa: F401
 from test_server import EOS, IMAGES, MODEL, Server, call, check_error, data_url, image_part, png, wait_for
@@ -99,6 +100,11 @@ COSTLY = [
     ("prompt 30 MB", only(image_part(png(8, 8)), {"type": "text", "text": "cat " * 7_500_000}), 400,
      "limit of 32768 bytes"),
     ("JSON 5000 deep", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
+    # 32 MiB, its ignored field ~11 million `{}` (0.8 GB once parsed): counted before it is built.
+    ("JSON 11 million values", json.dumps(good())[:-1].encode() + b', "x": [' + b"{}," * 11_000_000 + b"{}]}", 400,
+     f"more than {MAX_JSON_VALUES} JSON values"),
+    ("JSON NaN", json.dumps(good())[:-1].encode() + b', "temperature": NaN}', 400, "NaN is not a JSON number"),
+    ("JSON 1e400", json.dumps(good())[:-1].encode() + b', "top_p": 1e400}', 400, "1e400 is out of range"),
     ("5 images", only(*[image_part(png(8, 8))] * 5, TEXT), 400, "at most 4"),
     ("max_tokens 10**30", good(max_tokens=10**30), 400, "limit of 4000"),
     ("image of 60 megapixels", only(image_part(png(10000, 6000)), TEXT), 400, "limit of 50000000"),
@@ -114,7 +120,7 @@ def test_costly_requests_are_refused_before_the_work(server, name, body, status,
 
 
 def test_wrongly_typed_fields_leave_no_job_running(server):
-    """40 at once of each (issue 19: `stream_options: 5` was a 500 with its job still running)."""
+    """40 at once of each (`stream_options: 5` was once a 500 with its job still running)."""
     bad = [good(stream=True, stream_options=5), good(stream=True, stream_options={"include_usage": "yes"}),
            good(stream=1), good(temperature="hot"), good(seed=1.5), good(top_k=[1]), good(logit_bias=[1]),
            good(max_tokens=None, max_completion_tokens="9"), good(objects=1), good(n="2")]
@@ -256,7 +262,7 @@ def test_shutdown_with_requests_running_and_waiting(sig, code):
     s = Server(MODEL, "--batch-size", "2", "--queue-size", "4", "--max-tokens-limit", "8000",
                "--shutdown-grace", "1")
     try:
-        assert post(s, good())[0] == 200  # the server has served (issue 19: SIGINT aborted after a request)
+        assert post(s, good())[0] == 200  # the server has served (SIGINT once aborted after a request)
         endless = {"stream": True, "max_tokens": 8000, "logit_bias": {str(EOS): -100},
                    "messages": good()["messages"]}
         with ThreadPoolExecutor(4) as pool:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +22,7 @@ from .chat import Limits
 
 HEAD_TIMEOUT_S = 10.0  # a connection must send a whole request head this soon after it opens or its last answer
 MAX_CONNECTIONS = 1000  # open connections beyond which uvicorn answers 503 (idle ones close after HEAD_TIMEOUT_S)
+BACKLOG = 2048  # connections the system holds until the server accepts them (while the model loads, too)
 
 
 def positive(kind):
@@ -163,6 +165,21 @@ def protocol_class():
     return Protocol
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, listening before the model loads: a port in use (or a host that is not this machine's)
+    is one error line at once. Bound by uvicorn once the model had loaded, it failed with the model's thread
+    running, which could end in `terminate called without an active exception` (SIGABRT) instead."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind((host, port))
+        sock.listen(BACKLOG)  # at once, so that a second server started meanwhile cannot bind it too
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host} port {port}: {getattr(e, 'strerror', None) or e}") from None
+    return sock
+
+
 def make_server(config, worker, grace: float):
     import uvicorn
 
@@ -213,15 +230,16 @@ def main(argv=None) -> int:
     from ..formats.mask_decoder import fetch_vae_oid, load_mask_decoder
     from .worker import Worker
 
-    mask_decoder = None
-    if args.mask_decoder:
-        mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
     adapters = named_folders(args.adapter, "--adapter")
     if adapters and args.adapter_path is not None:
         raise InputError("give --adapter-path (one adapter, applied to --model) or --adapter NAME=PATH (several, "
                          "chosen per request), not both")
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise InputError(f"--adapter-root {args.adapter_root}: not a folder")
+    listening = listening_socket(args.host, args.port)
+    mask_decoder = None
+    if args.mask_decoder:
+        mask_decoder = load_mask_decoder(fetch_vae_oid() if args.mask_decoder == "download" else args.mask_decoder)
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path,
                             adapters=adapters or None)
     process_limits.configure(max_choices=args.max_choices, max_constraint_bytes=args.max_constraint_bytes,
@@ -244,10 +262,11 @@ def main(argv=None) -> int:
     # and bounds bodies and downloads itself; uvicorn's own limit is a last guard on open sockets.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol_class(),
                             timeout_keep_alive=5, timeout_graceful_shutdown=int(args.shutdown_grace) + 3,
-                            limit_concurrency=MAX_CONNECTIONS, backlog=2048, h11_max_incomplete_event_size=16 * 2**10)
+                            limit_concurrency=MAX_CONNECTIONS, backlog=BACKLOG,
+                            h11_max_incomplete_event_size=16 * 2**10)
     server = make_server(config, worker, args.shutdown_grace)
     try:
-        server.run()
+        server.run(sockets=[listening])
     finally:
         worker.shutdown(0)
         worker.join(timeout=args.shutdown_grace + 10)

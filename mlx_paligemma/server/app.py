@@ -7,7 +7,6 @@ row of a client that went away (a no-op for one that finished).
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from importlib import resources
@@ -27,7 +26,10 @@ from ..generation.settings import CONSTRAINTS
 from ..models.adapters import adapter_names
 from . import responses, tools
 from .adapters import adapter_routes, listed
-from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json, read_images
+from .body import dumps
+from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json
+from .decoding import DECODING
+from .images import read_images
 from .relay import collect, each, event_error
 from .worker import Handle, Job, QueueFull, Worker
 
@@ -36,11 +38,10 @@ FETCHING = 16  # requests downloading image URLs at once; more get 503 (a slow U
 
 
 class JSON(JSONResponse):
-    """JSON in ASCII: a lone surrogate that a client sent (JSON allows "\\ud800") and a message quotes cannot
-    make the response fail to encode."""
+    """A JSON body as body.dumps writes it: valid JSON, in ASCII."""
 
     def render(self, content) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode("ascii")
+        return dumps(content).encode("ascii")
 
 
 def error_body(status: int, message: str, type: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -87,7 +88,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
     def busy(why: str) -> ApiError:
         return ApiError(503, f"the server is busy: {why}; try again shortly", type="server_error", code="server_busy")
 
-    async def read_body(request: Request, held: list) -> bytes:
+    async def read_body(request: Request, held: list) -> bytearray:
         """The body, within max_body_bytes, BODY_TIMEOUT_S and the budget; `held` counts what it took of it."""
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
@@ -109,7 +110,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s",
                            code="request_timeout") from None
-        return bytes(body)
+        return body  # not copied to bytes: the JSON parse reads it as it is
 
     def compiled(job: Job) -> Job:
         """The request's grammar made here, on a request thread within its deadline (constraints.py), so the model
@@ -139,7 +140,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         return HTMLResponse(page)
 
     async def health(request: Request):
-        return JSON({"status": "ok", "model": model_id, **worker.stats})
+        return JSON({"status": "ok", "model": model_id, **worker.stats, "images_waiting": len(DECODING.waiting)})
 
     async def models(request: Request):
         check_key(request)
@@ -166,12 +167,10 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
         held = [0]
         try:
             checked, model, body = await run_in_threadpool(prepare, await read_body(request, held), translate)
-            if checked.urls:  # a download may take its whole deadline: such requests have threads of their own
-                if fetching.available_tokens < 1:
-                    raise busy(f"{FETCHING} requests are downloading images")
-                job = await anyio.to_thread.run_sync(read_images, checked, limits, limiter=fetching)
-            else:
-                job = await run_in_threadpool(read_images, checked, limits)
+            # A download may take its whole deadline: downloads have threads of their own, `fetching`.
+            if checked.urls and fetching.available_tokens < 1:
+                raise busy(f"{FETCHING} requests are downloading images")
+            job = await read_images(checked, limits, fetching)
             job = await run_in_threadpool(compiled, job)
         finally:
             budget["left"] += held[0]
@@ -267,7 +266,7 @@ class Reply:
 
     @staticmethod
     def _sse(data) -> str:
-        return f"data: {json.dumps(data)}\n\n"
+        return f"data: {dumps(data)}\n\n"
 
     async def events(self, include_usage: bool):
         n = self.handle.job.n

@@ -3,8 +3,8 @@
 PaliGemma is not a chat model: messages.py says how a conversation becomes its prompt and images, and tools.py how
 a forced tool call becomes a constraint. Everything here runs on the HTTP side (in threads),
 so a bad request is refused before it reaches the model, and in two stages: `check_request` looks at the whole
-request without fetching or decoding anything (every field's type and every limit), then `read_images` fetches
-and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
+request without fetching or decoding anything (every field's type and every limit), then images.py's `read_images`
+fetches and decodes the images. Every cost is bounded before it is paid: the body (app.py), the prompt's bytes before
 tokenizing, the stop strings (count and length: the engine's search per token grows with their length), the images
 (count, bytes, pixels, and each cut to the model's input size at once, so a waiting request holds little memory),
 max_tokens, n and num_beams (rows, counted against the queue), and each fetch (mlx_paligemma.processing.fetch: deadline, byte
@@ -12,9 +12,6 @@ cap, address policy). Constraints are checked for shape here; the engine compile
 inside one (a 400 from the worker, before any decoding).
 """
 
-import base64
-import binascii
-import json
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +22,9 @@ from .. import defaults
 from ..tasks.detection import check_min_score
 from ..processing.answer_format import has_objects
 from ..generation.settings import MAX_LOGPROBS, check_settings
-from ..processing.fetch import fetch, read_local, shown, unreachable
-from ..errors import InputError, cause, check_text
-from . import decoding
+from ..processing.fetch import shown
+from ..errors import InputError, check_text
+from .body import loads
 from .messages import conversation, schema_in
 from .tools import Call, forced_call
 from .worker import Job
@@ -85,13 +82,11 @@ def bad(message: str, param: Optional[str] = None) -> ApiError:
 
 
 def parse_json(data: bytes) -> Any:
-    """The body as JSON, or a 400 saying why not (nesting too deep included)."""
+    """The body as JSON within body.py's bounds, or a 400 saying why not."""
     try:
-        return json.loads(data)
-    except RecursionError:
-        raise bad("the request body is not valid JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON: {cause(e)}") from None
+        return loads(data)
+    except InputError as e:
+        raise bad(str(e)) from None
 
 
 @dataclass
@@ -184,52 +179,6 @@ def check_source(url: str, limits: Limits) -> None:
     elif not url.startswith(("http://", "https://")) and limits.local_files is None:
         raise bad(f"image URL {shown(url)} is not a data: or http(s) URL (the server reads local files only with "
                   "--allow-local-files)", "messages")
-
-
-def read_images(checked: Checked, limits: Limits) -> Job:
-    """The Job: the request's images, decoded and cut to the model's input size, and the first one's size as sent."""
-    images = [read_image(url, limits) for url in checked.sources]
-    return checked.job([image for image, _ in images], images[0][1])
-
-
-def read_image(url: str, limits: Limits):
-    """(the image at the model's input size, its size as sent)."""
-    if url.startswith("data:"):
-        payload = url.partition(",")[2]
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise bad(f"the data URL's base64 does not decode: {cause(e)}", "messages") from None
-        return decode_image(data, "in the data URL", limits)
-    if url.startswith(("http://", "https://")):
-        try:
-            data = fetch(url, limits.fetch_timeout, limits.max_image_bytes, limits.allow_private_urls,
-                         user_agent="mlx-paligemma-server", hint="the server's --allow-private-urls")
-        except InputError as e:  # refused by the policy (scheme, address), or the one neutral message
-            raise bad(str(e), "messages") from None
-        try:
-            return decode_image(data, shown(url), limits)
-        except ApiError as e:
-            if e.code == "too_many_pixels":  # a picture was read: its size tells nothing of the network
-                raise
-            # Not an image: as for an unreachable URL, so an open port reads the same as a closed one.
-            raise bad(str(unreachable(url, limits.fetch_timeout, limits.max_image_bytes)), "messages") from None
-    try:
-        data = read_local(url[len("file://"):] if url.startswith("file://") else url, limits.local_files,
-                          limits.max_image_bytes)
-    except InputError as e:
-        raise bad(str(e), "messages") from None
-    return decode_image(data, shown(url), limits)
-
-
-def decode_image(data: bytes, where: str, limits: Limits):
-    """(the image at the model's input size, its size as sent): server.decoding's, its refusals as 400s."""
-    try:
-        return decoding.decode_image(data, where, limits.max_image_pixels, limits.image_size)
-    except decoding.TooManyPixels as e:
-        raise ApiError(400, str(e), param="messages", code="too_many_pixels") from None
-    except InputError as e:
-        raise bad(str(e), "messages") from None
 
 
 CONSTRAINTS = ("response_format", "regex", "choices", "constrain")

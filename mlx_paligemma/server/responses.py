@@ -11,7 +11,6 @@ log-probabilities. Nothing is stored: `previous_response_id`, `conversation`, `p
 function_call for a forced call; a run cut by max_output_tokens is "incomplete".
 """
 
-import json
 import reprlib
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import List, Optional
 from starlette.requests import Request
 
 from . import tools
+from .body import dumps
 from .chat import ApiError
 from .relay import collect, each, event_error
 from .worker import Handle
@@ -214,7 +214,7 @@ class Reply:
 
     def _sse(self, kind: str, **fields) -> str:
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': self.sequence - 1, **fields})}\n\n"
+        return f"event: {kind}\ndata: {dumps({'type': kind, 'sequence_number': self.sequence - 1, **fields})}\n\n"
 
     def _opened(self, item: dict) -> List[str]:
         """The events that open an output item (given in progress)."""
