@@ -25,6 +25,7 @@ from ..errors import InputError
 from .ownership import (US, check_file, check_manifest_folder, clean_stale, fingerprint, growing, locked, manifest_text,
                         ours_now, partial_path, read_record, refusal, write_record)
 
+
 def _exit_on_terminate(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM does not cut the clean-up short
     raise SystemExit(128 + signal.SIGTERM)
@@ -45,15 +46,15 @@ def terminations_unwind() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _probe(target: Path, refusal: str) -> None:
+def _probe(target: Path, failure: str) -> None:
     """A real write beside `target`, under its temporary name, removed at once (root passes os.access on read-only
-    file systems, and /proc takes no new files); `refusal: why` when it fails."""
+    file systems, and /proc takes no new files); `failure: why` when it fails."""
     probe = partial_path(target)
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise InputError(f"{refusal}: {e.strerror or e}") from None
+        raise InputError(f"{failure}: {e.strerror or e}") from None
 
 
 # --- files ---
@@ -150,16 +151,16 @@ def check_new_folder(out: Path, probe: bool = False) -> None:
 
 
 @contextmanager
-def _building(out: Path, refusal: str) -> Iterator[Path]:
+def _building(out: Path, failure: str) -> Iterator[Path]:
     """A fresh `.NAME.partial-PID` folder beside `out`, with the umask's permissions, removed if the block fails;
-    `refusal: why` when it cannot be made."""
+    `failure: why` when it cannot be made."""
     clean_stale(out)
     tmp = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
-        raise InputError(f"{refusal}: {e.strerror or e}") from None
+        raise InputError(f"{failure}: {e.strerror or e}") from None
     with terminations_unwind():
         try:
             yield tmp

@@ -15,6 +15,7 @@ next writer of NAME removes it once that process is gone.
 """
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ def partial_path(path: Path, pid: Optional[int] = None, kind: str = "partial") -
 
 
 def is_partial(name: str) -> bool:
-    """A name formats.atomic writes under before renaming into place."""
+    """A temporary name of formats.atomic's: a file or folder being written, or a folder being replaced."""
     return bool(_TEMPORARY.match(name))
 
 
@@ -71,7 +72,7 @@ def clean_stale(path: Path) -> None:
     path = Path(path)
     for kind in ("partial", "old"):
         prefix, ext = temporary_parts(path, kind)
-        for stale in path.parent.glob(f"{prefix}*{ext}"):
+        for stale in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(ext)}"):  # a name may hold [ or *
             pid = stale.name[len(prefix):len(stale.name) - len(ext)]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
@@ -145,7 +146,10 @@ def read_record(folder: Path) -> Dict[str, List[list]]:
 @contextmanager
 def locked(folder: Path) -> Iterator[None]:
     """The folder locked against the other writers of its record (a lock on the folder itself: no lock file)."""
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(f"cannot write in {folder}: {e.strerror or e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
