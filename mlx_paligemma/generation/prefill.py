@@ -5,8 +5,8 @@ the cache the way a causal prompt can: its first tokens attend to its last at ev
 instead, in this order:
 - the images' features, one image a piece (features.py keeps them, so a repeated image costs nothing);
 - per layer, the queries, keys and values of one block of TOKEN_BLOCK tokens a piece (each token's own);
-- per layer, one block of queries a piece: its attention over all the layer's keys, o_proj and the MLP (each
-  token's own again).
+- per layer, one block of queries a piece (fewer the longer the prefix, ATTENTION_PAIRS): its attention over all
+  the layer's keys, o_proj and the MLP (each token's own again).
 Every schedule runs the same operations on the same shapes, so the numbers never depend on how many engine steps a
 prefill took. The keys and values are written once, in the KVBuffers the decode steps read (kv_bits quantizes them
 after the prefix has attended to them in full precision). A group of rows (left-padded to the longest) is
@@ -24,7 +24,10 @@ from .adapters import adapter_ids
 from .features import FeatureCache
 from .kv_buffers import KVBuffers, round_up
 
-TOKEN_BLOCK = 512  # tokens (and queries) of one piece: a 4096-token prefix of a 3B model is 16 pieces a layer
+TOKEN_BLOCK = 512  # tokens of one position-wise piece: a 4096-token prefix is 8 pieces a layer
+# Query-key pairs of one attention piece: its queries are fewer the more keys they attend to, so a piece of an
+# 8,000-token prefix costs what one of a 2,048-token prefix does.
+ATTENTION_PAIRS = 512 * 2048
 
 
 class Prefill:
@@ -46,7 +49,6 @@ class Prefill:
         self.left_padding = [self.length - len(p) for p in prompts]
         self.ids = mx.array([[pad_id] * p + ids for p, ids in zip(self.left_padding, prompts)])
         self.layers = len(model.language_model.model.layers)
-        self.blocks = -(-self.length // TOKEN_BLOCK)
         self.layer = 0  # the layer under way (self.layers once the decoder is through)
         self.logits: Optional[mx.array] = None
         self.kv: Optional[KVBuffers] = None
@@ -68,7 +70,7 @@ class Prefill:
             pieces = [next(self._pieces)]
             while self.alone and pieces[-1] is not None and not isinstance(pieces[-1], LayerEnd):
                 pieces.append(next(self._pieces))
-        mx.eval([p.h if isinstance(p, LayerEnd) else p for p in pieces if p is not None])
+        mx.eval([p.arrays if isinstance(p, LayerEnd) else p for p in pieces if p is not None])
 
     def _work(self) -> Iterator:
         """Yields each piece's arrays as it builds them; None once the logits and the buffers are made."""
@@ -80,7 +82,8 @@ class Prefill:
         positions = real_positions(key_valid, self.length) if key_valid is not None else mx.array(1)
         # Every token of a prefill is in the prefix: each attends to every real key, whatever the layer's window.
         mask = prefix_lm_mask(None, key_valid.astype(mx.bool_) if key_valid is not None else None, 0, self.length)
-        spans = [(s, min(s + TOKEN_BLOCK, self.length)) for s in range(0, self.length, TOKEN_BLOCK)]
+        spans = blocks(self.length, TOKEN_BLOCK)
+        queries = blocks(self.length, min(TOKEN_BLOCK, max(16, ATTENTION_PAIRS // self.length // 16 * 16)))
         keys, values = [], []
         for i, layer in enumerate(lm.model.layers):
             self.layer = i
@@ -89,14 +92,14 @@ class Prefill:
                 q, k, v = attention.project(layer.input_layernorm(h[:, s:e]), positions + s)
                 qs.append(q), ks.append(k), vs.append(v)
                 yield [q, k, v]
-            k, v = (x[0] if len(x) == 1 else mx.concatenate(x, axis=2) for x in (ks, vs))
+            q, k, v = (x[0] if len(x) == 1 else mx.concatenate(x, axis=2) for x in (qs, ks, vs))
             out = []
-            for (s, e), q in zip(spans, qs):
-                out.append(layer.finish(h[:, s:e], attention.output(q, k, v, mask)))
+            for s, e in queries:
+                out.append(layer.finish(h[:, s:e], attention.output(q[:, :, s:e], k, v, mask)))
                 yield out[-1]
             h = out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
             keys.append(self._stored(k)), values.append(self._stored(v))
-            yield LayerEnd(h)
+            yield LayerEnd([h, *keys[-1], *values[-1]])  # the layer's full-precision keys and values are let go
         self.layer = self.layers
         logits = lm.head(h[:, -1:])[:, -1]
         self.kv = KVBuffers(keys, values, [self.left_padding[i] for i in self._copied()], self.length)
@@ -134,8 +137,12 @@ class Prefill:
         return tuple(mx.pad(p, [(0, 0), (0, 0), (0, size - self.length), (0, 0)]) for p in parts)
 
 
-class LayerEnd:
-    """The piece that ends a layer: its output h."""
+def blocks(length: int, size: int) -> List[tuple]:
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
 
-    def __init__(self, h: mx.array):
-        self.h = h
+
+class LayerEnd:
+    """The piece that ends a layer: its output and its keys and values as kept."""
+
+    def __init__(self, arrays: List[mx.array]):
+        self.arrays = arrays
