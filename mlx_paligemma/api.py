@@ -114,11 +114,10 @@ def _images(images) -> list:
     return [load_image(i) for i in (images if isinstance(images, (list, tuple)) else [images])]
 
 
-def _reader(processor, prompt: str, mask_decoder, min_score: float) -> Optional[ObjectReader]:
-    """The objects' reader of a detect/segment prompt: masks from `mask_decoder` (a path, a loaded decoder, or True
-    for big_vision's vae-oid.npz fetched once), else segmented objects keep their codes."""
-    if not has_objects(prompt):
-        return None
+def _reader(processor, mask_decoder, min_score: float) -> ObjectReader:
+    """The objects' reader of a call's detect/segment answers: masks from `mask_decoder` (a path, a loaded decoder,
+    or True for big_vision's vae-oid.npz fetched once), loaded at the first answer with mask codes and kept for the
+    call's others; else segmented objects keep their codes."""
     path = mask_decoder if isinstance(mask_decoder, (str, os.PathLike)) else None
     loaded = None if path or isinstance(mask_decoder, bool) else mask_decoder
     return ObjectReader(path, processor.tokenizer.decode, min_score, loaded, fetch=mask_decoder is True)
@@ -191,7 +190,7 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     settings = checked(generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                       top_k=top_k))
     loaded = _images(images)
-    reader = _reader(processor, prompt, mask_decoder, min_score)
+    reader = _reader(processor, mask_decoder, min_score) if has_objects(prompt) else None
     last = final = None
     for last, out in _stream(model, processor, loaded if images is not None else None, prompt, kv_bits,
                              batch_invariant, settings):
@@ -258,12 +257,12 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
         raise failed
     elapsed = time.perf_counter() - tic
     out = []
+    reader = _reader(processor, mask_decoder, min_score)  # one for the call: a mask decoder is loaded once
     for i in range(len(prompts)):
         r = results[i]
         answer = GenerationResult(r.text, r.tokens, r.logprobs, r.top_logprobs, r.finish_reason, r.prompt_tokens,
                                   r.generation_tokens, sequences=r.sequences if len(r.sequences) > 1 else None)
-        reader = _reader(processor, prompts[i], mask_decoder, min_score)
-        if reader is not None and sizes.get(i):
+        if has_objects(prompts[i]) and sizes.get(i):
             answer.objects = reader.read(r, sizes[i])
         out.append(answer)
     made = sum(r.generation_tokens for r in out)

@@ -264,3 +264,19 @@ def test_drawing_boxes_without_masks_and_colours_per_label():
     assert not changed[~inside].any()
     assert not np.array_equal(drawn[39, 30], drawn[109, 150])  # different labels, different colours
     assert np.array_equal(drawn[109, 150], drawn[99, 80])  # same label, same colour
+
+
+def test_batch_generate_loads_the_mask_decoder_once_per_call(vae, monkeypatch):
+    import mlx_paligemma as mp
+    from conftest import FIXTURES
+    from mlx_paligemma.formats import mask_decoder as module
+
+    _, folder = vae
+    real, loads = module.load_mask_decoder, []
+    monkeypatch.setattr(module, "load_mask_decoder", lambda path: loads.append(path) or real(path))
+    model, processor = mp.load(str(FIXTURES / "paligemma-tiny"))
+    image = str(FIXTURES / "images" / "chelsea.jpg")
+    out = mp.batch_generate(model, processor, [image] * 3, ["segment cat", "segment cat ; dog", "caption en"],
+                            max_tokens=40, constrain=True, mask_decoder=str(folder / "vae-oid.npz"))
+    masked = [o for r in out.results[:2] for o in r.objects if o.mask is not None]
+    assert len(masked) >= 2 and loads == [str(folder / "vae-oid.npz")]
