@@ -43,7 +43,7 @@ from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
 from .tasks.detection import ObjectReader, check_min_score, objects_to_json
 from .processing.answer_format import has_objects
-from .generation.adapters import named_folders
+from .generation.adapters import add_limit_arguments, command_adapters, named_folders
 from .generation.engine import Engine
 from .generation.runs import run_all
 from .generation.settings import check_settings
@@ -231,6 +231,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help='LoRA adapters loaded beside --model under NAME (repeatable); an item\'s "adapter" field '
                         "chooses one (items without it: the base) (default: none)")
+    add_limit_arguments(p)
     p.add_argument("--data", "--input", dest="input", metavar="DATA", required=True,
                    help="a JSONL file (one item a line), a folder of images, a Hugging Face dataset (hub id, "
                    "save_to_disk folder, parquet files) or a COCO annotation file")
@@ -292,11 +293,7 @@ def check_args(args) -> None:
     check_writable(out)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
         raise InputError(f"mask decoder not found: {args.mask_decoder}")
-    if args.adapter_path is not None and not Path(args.adapter_path).is_dir():
-        raise InputError(f"adapter folder not found: {args.adapter_path}")
-    for name, folder in named_folders(args.adapter, "--adapter").items():
-        if not Path(folder).is_dir():
-            raise InputError(f"--adapter {name}={folder}: folder not found")
+    command_adapters(args)
     if args.adapter and args.adapter_path is not None:
         raise InputError("give --adapter-path (one adapter, applied) or --adapter NAME=PATH (several, chosen per "
                          "item), not both")

@@ -27,7 +27,7 @@ from .formats.atomic import atomic_file, check_file_output
 from .errors import InputError
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens
 from .processing.processor import IMAGE_TOKEN
-from .generation.adapters import named_folders
+from .generation.adapters import add_limit_arguments, command_adapters
 from .generation.features import feature_cache
 from .tasks.evaluation import TASKS, evaluate_examples, task_of
 from .data.sources import add_data_arguments, data_options, kind_of, read_examples
@@ -77,6 +77,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="score the base and each of these LoRA adapters on the same set, side by side (repeat the "
                         "flag; --output then holds each one's metrics) (default: none)")
+    add_limit_arguments(p)
     p.add_argument("--data", required=True, help="a JSONL file (image, prefix, suffix a line), a Hugging Face dataset "
                    "(hub id, save_to_disk folder, parquet files) or a COCO annotation file")
     p.add_argument("--task", default="auto", choices=("auto",) + TASKS,
@@ -162,16 +163,13 @@ def run(args) -> None:
     if kind_of(args.data) == "missing":
         raise InputError(f"--data: no such file {args.data}")
     check_outputs(args)
-    adapters = named_folders(args.adapter, "--adapter")
+    adapters = command_adapters(args)
     if adapters:
         if args.adapter_path is not None or args.report:
             raise InputError("--adapter compares several models: give it without --adapter-path and --report (those "
                              "take one model)")
         if "base" in adapters:
             raise InputError("--adapter base=...: 'base' names the model without adapters; choose another name")
-        for name, folder in adapters.items():
-            if not Path(folder).is_dir():
-                raise InputError(f"--adapter {name}={folder}: folder not found")
     if args.report:
         require("report", "--report")
         report.check_folder(args.report, args.report_examples)

@@ -13,6 +13,7 @@ from . import defaults
 from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, command,
                   plural, run_main)
 from .extras import require
+from .generation.adapters import add_limit_arguments, command_adapters
 from .generation.constraints import cli_constraint
 from .tasks.detection import check_min_score, draw_detections, objects_to_json
 from .processing.answer_format import has_objects
@@ -32,6 +33,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--revision", default=None, help="hub branch, tag or commit of --model")
     p.add_argument("--adapter-path", default=None, help="adapters (or fine-tuned weights) written by "
                    "mlx_paligemma.lora, applied to --model")
+    add_limit_arguments(p)
     p.add_argument("--image", action="extend", nargs="+", required=True,
                    help="path or URL; several for a multi-image prompt (--image a.jpg b.jpg)")
     # Required: PaliGemma answers the task its prompt names, so a silent default would answer a question not asked.
@@ -136,8 +138,7 @@ def run(args) -> int:
         check_output_image(args.draw, args.image)
     if args.mask_decoder and not Path(args.mask_decoder).is_file():
         raise InputError(f"--mask-decoder {args.mask_decoder}: no such file")
-    if args.adapter_path and not Path(args.adapter_path).is_dir():
-        raise InputError(f"--adapter-path {args.adapter_path}: no such folder")
+    command_adapters(args)
     images = [load_image(source) for source in args.image]
     model, processor = load(args.model, revision=args.revision, adapter_path=args.adapter_path)
     if args.candidates is not None:

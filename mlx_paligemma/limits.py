@@ -16,6 +16,9 @@ MAX_LINE_BYTES = 4 * MiB  # one line of a JSONL data set; a longer line is that 
 # built, so ~7 MB at most) and nesting. Far above a real request's: 10,000 `choices`, a 1 MiB schema, long chats.
 MAX_JSON_VALUES = 50_000
 MAX_JSON_DEPTH = 100
+# An adapter folder's path as given (formats.adapters.read_adapter): far beyond any real one, short of the 4,096 bytes
+# of Linux's PATH_MAX, so a longer one is one line naming the path, not the OS's "File name too long".
+MAX_ADAPTER_PATH_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,13 @@ class Limits:
     # prefill, shared by its rows, is of the prompt once). Half of what a batch of 8 rows holds at the full context
     # of 8,192: n=8 on a 7,300-token prompt is refused, n=8 at 448 px (1,024 image tokens) with 1,024 new tokens not.
     max_request_tokens: int = 32_768
+    # Adapters (formats.adapters.read_adapter, models.adapters.add_adapter; the flags --max-adapter-rank and
+    # --max-adapter-bytes of the commands that load them and the server): the rank of a LoRA factor, which every
+    # row of a batch pays at each adapted layer once the adapter is loaded beside the base (base rows too: they
+    # multiply the zero slot at the padded rank); and the bytes of an adapter's factors, and of the adapters' stacks
+    # beside one base together (each layer's slots padded to its largest rank). docs/ADAPTERS.md has what they allow.
+    max_adapter_rank: int = 256
+    max_adapter_bytes: int = 2048 * MiB
 
 
 LIMITS = Limits()

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .cli import ArgumentParser, command, run_main
 from .extras import require
 from .formats.atomic import check_new_folder
+from .generation.adapters import add_limit_arguments, set_limits
 from .formats.mlx import get_model_path, load_weights, quantize_as_stored, write_model_folder
 from .models.paligemma import PaliGemma
 from .errors import InputError
@@ -110,6 +111,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--num-layers", type=int, default=-1, help="train the last N decoder blocks (default: all)")
     p.add_argument("--adapter-path", default=d.adapter_path,
                    help="where adapters (or fine-tuned weights) and checkpoints are saved, or read for --fuse")
+    add_limit_arguments(p)  # what --fuse loads
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --adapter-path (its "
                    "settings and data must be this command's); a run stopped before its first one starts again")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint a run wrote in --adapter-path "
@@ -147,6 +149,7 @@ def run(args) -> None:
         check_trackers(args.report_to)
         check_output_folder(Path(args.adapter_path), args.resume, args.overwrite)
     if not args.data:  # fuse saved adapters
+        set_limits(args)
         base = str(get_model_path(args.model, args.revision))
         model, _ = load(base, stored_dtype(Path(base)), adapter_path=args.adapter_path)
         print(f"Wrote {save_fused(model, base, args.save_path, args.dequantize)}")

@@ -42,7 +42,7 @@ def test_batch_runs_each_item_through_its_adapter(trained, alone, tmp_path, caps
 @pytest.mark.parametrize("argv, message", [
     (["--adapter", "cats"], "--adapter cats: give NAME=PATH"),
     (["--adapter", "a=x", "--adapter", "a=y"], "--adapter a=y: the name 'a' is given twice"),
-    (["--adapter", "a=/no/such/folder"], "--adapter a=/no/such/folder: folder not found"),
+    (["--adapter", "a=/no/such/folder"], "--adapter a=/no/such/folder: no such folder"),
 ])
 def test_bad_adapter_options_are_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "in.jsonl").write_text(json.dumps({"image": PROMPTS[0][0], "prompt": "caption en"}) + "\n")

@@ -80,9 +80,9 @@ def test_adapters_load_and_unload_at_run_time(client, server, alone, tmp_path):
     for body, status, words in [({"name": "dogs3", "path": str(tmp_path)}, 403, "outside the adapter root"),
                                 ({"name": "dogs3", "path": "../"}, 403, "outside the adapter root"),
                                 ({"name": "cats", "path": "dogs-v2"}, 409, "loaded already"),
-                                ({"name": "dogs3", "path": "missing"}, 400, "no adapter_config.json"),
+                                ({"name": "dogs3", "path": "missing"}, 400, "missing: no such folder"),
                                 ({"name": "x" * 5000, "path": "dogs-v2"}, 413, "at most 4096 bytes"),
-                                ({"name": "dogs3", "path": 3}, 400, "path must be a non-empty string")]:
+                                ({"name": "dogs3", "path": 3}, 400, "path must be the name of its folder")]:
         got, answer = call(url, body, key)
         assert got == status and words in answer["error"]["message"], answer
     assert call(url + "/dogs2", headers=key, method="DELETE") == (200, {"name": "dogs2", "deleted": True})
@@ -135,7 +135,7 @@ def test_the_page_offers_the_adapters(server, alone):
 @pytest.mark.parametrize("argv, message", [
     (["--adapter", "cats"], "--adapter cats: give NAME=PATH"),
     (["--adapter", "a=x", "--adapter-path", "x"], "give --adapter-path (one adapter, applied to --model) or --adapter"),
-    (["--adapter", "a=/no/such/folder"], "no adapter_config.json in adapter folder /no/such/folder"),
+    (["--adapter", "a=/no/such/folder"], "--adapter a=/no/such/folder: no such folder"),
 ])
 def test_bad_adapter_options_are_one_line(trained, argv, message):
     from mlx_paligemma.errors import InputError

@@ -268,6 +268,13 @@ def test_a_record_that_is_not_ours_is_refused(tmp_path):
         p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
+def test_the_record_itself_is_no_output(tmp_path, capsys):
+    data = caption_data(tmp_path)
+    assert evaluate.main(["--model", NEVER, "--data", str(data), "--output", str(tmp_path / RECORD)]) == 1
+    assert error_line(capsys) == (f"error: --output {tmp_path / RECORD}: is the name of the record mlx-paligemma "
+                                  "keeps in each folder it writes in; give another path")
+
+
 def test_a_growing_file_is_ours_while_it_begins_as_recorded(tmp_path):
     log = GrowingFile(tmp_path / "log.jsonl", '{"iteration": 1}\n')
     log.write('{"iteration": 2}\n')

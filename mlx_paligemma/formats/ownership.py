@@ -230,6 +230,9 @@ def refusal(path: Path, problem: str, what: str = "", advice: str = ADVICE) -> I
 def check_file(path: Path, what: str = "", writer: str = US) -> None:
     """Refuse, in one line, what is at `path` unless it is nothing or a file of ours."""
     path = Path(path)
+    if path.name == RECORD:
+        raise refusal(path, f"is the name of the record {US} keeps in each folder it writes in", what,
+                      "give another path")
     _, problem = ours_now(path, read_record(path.parent) if path.parent.is_dir() else {}, writer)
     if problem is not None:
         raise refusal(path, problem, what)

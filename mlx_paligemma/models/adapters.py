@@ -17,17 +17,26 @@ Outside such a call every row is the base's.
         logits = model(...)
 """
 
+import re
+import reprlib
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .. import limits
 from ..errors import Conflict, InputError
 
 MAX_ADAPTERS = 16  # adapters loaded beside one base at most: every one costs memory and each row's products
 ADAPTED = "language_model.model.layers."  # per-row adapters adapt decoder linears only (image features are shared)
+# The one layout of a factor's key: a decoder block's attention or MLP linear, then lora_a or lora_b. Nothing
+# deeper (`q_proj.linear.lora_a` would reach inside the wrapper another adapter put there).
+FACTOR_KEY = re.compile(r"language_model\.model\.layers\.(0|[1-9][0-9]{0,3})\."
+                        r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(lora_a|lora_b)")
+# A name is a path segment of /v1/adapters/NAME and a `model` of requests: a safe set of characters only.
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 
 
 class RowAdapters:
@@ -67,14 +76,7 @@ class MultiLoRALinear(nn.Module):
     def put(self, index: int, a: Optional[mx.array], b: Optional[mx.array], scale: float) -> None:
         """Add adapter `index`'s factors (a: (in, r), b: (r, out)), or with a None drop its slot; the stacks are
         rebuilt padded to the largest rank left."""
-        keep = [(o, self.lora_a[s, :, :r], self.lora_b[s, :r], self.scales[s], r)
-                for s, (o, r) in enumerate(zip(self.owners, self.ranks)) if s and o != index]
-        if a is not None:
-            keep.append((index, a, b, mx.array(scale, dtype=mx.float32), a.shape[1]))
-        rank = max([1] + [r for *_, r in keep])
-        dtype = mx.float32 if not keep else keep[0][1].dtype
-        if any(k[1].dtype != dtype or k[2].dtype != dtype for k in keep):
-            dtype = mx.float32
+        keep, rank, dtype = self._after(index, a, b, scale)
         zeros_a, zeros_b = mx.zeros((self.lora_a.shape[1], rank), dtype), mx.zeros((rank, self.lora_b.shape[2]), dtype)
         self.lora_a = mx.stack([zeros_a] + [mx.pad(k[1].astype(dtype), [(0, 0), (0, rank - k[4])]) for k in keep])
         self.lora_b = mx.stack([zeros_b] + [mx.pad(k[2].astype(dtype), [(0, rank - k[4]), (0, 0)]) for k in keep])
@@ -86,6 +88,29 @@ class MultiLoRALinear(nn.Module):
             if s:
                 table[o + 1] = s
         self.slots = mx.array(table, dtype=mx.int32)
+
+    def _after(self, index: int, a: Optional[mx.array], b: Optional[mx.array], scale: float):
+        """The slots put(index, a, b, scale) keeps (owner, a, b, scale, rank), their padded rank and dtype."""
+        keep = [(o, self.lora_a[s, :, :r], self.lora_b[s, :r], self.scales[s], r)
+                for s, (o, r) in enumerate(zip(self.owners, self.ranks)) if s and o != index]
+        if a is not None:
+            keep.append((index, a, b, mx.array(scale, dtype=mx.float32), a.shape[1]))
+        rank = max([1] + [r for *_, r in keep])
+        dtype = mx.float32 if not keep else keep[0][1].dtype
+        if any(k[1].dtype != dtype or k[2].dtype != dtype for k in keep):
+            dtype = mx.float32
+        return keep, rank, dtype
+
+    def nbytes_after(self, index: int, a: mx.array, b: mx.array) -> int:
+        """The bytes the stacks hold after put(index, a, b, ...), worked out from shapes: nothing is built."""
+        keep, rank, dtype = self._after(index, a, b, 0.0)
+        slots = len(keep) + 1
+        return (slots * (self.lora_a.shape[1] + self.lora_b.shape[2]) * rank * dtype.size + slots * 4
+                + self.slots.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.lora_a.nbytes + self.lora_b.nbytes + self.scales.nbytes + self.slots.nbytes
 
 
 class AdapterSet:
@@ -102,7 +127,7 @@ class AdapterSet:
             return -1
         if name not in self.info:
             known = ", ".join(n for n in self.names if n) or "none are loaded"
-            raise InputError(f"unknown adapter {name!r}: loaded adapters: {known}")
+            raise InputError(f"unknown adapter {reprlib.repr(name)}: loaded adapters: {known}", param="adapter")
         return self.names.index(name)
 
 
@@ -141,62 +166,92 @@ def _dims(linear: nn.Module):
     return inp, out
 
 
+def check_name(name, reserved: Iterable[str] = ()) -> None:
+    """An adapter's name: 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.'), and none of `reserved` (the names
+    the server answers to with its base)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        shown = repr(name[:64]) + "..." if isinstance(name, str) and len(name) > 64 else repr(name)
+        raise InputError(f"an adapter's name is 1 to 64 characters of A-Z a-z 0-9 . _ - (not starting with '.'), "
+                         f"got {shown}", param="name")
+    if name in reserved:
+        raise InputError(f"{name!r} names the base model here: give the adapter another name", param="name")
+
+
+def factor_path(key: str) -> str:
+    """The module path of a factor's key, which must be in the one layout (FACTOR_KEY); else one line."""
+    if not FACTOR_KEY.fullmatch(key):
+        shown = key[:200]
+        if not key.startswith(ADAPTED):
+            raise InputError(f"{shown}: adapters chosen per request adapt the decoder's linears only",
+                             param="weights")
+        raise InputError(f"{shown} is not a LoRA factor of a decoder linear (language_model.model.layers.N."
+                         "self_attn.q_proj ... mlp.down_proj, then .lora_a or .lora_b): load other weights alone "
+                         "with adapter_path=", param="weights")
+    return key.rpartition(".")[0]
+
+
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> Dict[str, tuple]:
     """module path -> (lora_a, lora_b), each against the base linear it adapts; a misfit is one line."""
     modules = dict(model.named_modules())
     factors: Dict[str, dict] = {}
     for key, w in weights.items():
-        path, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_a", "lora_b"):
-            raise InputError(f"{key} is not a LoRA factor (lora_a, lora_b): load such weights alone with "
-                             "adapter_path=")
-        if not path.startswith(ADAPTED):
-            raise InputError(f"{key}: adapters chosen per request adapt the decoder's linears only")
+        path = factor_path(key)
         base = modules.get(path)
         if isinstance(base, MultiLoRALinear):
             base = base.linear
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
-            raise InputError(f"{key}: this model has no linear layer {path}")
-        factors.setdefault(path, {"base": base})[leaf] = w
+            raise InputError(f"{key}: this model has no linear layer {path}", param="weights")
+        factors.setdefault(path, {"base": base})[key.rpartition(".")[2]] = w
     if not factors:
-        raise InputError("the adapter file holds no LoRA factors")
+        raise InputError("the adapter file holds no LoRA factors", param="weights")
     checked = {}
     for path, f in factors.items():
         if "lora_a" not in f or "lora_b" not in f:
-            raise InputError(f"{path}: the adapter has lora_a or lora_b but not both")
+            raise InputError(f"{path}: the adapter has lora_a or lora_b but not both", param="weights")
         (inp, out), a, b = _dims(f["base"]), f["lora_a"], f["lora_b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != inp or b.shape[1] != out or a.shape[1] != b.shape[0]:
             raise InputError(f"{path}: LoRA factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit its "
-                             f"({inp} -> {out}) linear")
+                             f"({inp} -> {out}) linear", param="weights")
         if not mx.issubdtype(a.dtype, mx.floating) or not mx.issubdtype(b.dtype, mx.floating):
-            raise InputError(f"{path}: LoRA factors must be floating point, got {a.dtype} and {b.dtype}")
+            raise InputError(f"{path}: LoRA factors must be floating point, got {a.dtype} and {b.dtype}",
+                             param="weights")
         checked[path] = (a, b)
     return checked
 
 
 def add_adapter(model: nn.Module, name: str, weights: Dict[str, mx.array], scale: float) -> dict:
     """Load an adapter's LoRA factors (`language_model.model.layers.N.<...>.lora_a/lora_b`) beside the base under
-    `name`, unfused. Everything is checked before the model changes. Returns what it is (rank, layers, bytes)."""
-    if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
-        raise InputError(f"an adapter's name must be 1 to 128 printable characters, got {name!r}")
+    `name`, unfused. Everything is checked before the model changes, the bytes the stacks would hold after it
+    (padding to each layer's largest rank included) against limits.LIMITS.max_adapter_bytes too. Returns what it
+    is (rank, layers, bytes)."""
+    check_name(name)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale or abs(scale) == float("inf"):
-        raise InputError(f"the adapter's scale must be a finite number, got {scale!r}")
+        raise InputError(f"the adapter's scale must be a finite number, got {scale!r}", param="scale")
     found = adapter_set(model, create=True)
     if name in found.info:
-        raise Conflict(f"an adapter named {name!r} is loaded already")
+        raise Conflict(f"an adapter named {name!r} is loaded already", param="name")
     if len(found.info) >= MAX_ADAPTERS:
-        raise Conflict(f"at most {MAX_ADAPTERS} adapters beside one base; {len(found.info)} are loaded")
+        raise Conflict(f"at most {MAX_ADAPTERS} adapters beside one base; {len(found.info)} are loaded",
+                       param="adapters")
     checked = check_weights(model, weights)
     before = stacked_bytes(model)
     index = found.names.index(None) if None in found.names else len(found.names)
     modules = dict(model.named_modules())
-    wrapped = []
+    layers = {path: modules[path] if isinstance(modules[path], MultiLoRALinear)
+              else MultiLoRALinear(modules[path], found.rows, *_dims(modules[path])) for path in checked}
+    after = before
     for path, (a, b) in checked.items():
-        layer = modules[path]
-        if not isinstance(layer, MultiLoRALinear):
-            layer = MultiLoRALinear(layer, found.rows, *_dims(layer))
-            wrapped.append((path, layer))
-        layer.put(index, a, b, float(scale))
+        layer = layers[path]
+        after += layer.nbytes_after(index, a, b) - (layer.nbytes if layer is modules[path] else 0)
+    limit = limits.LIMITS.max_adapter_bytes
+    if after > limit:
+        # Refused for what is loaded when others' stacks count (their padding to this one's rank, say).
+        raise (Conflict if found.info else InputError)(
+            f"loading it would make the adapters' stacks {after} bytes (padding to each layer's largest rank "
+            f"included), more than the limit of {limit} (max_adapter_bytes)", param="bytes")
+    for path, (a, b) in checked.items():
+        layers[path].put(index, a, b, float(scale))
+    wrapped = [(path, layer) for path, layer in layers.items() if layer is not modules[path]]
     if wrapped:
         model.update_modules(tree_unflatten(wrapped))
     if index == len(found.names):
@@ -213,8 +268,7 @@ def add_adapter(model: nn.Module, name: str, weights: Dict[str, mx.array], scale
 
 def stacked_bytes(model: nn.Module) -> int:
     """Bytes the MultiLoRALinears hold beside their bases: every adapter's factors as stacked, padding included."""
-    return sum(m.lora_a.nbytes + m.lora_b.nbytes + m.scales.nbytes + m.slots.nbytes
-               for _, m in model.named_modules() if isinstance(m, MultiLoRALinear))
+    return sum(m.nbytes for _, m in model.named_modules() if isinstance(m, MultiLoRALinear))
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

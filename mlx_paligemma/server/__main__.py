@@ -15,7 +15,7 @@ from .. import defaults
 from .. import limits as process_limits
 from ..cli import ArgumentParser
 from ..extras import require
-from ..generation.adapters import named_folders
+from ..generation.adapters import add_limit_arguments, command_adapters
 from ..generation.engine import PREFILL_BUDGET
 from ..errors import InputError
 from .chat import Limits
@@ -51,6 +51,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--adapter-root", default=None, metavar="ROOT",
                    help="let POST /v1/adapters (with --api-key) load adapters at run time from folders inside ROOT "
                         "(default: off)")
+    add_limit_arguments(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (`model` of requests, /v1/models) (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
@@ -230,10 +231,10 @@ def main(argv=None) -> int:
     from ..formats.mask_decoder import fetch_vae_oid, load_mask_decoder
     from .worker import Worker
 
-    adapters = named_folders(args.adapter, "--adapter")
-    if adapters and args.adapter_path is not None:
+    if args.adapter and args.adapter_path is not None:
         raise InputError("give --adapter-path (one adapter, applied to --model) or --adapter NAME=PATH (several, "
                          "chosen per request), not both")
+    adapters = command_adapters(args, reserved=(args.served_model_name or args.model,))
     if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
         raise InputError(f"--adapter-root {args.adapter_root}: not a folder")
     listening = listening_socket(args.host, args.port)

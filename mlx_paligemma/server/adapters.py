@@ -3,7 +3,8 @@ run time, behind the API key, from folders inside the one root the server was gi
 
     GET    /v1/adapters                 each loaded adapter: name, folder, rank, scale, layers, memory_bytes (its
                                         factors), added_bytes (what loading it added, padding to larger ranks too)
-    POST   /v1/adapters  {"name": "receipts", "path": "receipts-v2"}   (path relative to the root, or inside it)
+    POST   /v1/adapters  {"name": "receipts", "path": "receipts-v2"}   (path relative to the root, or inside it;
+                                        read and checked on a thread of its own: formats.adapters.read_adapter)
     DELETE /v1/adapters/receipts        refused (409) while a running or waiting request uses it
 
 Loading and unloading run on the worker's thread between decode steps (Worker.admin), so no step sees a model
@@ -19,8 +20,9 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from ..errors import Conflict, InputError
+from ..formats.adapters import OutsideRoot, read_adapter
 from ..generation.adapters import load_at_run_time, unload_at_run_time
-from ..models.adapters import MAX_ADAPTERS, adapter_set
+from ..models.adapters import MAX_ADAPTERS, adapter_set, check_name
 from .chat import ApiError, parse_json
 from .worker import QueueFull, Worker
 
@@ -49,21 +51,17 @@ def described(model) -> List[dict]:
     return [adapter_json(name, info) for name, info in (found.info.items() if found else [])]
 
 
-def inside(root: Path, given) -> Path:
-    """The folder `given` (relative to the root, or absolute) resolved, symlinks and .. included; outside the root
-    is a 403."""
-    if not isinstance(given, str) or not given or "\0" in given:
-        raise ApiError(400, "path must be a non-empty string: a folder inside the adapter root", param="path")
-    folder = (root / given).resolve()
-    if folder != root and root not in folder.parents:
-        raise ApiError(403, f"{given[:200]!r} is outside the adapter root this server loads from", param="path",
-                       code="forbidden_path")
-    return folder
+def refused(e: InputError) -> ApiError:
+    """An adapter refused, as the server answers it: outside the root 403, for what is loaded now 409, else 400."""
+    if isinstance(e, OutsideRoot):
+        return ApiError(403, str(e), param=e.param, code="forbidden_path")
+    return ApiError(409 if isinstance(e, Conflict) else 400, str(e), param=e.param)
 
 
 def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, root: Optional[str],
-                   respond: Callable) -> List[Route]:
-    """The /v1/adapters routes; `respond` makes the JSON response, `check_key` refuses a missing or wrong key."""
+                   respond: Callable, served: str) -> List[Route]:
+    """The /v1/adapters routes; `respond` makes the JSON response, `check_key` refuses a missing or wrong key,
+    `served`: the base's name in requests, which no adapter may take."""
     root_path = Path(root).resolve() if root is not None else None
 
     def guard(request: Request, loading: bool) -> None:
@@ -104,14 +102,13 @@ def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, 
                            code="request_timeout") from None
         if not isinstance(body, dict):
             raise ApiError(400, 'the body must be a JSON object: {"name": ..., "path": ...}')
-        folder = inside(root_path, body.get("path"))
         name = body.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "name must be a non-empty string", param="name")
         try:
-            info = await on_worker(lambda engine: load_at_run_time(engine, name, folder))
+            check_name(name, (served,))  # before the files are read: a name at all, so the folder is read as LoRA
+            adapter = await asyncio.to_thread(read_adapter, body.get("path"), name, root_path, (served,))
+            info = await on_worker(lambda engine: load_at_run_time(engine, name, adapter))
         except InputError as e:
-            raise ApiError(409 if isinstance(e, Conflict) else 400, str(e), param="path") from None
+            raise refused(e) from None
         return respond(adapter_json(name, info))
 
     async def unload(request: Request):

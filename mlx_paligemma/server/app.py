@@ -228,7 +228,7 @@ def make_app(worker: Worker, model_id: str, limits: Limits, api_key: Optional[st
                 Route("/v1/models/{id:path}", one_model),
                 Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                 Route("/v1/responses", create_response, methods=["POST"]),
-                *adapter_routes(worker, api_key, check_key, adapter_root, JSON)],
+                *adapter_routes(worker, api_key, check_key, adapter_root, JSON, model_id)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, ClientDisconnect: disconnected,
                             Exception: server_error},
     )
