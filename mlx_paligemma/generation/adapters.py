@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from .. import limits
 from ..errors import Conflict, InputError
+from .kept import kept
 from ..formats.adapters import Adapter, adapter_folder, load_adapter, shown
 from ..models.adapters import adapter_names, adapter_set, check_name, remove_adapter
 
@@ -102,8 +103,7 @@ def in_use(engine, name: str) -> bool:
 
 def _changed(model) -> None:
     # Compiled decode steps traced the old layers; the next step traces the new ones.
-    if hasattr(model, "_decode_steps"):
-        model._decode_steps.clear()
+    kept(model).pop("decode_steps", None)
 
 
 def load_at_run_time(engine, name: str, adapter: Adapter) -> dict:

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from .kept import kept
 from ..models.paligemma import PaliGemma
 
 
@@ -51,9 +52,5 @@ class FeatureCache:
 
 
 def feature_cache(model: PaliGemma) -> FeatureCache:
-    """The model's own feature cache, shared by every engine on it (generate, stream_generate, servers)."""
-    cache = getattr(model, "_feature_cache", None)
-    if cache is None:
-        cache = FeatureCache()
-        object.__setattr__(model, "_feature_cache", cache)  # a plain attribute, not a parameter
-    return cache
+    """The model's feature cache, shared by every engine on it (generate, stream_generate, servers)."""
+    return kept(model).setdefault("features", FeatureCache())
