@@ -63,8 +63,11 @@ def decode_step(model: PaliGemma, bits: Optional[int], group_size: int) -> Calla
 
 
 class KVBuffers:
-    """The running rows' keys and values: per layer a tuple of buffers of KV_BLOCK-rounded size, rows right-aligned
-    at `length`, and each row's left padding."""
+    """The running rows' keys and values, from their prefill (prefill.py writes them here) to their last decode
+    step: per layer a tuple of buffers of KV_BLOCK-rounded size, rows right-aligned at `length`, each row's left
+    padding in front of its own tokens (its length: `lengths`). A row's tail can be dropped (`trim`), so rows need
+    not be the same length and a token taken back (a refused draft, a prefix shared and then left) costs a shift of
+    that row, not the batch."""
 
     def __init__(self, keys: List[tuple], values: List[tuple], left_padding: List[int], length: int):
         self.keys, self.values, self.left_padding, self.length = keys, values, left_padding, length
@@ -107,6 +110,24 @@ class KVBuffers:
         self.left_padding = ([p + length - self.length for p in self.left_padding]
                              + [p + length - other.length for p in other.left_padding])
         self.length = length
+
+    @property
+    def lengths(self) -> List[int]:
+        """Each row's tokens (prompt and answer so far)."""
+        return [self.length - p for p in self.left_padding]
+
+    def trim(self, counts: List[int]) -> None:
+        """Drop the last counts[i] tokens of row i: the row moves right by that much, into its padding, and its
+        next token is written where every row's is. Positions (RoPE) count a row's real tokens, so the kept keys
+        stay where they were computed."""
+        if not any(counts):
+            return
+        if any(c < 0 or c > n for c, n in zip(counts, self.lengths)):
+            raise ValueError(f"cannot trim {counts} tokens off rows of {self.lengths}")
+        size = self.keys[0][0].shape[2]
+        source = mx.maximum(mx.arange(size)[None] - mx.array(counts)[:, None], 0)  # (B, size) position read
+        self._map(lambda b: mx.take_along_axis(b, source[:, None, :, None], axis=2))
+        self.left_padding = [p + c for p, c in zip(self.left_padding, counts)]
 
     def copy_rows(self, index: List[int]) -> None:
         """Row i takes the keys and values of row index[i] (a beam continuing another beam)."""
