@@ -28,7 +28,7 @@ from .generation.adapters import per_prompt
 from .generation.beams import BeamSequence
 from .generation.engine import Engine, Output
 from .generation.request import Request
-from .generation.runs import run_all
+from .generation.runs import run_all, run_steps
 from .generation.settings import Settings, check_settings
 from .models.paligemma import PaliGemma
 from .processing.answer_format import has_objects
@@ -138,21 +138,21 @@ def _piece(out: Output, **timing) -> GenerationResult:
 def _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings: Settings
             ) -> Generator[Tuple[GenerationResult, Output], None, None]:
     engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=batch_invariant)
-    engine.submit(images, prompt, settings)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
-    with engine.running():
-        while engine.has_work:
-            for out in engine.step():
-                if out.result is not None and out.result.error is not None:
-                    raise out.result.error
-                if out.generation_tokens == 1 and out.index == 0:
-                    prompt_tps = out.prompt_tokens / (time.perf_counter() - tic)
-                    tic = time.perf_counter()
-                elapsed, n = time.perf_counter() - tic, out.generation_tokens - 1
-                yield _piece(out, prompt_tps=prompt_tps, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
-                             peak_memory=mx.get_peak_memory() / 1e9), out
+    for outputs in run_steps(engine, [(0, lambda: engine.submit(images, prompt, settings))]):
+        for _, out in outputs:
+            if isinstance(out, InputError):
+                raise out
+            if out.result is not None and out.result.error is not None:
+                raise out.result.error
+            if out.generation_tokens == 1 and out.index == 0:
+                prompt_tps = out.prompt_tokens / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            elapsed, n = time.perf_counter() - tic, out.generation_tokens - 1
+            yield _piece(out, prompt_tps=prompt_tps, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
+                         peak_memory=mx.get_peak_memory() / 1e9), out
 
 
 def stream_generate(model: PaliGemma, processor: PaliGemmaProcessor, images=None, prompt: str = "",
@@ -295,18 +295,17 @@ def generate_tokens(
     settings = check_settings("generate_tokens()", max_tokens=max_tokens)
     engine = Engine(model, batch_size=ids.shape[0], kv_bits=kv_bits)
     n_image_tokens = (ids == model.config.image_token_index).sum(axis=1)
-    first = 0
+    first, requests = 0, []
     for row, keep, n in zip(ids, real, n_image_tokens):
         n_images = int(n) // model.config.image_seq_length
         features = image_features[first : first + n_images] if n_images else None
         first += n_images
-        engine.add(Request(row[keep].tolist(), image_features=features, settings=settings, sampler=sampler,
-                           stop_at_eos=False))
-    with engine.running():
-        while engine.has_work:
-            outputs = sorted(engine.step(), key=lambda o: o.uid)
-            if outputs:  # a step may do prefill work only
-                yield mx.array([o.token for o in outputs])
+        request = Request(row[keep].tolist(), image_features=features, settings=settings, sampler=sampler,
+                          stop_at_eos=False)
+        requests.append((len(requests), partial(engine.add, request)))
+    for outputs in run_steps(engine, requests, window=len(requests)):
+        if outputs:  # a step may do prefill work only
+            yield mx.array([out.token for _, out in sorted(outputs, key=lambda pair: pair[0])])
 
 
 def generate_step(*args, **kwargs) -> Generator[mx.array, None, None]:

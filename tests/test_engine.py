@@ -285,12 +285,14 @@ def test_generation_runs_under_mlx_lm_wired_limit(loaded, cases, monkeypatch):
 def test_cpu_fast_path_lost_to_import_order_is_said_once(order):
     """MLX binds its BLAS when imported: if mlx comes first, OpenBLAS cannot be given to it, and a line says so."""
     import ctypes.util
+    import os
     import subprocess
     import sys
 
     imports = "import mlx_paligemma; import mlx.core" if order == "mlx_paligemma first" else \
         "import mlx.core; import mlx_paligemma; import mlx_paligemma.generate"
-    r = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "MLX_PALIGEMMA_QUIET_BLAS"}  # the suite's quiet default
+    r = subprocess.run([sys.executable, "-c", imports], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     late = order == "mlx first" and sys.platform == "linux" and ctypes.util.find_library("openblas") is not None
     notes = [line for line in r.stderr.splitlines() if "OpenBLAS" in line]

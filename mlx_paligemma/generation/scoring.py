@@ -9,10 +9,12 @@ the log-probability of its token at each step, the same values generation report
 """
 
 import math
+from functools import partial
 from typing import List, Optional, Sequence
 
 from .. import defaults
 from .engine import Engine
+from .runs import run_all
 from ..errors import InputError
 
 MAX_CANDIDATES = 1024  # candidates one call may score: the work is bounded before it starts
@@ -41,18 +43,16 @@ def candidate_logprobs(model, processor, images=None, prompt: str = "", candidat
     engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits)
     # Each group of batch_size candidates is one request: one prefill, its keys and values copied to the rows.
     chunks = [tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size)]
-    uids = [engine.submit(images, prompt, forced=chunk, max_tokens=max(map(len, chunk)), stop_at_eos=False,
-                          adapter=adapter)
-            for chunk in chunks]
+    submits = [(i, partial(engine.submit, images, prompt, forced=chunk, max_tokens=max(map(len, chunk)),
+                           stop_at_eos=False, adapter=adapter)) for i, chunk in enumerate(chunks)]
     values = {}
-    with engine.running():
-        while engine.has_work:
-            for out in engine.step():
-                if out.result is not None:
-                    if out.result.error is not None:
-                        raise out.result.error
-                    values[out.uid] = [s.logprobs for s in out.result.sequences]
-    return [v for u in uids for v in values[u]]
+    for i, result in run_all(engine, submits):
+        if isinstance(result, InputError):
+            raise result
+        if result.error is not None:
+            raise result.error
+        values[i] = [s.logprobs for s in result.sequences]
+    return [v for i in range(len(chunks)) for v in values[i]]
 
 def score(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (), include_eos: bool = True,
           batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
