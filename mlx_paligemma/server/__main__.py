@@ -18,6 +18,7 @@ from ..extras import require
 from ..generation.adapters import add_limit_arguments, command_adapters
 from ..generation.engine import PREFILL_BUDGET
 from ..errors import InputError
+from .body import dumps
 from .chat import Limits
 
 HEAD_TIMEOUT_S = 10.0  # a connection must send a whole request head this soon after it opens or its last answer
@@ -121,8 +122,6 @@ def protocol_class():
     once the head is whole. uvicorn's public `http=` setting takes a protocol class; this one is its h11 protocol
     with a timer armed where a head is awaited (connection made, response complete). tests/test_hostile_server.py
     holds both behaviours, so a uvicorn release that moves these hooks fails there, not in use."""
-    import json
-
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -152,8 +151,8 @@ def protocol_class():
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps({"error": {"message": f"bad HTTP request: {msg}", "type": "invalid_request_error",
-                                         "param": None, "code": None}}).encode()
+            body = dumps({"error": {"message": f"bad HTTP request: {msg}", "type": "invalid_request_error",
+                                    "param": None, "code": None}}).encode("ascii")
             headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
                        (b"content-length", str(len(body)).encode())]
             for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
