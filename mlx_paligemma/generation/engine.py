@@ -275,8 +275,8 @@ class Engine:
                 if batch.rows:
                     batch.picked = self._decode(batch)
                     # computed while this step's tokens are handed out
-                    mx.async_eval(batch.picked.tokens, batch.picked.finite,
-                                  *[a for a in [batch.picked.logprobs] if a is not None])
+                    mx.async_eval(batch.picked.tokens,
+                                  *[a for a in [batch.picked.logprobs, batch.picked.finite] if a is not None])
                 started.append((batch, rows, pending))
             outputs = []
             for batch, rows, pending in started:
@@ -301,8 +301,10 @@ class Engine:
             else:
                 self.batches.append(batch)
             mx.clear_cache()  # the prefix's temporaries (a 4096-token prefix at 896 px) do not stay in MLX's cache
+        if not self.waiting:
+            return
         room = self.batch_size - self.active - sum(len(p.rows) for p in self.prefills)
-        if not self.waiting or room <= 0:
+        if room <= 0:
             return
         # One group a step, within the prefill budget of tokens. A request's rows (beams, forced continuations)
         # join whole, and are prefilled once; one larger than the batch goes alone.
@@ -322,6 +324,8 @@ class Engine:
 
     def _prefill_work(self, alone: bool) -> None:
         """Pieces of the prefills under way, in turn, until the budget is spent (or all are done)."""
+        if not self.prefills:
+            return
         deadline = time.monotonic() + self.prefill_budget
         turn = 0
         while True:
@@ -351,7 +355,8 @@ class Engine:
         """(B, vocab) logits -> each row's token by its request's strategy, with log-probabilities, and the row each
         row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
         # Logits that are not finite (an adapter's overflow) end their row's request with an error, not NaN scores.
-        finite = mx.isfinite(logits).all(axis=-1)
+        # The base's are finite (its weights were checked at load, Gemma 2 soft-caps them): only adapters' rows look.
+        finite = mx.isfinite(logits).all(axis=-1) if any(r.request.settings.adapter for r in rows) else None
         constraints = [r.constraint for r in rows]
         constrained = any(c is not None for c in constraints)
         if constrained:
@@ -387,7 +392,7 @@ class Engine:
         for r in rows:
             r.picked += 1
         if constrained:
-            self._advance(rows, parents, tokens.tolist(), finite.tolist())
+            self._advance(rows, parents, tokens.tolist(), [True] * len(rows) if finite is None else finite.tolist())
         wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
         picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting), finite=finite)
         if k:
@@ -418,7 +423,7 @@ class Engine:
         tokens = picked.tokens.tolist()
         logprobs = picked.logprobs.tolist() if picked.logprobs is not None else [None] * len(tokens)
         top = (picked.top_ids.tolist(), picked.top_values.tolist()) if picked.top_ids is not None else None
-        finite = picked.all_finite().tolist()
+        finite = picked.finite.tolist() if picked.finite is not None else [True] * len(tokens)
         outputs = []
         for i, row in enumerate(rows):
             strategy = row.strategy
