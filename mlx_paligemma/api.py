@@ -29,7 +29,7 @@ from .generation.beams import BeamSequence
 from .generation.engine import Engine, Output
 from .generation.request import Request
 from .generation.runs import run_all, run_steps
-from .generation.settings import Settings, check_settings
+from .generation.settings import Settings, check_kv_bits, check_settings, renamed
 from .models.paligemma import PaliGemma
 from .processing.answer_format import has_objects
 from .processing.images import load_image
@@ -135,9 +135,9 @@ def _piece(out: Output, **timing) -> GenerationResult:
                             **timing)
 
 
-def _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings: Settings
+def _stream(model, processor, images, prompt, kv_bits, deterministic, settings: Settings
             ) -> Generator[Tuple[GenerationResult, Output], None, None]:
-    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=batch_invariant)
+    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=deterministic)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -158,7 +158,7 @@ def _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings
 def stream_generate(model: PaliGemma, processor: PaliGemmaProcessor, images=None, prompt: str = "",
                     max_tokens: int = defaults.MAX_TOKENS, temperature: float = defaults.TEMPERATURE,
                     top_p: float = defaults.TOP_P, top_k: int = defaults.TOP_K, kv_bits: Optional[int] = None,
-                    batch_invariant: bool = False, **settings) -> Generator[GenerationResult, None, None]:
+                    deterministic: bool = False, **settings) -> Generator[GenerationResult, None, None]:
     """Text pieces for one prompt about one or more images, as they are generated (GenerationResult, `.text` the
     new piece). Stops at eos. More settings (min_p, repetition_penalty, repetition_context_size, logit_bias, seed,
     stop, n, and the structured output keywords response_format, json_schema, regex, choices, constrain) as for
@@ -168,15 +168,16 @@ def stream_generate(model: PaliGemma, processor: PaliGemmaProcessor, images=None
     likeliest of n samples) yield one piece when they end, with their best sequences. mlx-vlm's order, `(model,
     processor, prompt, image=...)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
+    deterministic = renamed(settings, "batch_invariant", "deterministic", deterministic)
     settings = checked(stream_generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                             top_k=top_k))
-    for piece, _ in _stream(model, processor, images, prompt, kv_bits, batch_invariant, settings):
+                                             top_k=top_k), kv_bits)
+    for piece, _ in _stream(model, processor, images, prompt, kv_bits, deterministic, settings):
         yield piece
 
 
 def generate(model, processor, images=None, prompt: str = "", max_tokens: int = defaults.MAX_TOKENS,
              temperature: float = defaults.TEMPERATURE, top_p: float = defaults.TOP_P, top_k: int = defaults.TOP_K,
-             kv_bits: Optional[int] = None, verbose: bool = False, batch_invariant: bool = False,
+             kv_bits: Optional[int] = None, verbose: bool = False, deterministic: bool = False,
              mask_decoder=None, min_score: float = defaults.MIN_SCORE,
              on_text: Optional[Callable[[str], None]] = None, **settings) -> GenerationResult:
     """The answer to one prompt about one or more images: a GenerationResult (`.text`; `str(result)` is the text).
@@ -187,13 +188,14 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
     own constraint or sampler fails while decoding raises its InputError. mlx-vlm's order, `generate(model,
     processor, "caption en", image=img)`, is read as such."""
     images, prompt = neighbour_order(images, prompt, settings)
+    deterministic = renamed(settings, "batch_invariant", "deterministic", deterministic)
     settings = checked(generate, dict(settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                      top_k=top_k))
+                                      top_k=top_k), kv_bits)
     loaded = _images(images)
     reader = _reader(processor, mask_decoder, min_score) if has_objects(prompt) else None
     last = final = None
     for last, out in _stream(model, processor, loaded if images is not None else None, prompt, kv_bits,
-                             batch_invariant, settings):
+                             deterministic, settings):
         final = out.result or final
         if on_text is not None:
             on_text(last.text)
@@ -214,7 +216,7 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
 def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
                    max_tokens: int = defaults.MAX_TOKENS, temperature: float = defaults.TEMPERATURE,
                    batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
-                   verbose: bool = False, batch_invariant: bool = False, mask_decoder=None,
+                   verbose: bool = False, deterministic: bool = False, mask_decoder=None,
                    min_score: float = defaults.MIN_SCORE, **settings) -> BatchResponse:
     """Answers to many prompts, in input order: a BatchResponse (`.texts`, `.results`, `.stats`). `images[i]` is
     what generate takes for prompts[i] (an image, a path or URL, or a list of them). Up to `batch_size` rows share
@@ -223,7 +225,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     result is what generate returns for those settings. Structured output, at most one of: response_format
     (OpenAI's json_schema / json_object), json_schema (a dict or its JSON text), regex (the whole answer matches),
     choices (a list of strings), or constrain=True (detect/segment answers: well-formed boxes, labels among the
-    prompt's classes). batch_invariant=True: each answer (tokens, log-probabilities) bitwise what it is alone, at
+    prompt's classes). deterministic=True: each answer (tokens, log-probabilities) bitwise what it is alone, at
     the cost of decoding requests side by side rather than together. Images are read as their rows are about to
     join, so a long list streams through in bounded memory; a bad image or prompt raises InputError naming its
     index, and a prompt whose own constraint or sampler fails while decoding raises it, the others done. `adapter`:
@@ -232,8 +234,9 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     if len(images) != len(prompts):
         raise InputError(f"got {len(images)} images for {len(prompts)} prompts")
     adapters = per_prompt(settings.pop("adapter", None), len(prompts))
-    settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature))
-    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=batch_invariant)
+    deterministic = renamed(settings, "batch_invariant", "deterministic", deterministic)
+    settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature), kv_bits)
+    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=deterministic)
     sizes = {}
 
     def submit(i: int) -> int:
@@ -315,9 +318,10 @@ def generate_step(*args, **kwargs) -> Generator[mx.array, None, None]:
     return generate_tokens(*args, **kwargs)
 
 
-def checked(function, settings: dict) -> Settings:
+def checked(function, settings: dict, kv_bits: Optional[int] = None) -> Settings:
     """The one check of the settings (a misspelt or foreign keyword, `temp=` or `max_new_tokens=`, is one line
-    saying what to write, not a TypeError)."""
+    saying what to write, not a TypeError), and of kv_bits."""
+    check_kv_bits(kv_bits)
     if settings.get("logprobs") is None:
         settings.pop("logprobs", None)
     known = [p for p in inspect.signature(function).parameters if p not in ("model", "processor", "settings")]

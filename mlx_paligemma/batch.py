@@ -34,11 +34,11 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import defaults
-from .cli import (ArgumentParser, add_decoding_arguments, add_object_arguments, add_sampling_arguments, message,
-                  plural, run_main)
+from .cli import ArgumentParser, add_object_arguments, add_settings, message, plural, run_main, settings_of
 from .extras import require
-from .data.outputs import OrderedOutput, PartOutput, items_in_output, items_in_parts, line_of, part_file, part_files
+from .data.records import answer_record
+from .data.outputs import (OrderedOutput, PartOutput, check_ours, check_same_run, items_in_output, items_in_parts,
+                           line_of, part_file, part_files, record_run, start_over)
 from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
 from .tasks.detection import ObjectReader, check_min_score, objects_to_json
@@ -46,10 +46,9 @@ from .processing.answer_format import has_objects
 from .generation.adapters import add_limit_arguments, command_adapters, named_folders
 from .generation.engine import Engine
 from .generation.runs import run_all
-from .generation.settings import check_settings
+from .generation.settings import BY_NAME, CONSTRAINTS, check_kv_bits, check_settings
 from .errors import InputError, cause, check_text
 from .processing.images import load_image
-from .generation.sampling import logprob_json
 from .data.sources import DataOptions, add_data_arguments, data_options, kind_of, read_source
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, mlx.launch)
@@ -172,12 +171,11 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
     """Runs the items `todo` (indices) through one engine, handing each finished item's line to `sink`: its answer,
     or an error line when the item cannot be done (a bad image or setting, or its own constraint failing while it
     is decoded); the other items go on."""
-    settings = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                    repetition_context_size=args.repetition_context_size, num_beams=args.num_beams,
-                    length_penalty=args.length_penalty, logprobs=args.logprobs, best_of=args.best_of)
+    settings = settings_of(args, "batch")
+    seed = settings.pop("seed")
     run = cli_constraint(args)
-    engine = Engine(model, processor, batch_size=args.batch_size, batch_invariant=args.deterministic)
+    engine = Engine(model, processor, batch_size=args.batch_size, kv_bits=args.kv_bits,
+                    batch_invariant=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
     sizes = {}
 
@@ -188,9 +186,8 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
         images = [load_image(source) for source in item.images]
         sizes[index] = images[0].size
         # A seed per item, so that sampled answers do not depend on which items share a batch or a rank.
-        seed = None if args.seed is None else args.seed + index
-        return engine.submit(images, item.prompt, seed=seed, adapter=item.fields.get("adapter"), **settings,
-                             **item_constraint(item, run))
+        return engine.submit(images, item.prompt, seed=None if seed is None else seed + index,
+                             adapter=item.fields.get("adapter"), **settings, **item_constraint(item, run))
 
     # About one batch waits: its images are read at submit, so the whole dataset is never in memory.
     for index, result in run_all(engine, ((i, partial(submit, i)) for i in todo), window=args.batch_size,
@@ -200,18 +197,14 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
             sink.add(index, line_of(items[index], error=str(error)))
             progress.update(items=1, errors=1)
             continue
-        line = {"answer": result.text}
-        if args.logprobs is not None:
-            tops = result.top_logprobs or [[]] * len(result.tokens)
-            line["logprobs"] = [logprob_json(processor.tokenizer.decode, t, v, top)
-                                for t, v, top in zip(result.tokens, result.logprobs, tops)]
+        line = answer_record(result, processor.tokenizer, args.logprobs is not None)
         if objects is not None and has_objects(items[index].prompt):
             line["objects"] = objects_to_json(objects.read(result, sizes[index]))
         sink.add(index, line_of(items[index], **line))
         progress.update(items=1)
 
 
-ITEM_CONSTRAINTS = ("json_schema", "regex", "choices", "constrain")
+ITEM_CONSTRAINTS = tuple(c for c in CONSTRAINTS if "batch" in BY_NAME[c].commands)  # an item's own fields
 
 
 def item_constraint(item: Item, run: dict) -> dict:
@@ -235,17 +228,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data", "--input", dest="input", metavar="DATA", required=True,
                    help="a JSONL file (one item a line), a folder of images, a Hugging Face dataset (hub id, "
                    "save_to_disk folder, parquet files) or a COCO annotation file")
-    p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume")
+    p.add_argument("--output", required=True, help="the JSONL file to write; rerun to resume (its settings, "
+                   "recorded in OUTPUT.settings.json, must be the same)")
+    p.add_argument("--overwrite", action="store_true", help="answer every item again: an OUTPUT of ours is "
+                   "emptied first, whatever settings it was written with")
     p.add_argument("--prompt", help='for items without one (required with a folder), e.g. "caption en"')
-    p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="items decoded together")
-    add_sampling_arguments(p, seed_help="with --temperature: item i samples with seed + i")
-    add_decoding_arguments(p, logprobs_help='add "logprobs" to each line: every token\'s log-probability and '
-                           "its K likeliest alternatives (0: none)",
-                           constraint_note=' (an item\'s own "json_schema", "regex", "choices" or "constrain" field '
-                           "replaces the run's constraint)")
     p.add_argument("--json", action="store_true", help='add "objects" (boxes, masks) to detect/segment answers')
     add_object_arguments(p)
+    add_settings(p, "batch")
     add_data_arguments(p)
     return p
 
@@ -266,14 +256,9 @@ def check_writable(out: Path) -> None:
 
 def check_args(args) -> None:
     """Every problem a run can know before loading the model, as one line."""
-    check_settings(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   repetition_context_size=args.repetition_context_size, seed=args.seed,
-                   logprobs=args.logprobs, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                   best_of=args.best_of)
+    check_settings(**settings_of(args, "batch"))
     check_min_score(args.min_score)
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_kv_bits(args.kv_bits)
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
     source, out = Path(args.input), Path(args.output)
@@ -302,6 +287,32 @@ def check_args(args) -> None:
         require("structured", "structured output")
 
 
+def asked(args) -> dict:
+    """What a run is asked that its answers depend on: what its record keeps and a rerun must ask again."""
+    def place(path):  # a local folder by its absolute path: the same wherever the command runs from
+        return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+    run = {s: getattr(args, s) for s in ("deterministic", "kv_bits", "min_score")}
+    return {"model": place(args.model), "revision": args.revision, "adapter_path": place(args.adapter_path),
+            "adapters": {n: place(f) for n, f in named_folders(args.adapter, "--adapter").items()},
+            "prompt": args.prompt, "json": args.json, "mask_decoder": place(args.mask_decoder),
+            "settings": {**settings_of(args, "batch"), **cli_constraint(args), **run}}
+
+
+def resumed(out: Path, items: List[Item], args) -> int:
+    """How many items OUT holds for this run to go on from (0 with --overwrite), once its settings are known to be
+    this run's; the run's record written."""
+    wanted = asked(args)
+    if out.exists() and out.stat().st_size:  # someone else's file is refused first, whatever was asked
+        check_ours(out, items, args.input)
+    if args.overwrite:
+        start_over(out)
+    check_same_run(out, wanted)
+    written = items_in_output(out, items, args.input)
+    record_run(out, wanted)
+    return written
+
+
 def run(args) -> int:
     world = mx.distributed.init()
     rank, size = world.rank(), world.size()
@@ -314,9 +325,19 @@ def run(args) -> int:
         raise InputError(f"cannot read {args.input}: {cause(e)}") from None
     if not items:
         raise InputError(f"no items in {args.input}")
-    # OUT lives on rank 0's machine; the other ranks learn from it how many items are done.
-    written = items_in_output(out, items, args.input) if rank == 0 else 0
+    if args.overwrite:
+        for path in part_files(out, items):  # each rank, those on its machine, before anything is written
+            path.unlink()
+    # OUT lives on rank 0's machine; the other ranks learn from it how many items are done (-1: none, refused).
+    written, refused = 0, None
+    if rank == 0:
+        try:
+            written = resumed(out, items, args)
+        except InputError as e:
+            written, refused = -1, e
     written = broadcast_int(world, written) if size > 1 else written
+    if refused is not None or written < 0:
+        raise refused or InputError("rank 0 refused the run: see its error")
     mine = [i for i in range(written, len(items)) if i % size == rank]
     found = items_in_parts(out, items, mine)
     todo = [i for i in mine if i not in found]

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from . import defaults
 from .errors import InputError
+from .generation.settings import CONSTRAINTS, NEIGHBOURS as SETTING_NEIGHBOURS, SETTINGS
 from .extras import VERSION
 
 
@@ -27,11 +27,19 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return help + " (default: %(default)s)"
 
 
-# Flags people bring from transformers, mlx-lm and mlx-vlm, and ours for them (where a command has ours).
-NEIGHBOURS = {"--max-new-tokens": "--max-tokens", "--max-length": "--max-tokens", "--do-sample": "--temperature",
-              "--num-return-sequences": "--best-of", "--adapter-file": "--adapter-path", "--adapters": "--adapter-path",
-              "--hf-model": "--model", "--model-path": "--model", "--images": "--image", "--out": "--output",
-              "--save-dir": "--output", "--input-dir": "--data", "--dataset": "--data"}
+def _flag(meant: str) -> str:
+    """max_tokens -> --max-tokens; include_eos=False -> --no-include-eos."""
+    name, _, value = meant.partition("=")
+    return ("--no-" if value == "False" else "--") + name.replace("_", "-")
+
+
+# Flags people bring from transformers, mlx-lm and mlx-vlm, and ours for them (where a command has ours): the
+# settings' other names from the table, and the rest.
+NEIGHBOURS = {_flag(name): _flag(meant) for name, meant in SETTING_NEIGHBOURS.items()}
+NEIGHBOURS.update({"--num-return-sequences": "--best-of", "--adapter-file": "--adapter-path",
+                   "--adapters": "--adapter-path", "--hf-model": "--model", "--model-path": "--model",
+                   "--images": "--image", "--out": "--output", "--save-dir": "--output", "--input-dir": "--data",
+                   "--dataset": "--data"})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -136,45 +144,64 @@ def run_main(main: Callable[[], Optional[int]]) -> None:
     sys.exit(code or 0)
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, seed_help: str) -> None:
-    """The sampling options, the same on generate and batch."""
-    p.add_argument("--temperature", "--temp", type=float, default=defaults.TEMPERATURE, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=defaults.TOP_P, help="nucleus sampling; 1 is off")
-    p.add_argument("--top-k", type=int, default=defaults.TOP_K, help="sample among the k likeliest; 0 is off")
-    p.add_argument("--min-p", type=float, default=defaults.MIN_P, help="drop tokens below min_p x the likeliest; "
-                   "0 is off")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.1 for long answers that loop "
-                   "(default: off)")
-    p.add_argument("--repetition-context-size", type=int, default=defaults.REPETITION_CONTEXT_SIZE,
-                   help="tokens the repetition penalty looks back on")
-    p.add_argument("--seed", type=int, default=None, help=seed_help)
+def _early_stopping(text: str):
+    words = {"true": True, "false": False, "never": "never"}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"give true, false or never, got {text!r}")
+    return words[text.lower()]
 
 
-def add_decoding_arguments(p: argparse.ArgumentParser, logprobs_help: str, constraint_note: str = "") -> None:
-    """Beams, log-probabilities, determinism and structured output: the same options on generate and batch."""
-    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS, help="beam search as transformers' "
-                   "generate(num_beams=...); 1 is off")
-    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
-                   help="beam search: a finished answer scores its log-probability / length ** this")
-    p.add_argument("--best-of", type=int, default=defaults.BEST_OF, metavar="N", help="big_vision's best_of_n: "
-                   "sample N answers (with --temperature; answer i seeded --seed + i) and keep the likeliest")
-    p.add_argument("--logprobs", type=int, default=None, metavar="K", help=logprobs_help + " (default: off)")
-    p.add_argument("--deterministic", action="store_true", help="batch-invariant decoding: each answer bitwise "
-                   "what it is alone, whatever shares its decode steps (slower)")
-    constraint = p.add_mutually_exclusive_group()
-    constraint.add_argument("--json-schema", metavar="FILE", default=None, help="answers are JSON valid against "
-                            f"this schema{constraint_note} (default: off)")
-    constraint.add_argument("--regex", default=None, help="each whole answer matches this regular expression "
-                            "(default: off)")
-    constraint.add_argument("--choices", default=None, metavar="A,B,C", help="each answer is one of these "
-                            "comma-separated strings (default: off)")
-    constraint.add_argument("--constrain", action="store_true", help="detect/segment prompts: well-formed boxes "
-                            "(and masks) whose labels are among the prompt's classes (default: off)")
+def _strings(text: str) -> List[str]:
+    return text.split(",")
+
+
+def _at_least_one(text: str) -> int:
+    if not text.strip().lstrip("-").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def add_settings(p: argparse.ArgumentParser, command: str) -> None:
+    """The flags of `command`'s settings, made from the one table (generation/settings.py): --name-with-dashes,
+    its help and its default."""
+    group = p.add_argument_group("generation settings", "the same names on every command, in Python and on the "
+                                 "server (docs/PYTHON.md)")
+    constraints = None
+    for s in SETTINGS:
+        if command not in s.commands:
+            continue
+        if s.name in CONSTRAINTS:  # one at most
+            constraints = constraints or group.add_mutually_exclusive_group()
+        g = constraints if s.name in CONSTRAINTS else group
+        more = dict(help=f"{s.help} (default: {s.shown_default})", default=s.default, metavar=s.metavar)
+        if s.type is bool:
+            more.pop("metavar")
+            # On by default: --include-eos / --no-include-eos.
+            action = argparse.BooleanOptionalAction if s.default else "store_true"
+            g.add_argument(s.flag, *s.flags, action=action, **more)
+        elif s.name == "stop":
+            g.add_argument(s.flag, *s.flags, action="append", **dict(more, default=None))
+        else:
+            kind = {"early_stopping": _early_stopping, "choices": _strings, "batch_size": _at_least_one}.get(s.name,
+                                                                                                          s.type)
+            g.add_argument(s.flag, *s.flags, type=str if kind is object else kind,
+                           choices=[4, 8] if s.name == "kv_bits" else None, **more)
+
+
+def settings_of(args: argparse.Namespace, command: str, request: bool = True) -> dict:
+    """The values of `command`'s flags for the table's request settings (`request`), or for its settings of a whole
+    run; the constraints are left to constraints.cli_constraint, which reads their files."""
+    return {s.name: (tuple(getattr(args, s.name) or ()) if s.name == "stop" else getattr(args, s.name))
+            for s in SETTINGS if command in s.commands and s.request == request and s.name not in CONSTRAINTS}
+
+
+def changed(args: argparse.Namespace, command: str) -> List[str]:
+    """The flags of `command`'s settings given a value other than their default, in the table's order."""
+    return [s.flag for s in SETTINGS if command in s.commands and settings_of(args, command, s.request).get(
+        s.name, getattr(args, s.name)) not in (s.default, None if s.default == () else s.default)]
 
 
 def add_object_arguments(p: argparse.ArgumentParser) -> None:
-    """Detect/segment answers as objects: the same options on generate and batch."""
+    """Detect/segment answers as objects: the same option on generate and batch."""
     p.add_argument("--mask-decoder", metavar="PATH", help="vae-oid.npz or its safetensors copy, for segment "
                    "answers (default: big_vision's, downloaded once)")
-    p.add_argument("--min-score", type=float, default=defaults.MIN_SCORE, help="leave out objects whose score (the "
-                   "mean probability of their box and label tokens) is below this")

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 
 
-from . import defaults
 from .tasks import report
-from .cli import ArgumentParser, command, run_main
+from .cli import ArgumentParser, add_settings, command, run_main, settings_of
 from .extras import require
 from .formats.atomic import atomic_file, check_file_output
-from .errors import InputError
+from .data.outputs import differences
+from .errors import InputError, read_json_object
+from .generation.constraints import cli_constraint
+from .generation.settings import check_settings
 from .generation.scoring import MAX_CANDIDATES, candidate_tokens
 from .processing.processor import IMAGE_TOKEN
 from .generation.adapters import add_limit_arguments, command_adapters
@@ -86,19 +88,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output", help="write the metrics as JSON here")
     p.add_argument("--predictions", help="write one JSON line per question here: prediction and references "
                    "(with --adapter: each model's prediction and score)")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE, help="prompts decoded together")
-    p.add_argument("--max-tokens", type=int, default=defaults.MAX_TOKENS, help="most tokens per answer")
-    p.add_argument("--num-beams", type=int, default=defaults.NUM_BEAMS,
-                   help="beam search with this many beams (1: greedy); big_vision's transfers use 2 for COCO "
-                        "captions and 3 for TextCaps, greedy elsewhere")
-    p.add_argument("--length-penalty", type=float, default=defaults.LENGTH_PENALTY,
-                   help="beam search: a finished answer scores its log-probability / length ** this")
     p.add_argument("--mask-decoder", metavar="PATH",
                    help="vae-oid.npz or its safetensors copy, for mask IoU (default: the cached copy, if any)")
     p.add_argument("--report", metavar="DIR", help="write an HTML page here: metrics, plots, every question with "
                    "its image and drawn boxes, worst first (a new or empty folder, or an earlier report)")
     p.add_argument("--report-examples", type=int, default=report.SHOWN, metavar="N",
                    help="--report: the worst N questions in full, the others a table row each")
+    p.add_argument("--overwrite", action="store_true", help="replace an --output that holds an evaluation asked "
+                   "otherwise (other settings, model or data)")
+    add_settings(p, "evaluate")
     add_data_arguments(p)
     return p
 
@@ -157,9 +155,8 @@ def run(args) -> None:
     from .formats.loading import load
     from .formats.mask_decoder import CACHE_DIR, load_mask_decoder
 
-    for name in ("batch_size", "max_tokens", "num_beams"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    settings = {**settings_of(args, "evaluate"), **cli_constraint(args)}
+    check_settings(**settings)
     if kind_of(args.data) == "missing":
         raise InputError(f"--data: no such file {args.data}")
     check_outputs(args)
@@ -170,6 +167,8 @@ def run(args) -> None:
                              "take one model)")
         if "base" in adapters:
             raise InputError("--adapter base=...: 'base' names the model without adapters; choose another name")
+    wanted = asked(args, adapters)
+    check_rerun(args, wanted)
     if args.report:
         require("report", "--report")
         report.check_folder(args.report, args.report_examples)
@@ -185,51 +184,64 @@ def run(args) -> None:
             raise InputError(f"--mask-decoder: no such file {path}")
         decoder = load_mask_decoder(path)
     if adapters:
-        compare(args, examples, decoder, adapters)
-        return
-    model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
+        model, processor = load(args.model, revision=args.revision, adapters=adapters)
+    else:
+        model, processor = load(args.model, adapter_path=args.adapter_path, revision=args.revision)
     check_examples(processor, examples)
-    tic = time.perf_counter()
-    results, records = evaluate_examples(model, processor, examples, args.task, args.batch_size, args.max_tokens,
-                                         decoder, progress=lambda s: print(s, file=sys.stderr, flush=True),
-                                         num_beams=args.num_beams, length_penalty=args.length_penalty)
-    results.update(model=args.model, adapter_path=args.adapter_path, data=args.data,
-                   seconds=round(time.perf_counter() - tic, 2))
-    print(format_table(results))
-    if args.output:
-        write_text(args.output, json.dumps(results, indent=2) + "\n", "--output")
-    if args.predictions:
-        write_text(args.predictions, "".join(json.dumps(r) + "\n" for r in records), "--predictions")
-    if args.report:
-        print(f"report: {report.write_report(args.report, results, records, examples, args.report_examples)}")
-
-
-def compare(args, examples, decoder, adapters: dict) -> None:
-    """The base, then each adapter, on the same examples: one model, the adapters loaded beside its base, so each
-    image goes through the vision tower once (the feature cache) whichever adapter answers; one table of them all."""
-    from .formats.loading import load
-
-    model, processor = load(args.model, revision=args.revision, adapters=adapters)
-    results, records = {}, {}
-    for name in ["base", *adapters]:
+    tic, results, records = time.perf_counter(), {}, {}
+    for name in ["base", *adapters]:  # one model, the adapters beside its base: each image encoded once
         results[name], records[name] = evaluate_examples(
-            model, processor, examples, args.task, args.batch_size, args.max_tokens, decoder,
-            progress=lambda s: print(f"{name}: {s}", file=sys.stderr, flush=True), num_beams=args.num_beams,
-            length_penalty=args.length_penalty, adapter=None if name == "base" else name)
-    print(f"vision tower: {feature_cache(model).images_encoded} images encoded for {len(results)} models",
-          file=sys.stderr)
-    print(side_by_side(results))
+            model, processor, examples, args.task, args.batch_size, decoder,
+            progress=lambda s: print(f"{name}: {s}" if adapters else s, file=sys.stderr, flush=True),
+            adapter=None if name == "base" else name, deterministic=args.deterministic, **settings)
+    if adapters:
+        print(f"vision tower: {feature_cache(model).images_encoded} images encoded for {len(results)} models",
+              file=sys.stderr)
+    print(side_by_side(results) if adapters else format_table(results["base"]))
     if args.output:
-        write_text(args.output, json.dumps({"model": args.model, "data": args.data, "adapters": adapters,
-                                            "results": results}, indent=2) + "\n", "--output")
-    if args.predictions:  # per question, each model's answer and score side by side
-        lines = []
-        for i, first in enumerate(records["base"]):
-            line = {k: first[k] for k in ("image", "prefix", "task", "references")}
-            line["predictions"] = {name: r[i]["prediction"] for name, r in records.items()}
-            line["scores"] = {name: r[i].get("score") for name, r in records.items()}
-            lines.append(json.dumps(line) + "\n")
-        write_text(args.predictions, "".join(lines), "--predictions")
+        out = {**wanted, "seconds": round(time.perf_counter() - tic, 2), "results": results}
+        write_text(args.output, json.dumps(out, indent=2) + "\n", "--output")
+    if args.predictions:
+        write_text(args.predictions, "".join(json.dumps(line) + "\n" for line in prediction_lines(records)),
+                   "--predictions")
+    if args.report:
+        written = report.write_report(args.report, results["base"], records["base"], examples, args.report_examples)
+        print(f"report: {written}")
+
+
+def prediction_lines(records: dict) -> list:
+    """--predictions: a line per question, its answer by each model ({name: records}; "base" alone without
+    --adapter): {image, prefix, task, references, reference_objects (detect, segment), answers: {name: the answer's
+    record, its score, objects and candidates}}."""
+    question = ("image", "prefix", "task", "references", "reference_objects")
+    return [{**{k: first[k] for k in question if k in first},
+             "answers": {name: {k: v for k, v in r[i].items() if k not in question} for name, r in records.items()}}
+            for i, first in enumerate(records["base"])]
+
+
+def asked(args, adapters: dict) -> dict:
+    """What an evaluation is asked that its figures depend on: what --output records, and a rerun onto that file
+    must ask again (or give --overwrite)."""
+    return {"model": args.model, "revision": args.revision, "adapter_path": args.adapter_path, "adapters": adapters,
+            "data": args.data, "split": args.split, "task": args.task,
+            "settings": {**settings_of(args, "evaluate"), **cli_constraint(args), "deterministic": args.deterministic}}
+
+
+def check_rerun(args, wanted: dict) -> None:
+    """An --output holding an evaluation asked otherwise is refused, naming the difference, unless --overwrite."""
+    path = Path(args.output) if args.output else None
+    if args.overwrite or path is None or not path.is_file():
+        return
+    try:
+        recorded = read_json_object(path)
+    except InputError:
+        return  # not an evaluation's: formats.atomic decides whether it may be replaced
+    if "settings" not in recorded:
+        return  # an earlier release's, which recorded none
+    differ = differences(recorded, wanted)
+    if differ:
+        raise InputError(f"--output {path} holds an evaluation asked otherwise ({', '.join(differ)}): give another "
+                         "--output, or --overwrite to replace it")
 
 
 main = command(build_parser, run)

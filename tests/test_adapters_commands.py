@@ -34,7 +34,7 @@ def test_batch_runs_each_item_through_its_adapter(trained, alone, tmp_path, caps
     assert rc == 0, capsys.readouterr().err
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     for i, (adapter, line) in enumerate(zip(chosen[:6], out)):
-        assert line["answer"] == alone[adapter][i % 2], (i, adapter)
+        assert line["text"] == alone[adapter][i % 2], (i, adapter)
     assert out[6]["error"] == "unknown adapter 'receipts': loaded adapters: cats, dogs"
     assert out[7]["error"] == "adapter must be an adapter's name or None (the base), got int"
 
@@ -71,12 +71,13 @@ def test_evaluate_puts_the_base_and_each_adapter_side_by_side(trained, tmp_path,
     both = json.loads((tmp_path / "all.json").read_text())["results"]
     assert evaluate.main(common + ["--adapter-path", trained["folders"]["cats"], "--output",
                                    str(tmp_path / "cats.json")]) == 0
-    assert both["cats"]["tasks"] == json.loads((tmp_path / "cats.json").read_text())["tasks"]
+    assert both["cats"]["tasks"] == json.loads((tmp_path / "cats.json").read_text())["results"]["base"]["tasks"]
     # cats was taught these very answers; the base was not
     assert both["cats"]["score"] > both["base"]["score"]
     lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
-    assert [line["predictions"]["cats"] for line in lines] == ["a cat", "a cup of coffee"]
-    assert [set(line["scores"]) for line in lines] == [{"base", "cats", "dogs"}] * 2
+    assert [line["answers"]["cats"]["text"] for line in lines] == ["a cat", "a cup of coffee"]
+    assert [set(line["answers"]) for line in lines] == [{"base", "cats", "dogs"}] * 2
+    assert all("score" in answer for line in lines for answer in line["answers"].values())
     capsys.readouterr()
     assert evaluate.main(common + adapters + ["--report", str(tmp_path / "r")]) == 1
     assert "take one model" in capsys.readouterr().err

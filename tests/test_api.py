@@ -97,3 +97,33 @@ def test_a_bad_setting_is_one_line_naming_its_param_before_any_work(loaded, sett
     with pytest.raises(mp.InputError) as e:
         mp.batch_generate(*loaded, [CAT, CAT], ["caption en"] * 2, **settings)
     assert e.value.param == param and str(e.value) == message
+
+
+@pytest.mark.parametrize("call, param, message", [
+    (lambda m, p: mp.generate(m, p, CAT, "caption en", kv_bits=3), "kv_bits", "kv_bits must be 4 or 8, got 3"),
+    (lambda m, p: mp.generate(m, p, "no-such.jpg", "caption en"), "images", "image not found: no-such.jpg"),
+    (lambda m, p: mp.batch_generate(m, p, [CAT, "no-such.jpg"], ["caption en"] * 2), "images",
+     "prompt 1: image not found: no-such.jpg"),
+    (lambda m, p: mp.score(m, p, CAT, "caption en", ["a cat"], exclude_eos=True), "exclude_eos",
+     "score() got an unknown keyword exclude_eos: did you mean include_eos=False?"),
+    (lambda m, p: mp.generate(m, p, CAT, "caption en", max_new_tokens=3), "max_new_tokens",
+     "generate() got an unknown keyword max_new_tokens: did you mean max_tokens?"),
+])
+def test_every_refusal_names_its_param(loaded, call, param, message):
+    """A missing image, kv_bits 3, a neighbour's keyword: one line whose param names what to fix."""
+    with pytest.raises(mp.InputError) as e:
+        call(*loaded)
+    assert e.value.param == param and str(e.value) == message
+
+
+def test_deterministic_is_the_keyword_and_batch_invariant_warns_for_one_release(loaded):
+    """`deterministic`, as on the command lines and the server; the previous release's batch_invariant still runs."""
+    model, processor = loaded
+    want = mp.generate(model, processor, CAT, "caption en", max_tokens=6, deterministic=True)
+    with pytest.warns(DeprecationWarning, match="batch_invariant= is now deterministic="):
+        old = mp.generate(model, processor, CAT, "caption en", max_tokens=6, batch_invariant=True)
+    assert old.tokens == want.tokens
+    pieces = list(mp.stream_generate(model, processor, CAT, "caption en", max_tokens=6, deterministic=True))
+    assert [p.token for p in pieces] == want.tokens
+    assert mp.batch_generate(model, processor, [CAT], ["caption en"], max_tokens=6, deterministic=True).texts == \
+        [want.text]

@@ -18,6 +18,7 @@ from PIL import Image
 import mlx_paligemma as mp
 from conftest import FIXTURES
 from mlx_paligemma.batch import main
+from mlx_paligemma.processing.tokens import piece
 from test_detection import SEG16, vae  # noqa: F401  (vae: random mask-decoder weights of the real shapes)
 
 ROOT = Path(__file__).parent.parent
@@ -85,8 +86,12 @@ def test_answers_equal_generate_and_bad_items_get_error_lines(complete, model):
     assert len(good) == 5
     for line in good:
         images = line["image"] if isinstance(line["image"], list) else [line["image"]]
-        expected = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS).text
-        assert line["answer"] == expected, line
+        alone = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS)
+        expected = alone.text
+        assert line["text"] == expected, line
+        # Every line says how its answer ended and its token counts, as the Python result does.
+        assert (line["finish_reason"], line["prompt_tokens"], line["generation_tokens"]) == \
+            (alone.finish_reason, alone.prompt_tokens, alone.generation_tokens)
         from mlx_paligemma.tasks.detection import objects_to_json, parse_detections, token_ends
 
         size = Image.open(data.parent / images[0]).size
@@ -116,7 +121,8 @@ def test_folder_input(tmp_path, model):
     lines = read(out)
     assert [(line["id"], line["image"]) for line in lines] == [(1, "a.png"), (2, "b.jpg"), (3, "sub/a.jpg")]
     for line in lines:
-        assert line["answer"] == mp.generate(*model, str(folder / line["image"]), "caption en", max_tokens=MAX_TOKENS).text
+        want = mp.generate(*model, str(folder / line["image"]), "caption en", max_tokens=MAX_TOKENS)
+        assert line["text"] == want.text
 
 
 def test_an_image_with_several_prompts_is_encoded_once(tmp_path, monkeypatch):
@@ -205,7 +211,7 @@ def test_sigkill_partway_then_rerun_gives_the_same_output(tmp_path):
     assert out.read_bytes() == expected
 
 
-def test_torn_last_line_and_part_files_are_picked_up(tmp_path, complete):
+def test_torn_last_line_and_part_files_are_picked_up(tmp_path, complete, monkeypatch):
     data, expected = complete
     lines = expected.decode().splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
@@ -220,9 +226,13 @@ def test_torn_last_line_and_part_files_are_picked_up(tmp_path, complete):
     assert r.returncode == 0, r.stderr
     assert "cut off a torn last line" in r.stderr
     assert out.read_bytes() == expected
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl.rank0.part", "out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl.rank0.part", "out.jsonl",
+                                                          "out.jsonl.settings.json"]
     # A complete OUT: nothing to do, the model is not even loaded, OUT is untouched.
-    assert main(args(data, out, "--json", "--model", str(tmp_path / "no-model"))) == 0
+    from mlx_paligemma.formats import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model loaded")))
+    assert main(args(data, out, "--json")) == 0
     assert out.read_bytes() == expected
 
 
@@ -245,7 +255,7 @@ def test_two_processes_under_mlx_launch_write_what_one_does(tmp_path, complete):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == expected
     assert "[rank 1/2]" in r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.settings.json"]
     # Resume under mlx.launch: OUT's first lines, and rank 1's part file holding one of its items.
     lines = expected.decode().splitlines(keepends=True)
     out.write_text("".join(lines[:4]))
@@ -257,7 +267,7 @@ def test_two_processes_under_mlx_launch_write_what_one_does(tmp_path, complete):
 
 @pytest.mark.parametrize("change, message", [
     (["--input", "nowhere.jsonl"], "error: input not found: nowhere.jsonl"),
-    (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+    (["--batch-size", "0"], "error: argument --batch-size: must be a whole number >= 1, got '0' (see --help)"),
     (["--max-tokens", "0"], "error: max_tokens must be an integer >= 1, got 0"),
     (["--output", "no-folder/out.jsonl"], "error: output folder not found: no-folder"),
     (["--output", "."], "error: --output . is a folder: give a file name, e.g. answers.jsonl"),
@@ -305,7 +315,7 @@ def test_unwritable_output_folder_folder_without_prompt_and_another_runs_output(
     assert capsys.readouterr().err.strip().splitlines() == ["error: a folder input needs --prompt"]
     # The output of another run (its first line is another item): refused, untouched.
     other = tmp_path / "other.jsonl"
-    other.write_text('{"id": 1, "image": "x.jpg", "answer": "a"}\n{"id": 2')
+    other.write_text('{"id": 1, "image": "x.jpg", "text": "a"}\n{"id": 2')
     before = other.read_bytes()
     assert main(args(data, other) + ["--model", "no-model"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -313,7 +323,7 @@ def test_unwritable_output_folder_folder_without_prompt_and_another_runs_output(
         f"{data}): give a new --output, or remove it"]
     assert other.read_bytes() == before
     # Our own first line but a later line of another input's: refused before the torn tail is cut.
-    line = json.dumps({"id": 1, **LINES[0], "answer": "a"})
+    line = json.dumps({"id": 1, **LINES[0], "text": "a"})
     other.write_text(line + "\n" + '{"id": 9, "image": "x.jpg"}\n{"id"')
     before = other.read_bytes()
     assert main(args(data, other) + ["--model", "no-model"]) == 1
@@ -332,16 +342,18 @@ def test_beams_logprobs_and_deterministic_runs_equal_the_api(tmp_path, model):
         assert main(args(data, tmp_path / f"{name}.jsonl", *more)) == 0
     for item, beams, logprobs, fixed in zip(good, *(read(tmp_path / f"{n}.jsonl") for n in runs)):
         images = [str(tmp_path / item["image"])]
-        assert beams["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, num_beams=2,
+        assert beams["text"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, num_beams=2,
                                               length_penalty=0.5).text
         alone = mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS, logprobs=2)
-        assert logprobs["answer"] == alone.text
-        assert [t["token"] for t in logprobs["logprobs"]] == alone.tokens
+        assert logprobs["text"] == alone.text
+        assert [t["id"] for t in logprobs["logprobs"]] == alone.tokens
+        assert [t["token"] for t in logprobs["logprobs"]] == \
+            [piece(model[1].tokenizer, i)["token"] for i in alone.tokens]
         np.testing.assert_allclose([t["logprob"] for t in logprobs["logprobs"]], alone.logprobs, rtol=0, atol=1e-5)
-        assert [[a["token"] for a in t["top_logprobs"]] for t in logprobs["logprobs"]] == \
+        assert [[a["id"] for a in t["top_logprobs"]] for t in logprobs["logprobs"]] == \
             [[i for i, _ in top] for top in alone.top_logprobs]
-        assert fixed["answer"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS,
-                                              batch_invariant=True).text
+        assert fixed["text"] == mp.generate(*model, images, item["prompt"], max_tokens=MAX_TOKENS,
+                                            deterministic=True).text
         assert "logprobs" not in beams and "logprobs" not in fixed
 
 
@@ -358,7 +370,7 @@ def test_logprobs_with_beams(tmp_path, capsys, model):
         images = line["image"] if isinstance(line["image"], list) else [line["image"]]
         g = mp.generate(*model, [str(data.parent / i) for i in images], line["prompt"], max_tokens=MAX_TOKENS,
                         num_beams=2, logprobs=0)
-        assert [t["token"] for t in line["logprobs"]] == g.tokens and line["answer"] == g.text
+        assert [t["id"] for t in line["logprobs"]] == g.tokens and line["text"] == g.text
         np.testing.assert_allclose([t["logprob"] for t in line["logprobs"]], g.logprobs, rtol=0, atol=1e-5)
         assert all(t["top_logprobs"] == [] for t in line["logprobs"])
 
@@ -380,6 +392,43 @@ def test_min_score_leaves_out_objects(tmp_path, model):
     assert main([*run, "--output", str(tmp_path / "all.jsonl")]) == 0
     assert main([*run, "--output", str(tmp_path / "some.jsonl"), "--min-score", str(middle)]) == 0
     [full], [some] = read(tmp_path / "all.jsonl"), read(tmp_path / "some.jsonl")
-    assert full["answer"] == some["answer"] == alone.text
+    assert full["text"] == some["text"] == alone.text
     assert full["objects"] == want
     assert some["objects"] == [o for o in want if o["score"] >= middle]
+
+
+def test_a_rerun_with_other_settings_is_refused_or_redone_with_overwrite(tmp_path, capsys):
+    """A run records what it was asked beside OUT; a rerun asking otherwise changes nothing and names the
+    difference, --overwrite answers every item again, and the same settings resume."""
+    data = write_dataset(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert main(args(data, out)) == 0
+    recorded = json.loads((tmp_path / "out.jsonl.settings.json").read_text())
+    assert recorded["settings"]["max_tokens"] == MAX_TOKENS and recorded["prompt"] == "describe en"
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(args(data, out, "--max-tokens", "8", "--temperature", "0.5")) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {out} holds answers to other settings (max_tokens {MAX_TOKENS} -> 8, temperature 0.0 -> 0.5; "
+        "out.jsonl.settings.json): rerun with those to resume it, or add --overwrite to answer every item again"]
+    assert out.read_bytes() == before
+    assert main(args(data, out, "--max-tokens", "8", "--overwrite")) == 0
+    lines = [line for line in read(out) if "error" not in line]
+    assert max(line["generation_tokens"] for line in lines) == 8 and len(read(out)) == len(LINES)
+    assert json.loads((tmp_path / "out.jsonl.settings.json").read_text())["settings"]["max_tokens"] == 8
+    assert main(args(data, out, "--max-tokens", "8")) == 0  # the same settings: nothing left to do
+    assert "8/8 items (8 were there before this run)" in capsys.readouterr().err
+
+
+def test_an_earlier_releases_output_is_resumed_with_a_word(complete, tmp_path, capsys):
+    """OUT written before runs recorded their settings (its answers named `answer`) is resumed, and says so."""
+    data, expected = complete
+    out = tmp_path / "out.jsonl"
+    old = [json.dumps({("answer" if k == "text" else k): v for k, v in json.loads(line).items()})
+           for line in expected.decode().splitlines()[:3]]
+    out.write_text("".join(line + "\n" for line in old))
+    assert main(args(data, out, "--json")) == 0
+    assert f"{out}: its settings were not recorded (an earlier release wrote it): resumed with this run's" in \
+        capsys.readouterr().err
+    lines = out.read_text().splitlines()
+    assert lines[:3] == old and lines[3:] == expected.decode().splitlines()[3:]

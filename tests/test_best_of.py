@@ -110,4 +110,4 @@ def test_generate_and_batch_command_lines(tmp_path):
     # The batch runner seeds item i with seed + i: item 0 is seeded as the call above.
     assert batch_main(["--model", str(model), "--input", str(tmp_path / "in.jsonl"), "--output",
                        str(tmp_path / "out.jsonl"), *flags]) == 0
-    assert json.loads((tmp_path / "out.jsonl").read_text())["answer"] == want
+    assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == want

@@ -63,7 +63,7 @@ def test_cli_json_and_draw(tmp_path, model_name):
     assert r.returncode == 0, r.stderr
     # A random model finds nothing, but stdout must be exactly one JSON object, and the picture the photo's size.
     answer = json.loads(r.stdout)
-    assert isinstance(answer["answer"], str) and isinstance(answer["objects"], list)
+    assert isinstance(answer["text"], str) and isinstance(answer["objects"], list)
     assert Image.open(out).size == Image.open(image).size
     assert "Peak memory" in r.stderr
 
@@ -90,7 +90,7 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
     assert len(scores) > 1, "the test needs objects of different scores"
     r = run(*base)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"answer": alone.text, "objects": want, "finish_reason": alone.finish_reason,
+    assert json.loads(r.stdout) == {"text": alone.text, "objects": want, "finish_reason": alone.finish_reason,
                                     "prompt_tokens": alone.prompt_tokens, "generation_tokens": len(alone.tokens)}
     middle = (scores[0] + scores[1]) / 2
     r = run(*base, "--min-score", str(middle))
@@ -101,7 +101,7 @@ def test_cli_objects_are_scored_and_min_score_leaves_some_out(tmp_path):
 
 def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
     """--candidates prints each candidate's score (mp.score's, checked against transformers in test_score),
-    likeliest first; --json gives the likeliest as the answer; --exclude-eos scores without <eos>."""
+    likeliest first; --json gives the likeliest as the answer; --no-include-eos scores without <eos>."""
     import json
 
     import mlx_paligemma as mp
@@ -111,7 +111,7 @@ def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
     loaded = mp.load(str(model))
     base = ["-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image), "--prompt", prompt,
             "--candidates", *candidates]
-    for more, include_eos in (([], True), (["--exclude-eos"], False)):
+    for more, include_eos in (([], True), (["--no-include-eos"], False)):
         want = mp.score(*loaded, [str(image)], prompt, candidates, include_eos=include_eos)
         r = run(*base, *more)
         assert r.returncode == 0, r.stderr
@@ -119,7 +119,7 @@ def test_cli_candidates_are_scored_as_the_api_does(tmp_path):
         assert r.stdout.splitlines() == [f"{want[i]:.4f}  {candidates[i]}" for i in order]
         r = run(*base, *more, "--json")
         out = json.loads(r.stdout)
-        assert out["answer"] == candidates[order[0]] and [c["text"] for c in out["candidates"]] == candidates
+        assert out["text"] == candidates[order[0]] and [c["text"] for c in out["candidates"]] == candidates
         np.testing.assert_allclose([c["logprob"] for c in out["candidates"]], want, rtol=0, atol=1e-5)
     r = run(*base, "--draw", str(tmp_path / "x.png"))
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
@@ -133,16 +133,22 @@ def test_cli_json_with_logprobs_is_one_object():
     import mlx_paligemma as mp
 
     model, image = FIXTURES / "paligemma2-tiny", FIXTURES / "images" / "chelsea.jpg"
-    want = mp.generate(*mp.load(str(model)), [str(image)], "detect cat", max_tokens=8, logprobs=2)
+    from mlx_paligemma.processing.tokens import piece
+
+    loaded = mp.load(str(model))
+    want = mp.generate(*loaded, [str(image)], "detect cat", max_tokens=8, logprobs=2)
     r = run("-m", "mlx_paligemma.generate", "--model", str(model), "--image", str(image), "--prompt", "detect cat",
             "--max-tokens", "8", "--json", "--logprobs", "2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) == {"answer", "objects", "logprobs", "finish_reason", "prompt_tokens", "generation_tokens"}
-    assert out["answer"] == want.text and out["generation_tokens"] == len(want.tokens) == 8
-    assert [t["token"] for t in out["logprobs"]] == want.tokens
+    assert set(out) == {"text", "objects", "logprobs", "finish_reason", "prompt_tokens", "generation_tokens"}
+    assert out["text"] == want.text and out["generation_tokens"] == len(want.tokens) == 8
+    # Each token by its id and its text, as the server's logprobs entries give them.
+    assert [t["id"] for t in out["logprobs"]] == want.tokens
+    assert [(t["token"], t["bytes"]) for t in out["logprobs"]] == \
+        [tuple(piece(loaded[1].tokenizer, i).values()) for i in want.tokens]
     np.testing.assert_allclose([t["logprob"] for t in out["logprobs"]], want.logprobs, rtol=0, atol=1e-5)
-    assert [[a["token"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
+    assert [[a["id"] for a in t["top_logprobs"]] for t in out["logprobs"]] == \
         [[i for i, _ in top] for top in want.top_logprobs]
 
 
@@ -237,8 +243,9 @@ def test_no_abbreviations_and_the_flag_meant():
     from mlx_paligemma.errors import InputError
 
     base = ["--model", "m", "--image", "i", "--prompt", "p"]
-    for wrong, meant in [("--adapter", "--adapter-path"), ("--max-new-tokens", "--max-tokens"), ("--top_p", "--top-p"),
-                         ("--do-sample", "--temperature"), ("--tempreature", "--temperature")]:
+    for wrong, meant in [("--adapter-file", "--adapter-path"), ("--max-new-tokens", "--max-tokens"),
+                         ("--top_p", "--top-p"), ("--do-sample", "--temperature"), ("--tempreature", "--temperature"),
+                         ("--exclude-eos", "--no-include-eos"), ("--batch-invariant", "--deterministic")]:
         with pytest.raises(InputError, match=f"unrecognized arguments: {wrong} x \\(did you mean {meant}\\?\\)"):
             parsed("generate", base + [wrong, "x"])
     with pytest.raises(InputError, match=r"unrecognized arguments: --out x \(did you mean --output\?\)"):
@@ -290,3 +297,27 @@ def test_candidates_refuse_the_flags_they_would_ignore(flags, named):
             "no", *flags)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: --candidates scores the given answers as they are: it takes no {named}"]
+
+
+def test_generate_answers_with_the_base_and_each_adapter(tmp_path):
+    """generate --adapter NAME=PATH, as batch's: the base and each adapter answer the prompt, side by side, each
+    what that adapter loaded alone gives; with --json a record a line naming its adapter."""
+    import json
+
+    from test_adapters import PROMPTS, texts_alone, train_adapters
+
+    trained = train_adapters("paligemma-tiny", False, tmp_path)
+    alone = texts_alone(trained)
+    image, prompt = PROMPTS[0]
+    command = ["-m", "mlx_paligemma.generate", "--model", trained["base"], "--image", image, "--prompt", prompt,
+               "--max-tokens", "8", *(f"--adapter={a}={f}" for a, f in trained["folders"].items())]
+    r = run(*command)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f"{name or 'base'}: {alone[name][0]}" for name in [None, "cats", "dogs"]]
+    r = run(*command, "--json")
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(line["adapter"], line["text"]) for line in lines] == [(n, alone[n][0]) for n in [None, "cats", "dogs"]]
+    assert all(line["generation_tokens"] > 0 and line["finish_reason"] for line in lines)
+    r = run(*command, "--draw", str(tmp_path / "x.png"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --adapter answers with the base and each adapter: it takes no --draw (one answer's)"]

@@ -170,7 +170,7 @@ def test_generate_cli_flags(tmp_path, model_name):
     check_schema(json.loads(r.stdout))
     r = cli(*common, "--prompt", "detect cat ; dog", "--constrain", "--json")
     assert r.returncode == 0, r.stderr
-    check_detect(json.loads(r.stdout)["answer"], ["cat", "dog"])
+    check_detect(json.loads(r.stdout)["text"], ["cat", "dog"])
     r = cli(*common, "--prompt", "caption en", "--regex", "(ab")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "bad regex" in r.stderr, r.stderr
     r = cli(*common, "--prompt", "caption en", "--regex", "a", "--choices", "b")
@@ -191,10 +191,10 @@ def test_batch_runner_per_item_constraint(tmp_path):
     assert main(["--model", model, "--input", str(data), "--output", str(out), "--max-tokens", "80",
                  "--regex", "[a-z]{1,6}"]) == 0
     lines = [json.loads(l) for l in out.read_text().splitlines()]
-    assert re.fullmatch("[a-z]{1,6}", lines[0]["answer"]), lines[0]  # the run's constraint
-    assert lines[1]["answer"] in ("a cup", "a cat")  # the item's own replaces it
-    check_detect(lines[2]["answer"], ["cat", "dog"])
-    assert "bad regex" in lines[3]["error"] and "answer" not in lines[3]
+    assert re.fullmatch("[a-z]{1,6}", lines[0]["text"]), lines[0]  # the run's constraint
+    assert lines[1]["text"] in ("a cup", "a cat")  # the item's own replaces it
+    check_detect(lines[2]["text"], ["cat", "dog"])
+    assert "bad regex" in lines[3]["error"] and "text" not in lines[3]
 
 
 def test_unconstrained_batches_build_no_mask(loaded, monkeypatch):

@@ -115,11 +115,11 @@ def test_generate_json_keeps_the_answer(tmp_path):
     assert caption.returncode == 0, caption.stderr
     out = json.loads(caption.stdout)
     counts = {"finish_reason", "prompt_tokens", "generation_tokens"}
-    assert set(out) == {"answer"} | counts and isinstance(out["answer"], str) and out["answer"]
+    assert set(out) == {"text"} | counts and isinstance(out["text"], str) and out["text"]
     # 4 tokens asked and made (no <eos> among them on this random model); the prompt: 2 images of 16 tokens (the
     # tiny checkpoint's image_seq_length), <bos>, and "caption en\n" in 3 tokens.
     assert out["finish_reason"] == "length" and out["generation_tokens"] == 4
     assert out["prompt_tokens"] == 2 * 16 + 1 + 3
     detect = subprocess.run(args + ["--prompt", "detect cat"], capture_output=True, text=True, timeout=300)
     assert detect.returncode == 0, detect.stderr
-    assert set(json.loads(detect.stdout)) == {"answer", "objects"} | counts
+    assert set(json.loads(detect.stdout)) == {"text", "objects"} | counts

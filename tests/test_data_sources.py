@@ -135,7 +135,7 @@ def test_rows_sharing_a_stored_image_are_one_question_named_by_row(tmp_path):
                              "prefix": ["answer en what is it?"] * 3, "suffix": ["coffee", "a latte", "odd"]}),
                    tmp_path / "vqa.parquet")
     items = sources.read_source(str(tmp_path / "vqa.parquet"))
-    assert [i.fields["image"] for i in items] == [0, 1, 2]  # no stored path: the row's index, never the bytes
+    assert [i.fields["image"] for i in items] == [1, 2, 3]  # no stored path: the row's number, never the bytes
     assert items[0].images[0] is items[1].images[0]  # decoded once
     questions = evaluation.group_questions(sources.read_examples(str(tmp_path / "vqa.parquet")))
     assert [q.references for q in questions] == [["coffee", "a latte"], ["odd"]]
@@ -293,14 +293,14 @@ CHELSEA = str(IMAGES / "chelsea.jpg")
      "has no column 'questoin'"),
     ({"image": [CHELSEA], "prefix": ["ocr"], "suffix": ["x"]}, {"suffix_column": "answers"},
      "has no column 'answers'"),
-    ({"image": [CHELSEA], "prefix": [3], "suffix": ["x"]}, {}, r"row 0: 'prefix' must be a string, got int"),
+    ({"image": [CHELSEA], "prefix": [3], "suffix": ["x"]}, {}, r"row 1: 'prefix' must be a string, got int"),
     ({"image": [CHELSEA], "prefix": ["ocr"], "suffix": [2 ** 62]}, {},
-     "row 0: 'suffix' must be a string or a list of strings, got int"),
-    ({"image": [12], "prefix": ["ocr"], "suffix": ["x"]}, {}, r"row 0: 'image' must hold an image .* got int"),
+     "row 1: 'suffix' must be a string or a list of strings, got int"),
+    ({"image": [12], "prefix": ["ocr"], "suffix": ["x"]}, {}, r"row 1: 'image' must hold an image .* got int"),
     ({"image": [b"not an image"], "prefix": ["ocr"], "suffix": ["x"]}, {},
-     "row 0: cannot read image row 0: not an image format PIL reads"),
-    ({"image": ["nowhere.jpg"], "prefix": ["ocr"], "suffix": ["x"]}, {}, "row 0: image not found: .*nowhere.jpg"),
-    ({"image": [CHELSEA], "prefix": ["ocr"], "suffix": [None]}, {}, "row 0: 'suffix' is missing"),
+     "row 1: cannot read image row 1: not an image format PIL reads"),
+    ({"image": ["nowhere.jpg"], "prefix": ["ocr"], "suffix": ["x"]}, {}, "row 1: image not found: .*nowhere.jpg"),
+    ({"image": [CHELSEA], "prefix": ["ocr"], "suffix": [None]}, {}, "row 1: 'suffix' is missing"),
     ({"image": [CHELSEA], "question": [1e308], "suffix": ["x"]}, {"prompt_template": "answer en {question!r}"},
      "fields are column names in braces"),
 ])
@@ -395,7 +395,7 @@ def test_evaluate_scores_coco_and_a_dataset_as_their_jsonl(tmp_path):
         assert evaluate.main(["--model", str(MODEL), "--data", str(data), "--max-tokens", "6", "--output", str(out),
                               "--predictions", str(preds)]) == 0
         metrics = json.loads(out.read_text())
-        results[name] = (metrics["tasks"], metrics["score"],
+        results[name] = (metrics["results"]["base"]["tasks"], metrics["results"]["base"]["score"],
                          [{k: v for k, v in json.loads(line).items() if k != "image"}
                           for line in preds.read_text().splitlines()])
     assert results["coco"] == results["coco-jsonl"] and results["saved"] == results["saved-jsonl"]
@@ -404,8 +404,8 @@ def test_evaluate_scores_coco_and_a_dataset_as_their_jsonl(tmp_path):
 
 @needs_data
 def test_batch_runs_a_dataset_of_stored_images_as_its_jsonl(tmp_path):
-    rows = [{**r, "id": i} for i, r in enumerate(
-        {"image": i, "prompt": p} for i, p, _ in ROWS)]
+    rows = [{**r, "id": i} for i, r in enumerate((
+        {"image": i, "prompt": p} for i, p, _ in ROWS), 1)]
     copy_images(tmp_path)
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     stored = image_dataset()
@@ -417,10 +417,10 @@ def test_batch_runs_a_dataset_of_stored_images_as_its_jsonl(tmp_path):
     assert batch.main(common + ["--input", str(tmp_path / "saved"), "--output", str(tmp_path / "b.jsonl")]) == 0
     plain = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     ours = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
-    assert [o["answer"] for o in ours[:4]] == [p["answer"] for p in plain]
+    assert [o["text"] for o in ours[:4]] == [p["text"] for p in plain]
     assert [(o["id"], o["image"], o["prefix"], o["suffix"]) for o in ours[:4]] == [
-        (n, i, p, s) for n, (i, p, s) in enumerate(ROWS)]  # an id, the stored path: never the image's bytes
-    assert ours[4] == {"id": 4, "image": "junk.jpg", "prefix": "ocr", "suffix": ["x"],
+        (n, i, p, s) for n, (i, p, s) in enumerate(ROWS, 1)]  # an id, the stored path: never the image's bytes
+    assert ours[4] == {"id": 5, "image": "junk.jpg", "prefix": "ocr", "suffix": ["x"],
                        "error": "cannot read image junk.jpg: not an image format PIL reads"}
     # A rerun finds every item done.
     assert batch.main(common + ["--input", str(tmp_path / "saved"), "--output", str(tmp_path / "b.jsonl")]) == 0

@@ -101,22 +101,28 @@ def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(tau
                         str(tmp_path / "p.jsonl"), "--batch-size", "3", "--max-tokens", "16"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    results = json.loads((tmp_path / "m.json").read_text())
+    written = json.loads((tmp_path / "m.json").read_text())
+    assert list(written["results"]) == ["base"]  # one model: the shape of several, as --adapter writes
+    results = written["results"]["base"]
     assert results["tasks"]["detect"]["map"] == pytest.approx(1.0)
     assert results["tasks"]["detect"]["map_50"] == pytest.approx(1.0)
     assert results["tasks"]["detect"]["mean_iou"] == pytest.approx(1.0)
     assert results["tasks"]["caption"]["questions"] == 3 and results["metric"] == "mean of caption cider, detect map"
+    assert written["settings"]["max_tokens"] == 16 and written["adapter_path"] == str(folder / "adapters")
     assert "detect" in captured.out and "cider" in captured.out and "answers" in captured.err
-    predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    objects, score = predictions[0].pop("objects"), predictions[0].pop("score")
-    assert score == pytest.approx(1.0) and predictions[0] == {"image": "chelsea.jpg", "prefix": "detect cat", "task": "detect",
-                              "prediction": "<loc0064><loc0400><loc0860><loc0900> cat",
-                              "references": ["<loc0064><loc0400><loc0860><loc0900> cat"]}
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert all(list(line["answers"]) == ["base"] for line in lines)
+    predictions = [{**{k: v for k, v in line.items() if k != "answers"}, **line["answers"]["base"]} for line in lines]
+    objects, references, score = (predictions[0].pop(k) for k in ("objects", "reference_objects", "score"))
+    answer = "<loc0064><loc0400><loc0860><loc0900> cat"
+    assert score == pytest.approx(1.0) and predictions[0] == {
+        "image": "chelsea.jpg", "prefix": "detect cat", "task": "detect", "references": [answer], "text": answer,
+        "finish_reason": "stop", "prompt_tokens": predictions[0]["prompt_tokens"], "generation_tokens": 6}
     # chelsea.jpg is 451 x 300: the box's bins (y 64, x 400, y 860, x 900) / 1024 of it.
     box = [round(v, 2) for v in (400 / 1024 * 451, 64 / 1024 * 300, 900 / 1024 * 451, 860 / 1024 * 300)]
-    assert objects["references"] == [{"label": "cat", "box": box, "score": None}]
-    assert [(o["label"], o["box"]) for o in objects["prediction"]] == [("cat", box)]
-    assert 0 < objects["prediction"][0]["score"] <= 1
+    assert references == [{"label": "cat", "box": box, "score": None}]
+    assert [(o["label"], o["box"]) for o in objects] == [("cat", box)]
+    assert 0 < objects[0]["score"] <= 1
     assert [p["task"] for p in predictions[1:] if "objects" in p] == ["detect"]  # the other detection
     assert all(0 <= p["score"] for p in predictions[1:])
 
@@ -124,7 +130,7 @@ def test_detection_map_is_1_on_what_it_was_taught_and_lower_on_a_shifted_box(tau
     rc = evaluate.main(["--model", model, "--adapter-path", str(folder / "adapters"), "--data",
                         str(folder / "shifted.jsonl"), "--task", "detect", "--output", str(tmp_path / "s.json")])
     assert rc == 0
-    shifted = json.loads((tmp_path / "s.json").read_text())["tasks"]["detect"]
+    shifted = json.loads((tmp_path / "s.json").read_text())["results"]["base"]["tasks"]["detect"]
     assert shifted["questions"] == 5 and 0 < shifted["mean_iou"] < 1 and shifted["map"] < 0.9
 
 
@@ -140,8 +146,10 @@ def test_captions_score_higher_on_their_own_references_than_on_shuffled_ones(tau
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
-    (["--max-tokens", "0"], "error: --max-tokens must be at least 1, got 0"),
+    (["--batch-size", "0"], "error: argument --batch-size: must be a whole number >= 1, got '0' (see --help)"),
+    (["--max-tokens", "0"], "error: max_tokens must be an integer >= 1, got 0"),
+    (["--temperature", "0.5", "--num-beams", "2"], "error: num_beams > 1 decodes deterministically: leave temperature "
+                                                   "at 0"),
     (["--data", "missing.jsonl"], "error: --data: no such file missing.jsonl"),
     (["--mask-decoder", "missing.npz"], "error: --mask-decoder: no such file missing.npz"),
 ])
@@ -221,7 +229,7 @@ def test_multiple_choice_picks_the_likeliest_candidate(tmp_path):
                             for (p, c), t in zip(rows, truth)))
     results, records = evaluation.evaluate_examples(model, processor, read_jsonl(data))
     assert results["tasks"]["choice"]["accuracy"] == pytest.approx(2 / 3)
-    assert [r["prediction"] for r in records] == likeliest and [r["task"] for r in records] == ["choice"] * 3
+    assert [r["text"] for r in records] == likeliest and [r["task"] for r in records] == ["choice"] * 3
     for r, s in zip(records, scores):
         np.testing.assert_allclose([c["logprob"] for c in r["candidates"]], s, rtol=0, atol=1e-5)
     bad = tmp_path / "bad.jsonl"
@@ -248,3 +256,28 @@ def test_outputs_never_replace_the_data(tmp_path, capsys):
         assert evaluate.main(base + argv) == 1
         assert capsys.readouterr().err.strip().splitlines() == [message]
     assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.jpg", "d.jsonl"]
+
+
+def test_an_output_of_an_evaluation_asked_otherwise_is_refused_unless_overwrite(tmp_path, capsys, monkeypatch):
+    """--output records what the evaluation was asked; a rerun onto it asking otherwise is one line naming the
+    difference before any work (the file untouched), and --overwrite replaces it."""
+    from mlx_paligemma.formats import loading
+
+    (tmp_path / "c.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
+    data = write(tmp_path / "d.jsonl", [{"image": "c.jpg", "prefix": "caption en", "suffix": "a cat"}])
+    out = tmp_path / "m.json"
+    base = ["--model", str(FIXTURES / "paligemma2-tiny"), "--data", str(data), "--output", str(out)]
+    assert evaluate.main(base + ["--max-tokens", "4"]) == 0
+    before = out.read_bytes()
+    assert json.loads(before)["settings"]["max_tokens"] == 4
+    capsys.readouterr()
+    real = loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model loaded")))
+    assert evaluate.main(base + ["--max-tokens", "5", "--seed", "3"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {out} holds an evaluation asked otherwise (max_tokens 4 -> 5, seed null -> 3): give "
+        "another --output, or --overwrite to replace it"]
+    assert out.read_bytes() == before
+    monkeypatch.setattr(loading, "load", real)
+    assert evaluate.main(base + ["--max-tokens", "5", "--overwrite"]) == 0
+    assert json.loads(out.read_text())["settings"]["max_tokens"] == 5

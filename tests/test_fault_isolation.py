@@ -124,10 +124,10 @@ def test_the_batch_command_writes_an_error_line_and_goes_on(loaded, tmp_path):
     assert batch_main(["--model", str(MODEL), "--input", str(tmp_path / "in.jsonl"), "--output",
                        str(tmp_path / "out.jsonl"), "--max-tokens", "8"]) == 0
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [("answer" in o, "error" in o) for o in out] == [(True, False), (False, True), (True, False)]
+    assert [("text" in o, "error" in o) for o in out] == [(True, False), (False, True), (True, False)]
     assert out[1]["error"].startswith("bad json schema: ") and "\n" not in out[1]["error"]
-    assert out[0]["answer"] == mp.generate(*loaded, CAT, "caption en", max_tokens=8).text
-    assert out[2]["answer"] == mp.generate(*loaded, COFFEE, "ocr", max_tokens=8).text
+    assert out[0]["text"] == mp.generate(*loaded, CAT, "caption en", max_tokens=8).text
+    assert out[2]["text"] == mp.generate(*loaded, COFFEE, "ocr", max_tokens=8).text
 
 
 def test_generate_exits_1_with_one_line(tmp_path):

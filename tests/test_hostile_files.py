@@ -121,8 +121,8 @@ def test_every_bad_line_is_an_error_line_and_the_run_goes_on_and_reruns(tmp_path
     assert len(written) == len(lines)  # complete, one line per item, in input order
     assert [w["id"] for w in written[:len(BAD_LINES) + 2]] == list(range(1, len(BAD_LINES) + 2)) + ["c"]
     for w, (_, message) in zip(written[1:], BAD_LINES):
-        assert "answer" not in w and message in w["error"], w
-    assert "answer" in written[0] and "answer" in written[-2] and "answer" in written[-1]
+        assert "text" not in w and message in w["error"], w
+    assert "text" in written[0] and "text" in written[-2] and "text" in written[-1]
     assert snapshot(data) == before
     capsys.readouterr()
     # A rerun of the complete run (NaN id and all) finds it complete and changes nothing.
@@ -138,7 +138,7 @@ def test_a_training_file_is_batch_run_as_it_is(tmp_path):
     assert run_batch(data, out) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [w["suffix"] for w in written] == ["a cat", ["a cup", "coffee"]]  # the references travel along
-    assert all("answer" in w and "error" not in w and "prompt" not in w for w in written)
+    assert all("text" in w and "error" not in w and "prompt" not in w for w in written)
 
 
 def test_a_first_line_torn_by_a_kill_is_ours_and_foreign_part_files_are_left(tmp_path, capsys):
@@ -419,8 +419,8 @@ def test_batch_applies_adapters_and_names_a_damaged_adapter_file(checkpoint, tmp
     model, base = mp.load(str(MODEL), adapter_path=str(adapters)), mp.load(str(MODEL))
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     for line in lines:
-        assert line["answer"] == mp.generate(*model, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
-    assert any(line["answer"] != mp.generate(*base, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
+        assert line["text"] == mp.generate(*model, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
+    assert any(line["text"] != mp.generate(*base, str(tmp_path / line["image"]), line["prompt"], max_tokens=4).text
                for line in lines)
     damaged = tmp_path / "damaged"
     shutil.copytree(adapters, damaged)
@@ -654,7 +654,7 @@ def test_a_datasets_bad_last_row_is_named_before_any_stored_image_is_decoded(tmp
     monkeypatch.setattr(hub, "image_from_bytes", no_decoding)
     with pytest.raises(InputError) as e:
         sources.read_examples(str(tmp_path / "saved"))
-    assert str(e.value) == f"{tmp_path / 'saved'}, row {rows - 1}: 'suffix' is missing: nothing to learn or score " \
+    assert str(e.value) == f"{tmp_path / 'saved'}, row {rows}: 'suffix' is missing: nothing to learn or score " \
                            "against"
     monkeypatch.undo()
     items = sources.read_source(str(tmp_path / "saved"))  # batch: every row an item, the bad one with its error

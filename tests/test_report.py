@@ -67,7 +67,8 @@ def evaluation(folder: Path, capsys, *options):
         os.chdir(here)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    return folder / "report" / "index.html", [json.loads(line) for line in (folder / "p.jsonl").open()], captured.out
+    lines = [json.loads(line) for line in (folder / "p.jsonl").open()]  # each question's answer by the one model
+    return folder / "report" / "index.html", [{**p, **p["answers"]["base"]} for p in lines], captured.out
 
 
 def chosen_answers(model, processor, questions, *args, **kwargs):
@@ -108,7 +109,7 @@ def objects(predictions: list, kind: str) -> int:
     for p in predictions:
         if p["task"] in ("detect", "segment"):
             size = Image.open(ROOT / "examples" / "images" / p["image"]).size
-            texts = [p["prediction"]] if kind == "prediction" else p["references"]
+            texts = [p["text"]] if kind == "prediction" else p["references"]
             count += sum(len(parse_detections(t, size)) for t in texts)
     return count
 

@@ -127,9 +127,10 @@ def dataset_items(dataset, name: str, folder: Path, options, default_prompt: Opt
     items, index = [], 0
     for batch in dataset.with_format("arrow").iter(batch_size=256):
         for row in batch.to_pylist():
-            item = Item(index + 1, _fields(row, index, options.image_column), where=f"{name}, row {index}")
+            number = index + 1  # rows are counted from 1, as lines and images are: ids, messages, labels
+            item = Item(number, _fields(row, number, options.image_column), where=f"{name}, row {number}")
             try:
-                item.images = _images(row[options.image_column], options.image_column, folder, index, stored)
+                item.images = _images(row[options.image_column], options.image_column, folder, number, stored)
                 if options.prompt_template is not None:
                     item.prompt = render(options.prompt_template, row)
                 elif prefix is not None:
@@ -170,12 +171,12 @@ class _Stored:
         return self.image
 
 
-def _fields(row: dict, index: int, image_column: str) -> dict:
-    """What an output line repeats: the row's id (default its index), its image named by its path or the row's
-    index (never its bytes), and every other column that is JSON text."""
+def _fields(row: dict, number: int, image_column: str) -> dict:
+    """What an output line repeats: the row's id (default its number, from 1), its image named by its path or the
+    row's number (never its bytes), and every other column that is JSON text."""
     value = row[image_column]
-    labels = [_label(v, index) for v in (value if isinstance(value, list) else [value])]
-    fields = {"id": index, "image": labels[0] if len(labels) == 1 else labels}
+    labels = [_label(v, number) for v in (value if isinstance(value, list) else [value])]
+    fields = {"id": number, "image": labels[0] if len(labels) == 1 else labels}
     for key, value in row.items():
         if key == image_column:
             continue
@@ -197,12 +198,12 @@ def _parts(value):
             path if isinstance(path, str) and path else None)
 
 
-def _label(value, index: int):
-    """How lines name an image: its path as stored, or the row's index when it has none."""
-    return _parts(value)[1] or index
+def _label(value, number: int):
+    """How lines name an image: its path as stored, or the row's number when it has none."""
+    return _parts(value)[1] or number
 
 
-def _images(value, column: str, folder: Path, index: int, stored: dict) -> list:
+def _images(value, column: str, folder: Path, number: int, stored: dict) -> list:
     """_Stored images for stored bytes (one per distinct image), path or URL strings for the rest."""
     values = value if isinstance(value, list) else [value]
     if not values:
@@ -213,7 +214,7 @@ def _images(value, column: str, folder: Path, index: int, stored: dict) -> list:
         if data is not None:
             key = hashlib.sha256(data).digest()
             if key not in stored:
-                stored[key] = _Stored(bytes(data), path or f"row {index}")
+                stored[key] = _Stored(bytes(data), path or f"row {number}")
             images.append(stored[key])
         elif path is not None:
             images.append(image_source(path, folder))

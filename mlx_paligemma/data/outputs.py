@@ -6,6 +6,10 @@ OUT is always the answers to the first items of the input, written as whole line
 empty, or beginning with the line of the input's first item, decided from its first bytes before anything is cut or
 appended. Under mlx.launch each rank appends its finished items to its own part file (`OUT.rankR.part`, lines
 `INDEX<tab>LINE`), under the same rule; a rerun picks up part files as well as OUT.
+
+A run remembers what it was asked (the model, the prompt, every setting) in `OUT.settings.json`, so that a rerun
+with other settings is refused in one line naming the difference (or, with --overwrite, answers every item again)
+instead of appending answers of two kinds to one file.
 """
 
 import json
@@ -16,11 +20,14 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 from .items import Item
-from ..errors import InputError
+from .records import ANSWER_KEYS, PREVIOUS_NAMES
+from ..errors import InputError, read_json_object
 
 SYNC_EVERY = 5.0  # seconds between fsyncs of the output: a crash of the machine loses at most this much work
 
-RESULT_KEYS = ("answer", "objects", "error")  # what the runner adds to an item's fields
+# What the runner adds to an item's fields (data/records.py), and the previous release's name of the answer.
+RESULT_KEYS = ANSWER_KEYS + ("error",) + tuple(PREVIOUS_NAMES)
+WRITER = "mlx_paligemma.batch"  # who wrote a run's record
 SAME_ITEM_KEYS = ("id", "image", "prompt", "prefix")  # what tells an item's line from another's
 
 
@@ -80,14 +87,18 @@ def same_item(line: str, item: Item) -> bool:
                                              for k in SAME_ITEM_KEYS)
 
 
+def check_ours(out: Path, items: List[Item], source) -> None:
+    if not written_by_us(out, items[0]):
+        raise InputError(f"{out} exists and is not the output of this run (it does not begin with the line of "
+                         f"item 1 of {source}): give a new --output, or remove it")
+
+
 def items_in_output(out: Path, items: List[Item], source) -> int:
     """How many items OUT already answers: they are its lines, the first items of the input, in order. Everything
     is checked before OUT is touched; only then is a torn last line cut off."""
     if not out.exists():
         return 0
-    if not written_by_us(out, items[0]):
-        raise InputError(f"{out} exists and is not the output of this run (it does not begin with the line of "
-                         f"item 1 of {source}): give a new --output, or remove it")
+    check_ours(out, items, source)
     lines = whole_lines(out)
     if len(lines) > len(items):
         raise InputError(f"{out} has {len(lines)} lines but the input has {len(items)} items: is it the output "
@@ -99,6 +110,68 @@ def items_in_output(out: Path, items: List[Item], source) -> int:
                              "output of another input or --prompt? Give a new --output")
     cut_torn_tail(out)
     return len(lines)
+
+
+def start_over(out: Path) -> None:
+    """--overwrite: OUT (ours: check_ours) emptied, for every item to be answered again."""
+    if out.exists() and out.stat().st_size:
+        with open(out, "r+b") as f:
+            f.truncate(0)
+            os.fsync(f.fileno())
+
+
+def record_file(out: Path) -> Path:
+    return out.with_name(f"{out.name}.settings.json")
+
+
+def _recorded(path: Path) -> dict:
+    """A run's record, or one line refusing a file of that name that is not one (it is never replaced)."""
+    try:
+        recorded = read_json_object(path)
+    except InputError as e:
+        raise InputError(f"{path} is not the record of a run ({e}): remove it, or give another --output") from None
+    if recorded.get("written_by") != WRITER:
+        raise InputError(f"{path} is not the record of a run of {WRITER}: remove it, or give another --output")
+    return recorded
+
+
+def check_same_run(out: Path, asked: dict) -> None:
+    """Before OUT is touched: a rerun asks what the run that wrote OUT asked (its record), or is refused in one line
+    naming each difference. An OUT without a record (an earlier release's) is resumed with a word."""
+    path = record_file(out)
+    recorded = _recorded(path) if path.exists() else None
+    if not (out.exists() and out.stat().st_size):
+        return
+    if recorded is None:
+        print(f"{out}: its settings were not recorded (an earlier release wrote it): resumed with this run's",
+              file=sys.stderr)
+        return
+    differ = differences(recorded, asked)
+    if differ:
+        raise InputError(f"{out} holds answers to other settings ({', '.join(differ)}; {path.name}): rerun with "
+                         "those to resume it, or add --overwrite to answer every item again")
+
+
+def differences(recorded: dict, asked: dict) -> List[str]:
+    """`name before -> now` of each thing `asked` that a run's record holds otherwise (its settings among them),
+    compared as JSON, as they are written (a tuple of stop strings is the list read back)."""
+    def flat(run: dict) -> dict:
+        return {**run.get("settings", {}), **{k: v for k, v in run.items() if k != "settings"}}
+
+    before = flat(recorded)
+    return [f"{k} {json.dumps(before.get(k))} -> {json.dumps(v)}" for k, v in flat(asked).items()
+            if json.dumps(before.get(k)) != json.dumps(v)]
+
+
+def record_run(out: Path, asked: dict) -> None:
+    """What this run was asked, beside OUT, written whole (after check_same_run)."""
+    path = record_file(out)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"written_by": WRITER, **asked}, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def part_file(out: Path, rank: int) -> Path:

@@ -392,14 +392,15 @@ def _compile(grammar: str, what: str, vocab: _Vocabulary, vocab_size: int, boxes
 
 
 def cli_constraint(args) -> dict:
-    """--json-schema FILE / --regex / --choices a,b,c / --constrain as the API's keywords (the schema file read,
-    and llguidance imported, now: before the model loads)."""
-    if any(v is not None for v in (args.json_schema, args.regex, args.choices)) or args.constrain:
+    """--json-schema FILE / --regex / --choices a,b,c / --constrain, those the command has, as the API's keywords
+    (the schema file read, and llguidance imported, now: before the model loads)."""
+    given = {name: getattr(args, name, None) for name in ("json_schema", "regex", "choices", "constrain")}
+    if any(v not in (None, False) for v in given.values()):
         _llguidance()
-    if args.json_schema is not None:
-        return {"json_schema": read_json_object(Path(args.json_schema), MAX_SCHEMA_FILE_BYTES, "--json-schema")}
-    if args.regex is not None:
-        return {"regex": args.regex}
-    if args.choices is not None:
-        return {"choices": args.choices.split(",")}
-    return {"constrain": True} if args.constrain else {}
+    if given["json_schema"] is not None:
+        return {"json_schema": read_json_object(Path(given["json_schema"]), MAX_SCHEMA_FILE_BYTES, "--json-schema")}
+    if given["regex"] is not None:
+        return {"regex": given["regex"]}
+    if given["choices"] is not None:
+        return {"choices": given["choices"]}
+    return {"constrain": True} if given["constrain"] else {}

@@ -16,6 +16,7 @@ from .. import defaults
 from .engine import Engine
 from .runs import run_all
 from ..errors import InputError
+from .settings import keywords_checked
 
 MAX_CANDIDATES = 1024  # candidates one call may score: the work is bounded before it starts
 
@@ -54,6 +55,7 @@ def candidate_logprobs(model, processor, images=None, prompt: str = "", candidat
         values[i] = [s.logprobs for s in result.sequences]
     return [v for i in range(len(chunks)) for v in values[i]]
 
+@keywords_checked
 def score(model, processor, images=None, prompt: str = "", candidates: Sequence[str] = (), include_eos: bool = True,
           batch_size: int = defaults.BATCH_SIZE, kv_bits: Optional[int] = None,
           adapter: Optional[str] = None) -> List[float]:

@@ -29,8 +29,17 @@ def load_image(source: ImageInput) -> Image.Image:
     Its mode is kept, so that a file gives the pixels of the same picture opened with PIL (transformers' own
     `load_image` converts to RGB and so drops the transparency that its processor composites onto white).
     A PIL image is used as given, as transformers' processor does: no EXIF rotation (apply
-    `PIL.ImageOps.exif_transpose` first if it needs one) and no size limit.
+    `PIL.ImageOps.exif_transpose` first if it needs one) and no size limit. Its errors' `param` is `images`, the
+    keyword that gave it.
     """
+    try:
+        return _load_image(source)
+    except InputError as e:
+        e.param = e.param or "images"
+        raise
+
+
+def _load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if not isinstance(source, (str, Path)):

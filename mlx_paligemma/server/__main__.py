@@ -11,9 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .. import defaults
 from .. import limits as process_limits
-from ..cli import ArgumentParser
+from ..cli import ArgumentParser, add_settings
 from ..extras import require
 from ..generation.adapters import add_limit_arguments, command_adapters
 from ..generation.engine import PREFILL_BUDGET
@@ -57,11 +56,7 @@ def build_parser() -> ArgumentParser:
                    help="the model's name in the API (`model` of requests, /v1/models) (default: --model as given)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
-    p.add_argument("--batch-size", type=positive(int), default=defaults.BATCH_SIZE,
-                   help="rows sharing each decode step")
-    p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant decoding: every answer's tokens and log-probabilities bitwise those of the "
-                        "request run alone, whatever shares the steps (each request decodes in a batch of its own)")
+    add_settings(p, "server")  # --batch-size, --deterministic: the settings table's
     p.add_argument("--prefill-budget", type=float, default=PREFILL_BUDGET, metavar="SECONDS",
                    help="prefill work an engine step does beside the running rows' decode step: the longest a "
                         "streaming answer waits between two tokens while other prompts are prefilled (docs/SPEED.md)")

@@ -12,6 +12,7 @@ cap, address policy). Constraints are checked for shape here; the engine compile
 inside one (a 400 from the worker, before any decoding).
 """
 
+import difflib
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from typing import Any, List, Optional
 from .. import defaults
 from ..tasks.detection import check_min_score
 from ..processing.answer_format import has_objects
-from ..generation.settings import MAX_LOGPROBS, check_settings
+from ..generation.settings import (BY_NAME, CONSTRAINTS as SETTING_CONSTRAINTS, MAX_LOGPROBS, NEIGHBOURS, SETTINGS,
+                                   check_settings)
 from ..processing.fetch import shown
 from ..errors import InputError, check_text
 from .body import loads
@@ -181,14 +183,46 @@ def check_source(url: str, limits: Limits) -> None:
                   "--allow-local-files)", "messages")
 
 
-CONSTRAINTS = ("response_format", "regex", "choices", "constrain")
+# The request fields that are settings: the table's (generation/settings.py) by their names. Some are read by rules
+# of their own: max_tokens (also as OpenAI's max_completion_tokens), logprobs (OpenAI's `logprobs: true` with
+# `top_logprobs: k`), stop, logit_bias, and n and min_score (check_request).
+FIELDS = tuple(s.name for s in SETTINGS if s.field)
+OWN_RULES = ("max_tokens", "logprobs", "stop", "logit_bias", "n", "min_score")
+CONSTRAINTS = tuple(name for name in SETTING_CONSTRAINTS if BY_NAME[name].field)
+# OpenAI's chat-completions fields, read elsewhere or ignored: never taken for a misspelt setting.
+OPENAI_FIELDS = frozenset((
+    "messages", "model", "stream", "stream_options", "n", "logprobs", "top_logprobs", "max_completion_tokens",
+    "max_tokens", "temperature", "top_p", "seed", "stop", "logit_bias", "response_format", "frequency_penalty",
+    "presence_penalty", "user", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+    "metadata", "store", "service_tier", "modalities", "audio", "prediction", "reasoning_effort", "verbosity",
+    "web_search_options", "prompt_cache_key", "safety_identifier", "objects"))
+
+
+def near_miss(body: dict) -> None:
+    """A field this server does not read but that is a setting's name, another name for one (`max_new_tokens`,
+    `temp`) or a typo of one (`max_token`) is a 400 saying what to send; any other unknown field is ignored, as
+    OpenAI-compatible servers do."""
+    for name in body:
+        if not isinstance(name, str) or name in FIELDS or name in OPENAI_FIELDS:
+            continue
+        close = NEIGHBOURS.get(name) or next(iter(difflib.get_close_matches(name, FIELDS, 1, 0.8)), None)
+        setting = BY_NAME.get(name) or BY_NAME.get((close or "").split("=")[0])  # include_eos=False
+        if setting is None:
+            continue
+        if setting.field or setting.openai:
+            raise bad(f"unknown field {name}: did you mean {setting.name if setting.field else setting.openai}?", name)
+        flag = f": it is this server's flag {setting.flag}" if "server" in setting.commands else ""
+        raise bad(f"{name} is not a field of a request{flag}", name)
 
 
 def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> dict:
-    """The engine's settings of one row from OpenAI's parameters (and the extras: mlx-lm's top_k, min_p,
-    repetition_penalty; transformers' num_beams, length_penalty, early_stopping; the constraints regex, choices,
-    constrain), every one checked here, before anything is submitted (the engine checks a constraint's content)."""
-    max_tokens = body.get("max_tokens") if body.get("max_completion_tokens") is None else body["max_completion_tokens"]
+    """The engine's settings of one row from the request's fields: the settings table's by their names (OpenAI's,
+    and the extras: mlx-lm's top_k, min_p, repetition_penalty; transformers' num_beams, length_penalty,
+    early_stopping; the constraints regex, choices, constrain), JSON null meaning "not given" for each; every one
+    checked here, before anything is submitted (the engine checks a constraint's content)."""
+    near_miss(body)
+    given = {name: body[name] for name in FIELDS if name not in OWN_RULES and body.get(name) is not None}
+    max_tokens = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
     if max_tokens is None:
         max_tokens = min(limits.default_max_tokens, limits.max_tokens)
     elif isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_tokens:
@@ -199,11 +233,6 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"model must be a string, got {reprlib.repr(model)}", "model")
-    stop = stops(body.get("stop"), limits)
-
-    def value(name, default):  # JSON null means the default, as in OpenAI's API
-        return default if body.get(name) is None else body[name]
-
     top = body.get("top_logprobs")
     if top is not None:
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
@@ -211,32 +240,28 @@ def settings(body: dict, limits: Limits, n: int = 1, logprobs: bool = False) -> 
                       "top_logprobs")
         if top and not logprobs:
             raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-    beams = value("num_beams", defaults.NUM_BEAMS)
-    if isinstance(beams, int) and not isinstance(beams, bool) and beams > limits.max_beams:
-        raise bad(f"num_beams is {beams}, more than this server's limit of {limits.max_beams}", "num_beams")
-    best_of = value("best_of", defaults.BEST_OF)
-    if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > limits.max_beams:
-        raise bad(f"best_of is {best_of}, more than this server's limit of {limits.max_beams}", "best_of")
+    beams, best_of = given.get("num_beams", defaults.NUM_BEAMS), given.get("best_of", defaults.BEST_OF)
+    for name, rows in (("num_beams", beams), ("best_of", best_of)):
+        if isinstance(rows, int) and not isinstance(rows, bool) and rows > limits.max_beams:
+            raise bad(f"{name} is {rows}, more than this server's limit of {limits.max_beams}", name)
     beam_search = isinstance(beams, int) and not isinstance(beams, bool) and beams > 1
     sampled_best = isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > 1
     if beam_search and n > beams:
         raise bad(f"n ({n}) must be at most num_beams ({beams}): a beam search returns its best n", "n")
     if sampled_best and n > best_of:
         raise bad(f"n ({n}) must be at most best_of ({best_of}): best_of returns its likeliest n", "n")
-    out = dict(max_tokens=max_tokens, temperature=value("temperature", defaults.TEMPERATURE),
-               top_p=value("top_p", defaults.TOP_P), top_k=value("top_k", defaults.TOP_K),
-               min_p=value("min_p", defaults.MIN_P), repetition_penalty=body.get("repetition_penalty"),
-               seed=body.get("seed"), stop=stop, logit_bias=logit_bias(body.get("logit_bias"), limits),
+    out = {name: given.get(name, BY_NAME[name].default) for name in FIELDS
+           if name not in OWN_RULES and name not in CONSTRAINTS}
+    out.update(max_tokens=max_tokens, stop=stops(body.get("stop"), limits),
+               logit_bias=logit_bias(body.get("logit_bias"), limits),
                # None unless asked: a greedy row that nobody reads log-probabilities of computes none
-               logprobs=(top or 0) if logprobs else None, num_beams=beams,
-               length_penalty=value("length_penalty", defaults.LENGTH_PENALTY),
-               early_stopping=value("early_stopping", defaults.EARLY_STOPPING), best_of=best_of)
-    given = [name for name in CONSTRAINTS if body.get(name) is not None and body[name] is not False
-             and body[name] != {"type": "text"}]  # plain text is no constraint
-    if len(given) > 1:
-        raise bad(f"give one constraint, not {' and '.join(given)}", given[1])
-    for name in given:
-        out[name] = constraint(name, body[name])
+               logprobs=(top or 0) if logprobs else None)
+    constraints = [name for name in CONSTRAINTS if given.get(name, False) is not False
+                   and given[name] != {"type": "text"}]  # plain text is no constraint
+    if len(constraints) > 1:
+        raise bad(f"give one constraint, not {' and '.join(constraints)}", constraints[1])
+    for name in constraints:
+        out[name] = constraint(name, given[name])
     try:
         # The one check of every setting and of their combinations (beams take no sampling); choice i of n sampled
         # choices is seeded seed + i.

@@ -9,10 +9,12 @@ from PIL import Image
 
 from .. import defaults
 from ..data.items import Example
+from ..data.records import answer_record
 from ..errors import InputError
 from ..generation.engine import Engine
 from ..generation.runs import run_all
 from ..generation.scoring import score as score_candidates
+from ..generation.settings import check_settings
 from . import metrics
 from .detection import ObjectReader, objects_to_json
 
@@ -60,14 +62,15 @@ def group_questions(examples: Sequence[Example], task: str = "auto") -> List[Que
 
 
 def generate_answers(model, processor, questions: Sequence[Question], batch_size: int = defaults.BATCH_SIZE,
-                     max_tokens: int = defaults.MAX_TOKENS, progress: Optional[Callable[[str], None]] = None,
-                     num_beams: int = defaults.NUM_BEAMS, length_penalty: float = defaults.LENGTH_PENALTY,
-                     adapter: Optional[str] = None) -> list:
-    """Greedy (or beam search) answers through the engine: its Results, in question order, whose tokens'
-    log-probabilities give detected objects their scores; progress reported every few batches."""
-    engine = Engine(model, processor, batch_size=batch_size)
-    submits = ((i, lambda q=q: engine.submit(q.image, q.prefix, max_tokens=max_tokens, temperature=0.0,
-                                             num_beams=num_beams, length_penalty=length_penalty, adapter=adapter))
+                     progress: Optional[Callable[[str], None]] = None, adapter: Optional[str] = None,
+                     deterministic: bool = False, **settings) -> list:
+    """The answers through the engine (greedy unless `settings` say otherwise; with a seed, question i samples with
+    seed + i, as a dataset's item i): its Results, in question order, whose tokens' log-probabilities give detected
+    objects their scores; progress reported every few batches."""
+    engine = Engine(model, processor, batch_size=batch_size, batch_invariant=deterministic)
+    seed = settings.pop("seed", None)
+    submits = ((i, lambda i=i, q=q: engine.submit(q.image, q.prefix, adapter=adapter, **settings,
+                                                  seed=None if seed is None else seed + i))
                for i, q in enumerate(questions))
     answers, tic, every = {}, time.perf_counter(), max(8 * batch_size, 64)
     for i, result in run_all(engine, submits):
@@ -162,43 +165,46 @@ def objects_with_scores(objects: list) -> List[dict]:
 
 
 def evaluate_examples(model, processor, examples: Sequence[Example], task: str = "auto",
-                      batch_size: int = defaults.BATCH_SIZE, max_tokens: int = defaults.MAX_TOKENS, mask_decoder=None,
-                      progress: Optional[Callable[[str], None]] = None, num_beams: int = defaults.NUM_BEAMS,
-                      length_penalty: float = defaults.LENGTH_PENALTY,
-                      adapter: Optional[str] = None) -> Tuple[dict, List[dict]]:
-    """Generate for every question and score each task; `adapter`: a loaded adapter's name to answer through
-    (None: the base). Returns ({"tasks": {task: {"questions": n, metric: value, ...}}, "metric": what "score" is,
-    "score": the primary metric, or the mean of the tasks' primary metrics}, one record per question: image,
-    prefix, task, prediction, references)."""
+                      batch_size: int = defaults.BATCH_SIZE, mask_decoder=None,
+                      progress: Optional[Callable[[str], None]] = None, adapter: Optional[str] = None,
+                      deterministic: bool = False, **settings) -> Tuple[dict, List[dict]]:
+    """Answer every question and score each task; `adapter`: a loaded adapter's name to answer through (None: the
+    base); `settings`: generation settings (generation/settings.py; default greedy). Returns ({"tasks": {task:
+    {"questions": n, metric: value, ...}}, "metric": what "score" is, "score": the primary metric, or the mean of the
+    tasks' primary metrics}, one record per question: image, prefix, task, references, the answer's record
+    (data/records.py: text, finish_reason, token counts), its score, and for detect/segment its objects and the
+    references' (reference_objects), for multiple choice each candidate's logprob)."""
     if task not in TASKS + ("auto",):
         raise InputError(f"unknown task {task!r}: choose from auto, {', '.join(TASKS)}")
+    check_settings("evaluate_examples()", **settings)  # before any work: a misspelt keyword is one line
     questions = group_questions(examples, task)
     choices = [i for i, q in enumerate(questions) if q.task == "choice"]
     free = [i for i, q in enumerate(questions) if q.task != "choice"]
     generations = dict(zip(free, generate_answers(model, processor, [questions[i] for i in free], batch_size,
-                                                  max_tokens, progress, num_beams, length_penalty, adapter)))
+                                                  progress, adapter, deterministic, **settings)))
     scored = dict(zip(choices, choose_answers(model, processor, [questions[i] for i in choices], batch_size,
                                               progress, adapter)))
-    answers = [generations[i].text if i in generations else
-               questions[i].candidates[max(range(len(scored[i])), key=scored[i].__getitem__)]  # the first if equal
-               for i in range(len(questions))]
+    answers = {i: answer_record(g) for i, g in generations.items()}
+    for i in choices:  # the likeliest candidate (the first if equal), scored rather than generated
+        text = questions[i].candidates[max(range(len(scored[i])), key=scored[i].__getitem__)]
+        answers[i] = {"text": text, "finish_reason": None, "prompt_tokens": None, "generation_tokens": 0}
     token_scores = {i: (g.tokens, g.logprobs) if g.logprobs else (None, None) for i, g in generations.items()}
-    records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "prediction": a, "references": q.references}
-               for q, a in zip(questions, answers)]
+    records = [{"image": q.source, "prefix": q.prefix, "task": q.task, "references": q.references, **answers[i]}
+               for i, q in enumerate(questions)]
     for i in choices:
         records[i]["candidates"] = [{"text": c, "logprob": v} for c, v in zip(questions[i].candidates, scored[i])]
     results, primary = {}, {}
     for name in [t for t in TASKS if any(q.task == t for q in questions)]:
         chosen = [i for i, q in enumerate(questions) if q.task == name]
         values, scores, objects = score_questions(
-            name, [answers[i] for i in chosen], [questions[i] for i in chosen], mask_decoder,
+            name, [records[i]["text"] for i in chosen], [questions[i] for i in chosen], mask_decoder,
             [token_scores[i] for i in chosen] if name in ("detect", "segment") else None, processor.tokenizer.decode)
         results[name] = {"questions": len(chosen), **values}
         for i, value, pair in zip(chosen, scores, objects):
             records[i]["score"] = value
             if pair is not None:
-                records[i]["objects"] = {"prediction": objects_with_scores(pair[0]),
-                                         "references": objects_with_scores(pair[1])}
+                records[i]["objects"] = objects_with_scores(pair[0])
+                records[i]["reference_objects"] = objects_with_scores(pair[1])
         key = PRIMARY[name] if PRIMARY[name] in results[name] else "map"  # segmentation without masks: boxes
         primary[f"{name} {key}"] = results[name][key]
     metric = next(iter(primary)) if len(primary) == 1 else f"mean of {', '.join(primary)}"

@@ -102,9 +102,13 @@ def _number(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else _text(value)
 
 
+# Where an evaluation record (tasks/evaluation.py) keeps the answer's objects and the references'.
+OBJECTS = {"prediction": "objects", "references": "reference_objects"}
+
+
 def _objects(record: dict, kind: str) -> List[DetectedObject]:
     return [DetectedObject(o["label"], tuple(o["box"]), score=o.get("score"))
-            for o in record.get("objects", {}).get(kind, [])]
+            for o in record.get(OBJECTS[kind], [])]
 
 
 class _Page:
@@ -254,7 +258,7 @@ class _Page:
                'xmlns="http://www.w3.org/2000/svg">']
         for kind, colour in (("references", REFERENCE), ("prediction", PREDICTION)):
             css = "reference" if kind == "references" else "prediction"
-            for o in record.get("objects", {}).get(kind, []):
+            for o in record.get(OBJECTS[kind], []):
                 if "mask" in o:
                     out.append(f'<image class="mask {css}" href="{self.mask(o["mask"], colour, small)}" x="0" y="0" '
                                f'width="{width}" height="{height}" preserveAspectRatio="none"/>')
@@ -277,7 +281,7 @@ class _Page:
                       f"{self.drawing(record, width, height, small)}</div>")
         rows = []
         for kind in ("prediction", "references"):
-            for o in record.get("objects", {}).get(kind, []):
+            for o in record.get(OBJECTS[kind], []):
                 score = "" if o.get("score") is None else f"{o['score']:.3f}"
                 rows.append(f"<tr><td>{'reference' if kind == 'references' else 'prediction'}</td>"
                             f"<td>{_text(o['label'])}</td><td class=n>{score}</td>"
@@ -289,7 +293,7 @@ class _Page:
                 f"<div>#{rank} <b>{_text(record['task'])}</b> {_text(record['image'])} "
                 f"<span class=score>{_text(self.score_name(record['task']))} {_number(record['score'])}</span></div>"
                 f"<div>prompt</div><pre class=prompt>{_text(record['prefix'])}</pre>"
-                f"<div>prediction</div><pre class=prediction>{_text(record['prediction'])}</pre>"
+                f"<div>prediction</div><pre class=prediction>{_text(record['text'])}</pre>"
                 f"<div>references ({len(record['references'])})</div>{references}{objects}</div></div>")
 
     def rest(self, order: Sequence[int], shown: int) -> str:
@@ -299,5 +303,5 @@ class _Page:
             r = self.records[i]
             out.append(f"<tr><td class=n>{rank}</td><td>{_text(r['task'])}</td><td class=n>{_number(r['score'])}"
                        f"</td><td>{_text(r['image'])}</td><td>{_text(r['prefix'])}</td>"
-                       f"<td>{_text(r['prediction'])}</td><td>{_text(r['references'][0])}</td></tr>")
+                       f"<td>{_text(r['text'])}</td><td>{_text(r['references'][0])}</td></tr>")
         return "\n".join(out + ["</table>"])
