@@ -6,7 +6,7 @@ log-softmax, and as OpenAI's and vLLM's `logprobs`.
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -120,9 +120,3 @@ class Picked:
         return Picked(mx.concatenate([self.tokens, other.tokens]), logprobs,
                       mx.concatenate([a_ids, b_ids]), mx.concatenate([a_values, b_values]), finite)
 
-
-def logprob_json(decode: Callable[[List[int]], str], token: int, logprob: float,
-                 top: Optional[List[Tuple[int, float]]]) -> dict:
-    """One token's log-probability as the command lines write it: id, its text, value, and the alternatives."""
-    return {"token": token, "text": decode([token]), "logprob": logprob,
-            "top_logprobs": [{"token": t, "text": decode([t]), "logprob": v} for t, v in top or []]}
