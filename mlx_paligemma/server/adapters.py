@@ -4,7 +4,7 @@ run time, behind the API key, from folders inside the one root the server was gi
     GET    /v1/adapters                 each loaded adapter: name, folder, rank, scale, layers, memory_bytes (its
                                         factors), added_bytes (what loading it added, padding to larger ranks too)
     POST   /v1/adapters  {"name": "receipts", "path": "receipts-v2"}   (path relative to the root, or inside it;
-                                        read and checked on a thread of its own: formats.adapters.read_adapter)
+                                        read and checked by formats.adapters.read_adapter)
     DELETE /v1/adapters/receipts        refused (409) while a running or waiting request uses it
 
 Loading and unloading run on the worker's thread between decode steps (Worker.admin), so no step sees a model
@@ -104,9 +104,10 @@ def adapter_routes(worker: Worker, api_key: Optional[str], check_key: Callable, 
             raise ApiError(400, 'the body must be a JSON object: {"name": ..., "path": ...}')
         name = body.get("name")
         try:
-            check_name(name, (served,))  # before the files are read: a name at all, so the folder is read as LoRA
-            adapter = await asyncio.to_thread(read_adapter, body.get("path"), name, root_path, (served,))
-            info = await on_worker(lambda engine: load_at_run_time(engine, name, adapter))
+            check_name(name, (served,))  # a name at all, so the folder is read as LoRA beside the base
+            # Read on the worker's thread too: MLX's evaluation is not to run on two threads at once.
+            info = await on_worker(lambda engine: load_at_run_time(
+                engine, name, read_adapter(body.get("path"), name, root_path, (served,))))
         except InputError as e:
             raise refused(e) from None
         return respond(adapter_json(name, info))
