@@ -38,7 +38,7 @@ from .cli import ArgumentParser, add_object_arguments, add_settings, message, pl
 from .extras import require
 from .data.records import answer_record
 from .data.outputs import (OrderedOutput, PartOutput, check_ours, check_same_run, items_in_output, items_in_parts,
-                           line_of, part_file, part_files, record_run, start_over)
+                           line_of, part_file, part_files, place, record_run, start_over)
 from .generation.constraints import cli_constraint
 from .data.items import Item, read_items
 from .tasks.detection import ObjectReader, check_min_score, objects_to_json
@@ -289,9 +289,6 @@ def check_args(args) -> None:
 
 def asked(args) -> dict:
     """What a run is asked that its answers depend on: what its record keeps and a rerun must ask again."""
-    def place(path):  # a local folder by its absolute path: the same wherever the command runs from
-        return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
-
     run = {s: getattr(args, s) for s in ("deterministic", "kv_bits", "min_score")}
     return {"model": place(args.model), "revision": args.revision, "adapter_path": place(args.adapter_path),
             "adapters": {n: place(f) for n, f in named_folders(args.adapter, "--adapter").items()},

@@ -23,7 +23,7 @@ from .tasks import report
 from .cli import ArgumentParser, add_settings, command, run_main, settings_of
 from .extras import require
 from .formats.atomic import atomic_file, check_file_output
-from .data.outputs import differences
+from .data.outputs import differences, place
 from .errors import InputError, read_json_object
 from .generation.constraints import cli_constraint
 from .generation.settings import check_settings
@@ -222,8 +222,9 @@ def prediction_lines(records: dict) -> list:
 def asked(args, adapters: dict) -> dict:
     """What an evaluation is asked that its figures depend on: what --output records, and a rerun onto that file
     must ask again (or give --overwrite)."""
-    return {"model": args.model, "revision": args.revision, "adapter_path": args.adapter_path, "adapters": adapters,
-            "data": args.data, "split": args.split, "task": args.task,
+    return {"model": place(args.model), "revision": args.revision, "adapter_path": place(args.adapter_path),
+            "adapters": {name: place(folder) for name, folder in adapters.items()}, "data": place(args.data),
+            "split": args.split, "task": args.task,
             "settings": {**settings_of(args, "evaluate"), **cli_constraint(args), "deterministic": args.deterministic}}
 
 

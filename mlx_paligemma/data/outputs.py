@@ -120,6 +120,12 @@ def start_over(out: Path) -> None:
             os.fsync(f.fileno())
 
 
+def place(path):
+    """How a run's record names a local file or folder: by its absolute path, the same wherever the command runs
+    from (a hub id, or a path not there, as given)."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+
 def record_file(out: Path) -> Path:
     return out.with_name(f"{out.name}.settings.json")
 
