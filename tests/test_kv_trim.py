@@ -17,7 +17,7 @@ def prefilled(engine, model, prompts):
     for images, text in prompts:
         engine.submit(images, text, max_tokens=8)
     rows, engine.waiting = engine.waiting, []
-    prefill = Prefill(model, rows, engine.features, engine.pad_id, None, 64, alone=True)
+    prefill = Prefill(model, rows, engine.features, engine.pad_id, None, 64)
     while not prefill.done:
         prefill.advance()
     return prefill.kv

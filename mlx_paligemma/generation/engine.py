@@ -3,8 +3,8 @@
 The engine schedules work, not requests. One step is one decode step of the running rows plus at most
 `prefill_budget` seconds of other work: pieces of the prefills under way (prefill.py: one image's encoding, one
 block of a layer's tokens), taken in turn. So a long prompt arriving holds the running rows up for one budget a step,
-never for its whole prefill, and a short prompt arriving beside it is not queued behind it; a request alone runs its
-prefill a layer at a time, at full speed. A row's prefix goes through the decoder whole, on its own, so its
+never for its whole prefill, and a short prompt arriving beside it is not queued behind it. A request alone runs its
+prefill piece after piece with nothing between them but a look at what arrived or was cancelled. A row's prefix goes through the decoder whole, on its own, so its
 bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. When its prefill is
 done a row joins the running rows' KV buffers (kv_buffers.py, the one cache from prefill to decode) and from there on
 a compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
@@ -283,7 +283,7 @@ class Engine:
                 outputs += self._hand_out_all(rows, pending)
                 batch.keep([i for i, r in enumerate(batch.rows) if not r.finished])
             self.batches = [b for b in self.batches if b.rows]
-            self._prefill_work(alone=not self.batches)
+            self._prefill_work()
             self.steps += 1
             if not self.has_work or self.steps % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
@@ -320,9 +320,9 @@ class Engine:
         if rows:
             self.waiting = self.waiting[len(rows):]
             self.prefills.append(Prefill(self.model, rows, self.features, self.pad_id, self.kv_bits,
-                                         self.kv_group_size, alone=not self.batches and not self.prefills))
+                                         self.kv_group_size))
 
-    def _prefill_work(self, alone: bool) -> None:
+    def _prefill_work(self) -> None:
         """Pieces of the prefills under way, in turn, until the budget is spent (or all are done)."""
         if not self.prefills:
             return
@@ -332,9 +332,7 @@ class Engine:
             todo = [p for p in self.prefills if not p.done]
             if not todo:
                 return
-            prefill = todo[turn % len(todo)]
-            prefill.alone = alone and len(todo) == 1
-            prefill.advance()
+            todo[turn % len(todo)].advance()
             turn += 1
             if time.monotonic() >= deadline:
                 return
@@ -355,7 +353,7 @@ class Engine:
         """(B, vocab) logits -> each row's token by its request's strategy, with log-probabilities, and the row each
         row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
         # Logits that are not finite (an adapter's overflow) end their row's request with an error, not NaN scores.
-        # The base's are finite (its weights were checked at load, Gemma 2 soft-caps them): only adapters' rows look.
+        # Finite weights give finite logits (Gemma 2 also soft-caps them): only the rows through an adapter look.
         finite = mx.isfinite(logits).all(axis=-1) if any(r.request.settings.adapter for r in rows) else None
         constraints = [r.constraint for r in rows]
         constrained = any(c is not None for c in constraints)

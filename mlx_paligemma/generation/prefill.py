@@ -35,9 +35,9 @@ class Prefill:
     the next piece; once `done`, `logits` are each request's last-position logits and `kv` the rows' buffers."""
 
     def __init__(self, model: PaliGemma, rows: list, features: FeatureCache, pad_id: int, kv_bits: Optional[int],
-                 kv_group_size: int, alone: bool):
+                 kv_group_size: int):
         self.model, self.rows, self.cache = model, rows, features
-        self.kv_bits, self.kv_group_size, self.alone = kv_bits, kv_group_size, alone
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.firsts, copies = [], []
         for r in rows:  # a request's rows are next to each other
             if not self.firsts or self.firsts[-1].request is not r.request:
@@ -64,13 +64,11 @@ class Prefill:
         return (self.layers - self.layer) * self.length * len(self.firsts)
 
     def advance(self) -> None:
-        """Build and compute the next piece (a whole layer at a time when nothing else runs beside it: fewer
-        waits, the same operations)."""
+        """Build and compute the next piece."""
         with row_adapters(self.model, adapter_ids(self.model, self.firsts)):  # rows of different adapters, one pass
-            pieces = [next(self._pieces)]
-            while self.alone and pieces[-1] is not None and not isinstance(pieces[-1], LayerEnd):
-                pieces.append(next(self._pieces))
-        mx.eval([p.arrays if isinstance(p, LayerEnd) else p for p in pieces if p is not None])
+            piece = next(self._pieces)
+        if piece is not None:
+            mx.eval(piece)
 
     def _work(self) -> Iterator:
         """Yields each piece's arrays as it builds them; None once the logits and the buffers are made."""
@@ -99,7 +97,7 @@ class Prefill:
                 yield out[-1]
             h = out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
             keys.append(self._stored(k)), values.append(self._stored(v))
-            yield LayerEnd([h, *keys[-1], *values[-1]])  # the layer's full-precision keys and values are let go
+            yield [h, *keys[-1], *values[-1]]  # the layer's end: its full-precision keys and values are let go
         self.layer = self.layers
         logits = lm.head(h[:, -1:])[:, -1]
         self.kv = KVBuffers(keys, values, [self.left_padding[i] for i in self._copied()], self.length)
@@ -139,10 +137,3 @@ class Prefill:
 
 def blocks(length: int, size: int) -> List[tuple]:
     return [(s, min(s + size, length)) for s in range(0, length, size)]
-
-
-class LayerEnd:
-    """The piece that ends a layer: its output and its keys and values as kept."""
-
-    def __init__(self, arrays: List[mx.array]):
-        self.arrays = arrays

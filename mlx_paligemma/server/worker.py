@@ -178,19 +178,21 @@ class Worker(threading.Thread):
                     self.stats.update(active=self.engine.active, waiting=len(self.engine.waiting),
                                       prefilling=self.engine.prefilling,
                                       peak_memory_gb=round(mx.get_peak_memory() / 1e9, 3))
-            self.stats.update(active=0, waiting=0)
+            self.stats.update(active=0, waiting=0, prefilling=0)
             if self.closing is not None:
                 return
 
     def _close(self) -> None:
-        """Shutting down: requests not yet running get an error now, running ones when the grace period ends."""
+        """Shutting down: requests still waiting get an error now; those being prefilled or answered go on until the
+        grace period ends, and the answers under way are then cut short."""
         waiting = {row.uid for row in self.engine.waiting}
+        answering = {row.uid for batch in self.engine.batches for row in batch.rows}
         cut = time.monotonic() >= self.closing
         for handle in set(self.handles.values()):
-            started = any(uid not in waiting for uid in handle.uids)
-            if cut or not started:
+            if cut or all(uid in waiting for uid in handle.uids):
                 handle.put(Event("error", message="the server is shutting down" + (
-                    ": the answer was cut short" if started else ""), status=503))
+                    ": the answer was cut short" if any(uid in answering for uid in handle.uids) else ""),
+                    status=503))
                 self._finish(handle)
 
     def _finish(self, handle: Handle) -> None:
