@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Generator, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,8 +25,7 @@ import numpy as np
 from . import defaults
 from .errors import InputError
 from .generation.adapters import per_prompt
-from .generation.beams import BeamSequence
-from .generation.engine import Engine, Output
+from .generation.engine import Engine, Output, Result
 from .generation.request import Request
 from .generation.runs import run_all, run_steps
 from .generation.settings import Settings, check_kv_bits, check_settings, renamed
@@ -34,48 +33,12 @@ from .models.paligemma import PaliGemma
 from .processing.answer_format import has_objects
 from .processing.images import load_image
 from .processing.processor import PaliGemmaProcessor
-from .tasks.detection import DetectedObject, ObjectReader
+from .tasks.detection import ObjectReader
 
 
-@dataclass
-class GenerationResult:
-    """generate's answer, or one piece of stream_generate's (then `text` and `tokens` are the new piece's)."""
-
-    text: str
-    tokens: List[int] = field(default_factory=list)
-    logprobs: List[float] = field(default_factory=list)  # each token's log-probability (see sampling.py)
-    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)  # with logprobs=k: k a token
-    finish_reason: Optional[str] = None  # "stop" (eos, a stop string) or "length"; None on pieces before the last
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0  # GB
-    sequences: Optional[List[BeamSequence]] = None  # beams, best_of (best first), n choices: every answer
-    objects: Optional[List[DetectedObject]] = None  # detect/segment prompts: boxes (masks), in the image's pixels
-    index: int = 0  # stream_generate with n > 1: which choice this piece is of
-
-    @property
-    def token(self) -> Optional[int]:
-        return self.tokens[-1] if self.tokens else None
-
-    @property
-    def logprob(self) -> Optional[float]:
-        return self.logprobs[-1] if self.logprobs else None
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.generation_tokens
-
-    @property
-    def texts(self) -> List[str]:
-        """Every answer's text (beams, best_of, n), best (or first) first."""
-        return [s.text for s in self.sequences] if self.sequences else [self.text]
-
-    def __str__(self) -> str:
-        return self.text
-
-
+# The Python API's answers are the engine's Results (generation/results.py): generate's, with its objects and speed,
+# and each piece of stream_generate's.
+GenerationResult = Result
 Generation = GenerationResponse = GenerationResult  # the names of the previous release
 
 
@@ -126,13 +89,17 @@ def _reader(processor, mask_decoder, min_score: float) -> ObjectReader:
 def _piece(out: Output, **timing) -> GenerationResult:
     result = out.result
     if out.whole:  # a beam search or best_of: its answer in one piece
-        return GenerationResult(result.text, result.tokens, result.logprobs, result.top_logprobs, result.finish_reason,
-                                out.prompt_tokens, out.generation_tokens, sequences=result.sequences, **timing)
-    return GenerationResult(out.text, [out.token], [out.logprob] if out.logprob is not None else [],
-                            [out.top_logprobs] if out.top_logprobs else [],
-                            out.finish_reason, out.prompt_tokens, out.generation_tokens, index=out.index,
-                            sequences=result.sequences if result is not None and len(result.sequences) > 1 else None,
-                            **timing)
+        return answer_of(result, **timing)
+    return Result(text=out.text, tokens=[out.token], logprobs=[out.logprob] if out.logprob is not None else [],
+                  top_logprobs=[out.top_logprobs] if out.top_logprobs else [], finish_reason=out.finish_reason,
+                  prompt_tokens=out.prompt_tokens, generation_tokens=out.generation_tokens, index=out.index,
+                  uid=out.uid, sequences=result.sequences if result is not None and len(result.sequences) > 1 else None,
+                  **timing)
+
+
+def answer_of(result: Result, **timing) -> Result:
+    """A request's Result as the API answers it: its sequences only where it has several, with its speed."""
+    return replace(result, sequences=result.sequences if len(result.sequences) > 1 else None, **timing)
 
 
 def _stream(model, processor, images, prompt, kv_bits, deterministic, settings: Settings
@@ -202,9 +169,8 @@ def generate(model, processor, images=None, prompt: str = "", max_tokens: int = 
         if verbose:
             print(last.text, end="", flush=True)
     r = final
-    answer = GenerationResult(r.text, r.tokens, r.logprobs, r.top_logprobs, r.finish_reason, r.prompt_tokens,
-                              r.generation_tokens, last.prompt_tps, last.generation_tps, last.peak_memory,
-                              r.sequences if len(r.sequences) > 1 else None)
+    answer = answer_of(r, prompt_tps=last.prompt_tps, generation_tps=last.generation_tps,
+                       peak_memory=last.peak_memory)
     if reader is not None and loaded:
         answer.objects = reader.read(r, loaded[0].size)
     if verbose:
@@ -263,8 +229,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     reader = _reader(processor, mask_decoder, min_score)  # one for the call: a mask decoder is loaded once
     for i in range(len(prompts)):
         r = results[i]
-        answer = GenerationResult(r.text, r.tokens, r.logprobs, r.top_logprobs, r.finish_reason, r.prompt_tokens,
-                                  r.generation_tokens, sequences=r.sequences if len(r.sequences) > 1 else None)
+        answer = answer_of(r)
         if has_objects(prompts[i]) and sizes.get(i):
             answer.objects = reader.read(r, sizes[i])
         out.append(answer)

@@ -9,29 +9,17 @@ counts the generated tokens, <eos> included), and the search stops when the heur
 "never") or the count of finished hypotheses (early_stopping True) says no running beam can do better.
 """
 
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
+
+from .results import Result
 
 # The "impossible" score. transformers uses -1e9, which a real hypothesis passes under a negative length_penalty
 # (a score divided by n ** -20 is far below it) and which then outranks it; -inf is below every score, and orders
 # every real one as -1e9 does.
 NEG = np.float32(-np.inf)
-
-
-@dataclass
-class BeamSequence:
-    """One answer of a request (a beam, a best_of or n sample, a scored continuation: results.py)."""
-
-    tokens: List[int]  # the generated tokens, <eos> included when the hypothesis ended with it
-    score: float  # beams: summed log-probability / len(tokens) ** length_penalty (transformers' sequences_scores);
-    # the others: the summed log-probability
-    text: str = ""
-    logprobs: List[float] = field(default_factory=list)  # each token's log-probability where it was chosen
-    finish_reason: Optional[str] = None  # "stop" (<eos>, a stop string) or "length"
-    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)  # with logprobs=k: k per token
 
 
 class BeamGroup:
@@ -102,13 +90,13 @@ class BeamGroup:
         self.done = not self.improvable or all_in or bool(hits.all())
         return [int(tokens[i]) for i in keep], [int(parents[i]) for i in keep]
 
-    def results(self, count: int) -> List[BeamSequence]:
+    def results(self, count: int) -> List[Result]:
         """The best `count` finished hypotheses, best first, and running beams after them where fewer finished (as
         transformers returns its running beams when none finished; here only when scores are not finite)."""
-        done = [BeamSequence(list(t), float(s), logprobs=list(lp))
+        done = [Result(tokens=list(t), score=float(s), logprobs=list(lp))
                 for t, s, lp, f in zip(self.finished, self.finished_scores, self.finished_logprobs, self.is_finished)
                 if f and t]
-        running = [BeamSequence(list(t), float(s), logprobs=list(lp))
+        running = [Result(tokens=list(t), score=float(s), logprobs=list(lp))
                    for t, s, lp in zip(self.running, self.running_scores, self.running_logprobs) if t]
         return (done + running)[:count]
 

@@ -24,7 +24,7 @@ buffers and the compiled step), detokenizer.py, features.py (the image-feature c
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
     with engine.running():
         while engine.has_work:
-            for out in engine.step():   # Output(uid, token, text, finish_reason, logprob, ..., result)
+            for out in engine.step():   # Output(uid=, token=, text=, finish_reason=, logprob=, ..., result=)
                 ...
 """
 
@@ -39,7 +39,6 @@ import numpy as np
 
 from .. import limits
 from .adapters import adapter_ids, check_adapter
-from .beams import BeamSequence
 from .constraints import apply_masks, make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
@@ -55,8 +54,7 @@ from .results import Output, Result
 from .sampling import Picked, log_softmax, rows_token_logprobs, top_logprobs
 from .strategies import Row, strategy_for
 
-__all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache",
-           "feature_cache", "BeamSequence"]
+__all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache"]
 
 CLEAR_CACHE_EVERY = 256  # decode steps between returning MLX's buffer cache to the system
 # Prompt tokens prefilled together at most (one prompt longer than this still goes alone): the activations of a

@@ -23,7 +23,7 @@ import mlx.core as mx
 
 from ..errors import InputError, cause
 from ..processing.detokenizer import Detokenizer
-from .beams import BeamGroup, BeamSequence
+from .beams import BeamGroup
 from .constraints import Constraint
 from .request import Request
 from .results import Output, Result, result_of
@@ -113,9 +113,9 @@ class Strategy:
             return None
         self.ended = True
         prompt = len(self.request.prompt_ids)
-        result = Result(self.uid, "", [], [], [], "error", prompt, 0, [], self.error)
-        return Output(self.uid, self.engine.eos_id, "", "error", prompt, row.generated, index=row.index,
-                      result=result)
+        result = Result(uid=self.uid, finish_reason="error", prompt_tokens=prompt, sequences=[], error=self.error)
+        return Output(uid=self.uid, token=self.engine.eos_id, text="", finish_reason="error", prompt_tokens=prompt,
+                      generation_tokens=row.generated, index=row.index, result=result)
 
     def _end(self, row: Row, reason: str) -> bool:
         """Ends a row; True when it was the request's last."""
@@ -192,9 +192,10 @@ class Sampled(Strategy):
                 out.result = result_of(self.uid, sequences, len(self.request.prompt_ids), sequences[0])
         return out
 
-    def sequence(self, row: Row) -> BeamSequence:
-        return BeamSequence(row.tokens, math.fsum(row.values), row.text[:row.sent], row.values, row.finish_reason,
-                            row.tops)
+    def sequence(self, row: Row) -> Result:
+        return Result(uid=self.uid, index=row.index, text=row.text[:row.sent], tokens=row.tokens, logprobs=row.values,
+                      top_logprobs=row.tops, finish_reason=row.finish_reason, score=math.fsum(row.values),
+                      prompt_tokens=len(self.request.prompt_ids), generation_tokens=len(row.tokens))
 
     def _take(self, row: Row, token: int, logprob: float, top: Top) -> Output:
         request = self.request
@@ -215,8 +216,9 @@ class Sampled(Strategy):
             piece, stopped = release(row, final=finish is not None)
             if stopped:
                 finish = "stop"
-        out = Output(self.uid, token, piece, finish, len(request.prompt_ids), row.generated,
-                     logprob if self.wants_logprobs else None, index=row.index)
+        out = Output(uid=self.uid, token=token, text=piece, finish_reason=finish, prompt_tokens=len(request.prompt_ids),
+                     generation_tokens=row.generated, logprob=logprob if self.wants_logprobs else None,
+                     index=row.index)
         if request.settings.logprobs:
             out.top_logprobs = list(zip(top[0][:request.settings.logprobs], top[1][:request.settings.logprobs]))
             row.tops.append(out.top_logprobs)
@@ -234,8 +236,8 @@ class BestOf(Sampled):
         sequences = ranked[:self.request.settings.num_return_sequences]
         best = sequences[0]
         result = result_of(self.uid, sequences, out.prompt_tokens, best)
-        return Output(self.uid, best.tokens[-1], best.text, best.finish_reason, out.prompt_tokens, len(best.tokens),
-                      result=result, whole=True)
+        return Output(uid=self.uid, token=best.tokens[-1], text=best.text, finish_reason=best.finish_reason,
+                      prompt_tokens=out.prompt_tokens, generation_tokens=len(best.tokens), result=result, whole=True)
 
 
 class Beams(Strategy):
@@ -266,12 +268,14 @@ class Beams(Strategy):
             r.finished = True
         eos, processor = self.engine.eos_id, self.engine.processor
         sequences = self.group.results(self.request.settings.num_return_sequences)
-        for s in sequences:
+        best, prompt = sequences[0], len(self.request.prompt_ids)
+        for i, s in enumerate(sequences):
             if processor is not None:
                 s.text = processor.tokenizer.decode([t for t in s.tokens if t != eos])
             s.finish_reason = "stop" if s.tokens[-1] == eos else "length"
-        best, prompt = sequences[0], len(self.request.prompt_ids)
-        return Output(self.uid, best.tokens[-1], best.text, best.finish_reason, prompt, len(best.tokens),
+            s.uid, s.index, s.prompt_tokens, s.generation_tokens = self.uid, i, prompt, len(s.tokens)
+        return Output(uid=self.uid, token=best.tokens[-1], text=best.text, finish_reason=best.finish_reason,
+                      prompt_tokens=prompt, generation_tokens=len(best.tokens),
                       result=result_of(self.uid, sequences, prompt, best), whole=True)
 
 
@@ -300,10 +304,12 @@ class Forced(Strategy):
         elif self.room(row) <= 0:
             finish = "length"
         prompt = len(self.request.prompt_ids)
-        out = Output(self.uid, token, "", finish, prompt, row.generated, logprob, index=row.index)
+        out = Output(uid=self.uid, token=token, text="", finish_reason=finish, prompt_tokens=prompt,
+                     generation_tokens=row.generated, logprob=logprob, index=row.index)
         if finish and self._end(row, finish):
-            sequences = [BeamSequence(r.tokens, math.fsum(r.values), "", r.values, r.finish_reason)
-                         for r in self.rows]
+            sequences = [Result(uid=self.uid, index=r.index, tokens=r.tokens, logprobs=r.values,
+                                score=math.fsum(r.values), finish_reason=r.finish_reason, prompt_tokens=prompt,
+                                generation_tokens=len(r.tokens)) for r in self.rows]
             out.result = result_of(self.uid, sequences, prompt, sequences[0])
         return out
 

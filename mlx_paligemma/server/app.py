@@ -27,7 +27,7 @@ from ..models.adapters import adapter_names
 from . import responses, tools
 from .adapters import adapter_routes, listed
 from .body import dumps
-from .chat import ApiError, Checked, Limits, check_request, chosen_adapter, parse_json
+from .chat import ApiError, Limits, check_request, chosen_adapter, parse_json
 from .decoding import DECODING
 from .images import read_images
 from .relay import collect, each, event_error
