@@ -6,9 +6,9 @@ with the batch it shares outside that mode.
 
 `speed`: tokens/s of batch_generate on the same prompts (8 rows share the steps): greedy, beams 2/3/5 and best_of
 2/4 (a beam search or a best_of counts the tokens of its best answer, as it returns them) and greedy with
-batch_invariant=True; medians
+deterministic=True; medians
 of --rounds timed runs after a warm-up. `seeded`: the same seeded sampled prompts (seed i for prompt i) decoded
-with batch sizes 1 and 8, and how many answers differ, in the default mode and in batch_invariant mode.
+with batch sizes 1 and 8, and how many answers differ, in the default mode and in deterministic mode.
 """
 
 import argparse
@@ -31,9 +31,9 @@ def jobs(n: int):
     return [(str(IMAGES[i % len(IMAGES)]), PROMPTS[i % len(PROMPTS)]) for i in range(n)]
 
 
-def decode(model, processor, items, tokens, batch_size=8, batch_invariant=False, **settings):
+def decode(model, processor, items, tokens, batch_size=8, deterministic=False, **settings):
     """(tokens made, seconds, answers' tokens by prompt)."""
-    engine = Engine(model, processor, batch_size=batch_size, batch_invariant=batch_invariant)
+    engine = Engine(model, processor, batch_size=batch_size, deterministic=deterministic)
     made = {}
     tic = time.perf_counter()
     each = settings.get("each", {})
@@ -51,15 +51,15 @@ def speed(args, model, processor):
     items = jobs(args.prompts)
     modes = [("greedy", {}, False)] + [(f"beams {n}", dict(num_beams=n), False) for n in (2, 3, 5)]
     modes += [(f"best_of {n} (temperature 1)", dict(best_of=n, temperature=1.0, seed=0), False) for n in (2, 4)]
-    modes += [("greedy, batch_invariant", {}, True)]
+    modes += [("greedy, deterministic", {}, True)]
     print(f"{args.prompts} prompts, {args.tokens} tokens at most, batch size 8, {args.model}")
     print("| decoding | tokens/s | x greedy |\n|---|---|---|")
     base = None
     for name, settings, invariant in modes:
-        decode(model, processor, items, 4, batch_invariant=invariant, each=settings)  # warm-up (compiles)
+        decode(model, processor, items, 4, deterministic=invariant, each=settings)  # warm-up (compiles)
         rates = []
         for _ in range(args.rounds):
-            n, s, _ = decode(model, processor, items, args.tokens, batch_invariant=invariant, each=settings)
+            n, s, _ = decode(model, processor, items, args.tokens, deterministic=invariant, each=settings)
             rates.append(n / s)
         rate = statistics.median(rates)
         base = base or rate
@@ -70,10 +70,10 @@ def seeded(args, model, processor):
     items = jobs(args.prompts)
     each = lambda i: dict(temperature=1.0, top_p=0.95, seed=i)  # noqa: E731
     for invariant in (False, True):
-        answers = [decode(model, processor, items, args.tokens, batch_size=b, batch_invariant=invariant,
+        answers = [decode(model, processor, items, args.tokens, batch_size=b, deterministic=invariant,
                           each=each)[2] for b in (1, 8)]
         changed = sum(a != b for a, b in zip(*answers))
-        print(f"batch_invariant={invariant}: {changed} of {len(items)} seeded answers differ between batch sizes "
+        print(f"deterministic={invariant}: {changed} of {len(items)} seeded answers differ between batch sizes "
               "1 and 8", flush=True)
 
 

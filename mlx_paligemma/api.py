@@ -104,7 +104,7 @@ def answer_of(result: Result, **timing) -> Result:
 
 def _stream(model, processor, images, prompt, kv_bits, deterministic, settings: Settings
             ) -> Generator[Tuple[GenerationResult, Output], None, None]:
-    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, batch_invariant=deterministic)
+    engine = Engine(model, processor, batch_size=1, kv_bits=kv_bits, deterministic=deterministic)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = 0.0
@@ -202,7 +202,7 @@ def batch_generate(model, processor, images: Sequence, prompts: Sequence[str],
     adapters = per_prompt(settings.pop("adapter", None), len(prompts))
     deterministic = renamed(settings, "batch_invariant", "deterministic", deterministic)
     settings = checked(batch_generate, dict(settings, max_tokens=max_tokens, temperature=temperature), kv_bits)
-    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, batch_invariant=deterministic)
+    engine = Engine(model, processor, batch_size=batch_size, kv_bits=kv_bits, deterministic=deterministic)
     sizes = {}
 
     def submit(i: int) -> int:

@@ -175,7 +175,7 @@ def generate_all(model, processor, items: List[Item], todo: List[int], sink, pro
     seed = settings.pop("seed")
     run = cli_constraint(args)
     engine = Engine(model, processor, batch_size=args.batch_size, kv_bits=args.kv_bits,
-                    batch_invariant=args.deterministic)
+                    deterministic=args.deterministic)
     objects = ObjectReader(args.mask_decoder, processor.tokenizer.decode, args.min_score) if args.json else None
     sizes = {}
 

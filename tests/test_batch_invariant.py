@@ -1,4 +1,4 @@
-"""batch_invariant=True: each request's tokens and log-probabilities are bitwise what it gets alone, whatever
+"""deterministic=True: each request's tokens and log-probabilities are bitwise what it gets alone, whatever
 shares the steps (greedy, seeded sampling, beams). Outside that mode, what holds is pinned here too: a seeded
 row draws the same random numbers in any batch (its own key), its log-probabilities agree with the row alone to
 float rounding, and a batch run again is bitwise the same; a token can still flip where two candidates are within
@@ -24,8 +24,8 @@ OTHERS = [(IMAGES[3], "detect cat ; dog", dict(temperature=0.7, seed=5)), (IMAGE
 TOKENS = 10
 
 
-def run(model, processor, jobs, batch_size=8, batch_invariant=True):
-    engine = Engine(model, processor, batch_size=batch_size, batch_invariant=batch_invariant)
+def run(model, processor, jobs, batch_size=8, deterministic=True):
+    engine = Engine(model, processor, batch_size=batch_size, deterministic=deterministic)
     uids = [engine.submit(images, prompt, max_tokens=TOKENS, **{"logprobs": 0, **settings})
             for images, prompt, settings in jobs]
     got = {u: [] for u in uids}
@@ -53,12 +53,12 @@ def test_rows_bitwise_equal_alone_whatever_shares_the_steps(loaded, alone, batch
         assert got == expected  # tokens and float log-probabilities (beam scores), compared exactly
 
 
-def test_batch_invariant_alone_equals_default_alone_for_one_image(loaded, alone):
+def test_deterministic_alone_equals_default_alone_for_one_image(loaded, alone):
     """Alone, with one image, the mode computes exactly what the default engine computes."""
     model, processor = loaded
     for job, expected in zip(CHECKED, alone):
         if isinstance(job[0], str):
-            assert run(model, processor, [job], batch_invariant=False)[0] == expected
+            assert run(model, processor, [job], deterministic=False)[0] == expected
 
 
 def test_default_mode_seeded_rows(loaded, alone):
@@ -67,8 +67,8 @@ def test_default_mode_seeded_rows(loaded, alone):
     log-probabilities agree with the row alone within float rounding."""
     model, processor = loaded
     jobs = [OTHERS[0], CHECKED[1], OTHERS[2], CHECKED[2], CHECKED[0]]
-    first = run(model, processor, jobs, batch_invariant=False)
-    assert run(model, processor, jobs, batch_invariant=False) == first
+    first = run(model, processor, jobs, deterministic=False)
+    assert run(model, processor, jobs, deterministic=False) == first
     checked = [(got, alone[CHECKED.index(job)]) for job, got in zip(jobs, first) if job in CHECKED]
     assert len(checked) == 3
     for got, expected in checked:

@@ -34,7 +34,7 @@ def test_logprobs_match_transformers(loaded, reference, cases, name):
 
 def test_batch_logprobs_match_transformers_and_stream(loaded, reference, cases):
     """batch_generate rows (sharing steps, left-padded at prefill) carry the same values; stream_generate's
-    responses too (alone, not bitwise: float rounding follows the batch's shape outside batch_invariant)."""
+    responses too (alone, not bitwise: float rounding follows the batch's shape outside deterministic mode)."""
     model, processor = loaded
     case = cases["batch"]
     gens = mp.batch_generate(model, processor, images_of(case), case["text"], max_tokens=12, logprobs=K)

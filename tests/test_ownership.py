@@ -33,10 +33,9 @@ def caption_report(folder: Path, label: str = "cat", answer: str = "a cat") -> P
     results = {"model": "m", "metric": "mean", "score": 0.5,
                "tasks": {"detect": {"questions": 1, "map": 0.5, "per_class_ap": {label: 0.5}},
                          "caption": {"questions": 1, "cider": 0.5}}}
-    records = [{"task": "detect", "image": image, "prefix": f"detect {label}", "prediction": answer,
-                "references": [answer], "score": 0.5,
-                "objects": {"prediction": [box], "references": [{**box, "score": None}]}},
-               {"task": "caption", "image": image, "prefix": "caption en", "prediction": answer,
+    records = [{"task": "detect", "image": image, "prefix": f"detect {label}", "text": answer,
+                "references": [answer], "score": 0.5, "objects": [box], "reference_objects": [{**box, "score": None}]},
+               {"task": "caption", "image": image, "prefix": "caption en", "text": answer,
                 "references": [answer], "score": 0.5}]
     return report.write_report(folder, results, records, [SimpleNamespace(source=image, image=image)])
 

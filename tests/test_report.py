@@ -77,7 +77,8 @@ def chosen_answers(model, processor, questions, *args, **kwargs):
     for q in questions:
         text = ANSWERS[(Path(q.image).name, q.prefix)]
         tokens = processor.tokenizer.encode(text)
-        out.append(mp.Generation(text, tokens, [LOGPROB] * len(tokens), [[]] * len(tokens), "stop"))
+        out.append(mp.Generation(text=text, tokens=tokens, logprobs=[LOGPROB] * len(tokens),
+                                 top_logprobs=[[]] * len(tokens), finish_reason="stop"))
     return out
 
 

@@ -122,7 +122,7 @@ class Engine:
     decode step for the whole batch (admitting waiting requests first) and returns what each row produced."""
 
     def __init__(self, model: PaliGemma, processor: Optional[PaliGemmaProcessor] = None, batch_size: int = 8,
-                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS, batch_invariant: bool = False,
+                 kv_bits: Optional[int] = None, prefill_tokens: int = PREFILL_TOKENS, deterministic: bool = False,
                  prefill_budget: float = PREFILL_BUDGET):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -133,11 +133,11 @@ class Engine:
         self.pad_id = processor.tokenizer.pad_id if processor is not None else 0
         self.features = feature_cache(model)
         self.byte_ids = byte_ids(processor) if processor is not None else frozenset()
-        # batch_invariant: every request in batches of its own (its own prefill, keys and values, decode step and
+        # deterministic: every request in batches of its own (its own prefill, keys and values, decode step and
         # image features, computed image by image), so its tokens and log-probabilities are bitwise what it gets
         # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
         # the reductions' split over padded lengths).
-        self.batch_invariant = batch_invariant
+        self.deterministic = deterministic
         if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, (int, float)) or not (
                 0 <= prefill_budget <= 60):
             raise InputError(f"prefill_budget must be a number of seconds in [0, 60], got {prefill_budget!r}",
@@ -145,7 +145,7 @@ class Engine:
         self.prefill_budget = prefill_budget
         self.waiting: List[Row] = []
         self.prefills: List[Prefill] = []  # under way, each advanced a piece at a time in turn
-        self.batches: List[Batch] = []  # one, or one per request when batch_invariant
+        self.batches: List[Batch] = []  # one, or one per request when deterministic
         self.next_uid = 0
         self.steps = 0
 
@@ -224,7 +224,7 @@ class Engine:
 
     @property
     def batch(self) -> Optional[Batch]:
-        """The running batch (the first of them when batch_invariant), None when no row runs."""
+        """The running batch (the first of them when deterministic), None when no row runs."""
         return self.batches[0] if self.batches else None
 
     @property
@@ -294,7 +294,7 @@ class Engine:
             batch = Batch(p.rows, p.kv)
             # Every beam starts from the same prefix: no keys and values to move after the first step.
             batch.picked, _ = self._sample(p.rows, p.logits)
-            if self.batches and not self.batch_invariant:
+            if self.batches and not self.deterministic:
                 self.batches[0].extend(batch)
             else:
                 self.batches.append(batch)
@@ -311,7 +311,7 @@ class Engine:
             group = list(group)
             tokens += len(group[0].request.prompt_ids)
             alone = not rows and not self.batches and not self.prefills
-            if rows and (tokens > self.prefill_tokens or self.batch_invariant) or (
+            if rows and (tokens > self.prefill_tokens or self.deterministic) or (
                     len(rows) + len(group) > room and not alone):
                 break
             rows += group

@@ -89,10 +89,10 @@ class Handle:
 
 class Worker(threading.Thread):
     def __init__(self, model, processor, batch_size: int = 8, queue_size: int = 32, mask_decoder=None,
-                 batch_invariant: bool = False, prefill_budget: float = PREFILL_BUDGET):
+                 deterministic: bool = False, prefill_budget: float = PREFILL_BUDGET):
         super().__init__(name="mlx-paligemma-engine", daemon=True)
         self.model, self.processor, self.batch_size = model, processor, batch_size
-        self.batch_invariant, self.prefill_budget = batch_invariant, prefill_budget
+        self.deterministic, self.prefill_budget = deterministic, prefill_budget
         self.engine = self._engine()
         self.capacity = batch_size + queue_size
         self.mask_decoder = mask_decoder
@@ -110,7 +110,7 @@ class Worker(threading.Thread):
         self.closing: Optional[float] = None  # after shutdown(): when the running rows are cut
 
     def _engine(self) -> Engine:
-        return Engine(self.model, self.processor, batch_size=self.batch_size, batch_invariant=self.batch_invariant,
+        return Engine(self.model, self.processor, batch_size=self.batch_size, deterministic=self.deterministic,
                       prefill_budget=self.prefill_budget)
 
     # Called from the HTTP side.

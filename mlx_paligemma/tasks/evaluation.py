@@ -67,7 +67,7 @@ def generate_answers(model, processor, questions: Sequence[Question], batch_size
     """The answers through the engine (greedy unless `settings` say otherwise; with a seed, question i samples with
     seed + i, as a dataset's item i): its Results, in question order, whose tokens' log-probabilities give detected
     objects their scores; progress reported every few batches."""
-    engine = Engine(model, processor, batch_size=batch_size, batch_invariant=deterministic)
+    engine = Engine(model, processor, batch_size=batch_size, deterministic=deterministic)
     seed = settings.pop("seed", None)
     submits = ((i, lambda i=i, q=q: engine.submit(q.image, q.prefix, adapter=adapter, **settings,
                                                   seed=None if seed is None else seed + i))
