@@ -58,11 +58,6 @@ class Prefill:
     def done(self) -> bool:
         return self.logits is not None
 
-    @property
-    def work_left(self) -> int:
-        """A measure of what is left, in tokens x layers."""
-        return (self.layers - self.layer) * self.length * len(self.firsts)
-
     def advance(self) -> None:
         """Build and compute the next piece."""
         with row_adapters(self.model, adapter_ids(self.model, self.firsts)):  # rows of different adapters, one pass
@@ -88,7 +83,8 @@ class Prefill:
             attention, qs, ks, vs = layer.self_attn, [], [], []
             for s, e in spans:
                 q, k, v = attention.project(layer.input_layernorm(h[:, s:e]), positions + s)
-                qs.append(q), ks.append(k), vs.append(v)
+                for kept, x in zip((qs, ks, vs), (q, k, v)):
+                    kept.append(x)
                 yield [q, k, v]
             q, k, v = (x[0] if len(x) == 1 else mx.concatenate(x, axis=2) for x in (qs, ks, vs))
             out = []
@@ -96,7 +92,8 @@ class Prefill:
                 out.append(layer.finish(h[:, s:e], attention.output(q[:, :, s:e], k, v, mask)))
                 yield out[-1]
             h = out[0] if len(out) == 1 else mx.concatenate(out, axis=1)
-            keys.append(self._stored(k)), values.append(self._stored(v))
+            keys.append(self._stored(k))
+            values.append(self._stored(v))
             yield [h, *keys[-1], *values[-1]]  # the layer's end: its full-precision keys and values are let go
         self.layer = self.layers
         logits = lm.head(h[:, -1:])[:, -1]
