@@ -4,9 +4,9 @@ The engine schedules work, not requests. One step is one decode step of the runn
 `prefill_budget` seconds of other work: pieces of the prefills under way (prefill.py: one image's encoding, one
 block of a layer's tokens), taken in turn. So a long prompt arriving holds the running rows up for one budget a step,
 never for its whole prefill, and a short prompt arriving beside it is not queued behind it. A request alone runs its
-prefill piece after piece with nothing between them but a look at what arrived or was cancelled. A row's prefix goes through the decoder whole, on its own, so its
-bidirectional attention is exact; rows that arrive together are prefilled together, left-padded. When its prefill is
-done a row joins the running rows' KV buffers (kv_buffers.py, the one cache from prefill to decode) and from there on
+prefill piece after piece, with nothing between them but its owner's look at what arrived or was cancelled. A row's
+prefix goes through the decoder whole, on its own, so its bidirectional attention is exact; rows that arrive
+together are prefilled together, left-padded. When its prefill is done a row joins the running rows' KV buffers (kv_buffers.py, the one cache from prefill to decode) and from there on
 a compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
 context) or are cancelled, and waiting prompts join as others leave: continuous batching. One prompt is simply a
 batch of one.

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-ATTENTION_CHUNK = 1024  # queries per attention block during prefill
+ATTENTION_CHUNK = 1024  # queries per attention block of a whole forward (the engine's prefill sizes its own pieces)
 
 # Half precision (bfloat16, float16) keeps float32 where transformers does, and where float32 costs no kernel more:
 # the residual stream between the layers (transformers rounds it after each of a layer's two adds; here only the
