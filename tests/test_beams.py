@@ -6,6 +6,7 @@ num_return_sequences decide what comes back."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ SETTINGS = ("num_beams", "length_penalty", "early_stopping", "num_return_sequenc
 def run_beams(model, processor, eos, jobs, batch_size=8, extra=()):
     """jobs: (images, prompt, settings); extra: greedy prompts sharing the steps. The engine's results by job."""
     engine = Engine(model, processor, batch_size=batch_size)
-    engine.eos_id = eos
+    engine.vocab = replace(engine.vocab, eos_id=eos)
     uids = [engine.submit(images, prompt, max_tokens=12, **settings) for images, prompt, settings in jobs]
     for images, prompt in extra:
         engine.submit(images, prompt, max_tokens=12)

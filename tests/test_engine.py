@@ -1,6 +1,7 @@
 """The generation engine: rows of a batch, joining and leaving mid-run, against transformers and against runs alone."""
 
 import random
+from dataclasses import replace
 
 import mlx.core as mx
 import pytest
@@ -333,7 +334,7 @@ def test_rows_end_when_the_context_is_full(loaded, cases):
     _, _, images, text = prompts_of(cases)[0]
     engine = Engine(model, processor, batch_size=2)
     prompt = len(processor(images=[images], text=text)["input_ids"][0])
-    engine.context = prompt + 3  # as if max_position_embeddings were that
+    engine.vocab = replace(engine.vocab, context=prompt + 3)  # as if max_position_embeddings were that
     uid = engine.submit(images, text, max_tokens=10, logit_bias={processor.tokenizer.eos_id: -1e9})
     assert len(engine.waiting[0].request.prompt_ids) == prompt
     outputs = []

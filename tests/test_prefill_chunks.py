@@ -36,7 +36,7 @@ def test_pieces_give_the_logits_of_one_pass_and_of_transformers(loaded, referenc
     rows = []
     for i, (row, keep) in enumerate(zip(ids, mask)):
         request = Request(row[keep].tolist(), pixels[i * per_row : (i + 1) * per_row], settings=Settings())
-        rows += strategy_for(engine, i, request).rows
+        rows += strategy_for(engine.vocab, i, request).rows
     prefill = Prefill(model, rows, FeatureCache(), 0, None, 64)
     pieces = 0
     while not prefill.done:

@@ -52,7 +52,7 @@ from .request import Request
 from .settings import Settings, check_settings
 from .results import Output, Result
 from .sampling import Picked, log_softmax, rows_token_logprobs, top_logprobs
-from .strategies import Row, strategy_for
+from .strategies import Row, Vocabulary, strategy_for
 
 __all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache"]
 
@@ -128,11 +128,12 @@ class Engine:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.model, self.processor, self.batch_size, self.prefill_tokens = model, processor, batch_size, prefill_tokens
         self.kv_bits, self.kv_group_size = kv_bits, self._kv_group_size(model, kv_bits)
-        self.eos_id = processor.tokenizer.eos_id if processor is not None else model.config.eos_token_id
-        self.context = model.config.text_config.max_position_embeddings  # a row ends ("length") when it is full
+        self.vocab = Vocabulary(  # what the strategies know of the model
+            eos_id=processor.tokenizer.eos_id if processor is not None else model.config.eos_token_id,
+            context=model.config.text_config.max_position_embeddings,  # a row ends ("length") when it is full
+            processor=processor, byte_ids=byte_ids(processor) if processor is not None else frozenset())
         self.pad_id = processor.tokenizer.pad_id if processor is not None else 0
         self.features = feature_cache(model)
-        self.byte_ids = byte_ids(processor) if processor is not None else frozenset()
         # deterministic: every request in batches of its own (its own prefill, keys and values, decode step and
         # image features, computed image by image), so its tokens and log-probabilities are bitwise what it gets
         # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
@@ -195,15 +196,15 @@ class Engine:
         vocab = self.model.config.text_config.vocab_size
         if request.forced and not all(0 <= t < vocab for f in request.forced for t in f):
             raise InputError(f"forced tokens must be token ids in [0, {vocab})", param="forced")
-        if request.forced and max(map(len, request.forced)) > self.context - len(request.prompt_ids):
+        if request.forced and max(map(len, request.forced)) > self.vocab.context - len(request.prompt_ids):
             raise InputError(f"a continuation of {max(map(len, request.forced))} tokens after a prompt of "
-                             f"{len(request.prompt_ids)} runs past the model's context of {self.context}",
+                             f"{len(request.prompt_ids)} runs past the model's context of {self.vocab.context}",
                              param="forced")
         bias = request.settings.logit_bias
         if bias and not all(isinstance(t, int) and 0 <= t < vocab for t in bias):
             raise InputError(f"logit_bias keys must be token ids in [0, {vocab})", param="logit_bias")
-        check_size(request, self.context)
-        self.waiting += strategy_for(self, uid, request).rows
+        check_size(request, self.vocab.context)
+        self.waiting += strategy_for(self.vocab, uid, request).rows
         return uid
 
     def cancel(self, uid: int) -> None:
@@ -383,7 +384,7 @@ class Engine:
                 except Exception as e:  # the request's own sampler or processors: it ends, the others go on
                     strategy.fail(e, strategy.blame())
                     for i, _ in mine:
-                        tokens[i], parents[i] = mx.array([self.eos_id]), i
+                        tokens[i], parents[i] = mx.array([self.vocab.eos_id]), i
             tokens = mx.concatenate(tokens)
         for r in rows:
             r.picked += 1

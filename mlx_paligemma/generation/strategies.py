@@ -11,7 +11,7 @@ out, and the one Result (results.py) the request ends with.
 
 All of a request's rows share one prefill of its prompt (the engine copies its keys and values). The engine asks a
 strategy `greedy` (may the batch's one argmax pick for it), `pick` (its rows' tokens), `room(row)` and
-`hand_out`. Whatever a request's own parts raise (its constraint, sampler, processors) is its `fail`: the request
+`hand_out`; a strategy knows the model only by its Vocabulary (eos, context, processor) and never calls the engine. Whatever a request's own parts raise (its constraint, sampler, processors) is its `fail`: the request
 ends alone, with the error in its Result, and the batch goes on.
 """
 
@@ -64,19 +64,29 @@ class Row:
     tops: List[List[Tuple[int, float]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """What a strategy knows of the model it decodes for (the engine gives it; a strategy never calls the engine)."""
+
+    eos_id: int
+    context: int  # positions a row may fill, prompt and answer
+    processor: Any = None  # the detokenizer's decode and beams' text; None for token ids only
+    byte_ids: frozenset = frozenset()  # byte-fallback pieces, which the detokenizer joins before decoding
+
+
 class Strategy:
-    """A request's rows and how they decode. `engine` gives eos_id, context, processor and byte_ids."""
+    """A request's rows and how they decode, for a model described by `vocab`."""
 
     forgiving = False  # a row may be handed a token its grammar forbids (beams: a -inf candidate that never wins)
     greedy = False  # its rows may be picked by the batch's one argmax
 
-    def __init__(self, engine, uid: int, request: Request):
-        self.engine, self.uid, self.request = engine, uid, request
+    def __init__(self, vocab: Vocabulary, uid: int, request: Request):
+        self.vocab, self.uid, self.request = vocab, uid, request
         self.rows: List[Row] = []
         self.error: Optional[Exception] = None
         self.ended = False  # its Result was handed out
         # Tokens the request may make: its max_tokens, within the model's context.
-        self.limit = min(request.settings.max_tokens, engine.context - len(request.prompt_ids))
+        self.limit = min(request.settings.max_tokens, vocab.context - len(request.prompt_ids))
 
     @property
     def wants_logprobs(self) -> bool:
@@ -114,7 +124,7 @@ class Strategy:
         self.ended = True
         prompt = len(self.request.prompt_ids)
         result = Result(uid=self.uid, finish_reason="error", prompt_tokens=prompt, sequences=[], error=self.error)
-        return Output(uid=self.uid, token=self.engine.eos_id, text="", finish_reason="error", prompt_tokens=prompt,
+        return Output(uid=self.uid, token=self.vocab.eos_id, text="", finish_reason="error", prompt_tokens=prompt,
                       generation_tokens=row.generated, index=row.index, result=result)
 
     def _end(self, row: Row, reason: str) -> bool:
@@ -129,8 +139,8 @@ class Strategy:
 class Sampled(Strategy):
     """Greedy or sampled rows: one, or `count` choices seeded seed + i, each handing out its tokens."""
 
-    def __init__(self, engine, uid: int, request: Request, count: int = 1):
-        super().__init__(engine, uid, request)
+    def __init__(self, vocab: Vocabulary, uid: int, request: Request, count: int = 1):
+        super().__init__(vocab, uid, request)
         seed = request.settings.seed
         if count > 1 and seed is None:
             seed = fresh_seed()
@@ -138,10 +148,10 @@ class Sampled(Strategy):
         self.greedy = request.sampler is None and request.settings.temperature == 0 and not self.rows[0].processors
 
     def _row(self, index: int, seed: Optional[int]) -> Row:
-        request, engine = self.request, self.engine
+        request, vocab = self.request, self.vocab
         row = Row(self.uid, request, self, index, constraint=own(request.constraint))
-        if engine.processor is not None:
-            row.detokenizer = Detokenizer(engine.processor.tokenizer.decode, engine.byte_ids)
+        if vocab.processor is not None:
+            row.detokenizer = Detokenizer(vocab.processor.tokenizer.decode, vocab.byte_ids)
         if request.sampler is None and request.settings.temperature > 0:
             row.key = mx.random.key(seed if seed is not None else fresh_seed())
         if request.settings.repetition_penalty is not None or request.settings.logit_bias:
@@ -203,13 +213,13 @@ class Sampled(Strategy):
         row.tokens.append(token)
         row.values += [logprob] if self.wants_logprobs else []
         finish = None
-        if token == self.engine.eos_id and request.stop_at_eos:
+        if token == self.vocab.eos_id and request.stop_at_eos:
             finish = "stop"
         elif self.room(row) <= 0:
             finish = "length"
         piece = ""
         if row.detokenizer is not None:
-            if token != self.engine.eos_id:
+            if token != self.vocab.eos_id:
                 row.text += row.detokenizer.add(token)
             if finish:
                 row.text += row.detokenizer.flush()
@@ -245,10 +255,10 @@ class Beams(Strategy):
 
     forgiving = True
 
-    def __init__(self, engine, uid: int, request: Request):
-        super().__init__(engine, uid, request)
+    def __init__(self, vocab: Vocabulary, uid: int, request: Request):
+        super().__init__(vocab, uid, request)
         s = request.settings
-        self.group = BeamGroup(s.num_beams, s.length_penalty, s.early_stopping, engine.eos_id, self.limit)
+        self.group = BeamGroup(s.num_beams, s.length_penalty, s.early_stopping, vocab.eos_id, self.limit)
         self.rows = [Row(uid, request, self, i, constraint=own(request.constraint)) for i in range(s.num_beams)]
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
@@ -266,7 +276,7 @@ class Beams(Strategy):
         self.ended = True
         for r in self.rows:
             r.finished = True
-        eos, processor = self.engine.eos_id, self.engine.processor
+        eos, processor = self.vocab.eos_id, self.vocab.processor
         sequences = self.group.results(self.request.settings.num_return_sequences)
         best, prompt = sequences[0], len(self.request.prompt_ids)
         for i, s in enumerate(sequences):
@@ -282,8 +292,8 @@ class Beams(Strategy):
 class Forced(Strategy):
     """Given continuations (scoring), one row each: their tokens are fed and their log-probabilities handed out."""
 
-    def __init__(self, engine, uid: int, request: Request):
-        super().__init__(engine, uid, request)
+    def __init__(self, vocab: Vocabulary, uid: int, request: Request):
+        super().__init__(vocab, uid, request)
         self.rows = [Row(uid, request, self, i) for i in range(len(request.forced))]
 
     def pick(self, members, logits, logprobs, tokens, parents) -> None:
@@ -299,7 +309,7 @@ class Forced(Strategy):
         row.tokens.append(token)
         row.values.append(logprob)
         finish = None
-        if token == self.engine.eos_id and self.request.stop_at_eos:
+        if token == self.vocab.eos_id and self.request.stop_at_eos:
             finish = "stop"
         elif self.room(row) <= 0:
             finish = "length"
@@ -314,14 +324,14 @@ class Forced(Strategy):
         return out
 
 
-def strategy_for(engine, uid: int, request: Request) -> Strategy:
+def strategy_for(vocab: Vocabulary, uid: int, request: Request) -> Strategy:
     if request.settings.num_beams > 1:
-        return Beams(engine, uid, request)
+        return Beams(vocab, uid, request)
     if request.forced:
-        return Forced(engine, uid, request)
+        return Forced(vocab, uid, request)
     if request.settings.best_of > 1:
-        return BestOf(engine, uid, request, request.settings.best_of)
-    return Sampled(engine, uid, request, request.settings.n)
+        return BestOf(vocab, uid, request, request.settings.best_of)
+    return Sampled(vocab, uid, request, request.settings.n)
 
 
 def release(row: Row, final: bool) -> Tuple[str, bool]:
