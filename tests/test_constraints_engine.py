@@ -199,12 +199,12 @@ def test_batch_runner_per_item_constraint(tmp_path):
 
 def test_unconstrained_batches_build_no_mask(loaded, monkeypatch):
     """The free path is today's: no mask is built (or asked for) unless a row of the step has a constraint."""
-    import mlx_paligemma.generation.engine as engine_module
+    import mlx_paligemma.generation.picking as picking
 
     model, processor = loaded
     calls = []
-    real = engine_module.apply_masks
-    monkeypatch.setattr(engine_module, "apply_masks", lambda logits, cs, fail=None: calls.append(len(cs)) or real(logits, cs, fail))
+    real = picking.apply_masks
+    monkeypatch.setattr(picking, "apply_masks", lambda logits, cs, fail=None: calls.append(len(cs)) or real(logits, cs, fail))
     batch_generate(model, processor, [image(0), image(1)], ["caption en", "ocr"], max_tokens=8).texts
     generate(model, processor, image(0), "caption en", max_tokens=8, num_beams=2).text
     assert calls == []

@@ -16,9 +16,10 @@ kind (strategies.py: sampled or greedy rows and n choices, best_of, beams, force
 one Result (results.py) on its last Output: every accepted request ends, within its max_tokens steps. A row may
 carry a constraint (structured output), a token mask applied before any picking; constrained and free rows share
 steps. What a request's own parts raise (its constraint, sampler, processors) or produce (logits that are not
-finite) ends that request alone, with the error in its Result. Below the engine: prefill.py, constraints.py (the
-masks), sampling.py (samplers, log-probabilities), beams.py (transformers' beam bookkeeping), kv_buffers.py (the KV
-buffers and the compiled step), detokenizer.py, features.py (the image-feature cache).
+finite) ends that request alone, with the error in its Result. Below the engine: prefill.py, picking.py (each
+row's token from a step's logits), constraints.py (the masks), sampling.py (samplers, log-probabilities), beams.py
+(transformers' beam bookkeeping), kv_buffers.py (the KV buffers and the compiled step), detokenizer.py, features.py
+(the image-feature cache).
 
     engine = Engine(model, processor, batch_size=8)
     uid = engine.submit(images=img, prompt="caption en", max_tokens=50)
@@ -32,14 +33,14 @@ import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import mlx.core as mx
 import numpy as np
 
 from .. import limits
 from .adapters import adapter_ids, check_adapter
-from .constraints import apply_masks, make_constraint
+from .constraints import make_constraint
 from ..processing.detokenizer import Detokenizer, byte_ids
 from .features import FeatureCache, feature_cache
 from .kv_buffers import KVBuffers, decode_step
@@ -51,7 +52,8 @@ from .prefill import Prefill
 from .request import Request
 from .settings import Settings, check_settings
 from .results import Output, Result
-from .sampling import Picked, log_softmax, rows_token_logprobs, top_logprobs
+from .sampling import Picked
+from .picking import not_finite, pick
 from .strategies import Row, Vocabulary, strategy_for
 
 __all__ = ["Engine", "Request", "Output", "Result", "Detokenizer", "byte_ids", "FeatureCache", "feature_cache"]
@@ -80,14 +82,6 @@ def check_size(request: Request, context: int) -> None:
         raise InputError(f"{name}={rows} rows of {positions} tokens (a prompt of {prompt}, up to {positions - prompt} "
                          f"new) make {rows * positions} tokens, more than the limit of {limit}: ask for fewer rows, "
                          "fewer max_tokens or a shorter prompt", param=name)
-
-
-def not_finite(row: Row) -> InputError:
-    """The error of a row whose logits were NaN or infinite (an adapter's overflow): its request ends with it."""
-    adapter = row.request.settings.adapter
-    if adapter is None:
-        return InputError("the model gave logits that are not finite (NaN or infinite)")
-    return InputError(f"adapter {adapter!r} gave logits that are not finite (NaN or infinite)", param="adapter")
 
 
 class Batch:
@@ -294,7 +288,7 @@ class Engine:
             self.prefills.remove(p)
             batch = Batch(p.rows, p.kv)
             # Every beam starts from the same prefix: no keys and values to move after the first step.
-            batch.picked, _ = self._sample(p.rows, p.logits)
+            batch.picked, _ = pick(p.rows, p.logits, self.vocab.eos_id)
             if self.batches and not self.deterministic:
                 self.batches[0].extend(batch)
             else:
@@ -343,78 +337,10 @@ class Engine:
         logits, kv.keys, kv.values = step(batch.picked.tokens, mx.array(kv.length), mx.array(kv.left_padding),
                                           kv.keys, kv.values, adapter_ids(self.model, batch.rows))
         kv.length += 1
-        picked, parents = self._sample(batch.rows, logits)
+        picked, parents = pick(batch.rows, logits, self.vocab.eos_id)
         if parents != list(range(len(batch.rows))):
             kv.copy_rows(parents)  # beams continue other beams: their keys and values come along
         return picked
-
-    def _sample(self, rows: List[Row], logits: mx.array) -> Tuple[Picked, List[int]]:
-        """(B, vocab) logits -> each row's token by its request's strategy, with log-probabilities, and the row each
-        row continues (itself, but for beams). A batch of greedy rows (the usual case) is one argmax."""
-        # Logits that are not finite (an adapter's overflow) end their row's request with an error, not NaN scores.
-        # Finite weights give finite logits (Gemma 2 also soft-caps them): only the rows through an adapter look.
-        finite = mx.isfinite(logits).all(axis=-1) if any(r.request.settings.adapter for r in rows) else None
-        constraints = [r.constraint for r in rows]
-        constrained = any(c is not None for c in constraints)
-        if constrained:
-            # The step runs while the masks are computed on the CPU; forbidden tokens become -inf for every way
-            # of picking (greedy, sampled, beams), and the log-probabilities are the constrained distribution's.
-            mx.async_eval(logits)
-            logits = apply_masks(logits, constraints, lambda i, e: rows[i].strategy.fail(e, rows[i].constraint.field))
-        parents = list(range(len(rows)))
-        greedy = all(r.strategy.greedy for r in rows)
-        k = max(r.request.settings.logprobs or 0 for r in rows)
-        # Greedy rows pick by the logits, and those asked for their tokens' log-probabilities alone get them from the
-        # logits too: the whole log-softmax is built only where something reads it.
-        logprobs = None if greedy and not k else log_softmax(logits)
-        if greedy:
-            tokens = mx.argmax(logits, axis=-1)
-        # Rows given one sampler callable (generate_tokens') are sampled together by it.
-        elif (shared := rows[0].request.sampler) is not None and all(r.request.sampler is shared and not r.processors
-                                                                    for r in rows):
-            tokens = shared(logprobs)
-        else:
-            tokens = [None] * len(rows)
-            members = {}
-            for i, r in enumerate(rows):
-                members.setdefault(r.strategy, []).append((i, r))
-            for strategy, mine in members.items():
-                try:
-                    strategy.pick(mine, logits, logprobs, tokens, parents)
-                except Exception as e:  # the request's own sampler or processors: it ends, the others go on
-                    strategy.fail(e, strategy.blame())
-                    for i, _ in mine:
-                        tokens[i], parents[i] = mx.array([self.vocab.eos_id]), i
-            tokens = mx.concatenate(tokens)
-        for r in rows:
-            r.picked += 1
-        if constrained:
-            self._advance(rows, parents, tokens.tolist(), [True] * len(rows) if finite is None else finite.tolist())
-        wanting = [i for i, r in enumerate(rows) if r.strategy.wants_logprobs]
-        picked = Picked(tokens, rows_token_logprobs(logits, logprobs, tokens, wanting), finite=finite)
-        if k:
-            picked.top_ids, picked.top_values = top_logprobs(logprobs, k)
-        return picked, parents
-
-    @staticmethod
-    def _advance(rows: List[Row], parents: List[int], tokens: List[int], finite: List[bool]) -> None:
-        """Each constrained row's grammar takes its token; a beam first takes over its parent's state (a copy
-        when the parent goes on too), all before any advances. A row whose logits were not finite ends here."""
-        states = [rows[p].constraint if p == j or rows[p].constraint is None else rows[p].constraint.copy()
-                  for j, p in enumerate(parents)]
-        for r, c, t, ok in zip(rows, states, tokens, finite):
-            r.constraint = c
-            if not ok:
-                r.strategy.fail(not_finite(r))
-            if c is None or r.strategy.error is not None:
-                continue
-            try:
-                c.advance(t)
-            except Exception as e:
-                # A beam may be handed a forbidden (-inf) candidate when fewer than 2 * num_beams are allowed: it
-                # can never win, and its grammar, now in error, lets it write only <eos>.
-                if not (r.strategy.forgiving and isinstance(e, ValueError)):
-                    r.strategy.fail(e, c.field)
 
     def _hand_out_all(self, rows: List[Row], picked: Picked) -> List[Output]:
         tokens = picked.tokens.tolist()
