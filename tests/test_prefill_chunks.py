@@ -112,3 +112,22 @@ def test_a_cancelled_request_in_a_prefill_is_dropped_at_once(loaded, cases, smal
         assert engine.step() == [] and engine.prefilling == 1
         engine.cancel(victim)
         assert not engine.has_work
+
+
+def test_a_short_prompt_arriving_beside_a_long_prefill_is_not_queued_behind_it(loaded, cases, small_blocks):
+    model, processor = loaded
+    case = cases["single"]
+    (images,), (text,) = images_of(case), case["text"]
+    engine = Engine(model, processor, batch_size=4, prefill_budget=0)  # one piece a step: the turns show
+    long = engine.submit(images, "describe en " + "cat " * 200, max_tokens=2)
+    firsts = {}
+    with engine.running():
+        for _ in range(3):
+            engine.step()
+        short = engine.submit(images, text, max_tokens=2)
+        for _ in range(1000):
+            for o in engine.step():
+                firsts.setdefault(o.uid, engine.steps)
+            if long in firsts:
+                break
+    assert short in firsts and firsts[short] < firsts[long]  # the short prompt's pieces took turns with the long's

@@ -143,6 +143,7 @@ class Engine:
         self.batches: List[Batch] = []  # one, or one per request when deterministic
         self.next_uid = 0
         self.steps = 0
+        self.turn = 0  # prefill pieces done: whose turn the next one is
 
     @staticmethod
     def _kv_group_size(model: PaliGemma, kv_bits: Optional[int]) -> int:
@@ -316,17 +317,17 @@ class Engine:
                                          self.kv_group_size))
 
     def _prefill_work(self) -> None:
-        """Pieces of the prefills under way, in turn, until the budget is spent (or all are done)."""
+        """Pieces of the prefills under way, in turn (the turn goes on from step to step, so a prompt arriving beside
+        a long prefill gets every other piece), until the budget is spent or all are done."""
         if not self.prefills:
             return
         deadline = time.monotonic() + self.prefill_budget
-        turn = 0
         while True:
             todo = [p for p in self.prefills if not p.done]
             if not todo:
                 return
-            todo[turn % len(todo)].advance()
-            turn += 1
+            todo[self.turn % len(todo)].advance()
+            self.turn += 1
             if time.monotonic() >= deadline:
                 return
 
