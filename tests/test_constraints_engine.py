@@ -204,7 +204,8 @@ def test_unconstrained_batches_build_no_mask(loaded, monkeypatch):
     model, processor = loaded
     calls = []
     real = picking.apply_masks
-    monkeypatch.setattr(picking, "apply_masks", lambda logits, cs, fail=None: calls.append(len(cs)) or real(logits, cs, fail))
+    monkeypatch.setattr(picking, "apply_masks",
+                        lambda logits, cs, fail=None: calls.append(len(cs)) or real(logits, cs, fail))
     batch_generate(model, processor, [image(0), image(1)], ["caption en", "ocr"], max_tokens=8).texts
     generate(model, processor, image(0), "caption en", max_tokens=8, num_beams=2).text
     assert calls == []

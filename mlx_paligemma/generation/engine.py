@@ -6,10 +6,10 @@ block of a layer's tokens), taken in turn. So a long prompt arriving holds the r
 never for its whole prefill, and a short prompt arriving beside it is not queued behind it. A request alone runs its
 prefill piece after piece, with nothing between them but its owner's look at what arrived or was cancelled. A row's
 prefix goes through the decoder whole, on its own, so its bidirectional attention is exact; rows that arrive
-together are prefilled together, left-padded. When its prefill is done a row joins the running rows' KV buffers (kv_buffers.py, the one cache from prefill to decode) and from there on
-a compiled step feeds one token per row. Rows leave when they finish (eos, a stop string, their max_tokens, the
-context) or are cancelled, and waiting prompts join as others leave: continuous batching. One prompt is simply a
-batch of one.
+together are prefilled together, left-padded. When its prefill is done a row joins the running rows' KV buffers
+(kv_buffers.py, the one cache from prefill to decode) and from there on a compiled step feeds one token per row.
+Rows leave when they finish (eos, a stop string, their max_tokens, the context) or are cancelled, and waiting
+prompts join as others leave: continuous batching. One prompt is simply a batch of one.
 
 A request (request.py) is one row, or several sharing one prefill of their prompt, decoded by the strategy of its
 kind (strategies.py: sampled or greedy rows and n choices, best_of, beams, forced rows for scoring), and ends with

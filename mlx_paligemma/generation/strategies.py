@@ -11,8 +11,9 @@ out, and the one Result (results.py) the request ends with.
 
 All of a request's rows share one prefill of its prompt (the engine copies its keys and values). The engine asks a
 strategy `greedy` (may the batch's one argmax pick for it), `pick` (its rows' tokens), `room(row)` and
-`hand_out`; a strategy knows the model only by its Vocabulary (eos, context, processor) and never calls the engine. Whatever a request's own parts raise (its constraint, sampler, processors) is its `fail`: the request
-ends alone, with the error in its Result, and the batch goes on.
+`hand_out`; a strategy knows the model only by its Vocabulary (eos, context, processor) and never calls the
+engine. Whatever a request's own parts raise (its constraint, sampler, processors) is its `fail`: the request ends
+alone, with the error in its Result, and the batch goes on.
 """
 
 import math
