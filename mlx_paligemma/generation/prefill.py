@@ -48,8 +48,6 @@ class Prefill:
         self.length = max(map(len, prompts))
         self.left_padding = [self.length - len(p) for p in prompts]
         self.ids = mx.array([[pad_id] * p + ids for p, ids in zip(self.left_padding, prompts)])
-        self.layers = len(model.language_model.model.layers)
-        self.layer = 0  # the layer under way (self.layers once the decoder is through)
         self.logits: Optional[mx.array] = None
         self.kv: Optional[KVBuffers] = None
         self._pieces = self._work()
@@ -78,8 +76,7 @@ class Prefill:
         spans = blocks(self.length, TOKEN_BLOCK)
         queries = blocks(self.length, min(TOKEN_BLOCK, max(16, ATTENTION_PAIRS // self.length // 16 * 16)))
         keys, values = [], []
-        for i, layer in enumerate(lm.model.layers):
-            self.layer = i
+        for layer in lm.model.layers:
             attention, qs, ks, vs = layer.self_attn, [], [], []
             for s, e in spans:
                 q, k, v = attention.project(layer.input_layernorm(h[:, s:e]), positions + s)
@@ -95,7 +92,6 @@ class Prefill:
             keys.append(self._stored(k))
             values.append(self._stored(v))
             yield [h, *keys[-1], *values[-1]]  # the layer's end: its full-precision keys and values are let go
-        self.layer = self.layers
         logits = lm.head(h[:, -1:])[:, -1]
         self.kv = KVBuffers(keys, values, [self.left_padding[i] for i in self._copied()], self.length)
         self.logits = logits if self.copies is None else logits[self.copies]

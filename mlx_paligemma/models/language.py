@@ -105,12 +105,6 @@ def prefix_lm_mask(
     return allowed[:, None]
 
 
-def cached_length(cache: Any) -> int:
-    """How many positions a layer's cache holds. mlx-lm's batch cache keeps per-row offsets in `offset` (an
-    array) and the shared length in size(); its other caches keep it in an int `offset`."""
-    return cache.offset if isinstance(cache.offset, int) else cache.size()
-
-
 class RMSNorm(nn.Module):
     # Gemma stores w and scales by (1 + w).
     def __init__(self, dims: int, eps: float):
@@ -275,7 +269,7 @@ class LanguageModel(nn.Module):
         and the 257k-wide output head over the prefix costs as much as 5-8 decoder layers (and up to 4 GB at 896 px).
         """
         B, L, _ = inputs_embeds.shape
-        offset = cached_length(cache[0]) if cache is not None else 0
+        offset = cache[0].offset if cache is not None else 0
         key_valid = None
         if attention_mask is None:
             positions = mx.array(offset + 1)  # PaliGemma numbers positions from 1

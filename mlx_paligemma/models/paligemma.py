@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .language import LanguageModel, TextConfig, cached_length
+from .language import LanguageModel, TextConfig
 from .vision import VisionConfig, VisionTower
 
 
@@ -87,23 +87,19 @@ class PaliGemma(nn.Module):
         embeds = self.embed(input_ids, image_features)
         if token_type_ids is not None:
             prefix = token_type_ids == 0
-        elif cache is not None and cached_length(cache[0]) > 0:
+        elif cache is not None and cache[0].offset > 0:
             prefix = False
         else:
             prefix = None
         return self.language_model(embeds, cache, attention_mask, prefix, logits_to_keep)
 
-    def make_cache(self, left_padding: Optional[List[int]] = None) -> List[Any]:
-        """mlx-lm's KV caches: the growing one, or its batch form for rows left-padded by `left_padding` (rows can
-        then leave and join). Sliding-window layers keep every key too: the prefix is attended to in full even when
-        longer than the window, and the mask applies the window to later tokens. (The engine's quantized KV
-        buffers, kv_bits, are its own: generation/kv_buffers.py.)"""
-        from mlx_lm.models.cache import BatchKVCache, KVCache
+    def make_cache(self) -> List[Any]:
+        """mlx-lm's growing KV caches, one per layer, for calls of the model itself (the engine keeps its own:
+        generation/kv_buffers.py). Sliding-window layers keep every key too: the prefix is attended to in full even
+        when longer than the window, and the mask applies the window to later tokens."""
+        from mlx_lm.models.cache import KVCache
 
-        layers = self.language_model.model.layers
-        if left_padding is not None:
-            return [BatchKVCache(left_padding) for _ in layers]
-        return [KVCache() for _ in layers]
+        return [KVCache() for _ in self.language_model.model.layers]
 
     @property
     def layers(self):
