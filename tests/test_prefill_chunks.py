@@ -9,6 +9,7 @@ import pytest
 
 from conftest import images_of
 from mlx_paligemma.generation import prefill as prefill_module
+from mlx_paligemma.errors import InputError
 from mlx_paligemma.generation.engine import Engine
 from mlx_paligemma.generation.features import FeatureCache
 from mlx_paligemma.generation.prefill import Prefill
@@ -131,3 +132,22 @@ def test_a_short_prompt_arriving_beside_a_long_prefill_is_not_queued_behind_it(l
             if long in firsts:
                 break
     assert short in firsts and firsts[short] < firsts[long]  # the short prompt's pieces took turns with the long's
+
+
+@pytest.mark.parametrize("budget", ["0.1", True, -1, float("nan"), 61, None])
+def test_a_budget_that_is_not_seconds_in_range_is_one_line_naming_it(loaded, budget):
+    model, processor = loaded
+    with pytest.raises(InputError, match=r"^prefill_budget must be a number of seconds in \[0, 60\]") as e:
+        Engine(model, processor, prefill_budget=budget)
+    assert e.value.param == "prefill_budget"
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "nan", "1e9"])
+def test_the_servers_budget_is_checked_before_the_model_loads(text):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlx_paligemma.server", "--model", "/nonexistent/model",
+                        "--prefill-budget", text], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: argument --prefill-budget: ") and "Traceback" not in r.stderr

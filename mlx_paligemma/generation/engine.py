@@ -67,6 +67,14 @@ PREFILL_TOKENS = 2048
 PREFILL_BUDGET = 0.1
 
 
+def check_prefill_budget(seconds) -> float:
+    """The budget, a number of seconds in [0, 60] (the engine's and the server's --prefill-budget check)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 60:
+        raise InputError(f"prefill_budget must be a number of seconds in [0, 60], got {seconds!r}",
+                         param="prefill_budget")
+    return seconds
+
+
 def check_size(request: Request, context: int) -> None:
     """A request of several rows (n, best_of, num_beams) holds rows x (its prompt and answer, within the context)
     positions of keys and values, and each of its decode steps attends over them all: beyond limits.py's
@@ -133,11 +141,7 @@ class Engine:
         # alone, whatever runs beside it. Float rounding otherwise follows the batch's shape (matmul blocking,
         # the reductions' split over padded lengths).
         self.deterministic = deterministic
-        if isinstance(prefill_budget, bool) or not isinstance(prefill_budget, (int, float)) or not (
-                0 <= prefill_budget <= 60):
-            raise InputError(f"prefill_budget must be a number of seconds in [0, 60], got {prefill_budget!r}",
-                             param="prefill_budget")
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = check_prefill_budget(prefill_budget)
         self.waiting: List[Row] = []
         self.prefills: List[Prefill] = []  # under way, each advanced a piece at a time in turn
         self.batches: List[Batch] = []  # one, or one per request when deterministic

@@ -15,7 +15,7 @@ from .. import limits as process_limits
 from ..cli import ArgumentParser, add_settings
 from ..extras import require
 from ..generation.adapters import add_limit_arguments, command_adapters
-from ..generation.engine import PREFILL_BUDGET
+from ..generation.engine import PREFILL_BUDGET, check_prefill_budget
 from ..errors import InputError
 from .body import dumps
 from .chat import Limits
@@ -35,6 +35,14 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
     return parse
+
+
+def budget(text: str) -> float:
+    """--prefill-budget, checked as the engine checks it, before the model loads."""
+    try:
+        return check_prefill_budget(float(text))
+    except (ValueError, InputError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else f"{text!r} is not a number") from None
 
 
 def build_parser() -> ArgumentParser:
@@ -57,7 +65,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
     add_settings(p, "server")  # --batch-size, --deterministic: the settings table's
-    p.add_argument("--prefill-budget", type=float, default=PREFILL_BUDGET, metavar="SECONDS",
+    p.add_argument("--prefill-budget", type=budget, default=PREFILL_BUDGET, metavar="SECONDS",
                    help="prefill work an engine step does beside the running rows' decode step: the longest a "
                         "streaming answer waits between two tokens while other prompts are prefilled (docs/SPEED.md)")
     p.add_argument("--queue-size", type=int, default=32,
